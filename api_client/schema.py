@@ -1,0 +1,69 @@
+"""The wire contract: the kwargs of the `inferq.generate` Celery task, validated with pydantic.
+
+A backend app may build this message itself and `send_task("inferq.generate", kwargs=...)`;
+the worker validates the same schema on arrival.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_STOP_STRINGS = 8
+
+
+class SamplingParams(BaseModel):
+    """How to sample. `temperature` 0 means greedy; `seed` makes sampling reproducible."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+
+    @model_validator(mode="after")
+    def _no_empty_stop(self) -> SamplingParams:
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class JobMessage(BaseModel):
+    """One generation job as it travels on the queue: exactly one of `prompt` or `messages`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    tenant: str = Field("default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    model: str | None = Field(None, max_length=256, description="None: the worker's default")
+    prompt: str | None = Field(None, max_length=200_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    params: SamplingParams = Field(default_factory=SamplingParams)
+    priority: int = Field(0, ge=0, le=9, description="higher runs first")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    submitted_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @model_validator(mode="after")
+    def _one_input(self) -> JobMessage:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt must not be empty")
+        return self
+
+    def to_wire(self) -> dict:
+        """JSON-safe kwargs for `send_task`."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""inferq: queue-driven, micro-batched LLM inference with results in PostgreSQL."""

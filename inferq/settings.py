@@ -1,0 +1,79 @@
+"""Runtime settings, read from `INFERQ_*` environment variables (or a `.env`-style file).
+
+With nothing set, everything is embedded: a SQLite database and a SQLite-file broker
+under `INFERQ_HOME`, so a single machine runs the whole path with no servers.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TASK_NAME = "inferq.generate"
+DEFAULT_QUEUE = "inferq"
+
+
+def _default_home() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "inferq"
+
+
+class Settings(BaseSettings):
+    """Everything a worker, a client or the CLI needs to know, with embedded defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INFERQ_",
+        env_file=os.environ.get("INFERQ_SETTINGS_FILE"),
+        extra="ignore",
+    )
+
+    home: Path = Field(default_factory=_default_home, description="cache and embedded-state dir")
+    broker_url: str | None = Field(None, description="Celery broker; default: SQLite file broker")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file")
+    queue: str = DEFAULT_QUEUE
+    model: str = Field(DEFAULT_MODEL, description="model name served by the worker")
+    model_path: str | None = Field(
+        None, description="HF model directory or hub id to serve instead of the default model"
+    )
+    device: str = Field("auto", description="auto | cpu | cuda")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
+    max_batch_size: int = Field(16, ge=1, le=256)
+    batch_wait_ms: int = Field(50, ge=0, description="how long to wait for a batch to fill")
+    token_budget: int = Field(8192, ge=1, description="padded tokens (prompt+new) per batch")
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_new_tokens: int = Field(512, ge=1, description="upper bound on a job's max_tokens")
+    aging_s: float = Field(5.0, gt=0, description="waiting this long raises a job one class")
+    max_attempts: int = Field(3, ge=1, description="deliveries before a job is failed")
+    visibility_timeout_s: int = Field(
+        1800, ge=1, description="redelivery after a worker dies; must exceed wait + run"
+    )
+    concurrency: int | None = Field(None, description="worker threads; default 2x batch size")
+    worker_name: str | None = None
+
+    @cached_property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.home / 'broker.db'}"
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'inferq.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Fresh settings from the environment, with explicit overrides on top."""
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return settings
