@@ -1,0 +1,50 @@
+"""Per-sequence token sampling and stop-string handling, shared by every engine."""
+
+from __future__ import annotations
+
+import torch
+
+from api_client.schema import SamplingParams
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A seeded generator for reproducible sampling, or None (global RNG / greedy)."""
+    if params.temperature == 0 or params.seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed)
+    return gen
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token crossing top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """Next token id per row of `logits` (rows x vocab): greedy rows batched, sampled rows each."""
+    tokens = logits.argmax(-1)
+    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if p.temperature == 0:
+            continue
+        row_logits = _filter_top_k_top_p(logits[row].float() / p.temperature, p.top_k, p.top_p)
+        probs = row_logits.softmax(-1)
+        tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+    return tokens
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Index where the earliest stop string begins in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
