@@ -1,1 +1,2 @@
-"""Workers: the Celery app, the in-process batcher, model preparation and the model runner (the only owner of tensors)."""
+"""Workers: the Celery app, the in-process batcher, model preparation and the model
+runner (the only owner of tensors)."""

@@ -64,7 +64,9 @@ def resolve_model(settings: Settings, *, prepare: bool = True) -> str:
     if (target / MARKER).is_file():
         return str(target)
     if not prepare:
-        raise UnknownModelError(f"model {settings.model!r} is not prepared: run `inferq model prepare`")
+        raise UnknownModelError(
+            f"model {settings.model!r} is not prepared: run `inferq model prepare`"
+        )
     prepare_gguf_model(KNOWN_MODELS[settings.model], target)
     return str(target)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
 
 from worker.engine_api import BatchStats, EngineOutput, EngineRequest, FinishReason
 from worker.sampling import find_stop, make_generator, sample_next
@@ -42,6 +43,7 @@ class PaddedEngine:
     def __init__(self, model_path: str, model_name: str, device: str = "auto", dtype: str = "auto"):
         self.model_name = model_name
         self.device = pick_device(device)
+        hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=pick_dtype(dtype, self.device)
@@ -59,7 +61,7 @@ class PaddedEngine:
             encoded = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True
             )
-            return list(encoded["input_ids"] if "input_ids" in encoded else encoded)
+            return list(encoded.get("input_ids", encoded))
         return list(self.tokenizer(prompt or "")["input_ids"])
 
     @torch.inference_mode()
@@ -91,7 +93,9 @@ class PaddedEngine:
             now_params = [seqs[i].req.params for i in active]
             next_ids = sample_next(logits, now_params, [seqs[i].gen for i in active])
             now = time.perf_counter()
-            keep = [k for k, i in enumerate(active) if not self._advance(seqs[i], int(next_ids[k]), now)]
+            keep = [
+                k for k, i in enumerate(active) if not self._advance(seqs[i], int(next_ids[k]), now)
+            ]
             if not keep:
                 break
             if len(keep) < len(active):

@@ -1,0 +1,168 @@
+"""The `inferq` command: demo, model preparation, migrations, the worker and a small client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from inferq.settings import get_settings
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from inferq.demo import run_demo
+
+    return run_demo(jobs=args.jobs, max_tokens=args.max_tokens)
+
+
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    from worker.model_prep import resolve_model
+
+    print(resolve_model(get_settings()))
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from storage.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.resolved_database_url, args.revision)
+    print(f"database at {args.revision}: {settings.resolved_database_url.split('@')[-1]}")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from inferq.logs import configure_logging, install_celery_hooks
+    from worker.celery_app import create_app
+    from worker.runtime import WorkerRuntime
+
+    settings = get_settings()
+    configure_logging(args.loglevel)
+    install_celery_hooks()
+    if settings.embedded:
+        from storage.migrate import upgrade
+
+        upgrade(settings.resolved_database_url)
+    app = create_app(settings)
+    app.inferq_runtime = WorkerRuntime(settings)  # load the model before taking jobs
+    concurrency = settings.concurrency or 2 * settings.max_batch_size
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency}",
+            "-Q",
+            settings.queue,
+            f"--loglevel={args.loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            *(["-n", settings.worker_name] if settings.worker_name else []),
+        ]
+    )
+    return 0
+
+
+def _submit_client():
+    from api_client import InferqClient
+
+    return InferqClient()
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from api_client import InvalidJobError
+
+    client = _submit_client()
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "stop": args.stop}
+    if args.seed is not None:
+        params["seed"] = args.seed
+    chat = None if args.raw else [{"role": "user", "content": args.text}]
+    try:
+        job_id = client.submit(
+            args.text if args.raw else None,
+            messages=chat,
+            params=params,
+            tenant=args.tenant,
+            priority=args.priority,
+            idempotency_key=args.idempotency_key,
+        )
+    except InvalidJobError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if not args.wait:
+        print(job_id)
+        return 0
+    view = client.wait(job_id, timeout=args.timeout)
+    print(json.dumps(view.to_dict(), indent=2))
+    return 0 if view.status == "done" else 1
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    view = _submit_client().get(args.job_id)
+    if view is None:
+        print(f"no job {args.job_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(view.to_dict(), indent=2))
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    cancelled = _submit_client().cancel(args.job_id)
+    print("cancelled" if cancelled else "not cancelled (not queued any more, or unknown)")
+    return 0 if cancelled else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    demo = verbs.add_parser("demo", help="run the whole path on embedded defaults (no servers)")
+    demo.add_argument("--jobs", type=int, default=36, help="how many prompts to enqueue")
+    demo.add_argument("--max-tokens", type=int, default=48, help="max_tokens per job")
+    demo.set_defaults(func=_cmd_demo)
+
+    model = verbs.add_parser("model", help="model preparation")
+    model_verbs = model.add_subparsers(dest="model_verb", required=True)
+    prepare = model_verbs.add_parser(
+        "prepare", help="download and convert the configured model (cached); prints its path"
+    )
+    prepare.set_defaults(func=_cmd_model_prepare)
+
+    migrate = verbs.add_parser("migrate", help="alembic upgrade of INFERQ_DATABASE_URL")
+    migrate.add_argument("--revision", default="head")
+    migrate.set_defaults(func=_cmd_migrate)
+
+    worker = verbs.add_parser("worker", help="run a Celery worker (threads pool, one model)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=_cmd_worker)
+
+    submit = verbs.add_parser("submit", help="enqueue a job (chat message unless --raw)")
+    submit.add_argument("text")
+    submit.add_argument("--raw", action="store_true", help="send TEXT as a raw prompt")
+    submit.add_argument("--max-tokens", type=int, default=64)
+    submit.add_argument("--temperature", type=float, default=0.0)
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--stop", action="append", default=[])
+    submit.add_argument("--tenant", default="default")
+    submit.add_argument("--priority", type=int, default=0)
+    submit.add_argument("--idempotency-key")
+    submit.add_argument("--wait", action="store_true", help="wait and print the result")
+    submit.add_argument("--timeout", type=float, default=300.0)
+    submit.set_defaults(func=_cmd_submit)
+
+    get = verbs.add_parser("get", help="print a job's status, result and metrics as JSON")
+    get.add_argument("job_id")
+    get.set_defaults(func=_cmd_get)
+
+    cancel = verbs.add_parser("cancel", help="cancel a job that has not started")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=_cmd_cancel)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

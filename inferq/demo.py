@@ -1,0 +1,112 @@
+"""`inferq demo`: the whole path on one machine with no servers.
+
+SQLite database + SQLite-file Celery broker (unless INFERQ_* points elsewhere), an
+in-process worker on the threads pool, a few dozen varied prompts, results and a summary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "What is 12 times 12?",
+    "Write a haiku about autumn leaves.",
+    "Explain photosynthesis in one sentence.",
+    "What is the boiling point of water in Celsius?",
+    "Give me a synonym for 'happy'.",
+    "Who wrote Romeo and Juliet?",
+    "Translate 'good morning' into Spanish.",
+    "What is the largest planet in the solar system?",
+    "Suggest a name for a pet goldfish.",
+    "Why is the sky blue? Answer briefly.",
+]
+SYSTEMS = [
+    None,
+    "You are a concise assistant. Answer in one short sentence.",
+    "You are a pirate. Answer every question like a pirate would.",
+]
+RAW_PROMPTS = ["Once upon a time, in a small village by the sea,", "The three laws of robotics are"]
+
+
+def demo_jobs(count: int, max_tokens: int) -> list[dict[str, Any]]:
+    """A deterministic, varied workload: chat with and without system prompts, raw prompts,
+    greedy and seeded sampling, stop strings, two priorities."""
+    jobs: list[dict[str, Any]] = []
+    combos = itertools.cycle(itertools.product(QUESTIONS, SYSTEMS))
+    for i in range(count):
+        if i % 9 == 8:
+            jobs.append({"prompt": RAW_PROMPTS[i % 2], "params": {"max_tokens": max_tokens}})
+            continue
+        question, system = next(combos)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": question}
+        ]
+        params: dict[str, Any] = {"max_tokens": max_tokens}
+        if i % 5 == 3:
+            params.update(temperature=0.7, top_p=0.9, top_k=50, seed=i)
+        if i % 7 == 6:
+            params["stop"] = ["."]
+        jobs.append({"messages": messages, "params": params, "priority": 5 if i % 6 == 0 else 0})
+    return jobs
+
+
+def _print_results(client, views, jobs) -> None:
+    for n, (view, job) in enumerate(zip(views, jobs, strict=True), 1):
+        asked = job.get("prompt") or job["messages"][-1]["content"]
+        answer = view.result.text if view.result else f"<{view.status}: {view.error}>"
+        answer = " ".join(answer.split())
+        print(f"{n:>3}. {asked[:44]:<44} -> {answer[:90]}")
+
+
+def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
+    from celery.contrib.testing.worker import start_worker
+
+    from api_client import InferqClient
+    from inferq.logs import configure_logging, install_celery_hooks
+    from inferq.settings import get_settings
+    from storage.migrate import upgrade
+    from worker.runtime import WorkerRuntime
+
+    configure_logging("WARNING")
+    install_celery_hooks()
+    settings = get_settings()
+    print(f"database: {settings.resolved_database_url.split('@')[-1]}")
+    print(f"broker:   {settings.resolved_broker_url.split('@')[-1]}")
+    upgrade(settings.resolved_database_url)
+    client = InferqClient(settings)
+    app = client.celery
+    print(f"model:    {settings.model} (preparing/loading)")
+    app.inferq_runtime = WorkerRuntime(settings)
+    workload = demo_jobs(jobs, max_tokens)
+    concurrency = settings.concurrency or 2 * settings.max_batch_size
+    with start_worker(
+        app,
+        pool="threads",
+        concurrency=concurrency,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=30,
+    ):
+        started = time.perf_counter()
+        ids = client.submit_many(workload)
+        views = client.wait_many(ids, timeout=1800)
+        wall = time.perf_counter() - started
+    app.inferq_runtime.close()
+    _print_results(client, views, workload)
+    summary = client.repo.summary(ids)
+    tokens = sum(v.result.completion_tokens for v in views if v.result)
+    done = sum(v.status == "done" for v in views)
+    print(
+        f"\n{done}/{len(ids)} jobs done in {wall:.1f}s: {done / wall:.2f} jobs/s, "
+        f"{tokens / wall:.1f} output tokens/s"
+    )
+    print(
+        f"mean queue wait {summary['mean_queue_wait_s']:.2f}s, "
+        f"mean time to first token {summary['mean_ttft_s']:.2f}s, "
+        f"mean batch size {summary['mean_batch_size']:.1f}"
+    )
+    return 0 if done == len(ids) else 1

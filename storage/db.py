@@ -1,0 +1,75 @@
+"""Engine construction: per-URL cached engines with SQLite and PostgreSQL tuning."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Execution option that makes a SQLite transaction start with ``BEGIN IMMEDIATE``.
+WRITE_OPTION = "inferq_write"
+
+_engines: dict[str, sa.Engine] = {}
+_lock = threading.Lock()
+
+
+def make_engine(url: str) -> sa.Engine:
+    """Return the process-wide engine for `url`, creating it on first use."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = build_engine(url)
+            _engines[url] = engine
+        return engine
+
+
+def dispose_engines(url: str | None = None) -> None:
+    """Dispose and forget the cached engine for `url`, or all of them (tests, forks)."""
+    with _lock:
+        urls = list(_engines) if url is None else [url]
+        for key in urls:
+            engine = _engines.pop(key, None)
+            if engine is not None:
+                engine.dispose()
+
+
+def build_engine(url: str, **kwargs: Any) -> sa.Engine:
+    """Create a new, uncached engine; `kwargs` go to `sqlalchemy.create_engine`."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        kwargs.setdefault("pool_pre_ping", True)
+        return sa.create_engine(parsed, **kwargs)
+
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    connect_args.setdefault("check_same_thread", False)
+    connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+    if parsed.database in (None, "", ":memory:"):
+        kwargs.setdefault("poolclass", StaticPool)
+    engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+    _install_sqlite_hooks(engine)
+    return engine
+
+
+def _install_sqlite_hooks(engine: sa.Engine) -> None:
+    """Pragmas on connect; SQLAlchemy (not sqlite3) emits BEGIN so transactions are real."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        write = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -1,0 +1,145 @@
+"""Declarative models for the inferq schema (portable: PostgreSQL and SQLite)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_STATUSES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
+#: JSON everywhere, JSONB on PostgreSQL; Python None is SQL NULL (not JSON 'null').
+JSONType = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+STATUS_CHECK = "status IN ({})".format(", ".join(f"'{s}'" for s in JOB_STATUSES))
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """`DateTime(timezone=True)` that is always tz-aware UTC in Python (naive means UTC)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base; `Base.metadata` is Alembic's target metadata."""
+
+
+class Batch(Base):
+    """One forward-pass batch run by a worker."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
+    worker: Mapped[str] = mapped_column(sa.String(256))
+    model: Mapped[str] = mapped_column(sa.String(256))
+    size: Mapped[int] = mapped_column(sa.Integer)
+    real_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    padded_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    duration_s: Mapped[float | None] = mapped_column(sa.Float)
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class Job(Base):
+    """A generation job and its lifecycle."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        sa.UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        sa.CheckConstraint(STATUS_CHECK, name="ck_jobs_status"),
+        sa.Index("ix_jobs_status", "status"),
+        sa.Index("ix_jobs_queued_at", "queued_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(256))
+    model: Mapped[str] = mapped_column(sa.String(256))
+    prompt: Mapped[str | None] = mapped_column(sa.Text)
+    messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(sa.String(16))
+    priority: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    worker: Mapped[str | None] = mapped_column(sa.String(256))
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.Uuid, sa.ForeignKey("batches.id", name="fk_jobs_batch_id_batches", ondelete="SET NULL")
+    )
+
+
+class Result(Base):
+    """The generated text of a finished job (at most one per job)."""
+
+    __tablename__ = "results"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        sa.Uuid,
+        sa.ForeignKey("jobs.id", name="fk_results_job_id_jobs", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    text: Mapped[str] = mapped_column(sa.Text)
+    finish_reason: Mapped[str] = mapped_column(sa.String(16))
+    prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    cached_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+
+
+class JobMetrics(Base):
+    """Per-job timings measured by the worker."""
+
+    __tablename__ = "job_metrics"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        sa.Uuid,
+        sa.ForeignKey("jobs.id", name="fk_job_metrics_job_id_jobs", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    queue_wait_s: Mapped[float | None] = mapped_column(sa.Float)
+    ttft_s: Mapped[float | None] = mapped_column(sa.Float)
+    prefill_s: Mapped[float | None] = mapped_column(sa.Float)
+    decode_s: Mapped[float | None] = mapped_column(sa.Float)
+    total_s: Mapped[float | None] = mapped_column(sa.Float)
+    decode_tokens_per_s: Mapped[float | None] = mapped_column(sa.Float)
+
+
+class DeadLetter(Base):
+    """A message the worker could not run (not JSON, unknown task, invalid job), kept whole."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    reason: Mapped[str] = mapped_column(sa.String(128))
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+jobs_table: sa.Table = Job.__table__  # type: ignore[assignment]
+batches_table: sa.Table = Batch.__table__  # type: ignore[assignment]
+results_table: sa.Table = Result.__table__  # type: ignore[assignment]
+job_metrics_table: sa.Table = JobMetrics.__table__  # type: ignore[assignment]
+dead_letters_table: sa.Table = DeadLetter.__table__  # type: ignore[assignment]

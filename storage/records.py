@@ -1,0 +1,161 @@
+"""Plain dataclasses going in and out of `storage.repository.Repository`."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from api_client.schema import JobMessage
+
+
+def utcnow() -> datetime:
+    """The current time, tz-aware UTC."""
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """`value` as tz-aware UTC (naive values are taken to be UTC already)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+@dataclass(slots=True)
+class NewJob:
+    """A job to insert with status `queued`."""
+
+    id: uuid.UUID
+    tenant: str
+    model: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    idempotency_key: str | None = None
+    queued_at: datetime = field(default_factory=utcnow)
+
+    @classmethod
+    def from_message(cls, msg: JobMessage, model: str) -> NewJob:
+        """From the wire message; `model` is the default when `msg.model` is unset."""
+        return cls(
+            id=msg.job_id,
+            tenant=msg.tenant,
+            model=msg.model or model,
+            prompt=msg.prompt,
+            messages=(
+                [m.model_dump(mode="json") for m in msg.messages]
+                if msg.messages is not None
+                else None
+            ),
+            params=msg.params.model_dump(mode="json"),
+            priority=msg.priority,
+            idempotency_key=msg.idempotency_key,
+            queued_at=as_utc(msg.submitted_at),
+        )
+
+    def row(self) -> dict[str, Any]:
+        """Column values for the `jobs` table."""
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "idempotency_key": self.idempotency_key,
+            "model": self.model,
+            "prompt": self.prompt,
+            "messages": self.messages,
+            "params": self.params,
+            "status": "queued",
+            "priority": self.priority,
+            "queued_at": as_utc(self.queued_at),
+            "attempts": 0,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """A job's status and delivery count, as `start_batch` left them."""
+
+    status: str
+    attempts: int
+
+
+@dataclass(slots=True)
+class BatchRecord:
+    """Final figures of a batch, written by `finish_batch`."""
+
+    size: int
+    real_tokens: int
+    padded_tokens: int
+    finished_at: datetime = field(default_factory=utcnow)
+    duration_s: float | None = None
+    stats: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class ResultRow:
+    """The generated output of one job."""
+
+    job_id: uuid.UUID
+    text: str
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class MetricsRow:
+    """Per-job timings in seconds (None where not measured)."""
+
+    job_id: uuid.UUID
+    queue_wait_s: float | None = None
+    ttft_s: float | None = None
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    total_s: float | None = None
+    decode_tokens_per_s: float | None = None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return as_utc(value).isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+@dataclass(slots=True)
+class JobView:
+    """A job as read back, with its result and metrics when present."""
+
+    id: uuid.UUID
+    tenant: str
+    model: str
+    status: str
+    priority: int
+    attempts: int
+    error: str | None
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str | None
+    batch_id: uuid.UUID | None
+    idempotency_key: str | None = None
+    result: ResultRow | None = None
+    metrics: MetricsRow | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict: ISO-8601 datetimes, string UUIDs."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ResultRow | MetricsRow):
+                out[f.name] = {
+                    k: _plain(v) for k, v in dataclasses.asdict(value).items() if k != "job_id"
+                }
+            else:
+                out[f.name] = _plain(value)
+        return out

@@ -1,0 +1,330 @@
+"""The repository: every read and write of jobs, batches, results and metrics.
+
+Writes are bulk Core statements (one per table per call, executemany where there are many
+rows) inside one transaction per method; on SQLite a write transaction starts with
+``BEGIN IMMEDIATE`` so concurrent writers queue on the busy timeout instead of failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from storage.db import WRITE_OPTION, make_engine
+from storage.models import (
+    JOB_STATUSES,
+    batches_table,
+    dead_letters_table,
+    job_metrics_table,
+    jobs_table,
+    results_table,
+)
+from storage.records import BatchRecord, JobState, JobView, MetricsRow, NewJob, ResultRow, utcnow
+
+__all__ = ["BatchRecord", "JobState", "JobView", "MetricsRow", "NewJob", "Repository", "ResultRow"]
+
+J, B, R, M = jobs_table, batches_table, results_table, job_metrics_table
+ACTIVE = ("queued", "running")
+_CHUNK = 5000  # ids per IN list on reads (SQLite caps bound parameters)
+_RESULT_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "job_id"]
+_METRIC_FIELDS = [f.name for f in dataclasses.fields(MetricsRow) if f.name != "job_id"]
+_JOB_FIELDS = [f.name for f in dataclasses.fields(JobView) if f.name not in ("result", "metrics")]
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+class Repository:
+    """Storage API over a SQLAlchemy engine (PostgreSQL or SQLite); safe across threads."""
+
+    def __init__(self, url_or_engine: str | sa.Engine) -> None:
+        if isinstance(url_or_engine, str):
+            url_or_engine = make_engine(url_or_engine)
+        self.engine: sa.Engine = url_or_engine
+        self._writer = self.engine.execution_options(**{WRITE_OPTION: True})
+
+    def _insert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+        name = self.engine.dialect.name
+        if name == "postgresql":
+            return postgresql.insert(table)
+        if name == "sqlite":
+            return sqlite.insert(table)
+        raise NotImplementedError(f"unsupported database dialect: {name}")
+
+    @staticmethod
+    def _existing(conn: sa.Connection, jobs: Iterable[NewJob]) -> dict[uuid.UUID, uuid.UUID]:
+        """Map each job to the stored job with its id, else with its (tenant, key)."""
+        jobs = list(jobs)
+        out: dict[uuid.UUID, uuid.UUID] = {}
+        ids = list({j.id for j in jobs})
+        for part in _chunks(ids):
+            out.update((i, i) for i in conn.scalars(sa.select(J.c.id).where(J.c.id.in_(part))))
+        keyed = [j for j in jobs if j.id not in out and j.idempotency_key is not None]
+        pairs = list({(j.tenant, j.idempotency_key) for j in keyed})
+        found: dict[tuple[str, str], uuid.UUID] = {}
+        key_cols = sa.tuple_(J.c.tenant, J.c.idempotency_key)
+        for part in _chunks(pairs):
+            rows = conn.execute(
+                sa.select(J.c.tenant, J.c.idempotency_key, J.c.id).where(key_cols.in_(part))
+            )
+            found.update(((t, k), i) for t, k, i in rows)
+        for j in keyed:
+            if (j.tenant, j.idempotency_key) in found:
+                out[j.id] = found[(j.tenant, j.idempotency_key)]
+        return out
+
+    # -- submission ----------------------------------------------------------------------
+
+    def submit(self, job: NewJob) -> tuple[uuid.UUID, bool]:
+        """Insert a queued job; on an id or (tenant, key) clash return (existing id, False)."""
+        stmt = self._insert(J).values(job.row()).on_conflict_do_nothing().returning(J.c.id)
+        with self._writer.begin() as conn:
+            if conn.execute(stmt).first() is not None:
+                return job.id, True
+            existing = self._existing(conn, [job]).get(job.id)
+        if existing is None:  # the clashing row vanished in between: try again
+            return self.submit(job)
+        return existing, False
+
+    def ensure_jobs(self, jobs: Sequence[NewJob]) -> dict[uuid.UUID, uuid.UUID]:
+        """Insert the absent jobs in bulk; map every message job id to its canonical job id."""
+        first: dict[uuid.UUID, NewJob] = {}
+        for job in jobs:
+            first.setdefault(job.id, job)
+        unique = list(first.values())
+        if not unique:
+            return {}
+        stmt = self._insert(J).on_conflict_do_nothing().returning(J.c.id)
+        with self._writer.begin() as conn:
+            inserted = set(conn.scalars(stmt, [j.row() for j in unique]))
+            out = {j.id: j.id for j in unique if j.id in inserted}
+            out.update(self._existing(conn, [j for j in unique if j.id not in inserted]))
+        missing = [j.id for j in unique if j.id not in out]
+        if missing:
+            raise RuntimeError(f"jobs vanished while being ensured: {missing[:5]}")
+        return out
+
+    def record_dead_letter(
+        self, reason: str, payload: dict[str, Any], error: str = "", *, job_id: uuid.UUID | None
+    ) -> None:
+        """Keep a message that cannot run (its raw payload and why) instead of dropping it."""
+        with self._writer.begin() as conn:
+            conn.execute(
+                sa.insert(dead_letters_table).values(
+                    reason=reason[:128], error=error or None, job_id=job_id, payload=payload
+                )
+            )
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The most recent dead letters, newest first."""
+        D = dead_letters_table
+        query = sa.select(D).order_by(D.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def cancel(self, job_id: uuid.UUID) -> bool:
+        """Cancel a queued job; True if it was queued and is now cancelled."""
+        stmt = (
+            sa.update(J)
+            .where(J.c.id == job_id, J.c.status == "queued")
+            .values(status="cancelled", finished_at=utcnow())
+            .returning(J.c.id)
+        )
+        with self._writer.begin() as conn:
+            return conn.execute(stmt).first() is not None
+
+    # -- worker side ---------------------------------------------------------------------
+
+    def start_batch(
+        self,
+        batch_id: uuid.UUID,
+        worker: str,
+        model: str,
+        job_ids: Sequence[uuid.UUID],
+        started_at: datetime | None = None,
+    ) -> dict[uuid.UUID, JobState]:
+        """Record a batch and mark its queued/running jobs running (attempts + 1).
+
+        Returns the state after the update of every given id that exists; ids whose job is
+        done, failed or cancelled keep their state, so the caller can skip them.
+        """
+        started_at = started_at or utcnow()
+        ids = list(dict.fromkeys(job_ids))
+        batch_row = {
+            "id": batch_id,
+            "worker": worker,
+            "model": model,
+            "size": len(ids),
+            "real_tokens": 0,
+            "padded_tokens": 0,
+            "started_at": started_at,
+        }
+        with self._writer.begin() as conn:
+            conn.execute(self._insert(B).values(batch_row).on_conflict_do_nothing())
+            if not ids:
+                return {}
+            conn.execute(
+                sa.update(J)
+                .where(J.c.id.in_(ids), J.c.status.in_(ACTIVE))
+                .values(
+                    status="running",
+                    attempts=J.c.attempts + 1,
+                    started_at=started_at,
+                    worker=worker,
+                    batch_id=batch_id,
+                )
+            )
+            rows = conn.execute(sa.select(J.c.id, J.c.status, J.c.attempts).where(J.c.id.in_(ids)))
+            return {i: JobState(status=s, attempts=a) for i, s, a in rows}
+
+    def finish_batch(
+        self,
+        batch_id: uuid.UUID,
+        stats: BatchRecord,
+        results: Sequence[ResultRow],
+        metrics: Sequence[MetricsRow] = (),
+    ) -> set[uuid.UUID]:
+        """Store a batch's figures, results and metrics; mark the jobs done.
+
+        Idempotent: a job that already has a result keeps it (and its metrics). Metrics are
+        stored only for jobs whose result is new. Returns the ids whose result is new.
+        """
+        batch_values = dataclasses.asdict(stats)
+        result_rows = list({r.job_id: dataclasses.asdict(r) for r in results}.values())
+        with self._writer.begin() as conn:
+            conn.execute(sa.update(B).where(B.c.id == batch_id).values(batch_values))
+            if not result_rows:
+                return set()
+            insert = self._insert(R).on_conflict_do_nothing(index_elements=[R.c.job_id])
+            new = set(conn.scalars(insert.returning(R.c.job_id), result_rows))
+            metric_rows = list(
+                {m.job_id: dataclasses.asdict(m) for m in metrics if m.job_id in new}.values()
+            )
+            if metric_rows:
+                insert = self._insert(M).on_conflict_do_nothing(index_elements=[M.c.job_id])
+                conn.execute(insert, metric_rows)
+            if new:
+                conn.execute(
+                    sa.update(J)
+                    .where(J.c.id.in_(new), J.c.status != "done")
+                    .values(status="done", finished_at=stats.finished_at, error=None)
+                )
+        return new
+
+    def fail_jobs(self, errors: dict[uuid.UUID, str], *, final: bool = True) -> None:
+        """Final: mark failed with the error. Not final: requeue, keeping the error.
+
+        Done and cancelled jobs are never touched; a non-final failure leaves failed jobs be.
+        """
+        if not errors:
+            return
+        allowed = (*ACTIVE, "failed") if final else ACTIVE
+        values: dict[str, Any] = {"error": sa.bindparam("p_error")}
+        values.update(
+            {"status": "failed", "finished_at": utcnow()} if final else {"status": "queued"}
+        )
+        stmt = (
+            sa.update(J)
+            .where(J.c.id == sa.bindparam("p_id"), sa.or_(*(J.c.status == s for s in allowed)))
+            .values(values)
+        )
+        params = [{"p_id": job_id, "p_error": error} for job_id, error in errors.items()]
+        with self._writer.begin() as conn:
+            conn.execute(stmt, params)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, job_id: uuid.UUID) -> JobView | None:
+        """One job with its result and metrics, or None."""
+        return self.get_many([job_id]).get(job_id)
+
+    def get_many(self, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, JobView]:
+        """The jobs among `ids` that exist, keyed by id."""
+        ids = list(dict.fromkeys(ids))
+        columns = [
+            *(J.c[name] for name in _JOB_FIELDS),
+            R.c.job_id.label("r_job_id"),
+            *(R.c[name] for name in _RESULT_FIELDS),
+            M.c.job_id.label("m_job_id"),
+            *(M.c[name] for name in _METRIC_FIELDS),
+        ]
+        joined = J.outerjoin(R, R.c.job_id == J.c.id).outerjoin(M, M.c.job_id == J.c.id)
+        out: dict[uuid.UUID, JobView] = {}
+        with self.engine.connect() as conn:
+            for part in _chunks(ids):
+                stmt = sa.select(*columns).select_from(joined).where(J.c.id.in_(part))
+                for row in conn.execute(stmt).mappings():
+                    view = JobView(**{name: row[name] for name in _JOB_FIELDS})
+                    if row["r_job_id"] is not None:
+                        view.result = ResultRow(view.id, **{n: row[n] for n in _RESULT_FIELDS})
+                    if row["m_job_id"] is not None:
+                        view.metrics = MetricsRow(view.id, **{n: row[n] for n in _METRIC_FIELDS})
+                    out[view.id] = view
+        return out
+
+    def statuses(self, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """Status of each existing job among `ids`."""
+        ids = list(dict.fromkeys(ids))
+        out: dict[uuid.UUID, str] = {}
+        with self.engine.connect() as conn:
+            for part in _chunks(ids):
+                rows = conn.execute(sa.select(J.c.id, J.c.status).where(J.c.id.in_(part)))
+                out.update((i, s) for i, s in rows)
+        return out
+
+    def summary(self, job_ids: Sequence[uuid.UUID] | None = None) -> dict[str, Any]:
+        """Aggregate figures over `job_ids` (None: every job); times are tz-aware UTC."""
+        ids = None if job_ids is None else list(dict.fromkeys(job_ids))
+
+        def among(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+            return sa.true() if ids is None else col.in_(ids)
+
+        with self.engine.connect() as conn:
+            counts = dict.fromkeys(JOB_STATUSES, 0)
+            firsts: list[datetime] = []
+            lasts: list[datetime] = []
+            stmt = sa.select(
+                J.c.status,
+                sa.func.count(),
+                sa.func.min(J.c.queued_at),
+                sa.func.max(J.c.finished_at),
+            ).where(among(J.c.id))
+            for status, n, q_min, f_max in conn.execute(stmt.group_by(J.c.status)):
+                counts[status] = n
+                firsts += [q_min] if q_min else []
+                lasts += [f_max] if f_max else []
+            totals = sa.select(sa.func.coalesce(sa.func.sum(R.c.completion_tokens), 0))
+            tokens = int(conn.scalar(totals.where(among(R.c.job_id))) or 0)
+            means = sa.select(sa.func.avg(M.c.queue_wait_s), sa.func.avg(M.c.ttft_s))
+            wait, ttft = conn.execute(means.where(among(M.c.job_id))).one()
+            used = sa.select(J.c.batch_id).where(among(J.c.id), J.c.batch_id.is_not(None))
+            sizes = sa.select(sa.func.count(), sa.func.avg(B.c.size))
+            sizes = sizes if ids is None else sizes.where(B.c.id.in_(used))
+            batches, mean_size = conn.execute(sizes).one()
+        first, last = min(firsts, default=None), max(lasts, default=None)
+        elapsed = (last - first).total_seconds() if first and last else None
+        return {
+            "total": sum(counts.values()),
+            "counts": counts,
+            "completion_tokens": tokens,
+            "mean_queue_wait_s": _float(wait),
+            "mean_ttft_s": _float(ttft),
+            "first_queued_at": first,
+            "last_finished_at": last,
+            "elapsed_s": elapsed,
+            "completion_tokens_per_s": tokens / elapsed if elapsed else None,
+            "batches": int(batches),
+            "mean_batch_size": _float(mean_size),
+        }
