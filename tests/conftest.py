@@ -85,3 +85,54 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     with _pg_database(migrate=False) as url:
         yield url
+
+
+# -- Redis, the model, worker settings ---------------------------------------------------
+
+REDIS_URL = os.environ.get("INFERQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The real Redis (db 15, flushed); fails clearly when it is not running."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    """The default model, prepared once (cached under INFERQ_HOME)."""
+    from inferq.settings import get_settings
+    from worker.model_prep import resolve_model
+
+    return resolve_model(get_settings())
+
+
+@pytest.fixture(scope="session")
+def engine(model_path: str):
+    """The real model in the padded engine, loaded once per test session (fp32, CPU)."""
+    from inferq.settings import DEFAULT_MODEL
+    from worker.padded_engine import PaddedEngine
+
+    return PaddedEngine(model_path, DEFAULT_MODEL, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def service_settings(tmp_path: Path, pg_url: str, redis_url: str):
+    """Worker/client settings on the real Redis and PostgreSQL, a fresh queue per test."""
+    from inferq.settings import get_settings
+
+    return get_settings(
+        home=tmp_path / "home",
+        broker_url=redis_url,
+        database_url=pg_url,
+        queue=f"inferq-test-{uuid.uuid4().hex[:8]}",
+        max_batch_size=8,
+        batch_wait_ms=100,
+    )

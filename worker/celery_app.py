@@ -7,6 +7,7 @@ import threading
 from celery import Celery
 from celery.exceptions import Reject
 from celery.worker.consumer import Consumer
+from kombu.exceptions import ContentDisallowed
 
 from inferq.logs import get_logger
 from inferq.settings import TASK_NAME, Settings
@@ -47,7 +48,7 @@ class DeadLetterConsumer(Consumer):
             log.exception("dead_letter.record_failed", error=repr(err))
 
     def on_decode_error(self, message, exc):
-        self._dead_letter("undecodable message (JSON only)", message, exc)
+        self._dead_letter("undecodable message", message, exc)
         return super().on_decode_error(message, exc)
 
     def on_unknown_message(self, body, message):
@@ -59,7 +60,12 @@ class DeadLetterConsumer(Consumer):
         return super().on_unknown_task(body, message, exc)
 
     def on_invalid_task(self, body, message, exc):
-        self._dead_letter("invalid task message", message, exc)
+        reason = (
+            "non-JSON message refused"
+            if isinstance(exc, ContentDisallowed)
+            else ("invalid task message")
+        )
+        self._dead_letter(reason, message, exc)
         return super().on_invalid_task(body, message, exc)
 
 
@@ -88,7 +94,7 @@ def create_app(settings: Settings) -> Celery:
     app.inferq_lock = threading.Lock()
     app.inferq_runtime = None
 
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=TASK_NAME, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True)
     def generate(self, **kwargs: object) -> str:
         """Run one generation job (see the README's wire format)."""
         from worker.runtime import get_runtime

@@ -86,7 +86,7 @@ class PaddedEngine:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1, :]
-        padded = len(seqs) * width
+        decoded = 0  # decode-step tokens computed (finished rows are dropped: no padding)
         active = list(range(len(seqs)))
         last_pos = positions[:, -1]
         while True:
@@ -112,9 +112,9 @@ class PaddedEngine:
                 past_key_values=cache,
                 use_cache=True,
             ).logits[:, -1, :]
-            padded += len(active)
+            decoded += len(active)
         outputs = [self._output(s, start) for s in seqs]
-        real = sum(lengths) + sum(len(s.tokens) for s in seqs)
+        real, padded = sum(lengths) + decoded, len(seqs) * width + decoded
         stats = BatchStats(len(seqs), real, padded, time.perf_counter() - start)
         return outputs, stats
 

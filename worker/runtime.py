@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -133,13 +134,19 @@ def get_runtime(app: Celery) -> WorkerRuntime:
 def record_dead_letter(app: Celery, reason: str, message, exc: BaseException | None) -> None:
     """Keep an undeliverable message's raw body and why, in storage."""
     body = message.body
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", errors="replace")
-    payload = {
-        "body": body if isinstance(body, str) else json.dumps(body, default=str),
-        "content_type": message.content_type,
-        "headers": dict(message.headers or {}),
-    }
+    if not isinstance(body, bytes | str):
+        body = json.dumps(body, default=str)
+    raw = body.encode() if isinstance(body, str) else body
+    headers = json.loads(json.dumps(message.headers or {}, default=str))
+    payload: dict[str, Any] = {"content_type": message.content_type, "headers": headers}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:  # JSON columns take neither
+        payload["body_base64"] = base64.b64encode(raw).decode()
+    else:
+        payload["body"] = text
     repo = Repository(app.inferq_settings.resolved_database_url)
     repo.record_dead_letter(reason, payload, repr(exc) if exc else "", job_id=None)
     log.error("message.dead_letter", reason=reason, error=repr(exc) if exc else None)

@@ -1,0 +1,216 @@
+"""The client on the real Redis broker and PostgreSQL: validation, enqueueing, the wire format."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+import redis
+
+from api_client.client import InferqClient, InvalidJobError
+from inferq.settings import TASK_NAME
+
+pytestmark = pytest.mark.services
+
+WIRE_KEYS = {
+    "job_id",
+    "tenant",
+    "model",
+    "prompt",
+    "messages",
+    "params",
+    "priority",
+    "idempotency_key",
+    "submitted_at",
+}
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def client(service_settings) -> Iterator[InferqClient]:
+    c = InferqClient(service_settings)
+    yield c
+    c.celery.close()
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(redis_url)
+    yield r
+    r.close()
+
+
+def _queued(r: redis.Redis, queue: str) -> list[bytes]:
+    """Every message on `queue`, across the transport's per-priority lists."""
+    return [m for key in sorted(r.keys(queue + "*")) for m in r.lrange(key, 0, -1)]
+
+
+def _decode(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(headers, task kwargs) of a kombu Redis envelope carrying a JSON Celery message."""
+    env = json.loads(raw)
+    assert env["content-type"] == "application/json"
+    assert env["properties"]["body_encoding"] == "base64"
+    args, kwargs, _embed = json.loads(base64.b64decode(env["body"]))
+    assert args == []
+    return env["headers"], kwargs
+
+
+def _total(c: InferqClient) -> int:
+    return c.repo.summary()["total"]
+
+
+# -- validation: refused before anything is stored or enqueued ----------------------------
+
+BAD_JOBS = [
+    ({"prompt": "hi", "params": {"max_tokens": 0}}, "params.max_tokens"),
+    ({"prompt": "hi", "params": {"temperature": -1}}, "params.temperature"),
+    ({"prompt": "hi", "params": {"top_p": 0}}, "params.top_p"),
+    ({"prompt": "hi", "params": {"max_tokens": 4, "bogus": 1}}, "params.bogus"),
+    ({"prompt": "hi", "params": {"stop": ["ok", ""]}}, "stop"),
+    ({"prompt": "hi", "messages": USER}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "  \n"}, "prompt"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": []}, "messages"),
+    ({"prompt": "hi", "priority": 10}, "priority"),
+    ({"prompt": "hi", "tenant": "acme corp"}, "tenant"),
+    ({"prompt": "hi", "tenant": "a/b"}, "tenant"),
+]
+
+
+@pytest.mark.parametrize(("job", "field"), BAD_JOBS, ids=[f for _, f in BAD_JOBS])
+def test_invalid_job_is_refused_and_nothing_is_enqueued(
+    client: InferqClient, broker: redis.Redis, job: dict[str, Any], field: str
+) -> None:
+    before = _total(client)
+    with pytest.raises(InvalidJobError) as err:
+        client.submit(**job)
+    assert str(err.value).startswith("invalid job: ")
+    assert field in str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert _queued(broker, client.settings.queue) == []
+    assert _total(client) == before
+
+
+def test_submit_many_with_one_bad_job_enqueues_none(
+    client: InferqClient, broker: redis.Redis
+) -> None:
+    before = _total(client)
+    jobs = [
+        {"prompt": "one"},
+        {"messages": USER, "params": {"max_tokens": 3}},
+        {"prompt": "three", "params": {"top_k": -1}},
+    ]
+    with pytest.raises(InvalidJobError, match=r"params\.top_k"):
+        client.submit_many(jobs)
+    assert _queued(broker, client.settings.queue) == []
+    assert _total(client) == before
+    ids = client.submit_many(jobs[:2])
+    assert len(set(ids)) == 2
+    assert len(_queued(broker, client.settings.queue)) == 2
+    assert _total(client) == before + 2
+
+
+# -- good submits: the row and the message on the wire -------------------------------------
+
+
+def test_submit_records_and_enqueues_a_json_message(
+    client: InferqClient, broker: redis.Redis
+) -> None:
+    queue = client.settings.queue
+    params = {"max_tokens": 5, "temperature": 0.7, "top_k": 3, "seed": 11, "stop": ["\n"]}
+    job_id = client.submit("Hello there", params=params, tenant="acme.eu:1", priority=7)
+    assert isinstance(job_id, uuid.UUID)
+    view = client.get(job_id)
+    assert view is not None
+    assert (view.status, view.tenant, view.priority) == ("queued", "acme.eu:1", 7)
+    assert view.model == client.settings.model
+    assert view.attempts == 0 and view.result is None
+
+    (raw,) = _queued(broker, queue)
+    headers, kwargs = _decode(raw)
+    assert headers["task"] == TASK_NAME == "inferq.generate"
+    assert headers["id"] == str(job_id)
+    assert set(kwargs) == WIRE_KEYS
+    assert kwargs["job_id"] == str(job_id)
+    assert kwargs["tenant"] == "acme.eu:1"
+    assert kwargs["model"] == client.settings.model
+    assert kwargs["prompt"] == "Hello there" and kwargs["messages"] is None
+    assert kwargs["params"] == {**params, "top_p": 1.0}
+    assert kwargs["priority"] == 7
+    assert kwargs["idempotency_key"] is None
+    submitted = datetime.fromisoformat(kwargs["submitted_at"])
+    assert submitted.utcoffset() is not None
+    assert abs(submitted.timestamp() - time.time()) < 60
+
+
+def test_submit_chat_messages_and_priority_lists(client: InferqClient, broker: redis.Redis) -> None:
+    queue = client.settings.queue
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    low = client.submit(messages=msgs, model="other-model")
+    high = client.submit("urgent", priority=9)
+    assert client.get(low).model == "other-model"
+    # the Redis transport keeps one list per priority step; ours is inverted onto its scale
+    lists = {key: broker.lrange(key, 0, -1) for key in broker.keys(queue + "*")}
+    assert len(lists) == 2 and all(len(v) == 1 for v in lists.values())
+    by_id = {_decode(v[0])[1]["job_id"]: (k, _decode(v[0])[1]) for k, v in lists.items()}
+    assert by_id[str(high)][0] == queue.encode()  # celery priority 0: the plain list
+    key, kwargs = by_id[str(low)]
+    assert key != queue.encode() and key.startswith(queue.encode())
+    assert kwargs["messages"] == msgs and kwargs["prompt"] is None
+    assert kwargs["model"] == "other-model"
+    assert kwargs["params"]["max_tokens"] == 64  # the documented default
+
+
+def test_idempotency_key(client: InferqClient, broker: redis.Redis) -> None:
+    queue = client.settings.queue
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    first = client.submit("same", tenant=tenant, idempotency_key="k-1")
+    before = _total(client)
+    again = client.submit("different text", tenant=tenant, idempotency_key="k-1")
+    assert again == first
+    assert len(_queued(broker, queue)) == 1
+    assert _total(client) == before
+    other = client.submit("same", tenant=tenant + "x", idempotency_key="k-1")
+    assert other != first
+    messages = _queued(broker, queue)
+    assert len(messages) == 2
+    assert {_decode(m)[1]["idempotency_key"] for m in messages} == {"k-1"}
+    assert client.get(other).idempotency_key == "k-1"
+
+
+# -- cancel and wait ----------------------------------------------------------------------
+
+
+def test_cancel_and_wait(client: InferqClient) -> None:
+    job_id = client.submit("cancel me", params={"max_tokens": 2})
+    assert client.cancel(job_id) is True
+    assert client.get(job_id).status == "cancelled"
+    assert client.cancel(job_id) is False  # no longer queued
+    started = time.monotonic()
+    view = client.wait(job_id, timeout=5)
+    assert view.status == "cancelled" and view.finished_at is not None
+    assert time.monotonic() - started < 1.0
+    assert client.cancel(uuid.uuid4()) is False  # unknown job
+
+
+def test_wait_times_out_on_a_job_nobody_runs(client: InferqClient) -> None:
+    job_id = client.submit("nobody listens", params={"max_tokens": 2})
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="1 of 1"):
+        client.wait(job_id, timeout=0.5, poll=0.05)
+    assert 0.5 <= time.monotonic() - started < 3
+    assert client.get(job_id).status == "queued"
+
+
+def test_wait_many_times_out_on_an_unknown_job(client: InferqClient) -> None:
+    cancelled = client.submit("x")
+    client.cancel(cancelled)
+    with pytest.raises(TimeoutError, match="1 of 2"):
+        client.wait_many([cancelled, uuid.uuid4()], timeout=0.2, poll=0.05)

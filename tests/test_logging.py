@@ -1,0 +1,99 @@
+"""JSON logging: structlog loggers and stdlib (Celery) records come out as one JSON line each."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import structlog
+
+from inferq.logs import configure_logging, get_logger
+
+NOISY = ("httpx", "urllib3", "filelock")
+
+
+def _ours(handler: logging.Handler) -> bool:
+    return type(handler).__module__ != "_pytest.logging"  # pytest re-adds its own per phase
+
+
+@pytest.fixture
+def json_logs() -> Iterator[Callable[[], list[dict]]]:
+    """JSON logging into a buffer; yields a reader of the lines so far; restores everything."""
+    root = logging.getLogger()
+    handlers = [h for h in root.handlers if _ours(h)]
+    level = root.level
+    noisy = {name: logging.getLogger(name).level for name in NOISY}
+    config = structlog.get_config()
+    buf = io.StringIO()
+    configure_logging("INFO", stream=buf)
+
+    def lines() -> list[dict]:
+        return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+    yield lines
+    root.handlers[:] = [h for h in root.handlers if not _ours(h)] + handlers
+    root.setLevel(level)
+    for name, lvl in noisy.items():
+        logging.getLogger(name).setLevel(lvl)
+    structlog.reset_defaults()
+    structlog.configure(**config)
+
+
+def _recent(stamp: str) -> bool:
+    when = datetime.fromisoformat(stamp)
+    return when.utcoffset() == timedelta(0) and abs(datetime.now(UTC) - when) < timedelta(minutes=1)
+
+
+def test_structlog_logger_emits_one_json_line(json_logs) -> None:
+    log = get_logger("inferq.test", job_id="j-1").bind(batch_id="b-7")
+    log.info("batch.done", size=3)
+    (line,) = json_logs()
+    assert line["event"] == "batch.done"
+    assert (line["job_id"], line["batch_id"], line["size"]) == ("j-1", "b-7", 3)
+    assert line["level"] == "info"
+    assert line["logger"] == "inferq.test"
+    assert _recent(line["timestamp"])
+
+
+def test_level_filters_debug(json_logs) -> None:
+    log = get_logger("inferq.test")
+    log.debug("hidden")
+    logging.getLogger("inferq.other").debug("hidden too")
+    log.warning("shown")
+    assert [(x["event"], x["level"]) for x in json_logs()] == [("shown", "warning")]
+
+
+def test_stdlib_celery_records_are_json(json_logs) -> None:
+    logging.getLogger("celery.worker").warning("lost connection to %s", "redis")
+    (line,) = json_logs()
+    assert line["event"] == "lost connection to redis"
+    assert line["level"] == "warning"
+    assert line["logger"] == "celery.worker"
+    assert _recent(line["timestamp"])
+
+
+def test_contextvars_are_merged(json_logs) -> None:
+    log = get_logger("inferq.test")
+    with structlog.contextvars.bound_contextvars(job_id="ctx-9", tenant="acme"):
+        log.info("job.start")
+        logging.getLogger("celery.app").error("stdlib inside")
+    log.info("job.after")
+    inside, stdlib, after = json_logs()
+    assert (inside["job_id"], inside["tenant"]) == ("ctx-9", "acme")
+    assert (stdlib["job_id"], stdlib["level"]) == ("ctx-9", "error")
+    assert "job_id" not in after and "tenant" not in after
+
+
+def test_exceptions_are_structured(json_logs) -> None:
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        get_logger("inferq.test").exception("job.failed", job_id="j-2")
+    (line,) = json_logs()
+    assert line["level"] == "error" and line["job_id"] == "j-2"
+    frames = line["exception"]
+    assert frames[0]["exc_type"] == "RuntimeError" and frames[0]["exc_value"] == "boom"

@@ -1,0 +1,234 @@
+"""The whole path on real Redis + PostgreSQL + the real model, with an in-process worker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from api_client import InferqClient
+from storage.repository import Repository
+from worker.celery_app import create_app
+from worker.engine_api import EngineRequest
+from worker.runtime import WorkerRuntime
+
+pytestmark = [pytest.mark.model, pytest.mark.services]
+
+
+class CrashingEngine:
+    """The real engine, except that any batch holding a poisoned job raises."""
+
+    def __init__(self, engine, poison: str):
+        self.inner, self.poison = engine, poison
+        self.model_name, self.max_context = engine.model_name, engine.max_context
+        self.calls = 0
+
+    def encode(self, prompt, messages):
+        return self.inner.encode(prompt, messages)
+
+    def generate(self, requests: list[EngineRequest]):
+        self.calls += 1
+        if any(self.inner.tokenizer.decode(r.prompt_ids).count(self.poison) for r in requests):
+            raise RuntimeError("simulated kernel failure")
+        return self.inner.generate(requests)
+
+
+@contextmanager
+def _worker(settings, engine) -> Iterator[Celery]:
+    app = create_app(settings)
+    app.inferq_runtime = WorkerRuntime(settings, engine=engine)
+    try:
+        with start_worker(
+            app,
+            pool="threads",
+            concurrency=16,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=10,
+        ):
+            yield app
+    finally:
+        app.inferq_runtime.close()
+
+
+@pytest.fixture
+def worker_app(service_settings, engine) -> Iterator[Celery]:
+    with _worker(service_settings, engine) as app:
+        yield app
+
+
+def _wait_for(repo: Repository, ids: list[uuid.UUID], timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        views = repo.get_many(ids)
+        if len(views) == len(ids) and all(
+            v.status in ("done", "failed", "cancelled") for v in views.values()
+        ):
+            return views
+        time.sleep(0.1)
+    raise AssertionError(f"jobs not finished: {repo.statuses(ids)}")
+
+
+def _producer(settings) -> Celery:
+    """A bare Celery producer, as a backend app without our client would have."""
+    return Celery("backend-app", broker=settings.broker_url, set_as_current=False)
+
+
+def test_client_to_postgres_full_path(service_settings, worker_app) -> None:
+    client = InferqClient(service_settings)
+    questions = [
+        "What is the capital of France?",
+        "Name a color.",
+        "What is 2 plus 2?",
+        "Write one word about the sea.",
+        "Say hello.",
+        "What is the capital of Italy?",
+    ]
+    ids = client.submit_many(
+        {"messages": [{"role": "user", "content": q}], "params": {"max_tokens": 16}}
+        for q in questions
+    )
+    views = client.wait_many(ids, timeout=120)
+    assert [v.status for v in views] == ["done"] * len(ids)
+    assert "Paris" in views[0].result.text
+    for v in views:
+        assert v.result.completion_tokens > 0 and v.result.prompt_tokens > 10
+        assert v.metrics.queue_wait_s >= 0 and v.metrics.ttft_s >= v.metrics.queue_wait_s
+        assert v.metrics.total_s >= v.metrics.ttft_s and v.attempts == 1 and v.worker
+    # the question teams ask with plain SQL: what did it do, how long did it wait
+    with client.repo.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT j.status, r.completion_tokens, m.queue_wait_s, b.size, b.padded_tokens "
+                "FROM jobs j JOIN results r ON r.job_id = j.id JOIN job_metrics m ON m.job_id = j.id "
+                "JOIN batches b ON b.id = j.batch_id WHERE j.id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        ).all()
+    assert len(rows) == len(ids)
+    assert max(r.size for r in rows) > 1, "jobs were not micro-batched"
+    assert all(r.padded_tokens > 0 for r in rows)
+
+
+def test_raw_send_task_with_documented_kwargs(service_settings, worker_app) -> None:
+    producer = _producer(service_settings)
+    full_id, minimal_id = uuid.uuid4(), uuid.uuid4()
+    producer.send_task(
+        "inferq.generate",
+        queue=service_settings.queue,
+        kwargs={
+            "job_id": str(full_id),
+            "tenant": "acme",
+            "model": "smollm2-135m-instruct",
+            "messages": [
+                {"role": "user", "content": "What is the capital of France?"},
+            ],
+            "params": {
+                "max_tokens": 12,
+                "temperature": 0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "seed": None,
+                "stop": [],
+            },
+            "priority": 3,
+            "idempotency_key": "order-42",
+            "submitted_at": "2026-11-22T12:00:00Z",
+        },
+    )
+    producer.send_task(
+        "inferq.generate",
+        queue=service_settings.queue,
+        kwargs={"job_id": str(minimal_id), "prompt": "The sky is"},
+    )
+    repo = Repository(service_settings.database_url)
+    views = _wait_for(repo, [full_id, minimal_id])
+    assert views[full_id].status == "done" and "Paris" in views[full_id].result.text
+    assert views[full_id].tenant == "acme" and views[full_id].idempotency_key == "order-42"
+    assert views[minimal_id].status == "done" and views[minimal_id].tenant == "default"
+
+
+def test_bad_input_fails_clearly_and_worker_keeps_serving(service_settings, worker_app) -> None:
+    producer, repo = _producer(service_settings), Repository(service_settings.database_url)
+    q = service_settings.queue
+    unknown, oversized, invalid, good = (uuid.uuid4() for _ in range(4))
+    producer.send_task(
+        "inferq.generate",
+        queue=q,
+        kwargs={"job_id": str(unknown), "prompt": "hi", "model": "no-such-model"},
+    )
+    producer.send_task(
+        "inferq.generate", queue=q, kwargs={"job_id": str(oversized), "prompt": "word " * 3000}
+    )
+    producer.send_task(
+        "inferq.generate",
+        queue=q,
+        kwargs={"job_id": str(invalid), "prompt": "hi", "params": {"max_tokens": -1}},
+    )
+    producer.send_task("inferq.generate", queue=q, args=[1], serializer="pickle")
+    producer.send_task("inferq.no_such_task", queue=q, kwargs={"x": 1})
+    producer.send_task("inferq.generate", queue=q, kwargs={"job_id": str(good), "prompt": "Hi"})
+    views = _wait_for(repo, [unknown, oversized, good])
+    assert views[unknown].status == "failed" and "unknown model 'no-such-model'" in (
+        views[unknown].error
+    )
+    assert views[oversized].status == "failed" and "the limit is 2048" in views[oversized].error
+    assert views[good].status == "done"
+    deadline = time.monotonic() + 20
+    while len(letters := repo.dead_letters()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    reasons = {d["reason"]: d for d in letters}
+    assert reasons["invalid job message"]["job_id"] == invalid
+    assert "max_tokens" in reasons["invalid job message"]["error"]
+    assert "pickle" in reasons["non-JSON message refused"]["error"]
+    assert reasons["non-JSON message refused"]["payload"]["body_base64"]
+    assert "unknown task name" in reasons
+    assert repo.get(invalid) is None  # never stored as a job: nothing to run
+
+
+def test_batch_crash_fails_only_the_crashing_job(service_settings, engine) -> None:
+    crashing = CrashingEngine(engine, poison="POISON")
+    client = InferqClient(service_settings)
+    with _worker(service_settings, crashing) as app:
+        prompts = ["Say one.", "Say two.", "POISON pill", "Say four.", "Say five."]
+        ids = client.submit_many({"prompt": p, "params": {"max_tokens": 6}} for p in prompts)
+        views = client.wait_many(ids, timeout=120)
+        assert app.inferq_runtime is not None
+    statuses = [v.status for v in views]
+    assert statuses == ["done", "done", "failed", "done", "done"]
+    assert "simulated kernel failure" in views[2].error and views[2].result is None
+    assert crashing.calls >= 3  # the batch was split to isolate the poisoned job
+
+
+def test_redelivered_message_runs_once(service_settings, worker_app) -> None:
+    producer, repo = _producer(service_settings), Repository(service_settings.database_url)
+    job_id = uuid.uuid4()
+    kwargs = {"job_id": str(job_id), "prompt": "Count to three:", "params": {"max_tokens": 8}}
+    producer.send_task("inferq.generate", queue=service_settings.queue, kwargs=kwargs)
+    _wait_for(repo, [job_id])
+    producer.send_task("inferq.generate", queue=service_settings.queue, kwargs=kwargs)
+    time.sleep(2.0)
+    view = repo.get(job_id)
+    assert view.status == "done" and view.attempts == 1
+    with repo.engine.connect() as conn:
+        count = conn.scalar(
+            sa.text("SELECT count(*) FROM results WHERE job_id = :j"), {"j": job_id}
+        )
+    assert count == 1
+
+
+def test_cancelled_before_start_never_runs(service_settings, engine) -> None:
+    client = InferqClient(service_settings)
+    job_id = client.submit("Tell me a story.", params={"max_tokens": 8})
+    assert client.cancel(job_id) is True
+    later = client.submit("Say hi.", params={"max_tokens": 4})
+    with _worker(service_settings, engine):
+        assert client.wait(later, timeout=120).status == "done"
+    view = client.get(job_id)
+    assert view.status == "cancelled" and view.result is None and view.attempts == 0
