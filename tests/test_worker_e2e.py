@@ -106,7 +106,8 @@ def test_client_to_postgres_full_path(service_settings, worker_app) -> None:
         rows = conn.execute(
             sa.text(
                 "SELECT j.status, r.completion_tokens, m.queue_wait_s, b.size, b.padded_tokens "
-                "FROM jobs j JOIN results r ON r.job_id = j.id JOIN job_metrics m ON m.job_id = j.id "
+                "FROM jobs j JOIN results r ON r.job_id = j.id "
+                "JOIN job_metrics m ON m.job_id = j.id "
                 "JOIN batches b ON b.id = j.batch_id WHERE j.id = ANY(:ids)"
             ),
             {"ids": ids},

@@ -57,6 +57,14 @@ def _metrics(job_id: uuid.UUID, ran: _Ran, queued_at: datetime, started_at: date
     )
 
 
+def _chain(source: Future[str], target: Future[str]) -> None:
+    exc = source.exception()
+    if exc is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
+
+
 class Batcher:
     """Owns the engine; call `submit` from any thread, `start` once, `stop` at shutdown."""
 
@@ -88,10 +96,9 @@ class Batcher:
 
     def _take(self, item: WorkItem) -> None:
         key = str(item.job_id)
-        if key in self._pending:  # the same job delivered twice: both wait on one run
-            self._pending[key].future.add_done_callback(
-                lambda f, dup=item: dup.future.set_result(f.result())
-            )
+        twin = self._pending.get(key)
+        if twin is not None:  # the same job delivered twice: both wait on one run
+            twin.future.add_done_callback(lambda done, dup=item.future: _chain(done, dup))
             return
         self._pending[key] = item
         self._seqs[key] = next(self._seq)

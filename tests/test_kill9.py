@@ -1,0 +1,88 @@
+"""kill -9 of a worker process in the middle of a batch: no job lost, no duplicate result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from api_client import InferqClient
+
+pytestmark = [pytest.mark.model, pytest.mark.services]
+JOBS = 16
+
+
+def _start_worker(settings, model_path: str, log: Path, name: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "INFERQ_BROKER_URL": settings.broker_url,
+        "INFERQ_DATABASE_URL": settings.database_url,
+        "INFERQ_QUEUE": settings.queue,
+        "INFERQ_HOME": str(settings.home),
+        "INFERQ_MODEL_PATH": model_path,
+        "INFERQ_MAX_BATCH_SIZE": "8",
+        "INFERQ_BATCH_WAIT_MS": "200",
+        "INFERQ_VISIBILITY_TIMEOUT_S": "10",
+        "INFERQ_WORKER_NAME": name,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "inferq.cli", "worker", "--loglevel", "INFO"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_kill9_mid_batch_loses_nothing_and_duplicates_nothing(
+    service_settings, model_path, tmp_path
+) -> None:
+    client = InferqClient(service_settings)
+    ids = client.submit_many(
+        {"prompt": f"List {n} animals:", "params": {"max_tokens": 16}} for n in range(JOBS)
+    )
+    log = tmp_path / "worker.log"
+    first = _start_worker(service_settings, model_path, log, "victim")
+    try:
+        _wait(lambda: "running" in client.repo.statuses(ids).values(), 120, "a running batch")
+        time.sleep(0.5)  # well inside the batch (several seconds of decoding)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    before = client.repo.statuses(ids)
+    assert "running" in before.values(), "the kill did not land mid-batch"
+    second = _start_worker(service_settings, model_path, log, "survivor")
+    try:
+        views = client.wait_many(ids, timeout=300)
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        second.wait(30)
+    assert [v.status for v in views] == ["done"] * JOBS, log.read_text()[-3000:]
+    redelivered = [v for v in views if v.attempts > 1]
+    assert redelivered, "no job was redelivered after the kill"
+    assert all(v.worker == "survivor" for v in redelivered)
+    with client.repo.engine.connect() as conn:
+        per_job = conn.execute(
+            sa.text(
+                "SELECT job_id, count(*) AS n FROM results WHERE job_id = ANY(:ids) GROUP BY job_id"
+            ),
+            {"ids": ids},
+        ).all()
+    assert len(per_job) == JOBS and all(row.n == 1 for row in per_job)
