@@ -1,0 +1,36 @@
+# inferq: `make demo` runs the whole path on embedded defaults; `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test lint services model clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned: a range that admits a newer torch pulls several GB of CUDA packages.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+model: install
+	$(VENV)/bin/inferq model prepare
+
+demo: model
+	$(VENV)/bin/inferq demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+services:
+	bash .ci/services
+
+test: lint services model
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
