@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 8
 
@@ -27,11 +27,12 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
 
-    @model_validator(mode="after")
-    def _no_empty_stop(self) -> SamplingParams:
-        if any(not s for s in self.stop):
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
-        return self
+        return stop
 
 
 class ChatMessage(BaseModel):

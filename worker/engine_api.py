@@ -38,7 +38,7 @@ class EngineOutput:
 @dataclass
 class BatchStats:
     size: int
-    real_tokens: int  # prompt + generated tokens actually needed
+    real_tokens: int  # token positions the model had to compute: prompts + fed-back tokens
     padded_tokens: int  # token slots computed, padding included
     duration_s: float
     extra: dict[str, float] = field(default_factory=dict)
