@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from api_client.schema import SamplingParams
 from worker.engine_api import BatchStats, EngineOutput, EngineRequest, FinishReason
 from worker.sampling import find_stop, make_generator, sample_next
 
@@ -55,6 +56,12 @@ class PaddedEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny batch, so kernel set-up (seconds on CPU) is not charged to the first jobs."""
+        warm = EngineRequest("warm-up", [self.pad_id] * 16, SamplingParams(max_tokens=2))
+        self.generate([warm, warm])
 
     def encode(self, prompt: str | None, messages: list[dict] | None) -> list[int]:
         if messages is not None:
