@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -73,6 +74,10 @@ def _wait_for(repo: Repository, ids: list[uuid.UUID], timeout: float = 120.0) ->
             return views
         time.sleep(0.1)
     raise AssertionError(f"jobs not finished: {repo.statuses(ids)}")
+
+
+def _letters_since(repo: Repository, since: datetime) -> list[dict]:
+    return [d for d in repo.dead_letters() if d["received_at"] >= since]
 
 
 def _producer(settings) -> Celery:
@@ -157,7 +162,7 @@ def test_raw_send_task_with_documented_kwargs(service_settings, worker_app) -> N
 
 def test_bad_input_fails_clearly_and_worker_keeps_serving(service_settings, worker_app) -> None:
     producer, repo = _producer(service_settings), Repository(service_settings.database_url)
-    q = service_settings.queue
+    q, started = service_settings.queue, datetime.now(UTC)
     unknown, oversized, invalid, good = (uuid.uuid4() for _ in range(4))
     producer.send_task(
         "inferq.generate",
@@ -182,9 +187,10 @@ def test_bad_input_fails_clearly_and_worker_keeps_serving(service_settings, work
     assert views[oversized].status == "failed" and "the limit is 2048" in views[oversized].error
     assert views[good].status == "done"
     deadline = time.monotonic() + 20
-    while len(letters := repo.dead_letters()) < 3 and time.monotonic() < deadline:
+    while len(letters := _letters_since(repo, started)) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
     reasons = {d["reason"]: d for d in letters}
+    assert len(reasons) == len(letters) == 3
     assert reasons["invalid job message"]["job_id"] == invalid
     assert "max_tokens" in reasons["invalid job message"]["error"]
     assert "pickle" in reasons["non-JSON message refused"]["error"]
