@@ -9,15 +9,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = [
-    "BatchPolicy",
-    "PendingJob",
-    "batch_cost",
-    "effective_class",
-    "form_batches",
-    "next_batch",
-]
-
 
 @dataclass(frozen=True)
 class PendingJob:
