@@ -8,10 +8,22 @@ from scheduler.batching import (
     form_batches,
     next_batch,
 )
+from scheduler.continuous import (
+    ContinuousScheduler,
+    DecodeWork,
+    PrefillWork,
+    SeqState,
+    StepPlan,
+)
 
 __all__ = [
     "BatchPolicy",
+    "ContinuousScheduler",
+    "DecodeWork",
     "PendingJob",
+    "PrefillWork",
+    "SeqState",
+    "StepPlan",
     "batch_cost",
     "effective_class",
     "form_batches",

@@ -71,7 +71,7 @@ def refs(engine) -> list[Ref]:
                 pad_token_id=engine.pad_id,
             )
         new = gen[0, len(ids) :].tolist()
-        cut = next((i for i, t in enumerate(new) if t in engine.eos_ids), None)
+        cut = next((i for i, t in enumerate(new) if t in engine.codec.eos_ids), None)
         tokens = new if cut is None else new[:cut]
         out.append(Ref(ids, case.max_tokens, tokens, cut is not None))
     return out
@@ -161,7 +161,7 @@ def test_finish_reason_length_and_eos(engine, refs) -> None:
     )
     assert outputs[0].finish_reason == "stop"
     assert outputs[0].token_ids == ref.tokens
-    assert not set(outputs[0].token_ids) & engine.eos_ids
+    assert not set(outputs[0].token_ids) & engine.codec.eos_ids
     assert outputs[1].finish_reason == "length"
     assert outputs[1].token_ids == ref.tokens[:short]
 

@@ -1,0 +1,126 @@
+"""The paged engine against HF `generate` on the same fp32 weights: greedy tokens identical
+for 50 varied prompts, with and without prefix-cache hits, in several batch compositions."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from api_client.schema import SamplingParams
+from worker.engine_api import EngineRequest
+from worker.paged_engine import EngineConfig, PagedEngine
+
+pytestmark = pytest.mark.model
+MAX_TOKENS = 10
+SYSTEMS = [
+    "You are a helpful assistant who answers questions about geography, science and history "
+    "with care and precision, always double-checking facts before answering.",
+    "You are a terse assistant. Reply in as few words as possible, without any preamble.",
+    "You are a friendly teacher for children aged eight to ten. Explain things simply and use "
+    "short sentences and everyday examples that a child would know from home or school.",
+]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Why is the sky blue?",
+    "Name a prime number above 10.",
+    "Write a haiku about rain.",
+    "What is 7 times 8?",
+    "Who painted the Mona Lisa?",
+    "How many legs does a spider have?",
+    "What is water made of?",
+    "Name a famous river.",
+    "What do bees make?",
+    "Explain gravity.",
+    "What is the largest ocean?",
+    "Give me a word that rhymes with cat.",
+    "What color are bananas?",
+    "How many days are in a leap year?",
+    "What is the opposite of hot?",
+]
+
+
+def _prompts(engine: PagedEngine) -> list[list[int]]:
+    """50 prompts: 3 system prompts x 16 questions (shared prefixes), plus 2 raw ones."""
+    chats = [
+        engine.encode(None, [{"role": "system", "content": s}, {"role": "user", "content": q}])
+        for s in SYSTEMS
+        for q in QUESTIONS
+    ]
+    raws = [
+        engine.encode("Once upon a time", None),
+        engine.encode("The three most important inventions in history are", None),
+    ]
+    return chats + raws
+
+
+@pytest.fixture(scope="module")
+def paged(model_path: str) -> PagedEngine:
+    return PagedEngine(model_path, "smollm2", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def references(paged: PagedEngine, model_path: str) -> list[list[int]]:
+    """HF `generate` on the same weights, one prompt at a time (no padding), greedy."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    refs = []
+    for ids in _prompts(paged):
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+        )[0, len(ids) :].tolist()
+        cut = next((i for i, t in enumerate(out) if t in paged.codec.eos_ids), len(out))
+        refs.append(out[:cut])
+    return refs
+
+
+def _requests(prompts: list[list[int]], tag: str, tenant: str = "t") -> list[EngineRequest]:
+    greedy = SamplingParams(max_tokens=MAX_TOKENS)
+    return [EngineRequest(f"{tag}-{i}", p, greedy, tenant) for i, p in enumerate(prompts)]
+
+
+def test_fifty_prompts_cold_then_warm_cache(paged, references) -> None:
+    prompts = _prompts(paged)
+    assert len(prompts) == 50
+    cold, stats = paged.generate(_requests(prompts, "cold"))
+    assert [o.token_ids for o in cold] == references
+    assert stats.extra["cached_tokens"] > 0  # later jobs of each system prompt hit its blocks
+    warm, _ = paged.generate(_requests(prompts, "warm"))  # a later batch: prefixes cached
+    assert [o.token_ids for o in warm] == references
+    assert all(o.cached_tokens >= 16 for o in warm[:48])
+    assert paged.kv.stats().num_used == 0  # every block released once all jobs finished
+
+
+def test_shuffled_small_batches_and_other_tenant(paged, references) -> None:
+    order = list(range(50))
+    random.Random(7).shuffle(order)
+    prompts = _prompts(paged)
+    for start in range(0, 50, 7):
+        chunk = order[start : start + 7]
+        outs, _ = paged.generate(_requests([prompts[i] for i in chunk], f"mix{start}", "other"))
+        assert [o.token_ids for o in outs] == [references[i] for i in chunk]
+
+
+def test_tenants_never_share_blocks(paged) -> None:
+    prompt = _prompts(paged)[0]
+    paged.generate(_requests([prompt], "a1", tenant="alice"))
+    (again,), _ = paged.generate(_requests([prompt], "a2", tenant="alice"))
+    (other,), _ = paged.generate(_requests([prompt], "b1", tenant="bob-new"))
+    assert again.cached_tokens > 0 and other.cached_tokens == 0
+
+
+def test_preemption_under_a_tiny_cache_keeps_outputs_exact(model_path, references) -> None:
+    small = PagedEngine(
+        model_path,
+        "smollm2",
+        device="cpu",
+        dtype="float32",
+        config=EngineConfig(kv_cache_tokens=16 * 24, max_num_seqs=8),
+    )
+    prompts = _prompts(small)[:12]
+    outs, _ = small.generate(_requests(prompts, "tiny"))
+    assert [o.token_ids for o in outs] == references[:12]
+    assert small.kv.stats().num_used == 0

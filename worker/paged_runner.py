@@ -1,0 +1,114 @@
+"""The model runner: owns the model and the paged KV tensors, runs one packed forward per step.
+
+Prefills (each the uncached suffix of a prompt) and decodes (one token per running sequence)
+go into a single packed row; logits come back for each sequence's last token only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from worker.paged_attention import ATTN_IMPLEMENTATION, PagedKV, Segment, StepLayout
+
+
+@dataclass(frozen=True)
+class PrefillInput:
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+
+
+@dataclass(frozen=True)
+class DecodeInput:
+    token_id: int
+    pos: int
+    block_table: list[int]
+
+
+def kv_bytes_per_token(config) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+
+
+class PagedRunner:
+    """Loads a transformers causal LM with paged attention and a block-laid KV cache."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int,
+    ):
+        hf_logging.disable_progress_bar()
+        self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+        ).to(device)
+        self.model.eval()
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv = PagedKV.allocate(
+            cfg.num_hidden_layers,
+            num_blocks,
+            block_size,
+            cfg.num_key_value_heads,
+            head_dim,
+            dtype,
+            device,
+        )
+        self._offsets = torch.arange(block_size, device=device)
+
+    def _slots(self, block_table: list[int], count: int) -> torch.Tensor:
+        """Flat cache slots of positions [0, count) for a sequence's block table."""
+        table = torch.tensor(block_table, device=self.device)
+        return (table[:, None] * self.block_size + self._offsets).flatten()[:count]
+
+    @torch.inference_mode()
+    def forward(self, prefills: list[PrefillInput], decodes: list[DecodeInput]) -> torch.Tensor:
+        """Logits [len(prefills) + len(decodes), vocab] at each sequence's last new token."""
+        ids: list[int] = []
+        positions: list[int] = []
+        write: list[torch.Tensor] = []
+        segments: list[Segment] = []
+        last: list[int] = []
+        for p in prefills:
+            end = p.start_pos + len(p.token_ids)
+            slots = self._slots(p.block_table, end)
+            segments.append(Segment(len(ids), len(p.token_ids), slots))
+            write.append(slots[p.start_pos :])
+            ids += p.token_ids
+            positions += range(p.start_pos, end)
+            last.append(len(ids) - 1)
+        decode_start = len(ids)
+        decode_slots = decode_mask = None
+        if decodes:
+            width = max(d.pos + 1 for d in decodes)
+            decode_slots = torch.zeros((len(decodes), width), dtype=torch.long, device=self.device)
+            lengths = torch.tensor([d.pos + 1 for d in decodes], device=self.device)
+            for row, d in enumerate(decodes):
+                slots = self._slots(d.block_table, d.pos + 1)
+                decode_slots[row, : d.pos + 1] = slots
+                write.append(slots[-1:])
+                ids.append(d.token_id)
+                positions.append(d.pos)
+                last.append(len(ids) - 1)
+            keys = torch.arange(width, device=self.device)
+            decode_mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
+        layout = StepLayout(
+            self.kv, torch.cat(write), segments, decode_start, decode_slots, decode_mask
+        )
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            position_ids=torch.tensor([positions], device=self.device),
+            use_cache=False,
+            logits_to_keep=torch.tensor(last, device=self.device),
+            inferq_step=layout,
+        )
+        return out.logits[0]
