@@ -7,6 +7,7 @@ under `INFERQ_HOME`, so a single machine runs the whole path with no servers.
 from __future__ import annotations
 
 import os
+import secrets
 from functools import cached_property
 from pathlib import Path
 
@@ -51,6 +52,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="deliveries before a job is failed")
     visibility_timeout_s: int = Field(
         1800, ge=1, description="redelivery after a worker dies; must exceed wait + run"
+    )
+    engine: str = Field("paged", pattern="^(paged|padded)$", description="paged | padded")
+    kv_cache_tokens: int = Field(32768, ge=256, description="paged KV capacity in tokens")
+    max_num_seqs: int = Field(64, ge=1, description="sequences decoding at once (paged)")
+    max_step_tokens: int = Field(2048, ge=16, description="tokens computed per step (paged)")
+    prefix_cache: bool = True
+    cache_secret: str = Field(
+        default_factory=lambda: secrets.token_hex(16),
+        description="keys per-tenant prefix-cache salts; random per process when unset",
     )
     concurrency: int | None = Field(None, description="worker threads; default 2x batch size")
     worker_name: str | None = None

@@ -123,6 +123,23 @@ def engine(model_path: str):
     return PaddedEngine(model_path, DEFAULT_MODEL, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def paged_engine(model_path: str):
+    """The real model in the paged, prefix-cached engine (fp32, CPU), loaded once."""
+    from inferq.settings import DEFAULT_MODEL
+    from worker.paged_engine import PagedEngine
+
+    engine = PagedEngine(model_path, DEFAULT_MODEL, device="cpu", dtype="float32")
+    engine.warm_up()
+    return engine
+
+
+@pytest.fixture(params=["padded", "paged"])
+def any_engine(request: pytest.FixtureRequest):
+    """Each engine in turn."""
+    return request.getfixturevalue("engine" if request.param == "padded" else "paged_engine")
+
+
 @pytest.fixture
 def service_settings(tmp_path: Path, pg_url: str, redis_url: str):
     """Worker/client settings on the real Redis and PostgreSQL, a fresh queue per test."""

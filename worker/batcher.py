@@ -153,28 +153,46 @@ class Batcher:
                     if not it.future.done():
                         it.future.set_exception(exc)
 
-    def run_batch(self, items: list[WorkItem]) -> None:
-        """Record the start, run the engine (isolating crashing jobs), write results in bulk."""
-        batch_id = uuid.uuid4()
-        log = self.log.bind(batch_id=str(batch_id))
-        started_at = datetime.now(UTC)
+    def open_batch(self, items: list[WorkItem]) -> tuple[uuid.UUID, datetime, list[WorkItem]]:
+        """Record a batch's start; settle at once the items that must not run (already final,
+        cancelled, or out of attempts) and return the runnable rest."""
+        batch_id, started_at = uuid.uuid4(), datetime.now(UTC)
+        ids = [it.job_id for it in items]
         states = self.repo.start_batch(
-            batch_id, self.worker, self.engine.model_name, [it.job_id for it in items], started_at
+            batch_id, self.worker, self.engine.model_name, ids, started_at
         )
-        runnable, failures, finished = [], {}, {}
+        runnable, failures = [], {}
         for it in items:
             state = states.get(it.job_id)
             if state is None or state.status != "running":
-                finished[it.job_id] = state.status if state else "missing"
+                it.future.set_result(state.status if state else "missing")
             elif state.attempts > self.settings.max_attempts:
                 failures[it.job_id] = (
                     f"gave up after {state.attempts - 1} attempts (a worker died running it)"
                 )
             else:
                 runnable.append(it)
-        ran, errors, stats = self._run_isolated(runnable, log)
-        failures.update(errors)
-        by_id = {it.job_id: it for it in runnable}
+        self.fail(items, failures)
+        return batch_id, started_at, runnable
+
+    def fail(self, items: list[WorkItem], failures: dict[uuid.UUID, str]) -> None:
+        """Record final failures and release the tasks waiting on them."""
+        if not failures:
+            return
+        self.repo.fail_jobs(failures, final=True)
+        for it in items:
+            if it.job_id in failures:
+                it.future.set_result("failed")
+
+    def complete(
+        self,
+        batch_id: uuid.UUID,
+        record: BatchRecord,
+        ran: dict[uuid.UUID, _Ran],
+        items: dict[uuid.UUID, WorkItem],
+        started_at: datetime,
+    ) -> None:
+        """Write results and metrics of finished jobs in bulk, then release their tasks."""
         results = [
             ResultRow(
                 job_id=job_id,
@@ -186,7 +204,16 @@ class Batcher:
             )
             for job_id, r in ran.items()
         ]
-        metrics = [_metrics(j, r, by_id[j].queued_at, started_at) for j, r in ran.items()]
+        metrics = [_metrics(j, r, items[j].queued_at, started_at) for j, r in ran.items()]
+        self.repo.finish_batch(batch_id, record, results, metrics)
+        for job_id in ran:
+            items[job_id].future.set_result("done")
+
+    def run_batch(self, items: list[WorkItem]) -> None:
+        """Record the start, run the engine (isolating crashing jobs), write results in bulk."""
+        batch_id, started_at, runnable = self.open_batch(items)
+        log = self.log.bind(batch_id=str(batch_id))
+        ran, errors, stats = self._run_isolated(runnable, log)
         record = BatchRecord(
             size=len(runnable),
             real_tokens=stats.real_tokens,
@@ -195,21 +222,14 @@ class Batcher:
             duration_s=stats.duration_s,
             stats={"engine_s": stats.duration_s, **stats.extra},
         )
-        self.repo.finish_batch(batch_id, record, results, metrics)
-        if failures:
-            self.repo.fail_jobs(failures, final=True)
-        for job_id in ran:
-            finished[job_id] = "done"
-        for job_id in failures:
-            finished[job_id] = "failed"
-        for it in items:
-            it.future.set_result(finished[it.job_id])
+        self.complete(batch_id, record, ran, {it.job_id: it for it in runnable}, started_at)
+        self.fail(runnable, errors)
         waste = 1 - stats.real_tokens / stats.padded_tokens if stats.padded_tokens else 0.0
         log.info(
             "batch.done",
             size=len(runnable),
             skipped=len(items) - len(runnable),
-            failed=len(failures),
+            failed=len(errors),
             real_tokens=stats.real_tokens,
             padded_tokens=stats.padded_tokens,
             padding_waste=round(waste, 4),

@@ -145,13 +145,18 @@ class PagedEngine:
     def generate(self, requests: list[EngineRequest]) -> tuple[list[EngineOutput], BatchStats]:
         """Run a closed set of requests to completion (outputs in request order)."""
         start, before = time.perf_counter(), self.totals.computed_tokens
-        for r in requests:
-            self.add(r)
         wanted = {r.seq_id for r in requests}
         results: dict[str, EngineOutput] = {}
-        while wanted - results.keys():
-            for out in self.step():
-                results[out.seq_id] = out
+        try:
+            for r in requests:
+                self.add(r)
+            while wanted - results.keys():
+                for out in self.step():
+                    results[out.seq_id] = out
+        except BaseException:
+            for seq_id in wanted - results.keys():
+                self.abort(seq_id)
+            raise
         computed = self.totals.computed_tokens - before
         cached = sum(results[r.seq_id].cached_tokens for r in requests)
         stats = BatchStats(

@@ -23,6 +23,7 @@ from storage.records import NewJob
 from storage.repository import Repository
 from worker.batcher import Batcher, WorkItem
 from worker.engine_api import Engine
+from worker.stream_batcher import StreamingBatcher
 
 log = get_logger("inferq.worker")
 TERMINAL = frozenset({"done", "failed", "cancelled"})
@@ -32,9 +33,22 @@ def load_engine(settings: Settings) -> Engine:
     """Prepare (cached) and load the configured model once."""
     from worker.model_prep import resolve_model
     from worker.padded_engine import PaddedEngine
+    from worker.paged_engine import EngineConfig, PagedEngine
 
     path = resolve_model(settings)
-    return PaddedEngine(path, settings.model, device=settings.device, dtype=settings.dtype)
+    if settings.engine == "padded":
+        return PaddedEngine(path, settings.model, device=settings.device, dtype=settings.dtype)
+    config = EngineConfig(
+        kv_cache_tokens=settings.kv_cache_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        max_step_tokens=settings.max_step_tokens,
+        aging_s=settings.aging_s,
+        prefix_cache=settings.prefix_cache,
+        cache_secret=settings.cache_secret,
+    )
+    engine = PagedEngine(path, settings.model, settings.device, settings.dtype, config)
+    engine.warm_up()
+    return engine
 
 
 class WorkerRuntime:
@@ -46,7 +60,9 @@ class WorkerRuntime:
         self.repo = repo or Repository(settings.resolved_database_url)
         self.engine = engine or load_engine(settings)
         self.max_context = getattr(self.engine, "max_context", 2048)
-        self.batcher = Batcher(self.engine, self.repo, settings, self.worker)
+        streaming = hasattr(self.engine, "step")
+        batcher_cls = StreamingBatcher if streaming else Batcher
+        self.batcher = batcher_cls(self.engine, self.repo, settings, self.worker)
         self.batcher.start()
         log.info("worker.ready", worker=self.worker, model=self.engine.model_name)
 

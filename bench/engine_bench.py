@@ -1,0 +1,306 @@
+"""Throughput/latency benchmark: HF `generate` baselines vs the paged engine, one workload.
+
+Usage: .venv/bin/python bench/engine_bench.py [--jobs 256] [--baseline-jobs 48] [--seed 0]
+       [--max-num-seqs 128] [--max-new 128] [--out bench/out]
+Workload (seeded): `--jobs` chat jobs over 4 system prompts of 200-400 tokens, user parts of
+10-120 tokens, max_tokens uniform in [16, --max-new], greedy, shuffled into arrival order. All
+of a row's jobs arrive at its t=0. The slow HF baselines run only the first `--baseline-jobs`.
+- hf-one-at-a-time: `model.generate` (fp32, sdpa, greedy) per job. A streamer timestamps each
+  decoding step, so TTFT = the job's generate start + the time its first token came out (the
+  real prefill + first sample of that same run, no extra 1-token run); latency = its return.
+- hf-static-16: FIFO batches of 16, tokenizer left padding + `attention_mask`, `max_new_tokens`
+  = the batch's largest plus a per-row stopping criterion at each job's own max_tokens (HF keeps
+  computing finished rows). TTFT = batch start + first streamed step; latency = batch end (HF
+  returns the batch at once). Computed positions = rows x (padded width + decode steps - 1).
+- engine rows: `PagedEngine.generate(all jobs)`; TTFT/latency from each output's timings;
+  computed positions = the engine's own counter (recompute after preemption included).
+- needed positions = prompt + fed-back generated tokens - prefix-cache hits; waste = 1 -
+  needed / computed (padding for HF static; 0 for packed batches unless recompute).
+- prefix hit = cached tokens / shareable; shareable = sum over jobs of the templated system
+  block length, minus one job's per system prompt (it must compute it). Hits are block-granular
+  and may run past the system block, so this can slightly exceed 100%.
+- share of peak = 2 x non-embedding params x computed positions / wall / fp32 torch.mm
+  2048x2048 peak (best of 5, this run, this device). Attention scores and the LM head are not
+  counted: a lower bound.
+Correctness guard: both engine rows' greedy tokens must equal hf-one-at-a-time's on the
+baseline subset (asserted after the table is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.utils import logging as hf_logging
+
+from api_client.schema import SamplingParams
+from inferq.settings import get_settings
+from worker.decoding import TextCodec
+from worker.engine_api import EngineRequest
+from worker.model_prep import resolve_model
+from worker.paged_engine import EngineConfig, PagedEngine
+
+TEXT = """The river flooded the lower town twice last spring. Our quarterly revenue grew by eight
+percent, driven mostly by new subscriptions. Please answer in plain language and avoid jargon.
+The museum reopens on Tuesday after a long renovation of its east wing. Photosynthesis turns
+light, water and carbon dioxide into sugar and oxygen. Customers may return unopened items
+within thirty days of purchase. The recipe calls for two cups of flour and a pinch of salt.
+Always cite the document section you relied on. Trains to the airport leave every fifteen
+minutes from platform four. The committee postponed its vote until the budget figures are
+final. Keep answers short unless the user asks for detail. The bridge was designed to flex
+slightly in strong winds. Our support desk is open from nine to five on weekdays. Saturn has
+more known moons than any other planet. Do not reveal internal account numbers to anyone. The
+library lends laptops for up to two weeks. Volcanic soil is often very fertile. Shipping is
+free on orders above fifty dollars. If you are unsure, say so instead of guessing. Invoices
+are due within forty-five days of issue. Passwords must be at least twelve characters long.
+The glacier has retreated nearly a kilometre since records began."""
+QUESTIONS = """What time does the support desk open? How long can I borrow a laptop? Why did the
+committee postpone the vote? Can you summarise the return policy? Which platform do airport
+trains leave from? How much flour does the recipe need? Is shipping free on my order of forty
+dollars? How far has the glacier retreated? Why is volcanic soil fertile?"""
+SENTENCES = re.split(r"(?<=[.?!])\s+", " ".join(TEXT.split()))
+ASKS = re.split(r"(?<=[.?!])\s+", " ".join(QUESTIONS.split()))
+PERSONAS = ["a careful librarian", "a billing clerk", "a travel desk agent", "a science tutor"]
+BATCH = 16
+HEAD = (
+    "row|jobs measured|out tok|wall s|out tok/s|p50 lat s|p95 lat s|p50 TTFT s|p95 TTFT s|"
+    "computed/needed pos|waste|prefix hit|engine hit/queried|share of peak"
+)
+
+
+@dataclass
+class Job:
+    seq_id: str
+    system: int
+    prompt_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class Row:
+    name: str
+    jobs: int
+    wall_s: float = 0.0
+    computed: int = 0  # token positions the model computed (padding, recompute included)
+    needed: int = 0  # positions the jobs needed: prompt + fed-back tokens - prefix-cache hits
+    hit: float | None = None  # prefix-cache hit tokens / shareable prefix tokens
+    engine_hit: str = "-"
+    latency: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, seq_id: str, tokens: list[int], latency: float, ttft: float) -> None:
+        self.outputs[seq_id] = list(tokens)
+        self.latency.append(latency)
+        self.ttft.append(ttft)
+
+
+def build_workload(
+    tok, codec: TextCodec, n: int, seed: int, max_new: int
+) -> tuple[list[Job], list[int]]:
+    """Seeded jobs in arrival order, and each system prompt's templated block length."""
+    rng = random.Random(seed)
+
+    def fill(text: str, pool: list[str], target: int) -> str:
+        while len(tok(text)["input_ids"]) < target:
+            text = f"{text} {rng.choice(pool)}".strip()
+        return text
+
+    head = "You are {}, assistant #{} of the Harbor Co-op."
+    systems = [
+        fill(head.format(p, k), SENTENCES, rng.randint(200, 400)) for k, p in enumerate(PERSONAS)
+    ]
+    jobs = []
+    for _ in range(n):
+        k = rng.randrange(len(systems))
+        user = fill("", SENTENCES + ASKS, rng.randint(10, 120))
+        msgs = [{"role": "system", "content": systems[k]}, {"role": "user", "content": user}]
+        jobs.append(Job("", k, codec.encode(None, msgs), rng.randint(min(16, max_new), max_new)))
+    rng.shuffle(jobs)
+    blocks = [tok.apply_chat_template([{"role": "system", "content": s}]) for s in systems]
+    blocks = [list(b["input_ids"]) for b in blocks]
+    for i, job in enumerate(jobs):
+        job.seq_id, block = f"job-{i:04d}", blocks[job.system]
+        assert job.prompt_ids[: len(block)] == block, "system block is not a prompt prefix"
+    return jobs, [len(b) for b in blocks]
+
+
+class RowMaxTokens(StoppingCriteria):
+    """Per-row max_tokens inside one HF batch; also timestamps every decoding step (HF calls
+    stopping criteria right after each step's tokens are sampled)."""
+
+    def __init__(self, width: int, batch: list[Job]):
+        self.width, self.limits = width, torch.tensor([j.max_tokens for j in batch])
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs: object) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return (input_ids.shape[1] - self.width) >= self.limits.to(input_ids.device)
+
+
+@torch.inference_mode()
+def hf_row(name: str, model, tok, codec: TextCodec, jobs: list[Job], size: int) -> Row:
+    """HF `generate` over FIFO batches of `size` (1: one job at a time), left-padded."""
+    row, start = Row(name, len(jobs)), time.perf_counter()
+    for b in range(0, len(jobs), size):
+        batch = jobs[b : b + size]
+        enc = tok.pad({"input_ids": [j.prompt_ids for j in batch]}, return_tensors="pt")
+        width = enc["input_ids"].shape[1]
+        clock = RowMaxTokens(width, batch)
+        out = model.generate(
+            **{k: v.to(model.device) for k, v in enc.items()},
+            max_new_tokens=max(j.max_tokens for j in batch),
+            do_sample=False,
+            eos_token_id=sorted(codec.eos_ids),
+            pad_token_id=codec.pad_id,
+            stopping_criteria=StoppingCriteriaList([clock]),
+        ).tolist()
+        end = time.perf_counter()
+        row.computed += len(batch) * (len(out[0]) - 1)  # padded width + decode steps - 1
+        for gen, job in zip(out, batch, strict=True):
+            new = gen[width:]
+            cut = next((i for i, t in enumerate(new) if t in codec.eos_ids), len(new))
+            row.needed += len(job.prompt_ids) + min(cut + 1, job.max_tokens) - 1
+            toks = new[: min(cut, job.max_tokens)]
+            row.add(job.seq_id, toks, end - start, clock.times[0] - start)
+    row.wall_s = time.perf_counter() - start
+    return row
+
+
+def engine_row(
+    name: str, path: str, device: str, jobs: list[Job], cfg: EngineConfig, shareable: int
+) -> Row:
+    engine = PagedEngine(path, "bench", device=device, dtype="float32", config=cfg)
+    engine.warm_up()
+    reqs = [
+        EngineRequest(j.seq_id, j.prompt_ids, SamplingParams(max_tokens=j.max_tokens), "tenant-a")
+        for j in jobs
+    ]
+    s0, c0 = engine.kv.stats(), engine.totals.computed_tokens
+    start = time.perf_counter()
+    outs, _ = engine.generate(reqs)
+    wall = time.perf_counter() - start
+    s1 = engine.kv.stats()
+    cached = sum(o.cached_tokens for o in outs)
+    hits, queried = s1.hit_tokens - s0.hit_tokens, s1.queried_tokens - s0.queried_tokens
+    row = Row(name, len(jobs), wall, engine.totals.computed_tokens - c0, -cached)
+    row.hit = cached / shareable if shareable else None
+    row.engine_hit = f"{hits}/{queried} = {hits / max(queried, 1):.1%}"
+    for j, o in zip(jobs, outs, strict=True):
+        # generated tokens incl. eos, minus the last one (never fed back)
+        row.needed += len(j.prompt_ids) + len(o.token_ids) + (o.finish_reason == "stop") - 1
+        row.add(o.seq_id, o.token_ids, o.first_token_s + o.decode_s, o.first_token_s)
+    del engine
+    gc.collect()
+    return row
+
+
+def matmul_peak_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    best = float("inf")
+    for _ in range(reps + 1):  # the first rep also warms up
+        sync()
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag, default in [("jobs", 256), ("baseline-jobs", 48), ("seed", 0), ("max-num-seqs", 128),
+                          ("max-new", 128)]:  # fmt: skip
+        ap.add_argument(f"--{flag}", type=int, default=default)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = ap.parse_args()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    device = torch.device(args.device)
+    path = str(resolve_model(get_settings()))
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa"
+    ).to(device)
+    model.eval()
+    codec = TextCodec(tok, model.generation_config)
+    if tok.pad_token_id is None:
+        tok.pad_token_id = codec.pad_id
+    jobs, sys_lens = build_workload(tok, codec, args.jobs, args.seed, args.max_new)
+    base = jobs[: args.baseline_jobs]
+    counts = [sum(j.system == k for j in jobs) for k in range(len(sys_lens))]
+    shareable = sum((c - 1) * n for c, n in zip(counts, sys_lens, strict=True) if c)
+    embeds = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in embeds)
+    peak = matmul_peak_gflops(device)
+    lens = sorted(len(j.prompt_ids) for j in jobs)
+    print(f"{len(jobs)} jobs; system blocks {sys_lens}; prompts {lens[0]}-{lens[-1]} tokens")
+
+    hf_row("warm-up", model, tok, codec, base[:2], 2)  # kernel set-up, not charged to rows
+    rows = [hf_row("hf-one-at-a-time", model, tok, codec, base, 1)]
+    rows.append(hf_row(f"hf-static-{BATCH}", model, tok, codec, base, BATCH))
+    del model
+    gc.collect()
+    cfg = EngineConfig(prefix_cache=False, max_num_seqs=args.max_num_seqs)
+    rows.append(engine_row("engine-no-prefix-cache", path, args.device, jobs, cfg, shareable))
+    cfg = EngineConfig(max_num_seqs=args.max_num_seqs)
+    rows.append(engine_row("engine-prefix-cache", path, args.device, jobs, cfg, shareable))
+
+    tps = {r.name: sum(map(len, r.outputs.values())) / r.wall_s for r in rows}
+    lines = ["| " + HEAD.replace("|", " | ") + " |", "|" + "---|" * (HEAD.count("|") + 1)]
+    for r in rows:
+        pct = [f"{np.percentile(v, q):.2f}" for v in (r.latency, r.ttft) for q in (50, 95)]
+        out, share = sum(map(len, r.outputs.values())), 2 * dense * r.computed / r.wall_s / 1e9
+        hit = "-" if r.hit is None else f"{r.hit:.1%}"
+        cells = [r.name, str(r.jobs), str(out), f"{r.wall_s:.1f}", f"{tps[r.name]:.1f}", *pct]
+        cells += [f"{r.computed}/{r.needed}", f"{1 - r.needed / r.computed:.1%}", hit]
+        cells += [r.engine_hit, f"{share / peak:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    best = rows[-1].name
+    lines += [""] + [f"- {best} vs {r.name}: {tps[best] / tps[r.name]:.2f}x" for r in rows[:-1]]
+    checks = [
+        (f"≥4x hf-static-{BATCH}", tps[best] / tps[f"hf-static-{BATCH}"] >= 4),
+        ("≥20x hf-one-at-a-time", tps[best] / tps["hf-one-at-a-time"] >= 20),
+        ("prefix hit rate ≥90%", (rows[-1].hit or 0.0) >= 0.9),
+        ("padding waste ≤5%", 1 - rows[-1].needed / rows[-1].computed <= 0.05),
+    ]
+    lines += [f"- target {t}: {'MET' if ok else 'NOT MET'}" for t, ok in checks]
+    ref = rows[0].outputs
+    bad = {r.name: [s for s, t in ref.items() if r.outputs.get(s) != t] for r in rows[1:]}
+    lines += [f"- greedy tokens equal to hf-one-at-a-time: {n} {len(ref) - len(b)}/{len(ref)}"
+              for n, b in bad.items()]  # fmt: skip
+    lines.append(
+        f"- baselines ran the first {len(base)} of {len(jobs)} jobs (arrival order); FLOPs = 2 x "
+        f"{dense / 1e6:.1f}M non-embedding params x computed positions (no attention, no LM "
+        f"head); fp32 matmul peak {peak:.1f} GFLOP/s on {device}, {torch.get_num_threads()} threads"
+    )
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engine_bench.md").write_text(table + "\n")
+    try:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 4))
+        ax.bar(list(tps), list(tps.values()))
+        ax.set_ylabel("output tokens/s")
+        fig.tight_layout()
+        fig.savefig(args.out / "engine_bench.png")
+    except ImportError:
+        print("matplotlib is not installed in the venv: no plot")
+    for name, wrong in bad.items():  # the correctness guard: a real check, after the report
+        assert not name.startswith("engine") or not wrong, f"{name} != HF greedy on {wrong[:5]}"
+
+
+if __name__ == "__main__":
+    main()
