@@ -1,27 +1,23 @@
-"""Throughput/latency benchmark: HF `generate` baselines vs the paged engine, one workload.
+"""HF `generate` baselines vs the paged engine on one seeded workload: one table, one run.
 
 Usage: .venv/bin/python bench/engine_bench.py [--jobs 256] [--baseline-jobs 48] [--seed 0]
        [--max-num-seqs 128] [--max-new 128] [--out bench/out]
-Workload (seeded): `--jobs` chat jobs over 4 system prompts of 200-400 tokens, user parts of
-10-120 tokens, max_tokens uniform in [16, --max-new], greedy, shuffled into arrival order. All
-of a row's jobs arrive at its t=0. The slow HF baselines run only the first `--baseline-jobs`.
-- hf-one-at-a-time: `model.generate` (fp32, sdpa, greedy) per job. A streamer timestamps each
-  decoding step, so TTFT = the job's generate start + the time its first token came out (the
-  real prefill + first sample of that same run, no extra 1-token run); latency = its return.
-- hf-static-16: FIFO batches of 16, tokenizer left padding + `attention_mask`, `max_new_tokens`
-  = the batch's largest plus a per-row stopping criterion at each job's own max_tokens (HF keeps
-  computing finished rows). TTFT = batch start + first streamed step; latency = batch end (HF
-  returns the batch at once). Computed positions = rows x (padded width + decode steps - 1).
-- engine rows: `PagedEngine.generate(all jobs)`; TTFT/latency from each output's timings;
-  computed positions = the engine's own counter (recompute after preemption included).
-- needed positions = prompt + fed-back generated tokens - prefix-cache hits; waste = 1 -
-  needed / computed (padding for HF static; 0 for packed batches unless recompute).
-- prefix hit = cached tokens / shareable; shareable = sum over jobs of the templated system
-  block length, minus one job's per system prompt (it must compute it). Hits are block-granular
-  and may run past the system block, so this can slightly exceed 100%.
-- share of peak = 2 x non-embedding params x computed positions / wall / fp32 torch.mm
-  2048x2048 peak (best of 5, this run, this device). Attention scores and the LM head are not
-  counted: a lower bound.
+Workload: `--jobs` chat jobs over 4 system prompts of 200-400 tokens, user parts of 10-120
+tokens, max_tokens uniform in [16, --max-new], greedy, shuffled. A row's jobs all arrive at its
+t=0; the slow HF baselines run only the first `--baseline-jobs` of the arrival order.
+- HF rows: `model.generate` (fp32, sdpa, greedy) over FIFO batches (1, or 16 left-padded with
+  `attention_mask`, `max_new_tokens` = the batch's largest, a per-row stopping criterion at each
+  job's max_tokens; HF keeps computing finished rows). The stopping criterion runs right after
+  each step's tokens are sampled and timestamps it, so TTFT = batch start + its first step
+  (that run's own prefill, no extra 1-token run); latency = the batch's return (HF returns the
+  batch at once). Computed positions = rows x (padded width + decode steps - 1).
+- engine rows: `PagedEngine.generate(all jobs)`, timings from each output; computed positions =
+  the engine's own counter (recompute after preemption included).
+- needed = prompt + fed-back generated tokens - prefix-cache hits; waste = 1 - needed/computed.
+- prefix hit = cached tokens / shareable = sum over jobs of the templated system block length,
+  minus one job's per system prompt. Hits are block-granular and may run past the system block.
+- share of peak = 2 x non-embedding params x computed positions / wall / fp32 torch.mm 2048^2
+  peak (best of 5, this run and device); attention scores and LM head not counted (lower bound).
 Correctness guard: both engine rows' greedy tokens must equal hf-one-at-a-time's on the
 baseline subset (asserted after the table is written).
 """
@@ -184,8 +180,7 @@ def engine_row(
         EngineRequest(j.seq_id, j.prompt_ids, SamplingParams(max_tokens=j.max_tokens), "tenant-a")
         for j in jobs
     ]
-    s0, c0 = engine.kv.stats(), engine.totals.computed_tokens
-    start = time.perf_counter()
+    s0, c0, start = engine.kv.stats(), engine.totals.computed_tokens, time.perf_counter()
     outs, _ = engine.generate(reqs)
     wall = time.perf_counter() - start
     s1 = engine.kv.stats()
@@ -195,10 +190,10 @@ def engine_row(
     row.hit = cached / shareable if shareable else None
     row.engine_hit = f"{hits}/{queried} = {hits / max(queried, 1):.1%}"
     for j, o in zip(jobs, outs, strict=True):
-        # generated tokens incl. eos, minus the last one (never fed back)
-        row.needed += len(j.prompt_ids) + len(o.token_ids) + (o.finish_reason == "stop") - 1
+        fed = len(o.token_ids) + (o.finish_reason == "stop") - 1  # incl. eos; last not fed
+        row.needed += len(j.prompt_ids) + fed
         row.add(o.seq_id, o.token_ids, o.first_token_s + o.decode_s, o.first_token_s)
-    del engine
+    del engine, outs
     gc.collect()
     return row
 
@@ -226,13 +221,11 @@ def main() -> None:
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    device = torch.device(args.device)
     path = str(resolve_model(get_settings()))
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="sdpa"
-    ).to(device)
-    model.eval()
+    ).to(args.device)
     codec = TextCodec(tok, model.generation_config)
     if tok.pad_token_id is None:
         tok.pad_token_id = codec.pad_id
@@ -242,7 +235,7 @@ def main() -> None:
     shareable = sum((c - 1) * n for c, n in zip(counts, sys_lens, strict=True) if c)
     embeds = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in embeds)
-    peak = matmul_peak_gflops(device)
+    peak = matmul_peak_gflops(torch.device(args.device))
     lens = sorted(len(j.prompt_ids) for j in jobs)
     print(f"{len(jobs)} jobs; system blocks {sys_lens}; prompts {lens[0]}-{lens[-1]} tokens")
 
@@ -281,8 +274,8 @@ def main() -> None:
               for n, b in bad.items()]  # fmt: skip
     lines.append(
         f"- baselines ran the first {len(base)} of {len(jobs)} jobs (arrival order); FLOPs = 2 x "
-        f"{dense / 1e6:.1f}M non-embedding params x computed positions (no attention, no LM "
-        f"head); fp32 matmul peak {peak:.1f} GFLOP/s on {device}, {torch.get_num_threads()} threads"
+        f"{dense / 1e6:.1f}M non-embedding params x computed positions (no attention/LM head); "
+        f"fp32 matmul peak {peak:.1f} GFLOP/s, {args.device}, {torch.get_num_threads()} threads"
     )
     table = "\n".join(lines)
     print(table)

@@ -119,6 +119,10 @@ class Batcher:
                 self._take(self._inbox.get(timeout=remaining))
             except queue.Empty:
                 break
+        self._drain()
+
+    def _drain(self) -> None:
+        """Take everything already in the inbox, without waiting."""
         while True:
             try:
                 self._take(self._inbox.get_nowait())

@@ -6,7 +6,6 @@ A "batch" row here is an admission group: the jobs that entered the engine toget
 
 from __future__ import annotations
 
-import queue
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,13 +47,6 @@ class StreamingBatcher(Batcher):
         self._groups: dict[uuid.UUID, _Group] = {}
         self._group_of: dict[uuid.UUID, _Group] = {}
         self._entered: dict[uuid.UUID, datetime] = {}
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                self._take(self._inbox.get_nowait())
-            except queue.Empty:
-                return
 
     def _loop(self) -> None:
         while not self._stop.is_set():
