@@ -257,3 +257,39 @@ def test_cancelled_before_start_never_runs(service_settings, engine) -> None:
         assert client.wait(later, timeout=120).status == "done"
     view = client.get(job_id)
     assert view.status == "cancelled" and view.result is None and view.attempts == 0
+
+
+def test_prefix_cache_reuse_across_batches_lands_in_postgres(service_settings, worker_app):
+    client = InferqClient(service_settings)
+    system = {
+        "role": "system",
+        "content": "You are a meticulous assistant for a travel agency. "
+        "Answer questions about cities, countries and landmarks in one short sentence.",
+    }
+
+    def wave(questions: list[str], tenant: str) -> list:
+        ids = client.submit_many(
+            {
+                "messages": [system, {"role": "user", "content": q}],
+                "tenant": tenant,
+                "params": {"max_tokens": 6},
+            }
+            for q in questions
+        )
+        return client.wait_many(ids, timeout=120)
+
+    first = wave(["Where is Rome?"], "acme")
+    later = wave(["Where is Oslo?", "Where is Lima?", "Where is Cairo?"], "acme")
+    stranger = wave(["Where is Rome?"], "globex")
+    assert first[0].status == "done" and first[0].result.cached_tokens == 0
+    assert all(v.status == "done" and v.result.cached_tokens >= 32 for v in later)
+    assert stranger[0].result.cached_tokens == 0  # tenants never share prefix blocks
+    with client.repo.engine.connect() as conn:
+        stats = conn.execute(
+            sa.text(
+                "SELECT b.stats FROM batches b JOIN jobs j ON j.batch_id = b.id WHERE j.id = :j"
+            ),
+            {"j": later[0].id},
+        ).scalar_one()
+    assert stats["cached_tokens"] >= 32 and stats["cache_hit_rate"] > 0
+    assert {"blocks_used", "blocks_free", "blocks_evicted"} <= stats.keys()
