@@ -55,13 +55,23 @@ class Segment:
 
 
 @dataclass
+class DecodeGroup:
+    """Decoding sequences that share their first `prefix` blocks (a cached system prompt):
+    the shared keys are read once for the group, each sequence gathers only its own suffix."""
+
+    start: int  # the group's tokens are [start, start + count) of the packed row
+    count: int
+    prefix_slots: torch.Tensor | None  # [P] slots shared by every sequence of the group
+    suffix_slots: torch.Tensor  # [count, S] each sequence's remaining slots (padded)
+    suffix_mask: torch.Tensor  # [count, S] True where a suffix key is real
+
+
+@dataclass
 class StepLayout:
     kv: PagedKV
     write_slots: torch.Tensor  # [T] where each new token's K/V goes
     prefills: list[Segment]
-    decode_start: int  # decode tokens occupy [decode_start, T) of the packed row
-    decode_slots: torch.Tensor | None  # [D, max_context] slots (padding repeats slot 0)
-    decode_mask: torch.Tensor | None  # [D, 1, 1, max_context] True where a key is real
+    decodes: list[DecodeGroup]
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -96,14 +106,38 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             scale=scaling,
             enable_gqa=True,
         )
-    if step.decode_slots is not None:
-        keys, values = _gather(k_cache, step.decode_slots), _gather(v_cache, step.decode_slots)
-        dq = q[:, step.decode_start :].transpose(0, 1)[:, :, None]  # [D, heads, 1, d]
-        dec = F.scaled_dot_product_attention(
-            dq, keys, values, attn_mask=step.decode_mask, scale=scaling, enable_gqa=True
-        )
-        out[:, step.decode_start :] = dec[:, :, 0].transpose(0, 1)
+    for group in step.decodes:
+        rows = slice(group.start, group.start + group.count)
+        out[:, rows] = _decode_group(
+            q[:, rows].transpose(0, 1), k_cache, v_cache, group, scaling or q.shape[-1] ** -0.5
+        ).transpose(0, 1)
     return out.transpose(0, 1)[None], None
+
+
+def _decode_group(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float
+) -> torch.Tensor:
+    """One query token per sequence, q [n, heads, d]: softmax over shared-prefix and
+    own-suffix keys together, the prefix scored with one matmul for the whole group."""
+    n, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    qg = q.reshape(n, kv_heads, heads // kv_heads, dim)  # query heads grouped per kv head
+    ks = k_cache[group.suffix_slots].permute(0, 2, 3, 1)  # [n, kv, d, S]
+    vs = v_cache[group.suffix_slots].transpose(1, 2)  # [n, kv, S, d]
+    scores = torch.matmul(qg, ks) * scale  # [n, kv, g, S]
+    scores = scores.masked_fill(~group.suffix_mask[:, None, None, :], float("-inf"))
+    if group.prefix_slots is None:
+        return torch.matmul(scores.softmax(-1), vs).reshape(n, heads, dim)
+    kp = k_cache[group.prefix_slots].permute(1, 2, 0)  # [kv, d, P]
+    vp = v_cache[group.prefix_slots].transpose(0, 1)  # [kv, P, d]
+    prefix = kp.shape[-1]
+    flat = qg.transpose(0, 1).reshape(kv_heads, -1, dim)  # [kv, n*g, d]
+    shared = (torch.bmm(flat, kp) * scale).view(kv_heads, n, -1, prefix).transpose(0, 1)
+    probs = torch.cat([shared, scores], dim=-1).softmax(-1)
+    out = torch.matmul(probs[..., prefix:], vs)  # [n, kv, g, d]
+    pp = probs[..., :prefix].transpose(0, 1).reshape(kv_heads, -1, prefix)
+    out += torch.bmm(pp, vp).view(kv_heads, n, -1, dim).transpose(0, 1)
+    return out.reshape(n, heads, dim)
 
 
 def _no_mask(*args, **kwargs) -> None:

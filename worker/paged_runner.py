@@ -12,7 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from worker.paged_attention import ATTN_IMPLEMENTATION, PagedKV, Segment, StepLayout
+from worker.paged_attention import (
+    ATTN_IMPLEMENTATION,
+    DecodeGroup,
+    PagedKV,
+    Segment,
+    StepLayout,
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,25 @@ class PagedRunner:
         table = torch.tensor(block_table, device=self.device)
         return (table[:, None] * self.block_size + self._offsets).flatten()[:count]
 
+    def _decode_group(self, start: int, members: list[DecodeInput]) -> DecodeGroup:
+        """Slots for decoding sequences that begin with the same block: the full blocks all of
+        them share are the group's prefix; the rest are each sequence's own suffix."""
+        bs = self.block_size
+        shared = min(len(d.block_table) for d in members)
+        for d in members:
+            while d.block_table[:shared] != members[0].block_table[:shared]:
+                shared -= 1
+            shared = min(shared, (d.pos + 1) // bs)  # only blocks full for every member
+        prefix = shared * bs
+        lengths = [d.pos + 1 - prefix for d in members]
+        suffix = torch.zeros((len(members), max(lengths)), dtype=torch.long, device=self.device)
+        for row, d in enumerate(members):
+            suffix[row, : lengths[row]] = self._slots(d.block_table, d.pos + 1)[prefix:]
+        keys = torch.arange(suffix.shape[1], device=self.device)
+        mask = keys[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+        prefix_slots = self._slots(members[0].block_table, prefix) if prefix else None
+        return DecodeGroup(start, len(members), prefix_slots, suffix, mask)
+
     @torch.inference_mode()
     def forward(self, prefills: list[PrefillInput], decodes: list[DecodeInput]) -> torch.Tensor:
         """Logits [len(prefills) + len(decodes), vocab] at each sequence's last new token."""
@@ -86,24 +111,20 @@ class PagedRunner:
             ids += p.token_ids
             positions += range(p.start_pos, end)
             last.append(len(ids) - 1)
-        decode_start = len(ids)
-        decode_slots = decode_mask = None
-        if decodes:
-            width = max(d.pos + 1 for d in decodes)
-            decode_slots = torch.zeros((len(decodes), width), dtype=torch.long, device=self.device)
-            lengths = torch.tensor([d.pos + 1 for d in decodes], device=self.device)
-            for row, d in enumerate(decodes):
-                slots = self._slots(d.block_table, d.pos + 1)
-                decode_slots[row, : d.pos + 1] = slots
-                write.append(slots[-1:])
+        groups: dict[int, list[int]] = {}
+        for i, d in enumerate(decodes):
+            groups.setdefault(d.block_table[0], []).append(i)
+        decode_groups, decode_last = [], [0] * len(decodes)
+        for members in groups.values():
+            decode_groups.append(self._decode_group(len(ids), [decodes[i] for i in members]))
+            for i in members:
+                d = decodes[i]
+                write.append(self._slots(d.block_table, d.pos + 1)[-1:])
                 ids.append(d.token_id)
                 positions.append(d.pos)
-                last.append(len(ids) - 1)
-            keys = torch.arange(width, device=self.device)
-            decode_mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
-        layout = StepLayout(
-            self.kv, torch.cat(write), segments, decode_start, decode_slots, decode_mask
-        )
+                decode_last[i] = len(ids) - 1
+        last += decode_last
+        layout = StepLayout(self.kv, torch.cat(write), segments, decode_groups)
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),
