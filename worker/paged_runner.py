@@ -76,16 +76,33 @@ class PagedRunner:
         table = torch.tensor(block_table, device=self.device)
         return (table[:, None] * self.block_size + self._offsets).flatten()[:count]
 
-    def _decode_group(self, start: int, members: list[DecodeInput]) -> DecodeGroup:
-        """Slots for decoding sequences that begin with the same block: the full blocks all of
-        them share are the group's prefix; the rest are each sequence's own suffix."""
-        bs = self.block_size
+    def _shared_blocks(self, members: list[DecodeInput]) -> int:
+        """Leading blocks common to every member's table and full for each of them."""
         shared = min(len(d.block_table) for d in members)
         for d in members:
             while d.block_table[:shared] != members[0].block_table[:shared]:
                 shared -= 1
-            shared = min(shared, (d.pos + 1) // bs)  # only blocks full for every member
-        prefix = shared * bs
+            shared = min(shared, (d.pos + 1) // self.block_size)
+        return shared
+
+    def _group_decodes(self, decodes: list[DecodeInput]) -> list[tuple[list[int], int]]:
+        """Indices of decodes grouped by a shared prefix (with its length in blocks); those
+        sharing nothing form one group without a prefix."""
+        by_first: dict[int, list[int]] = {}
+        for i, d in enumerate(decodes):
+            by_first.setdefault(d.block_table[0], []).append(i)
+        grouped, loose = [], []
+        for members in by_first.values():
+            shared = self._shared_blocks([decodes[i] for i in members]) if len(members) > 1 else 0
+            if shared:
+                grouped.append((members, shared))
+            else:
+                loose += members
+        return grouped + ([(loose, 0)] if loose else [])
+
+    def _decode_group(self, start: int, members: list[DecodeInput], shared: int) -> DecodeGroup:
+        """Slots of a decode group: the shared prefix once, each member's own suffix padded."""
+        prefix = shared * self.block_size
         lengths = [d.pos + 1 - prefix for d in members]
         suffix = torch.zeros((len(members), max(lengths)), dtype=torch.long, device=self.device)
         for row, d in enumerate(members):
@@ -111,12 +128,10 @@ class PagedRunner:
             ids += p.token_ids
             positions += range(p.start_pos, end)
             last.append(len(ids) - 1)
-        groups: dict[int, list[int]] = {}
-        for i, d in enumerate(decodes):
-            groups.setdefault(d.block_table[0], []).append(i)
         decode_groups, decode_last = [], [0] * len(decodes)
-        for members in groups.values():
-            decode_groups.append(self._decode_group(len(ids), [decodes[i] for i in members]))
+        for members, shared in self._group_decodes(decodes):
+            group = [decodes[i] for i in members]
+            decode_groups.append(self._decode_group(len(ids), group, shared))
             for i in members:
                 d = decodes[i]
                 write.append(self._slots(d.block_table, d.pos + 1)[-1:])
