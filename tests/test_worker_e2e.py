@@ -52,10 +52,22 @@ class CrashingPagedEngine(CrashingEngine):
         return self.inner.step()
 
 
+class FlakyRepository(Repository):
+    """The real repository, except that the first `start_batch` fails (database blip)."""
+
+    failures = 0
+
+    def start_batch(self, *args, **kwargs):
+        if not self.failures:
+            self.failures += 1
+            raise RuntimeError("simulated database outage")
+        return super().start_batch(*args, **kwargs)
+
+
 @contextmanager
-def _worker(settings, engine) -> Iterator[Celery]:
+def _worker(settings, engine, repo: Repository | None = None) -> Iterator[Celery]:
     app = create_app(settings)
-    app.inferq_runtime = WorkerRuntime(settings, engine=engine)
+    app.inferq_runtime = WorkerRuntime(settings, engine=engine, repo=repo)
     try:
         with start_worker(
             app,
@@ -293,3 +305,13 @@ def test_prefix_cache_reuse_across_batches_lands_in_postgres(service_settings, w
         ).scalar_one()
     assert stats["cached_tokens"] >= 32 and stats["cache_hit_rate"] > 0
     assert {"blocks_used", "blocks_free", "blocks_evicted"} <= stats.keys()
+
+
+def test_storage_blip_requeues_the_job_instead_of_losing_it(service_settings, paged_engine):
+    client = InferqClient(service_settings)
+    flaky = FlakyRepository(service_settings.database_url)
+    with _worker(service_settings, paged_engine, repo=flaky):
+        job_id = client.submit("Say hi.", params={"max_tokens": 4})
+        view = client.wait(job_id, timeout=120)
+    assert flaky.failures == 1
+    assert view.status == "done" and view.result.completion_tokens > 0

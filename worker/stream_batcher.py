@@ -54,17 +54,17 @@ class StreamingBatcher(Batcher):
                 self._drain()  # never hold running sequences waiting for arrivals
             else:
                 self._gather()
+            arrivals = list(self._pending.values())
+            self._pending.clear()
+            self._seqs.clear()
             try:
-                if self._pending:
-                    items = list(self._pending.values())
-                    self._pending.clear()
-                    self._seqs.clear()
-                    self._admit(items)
+                if arrivals:
+                    self._admit(arrivals)
                 if self.engine.has_work:
                     self._step()
             except Exception as exc:  # storage down or a bug: tasks requeue their messages
                 self.log.exception("engine.loop_error", error=repr(exc))
-                self._abandon(exc)
+                self._abandon(exc, arrivals)
 
     def _admit(self, items: list[WorkItem]) -> None:
         batch_id, started_at, runnable = self.open_batch(items)
@@ -153,11 +153,10 @@ class StreamingBatcher(Batcher):
             )
         self.fail(items, errors)
 
-    def _abandon(self, exc: Exception) -> None:
+    def _abandon(self, exc: Exception, arrivals: list[WorkItem]) -> None:
         """Release every waiting task with the error: their messages go back to the queue."""
-        items = self._live_items() + list(self._pending.values())
-        self._forget(items)
-        self._pending.clear()
-        for it in items:
+        live = self._live_items()
+        self._forget(live)
+        for it in live + arrivals:
             if not it.future.done():
                 it.future.set_exception(exc)
