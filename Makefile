@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint services model clean
+.PHONY: install demo test lint services model bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ services:
 
 test: lint services model
 	$(VENV)/bin/pytest -q
+
+# The engine benchmark (about 13 minutes on 2 CPU cores); table + PNG under bench/out/.
+bench: model
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) bench/engine_bench.py --jobs 256 --baseline-jobs 32 --max-num-seqs 128
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
