@@ -16,7 +16,7 @@ from celery.contrib.testing.worker import start_worker
 from api_client import InferqClient
 from storage.repository import Repository
 from worker.celery_app import create_app
-from worker.engine_api import EngineRequest
+from worker.engine_api import EngineRequest, StreamingEngine
 from worker.runtime import WorkerRuntime
 
 pytestmark = [pytest.mark.model, pytest.mark.services]
@@ -229,7 +229,7 @@ def test_bad_input_fails_clearly_and_worker_keeps_serving(service_settings, work
 
 
 def test_batch_crash_fails_only_the_crashing_job(service_settings, any_engine) -> None:
-    wrapper = CrashingPagedEngine if hasattr(any_engine, "step") else CrashingEngine
+    wrapper = CrashingPagedEngine if isinstance(any_engine, StreamingEngine) else CrashingEngine
     crashing = wrapper(any_engine, poison="POISON")
     client = InferqClient(service_settings)
     with _worker(service_settings, crashing) as app:

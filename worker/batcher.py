@@ -36,12 +36,12 @@ class WorkItem:
 
 
 @dataclass
-class _Ran:
+class Ran:
     output: EngineOutput
     engine_started: datetime
 
 
-def _metrics(job_id: uuid.UUID, ran: _Ran, queued_at: datetime, started_at: datetime) -> MetricsRow:
+def _metrics(job_id: uuid.UUID, ran: Ran, queued_at: datetime, started_at: datetime) -> MetricsRow:
     out = ran.output
     first_token_at = ran.engine_started + timedelta(seconds=out.first_token_s)
     finished_at = first_token_at + timedelta(seconds=out.decode_s)
@@ -192,7 +192,7 @@ class Batcher:
         self,
         batch_id: uuid.UUID,
         record: BatchRecord,
-        ran: dict[uuid.UUID, _Ran],
+        ran: dict[uuid.UUID, Ran],
         items: dict[uuid.UUID, WorkItem],
         started_at: datetime,
     ) -> None:
@@ -242,7 +242,7 @@ class Batcher:
 
     def _run_isolated(self, items: list[WorkItem], log) -> tuple[dict, dict, BatchStats]:
         """Run `items`; if the batch raises, split it until each crashing job fails alone."""
-        ran: dict[uuid.UUID, _Ran] = {}
+        ran: dict[uuid.UUID, Ran] = {}
         errors: dict[uuid.UUID, str] = {}
         total = BatchStats(0, 0, 0, 0.0)
         todo = [items] if items else []
@@ -263,7 +263,7 @@ class Batcher:
                     todo += [group[:half], group[half:]]
                 continue
             for it, out in zip(group, outputs, strict=True):
-                ran[it.job_id] = _Ran(out, engine_started)
+                ran[it.job_id] = Ran(out, engine_started)
             total.size += stats.size
             total.real_tokens += stats.real_tokens
             total.padded_tokens += stats.padded_tokens

@@ -8,7 +8,7 @@ prefix-cached engine implements the same interface.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from api_client.schema import SamplingParams
 
@@ -54,3 +54,21 @@ class Engine(Protocol):
     def generate(self, requests: list[EngineRequest]) -> tuple[list[EngineOutput], BatchStats]:
         """Run one batch; outputs in the order of `requests`."""
         ...
+
+
+@runtime_checkable
+class StreamingEngine(Engine, Protocol):
+    """An engine that sequences join and leave between steps (continuous batching)."""
+
+    @property
+    def has_work(self) -> bool: ...
+
+    def add(self, request: EngineRequest, priority: int = 0) -> None:
+        """Queue a sequence; ValueError if it can never run here."""
+        ...
+
+    def step(self) -> list[EngineOutput]:
+        """Advance every running sequence by one token; return those that finished."""
+        ...
+
+    def abort(self, seq_id: str) -> None: ...

@@ -22,7 +22,7 @@ from inferq.settings import Settings
 from storage.records import NewJob
 from storage.repository import Repository
 from worker.batcher import Batcher, WorkItem
-from worker.engine_api import Engine
+from worker.engine_api import Engine, StreamingEngine
 from worker.stream_batcher import StreamingBatcher
 
 log = get_logger("inferq.worker")
@@ -60,7 +60,7 @@ class WorkerRuntime:
         self.repo = repo or Repository(settings.resolved_database_url)
         self.engine = engine or load_engine(settings)
         self.max_context = getattr(self.engine, "max_context", 2048)
-        streaming = hasattr(self.engine, "step")
+        streaming = isinstance(self.engine, StreamingEngine)
         batcher_cls = StreamingBatcher if streaming else Batcher
         self.batcher = batcher_cls(self.engine, self.repo, settings, self.worker)
         self.batcher.start()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from storage.records import BatchRecord
-from worker.batcher import Batcher, WorkItem, _Ran
+from worker.batcher import Batcher, Ran, WorkItem
 from worker.engine_api import EngineOutput, EngineRequest
 
 
@@ -96,14 +96,14 @@ class StreamingBatcher(Batcher):
             self._finish(outputs)
 
     def _finish(self, outputs: list[EngineOutput]) -> None:
-        by_group: dict[uuid.UUID, dict[uuid.UUID, _Ran]] = {}
+        by_group: dict[uuid.UUID, dict[uuid.UUID, Ran]] = {}
         for out in outputs:
             job_id = uuid.UUID(out.seq_id)
             group = self._group_of.pop(job_id)
             group.open.discard(job_id)
             group.cached_tokens += out.cached_tokens
             group.decoded_tokens += len(out.token_ids)
-            ran = _Ran(out, self._entered.pop(job_id))
+            ran = Ran(out, self._entered.pop(job_id))
             by_group.setdefault(group.batch_id, {})[job_id] = ran
         cache = self.engine.kv.stats()
         for batch_id, ran in by_group.items():
