@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from plot import plot_table  # bench/plot.py, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
@@ -282,15 +283,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_bench.md").write_text(table + "\n")
     try:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(9, 4))
-        ax.bar(list(tps), list(tps.values()))
-        ax.set_ylabel("output tokens/s")
-        fig.tight_layout()
-        fig.savefig(args.out / "engine_bench.png")
+        plot_table(args.out / "engine_bench.md", args.out / "engine_bench.png")
     except ImportError:
-        print("matplotlib is not installed in the venv: no plot")
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
     for name, wrong in bad.items():  # the correctness guard: a real check, after the report
         assert not name.startswith("engine") or not wrong, f"{name} != HF greedy on {wrong[:5]}"
 

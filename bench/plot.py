@@ -1,0 +1,49 @@
+"""Plot an engine benchmark table (`engine_bench.md`) as a PNG: throughput and TTFT per row.
+
+Usage: python bench/plot.py bench/out/engine_bench.md docs/engine_bench.png
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def read_table(md: Path) -> list[dict[str, str]]:
+    """Rows of the first Markdown table in `md`, keyed by header."""
+    lines = [ln for ln in md.read_text().splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
+            for ln in lines[2:]]  # fmt: skip
+
+
+def plot_table(md: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_table(md)
+    names = [f"{r['row']}\n({r['jobs measured']} jobs)" for r in rows]
+    fig, (tps, ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
+    bars = tps.bar(names, [float(r["out tok/s"]) for r in rows], color="tab:blue")
+    tps.bar_label(bars, fmt="%.1f")
+    tps.set_ylabel("output tokens/s (higher is better)")
+    width, xs = 0.4, range(len(rows))
+    ttft.bar([x - width / 2 for x in xs], [float(r["p50 TTFT s"]) for r in rows], width,
+             label="p50")  # fmt: skip
+    ttft.bar([x + width / 2 for x in xs], [float(r["p95 TTFT s"]) for r in rows], width,
+             label="p95")  # fmt: skip
+    ttft.set_xticks(list(xs), names)
+    ttft.set_ylabel("time to first token, s (lower is better)")
+    ttft.legend()
+    for ax in (tps, ttft):
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("SmolLM2-135M fp32, 2 CPU cores: HF generate vs the inferq engine")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    plot_table(Path(sys.argv[1]), Path(sys.argv[2]))
