@@ -116,5 +116,7 @@ class InferqClient:
             time.sleep(poll)
 
     def cancel(self, job_id: uuid.UUID | str) -> bool:
-        """Cancel a job that has not started; True if it was still queued."""
+        """Cancel a queued or running job; True if it had not finished. The paged engine drops
+        a running job within about half a second; the padded engine finishes its batch first
+        (the job stays cancelled)."""
         return self.repo.cancel(uuid.UUID(str(job_id)))

@@ -107,7 +107,7 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     cancelled = _submit_client().cancel(args.job_id)
-    print("cancelled" if cancelled else "not cancelled (not queued any more, or unknown)")
+    print("cancelled" if cancelled else "not cancelled (already finished, or unknown)")
     return 0 if cancelled else 1
 
 
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("job_id")
     get.set_defaults(func=_cmd_get)
 
-    cancel = verbs.add_parser("cancel", help="cancel a job that has not started")
+    cancel = verbs.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")
     cancel.set_defaults(func=_cmd_cancel)
     return parser

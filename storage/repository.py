@@ -135,10 +135,13 @@ class Repository:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def cancel(self, job_id: uuid.UUID) -> bool:
-        """Cancel a queued job; True if it was queued and is now cancelled."""
+        """Cancel a queued or running job; True if it was still one of those.
+
+        A worker drops a running job it sees cancelled; a result that races in anyway is kept,
+        but the job stays cancelled."""
         stmt = (
             sa.update(J)
-            .where(J.c.id == job_id, J.c.status == "queued")
+            .where(J.c.id == job_id, J.c.status.in_(ACTIVE))
             .values(status="cancelled", finished_at=utcnow())
             .returning(J.c.id)
         )
@@ -218,7 +221,7 @@ class Repository:
             if new:
                 conn.execute(
                     sa.update(J)
-                    .where(J.c.id.in_(new), J.c.status != "done")
+                    .where(J.c.id.in_(new), J.c.status.not_in(("done", "cancelled")))
                     .values(status="done", finished_at=stats.finished_at, error=None)
                 )
         return new

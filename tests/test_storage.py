@@ -237,15 +237,22 @@ def test_fail_jobs_final_and_retry(db_url: str) -> None:
     repo.fail_jobs({})
 
 
-def test_cancel_only_queued(db_url: str) -> None:
+def test_cancel_queued_or_running_only(db_url: str) -> None:
     repo = Repository(db_url)
-    queued, running = _job(_tenant()), _job(_tenant())
-    repo.ensure_jobs([queued, running])
-    repo.start_batch(uuid.uuid4(), "w", "m", [running.id], T0)
+    queued, running, done = _job(_tenant()), _job(_tenant()), _job(_tenant())
+    repo.ensure_jobs([queued, running, done])
+    batch = uuid.uuid4()
+    repo.start_batch(batch, "w", "m", [running.id, done.id], T0)
+    repo.finish_batch(batch, BatchRecord(1, 1, 1), [_result(done.id)])
     assert repo.cancel(queued.id) is True
     assert repo.cancel(queued.id) is False
-    assert repo.cancel(running.id) is False
+    assert repo.cancel(running.id) is True
+    assert repo.cancel(done.id) is False
     assert repo.cancel(uuid.uuid4()) is False
+    # a result racing in after the cancel is kept, but the job stays cancelled
+    assert repo.finish_batch(batch, BatchRecord(1, 1, 1), [_result(running.id)]) == {running.id}
+    assert repo.get(running.id).status == "cancelled"
+    assert repo.get(done.id).status == "done"
     view = repo.get(queued.id)
     assert view is not None and view.status == "cancelled" and view.finished_at is not None
 

@@ -315,3 +315,19 @@ def test_storage_blip_requeues_the_job_instead_of_losing_it(service_settings, pa
         view = client.wait(job_id, timeout=120)
     assert flaky.failures == 1
     assert view.status == "done" and view.result.completion_tokens > 0
+
+
+def test_cancel_while_running_stops_the_job_in_the_engine(service_settings, worker_app):
+    client = InferqClient(service_settings)
+    long_job = client.submit("Count slowly from one to one thousand:", params={"max_tokens": 400})
+    deadline = time.monotonic() + 60
+    while client.get(long_job).status != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.cancel(long_job) is True
+    view = client.wait(long_job, timeout=10)
+    assert view.status == "cancelled" and view.result is None
+    time.sleep(1.0)  # the worker drops it at its next cancellation check
+    assert not worker_app.inferq_runtime.engine.has_work  # no tokens spent on it any more
+    after = client.submit("Say hi.", params={"max_tokens": 4})
+    assert client.wait(after, timeout=60).status == "done"  # the worker keeps serving
+    assert client.get(long_job).result is None

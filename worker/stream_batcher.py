@@ -6,6 +6,7 @@ A "batch" row here is an admission group: the jobs that entered the engine toget
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +40,9 @@ class _Group:
         )
 
 
+CANCEL_CHECK_S = 0.5  # how often running jobs are checked for cancellation
+
+
 class StreamingBatcher(Batcher):
     """For engines with `add`/`step`/`abort`/`has_work` (the paged engine)."""
 
@@ -47,6 +51,7 @@ class StreamingBatcher(Batcher):
         self._groups: dict[uuid.UUID, _Group] = {}
         self._group_of: dict[uuid.UUID, _Group] = {}
         self._entered: dict[uuid.UUID, datetime] = {}
+        self._next_cancel_check = 0.0
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -61,6 +66,7 @@ class StreamingBatcher(Batcher):
                 if arrivals:
                     self._admit(arrivals)
                 if self.engine.has_work:
+                    self._drop_cancelled()
                     self._step()
             except Exception as exc:  # storage down or a bug: tasks requeue their messages
                 self.log.exception("engine.loop_error", error=repr(exc))
@@ -125,6 +131,20 @@ class StreamingBatcher(Batcher):
                     cached_tokens=group.cached_tokens,
                     **group.stats,
                 )
+
+    def _drop_cancelled(self) -> None:
+        """Every `CANCEL_CHECK_S`, abort live jobs that were cancelled while running."""
+        now = time.monotonic()
+        if now < self._next_cancel_check:
+            return
+        self._next_cancel_check = now + CANCEL_CHECK_S
+        live = self._live_items()
+        statuses = self.repo.statuses([it.job_id for it in live])
+        cancelled = [it for it in live if statuses.get(it.job_id) == "cancelled"]
+        self._forget(cancelled)
+        for it in cancelled:
+            it.future.set_result("cancelled")
+            self.log.info("job.cancelled_while_running", job_id=str(it.job_id))
 
     def _live_items(self) -> list[WorkItem]:
         return [g.items[j] for g in self._groups.values() for j in g.open]
