@@ -12,10 +12,8 @@ from pydantic import ValidationError
 
 from api_client.schema import JobMessage, SamplingParams
 from inferq.settings import TASK_NAME, Settings, get_settings
-from storage.records import JobView, NewJob
+from storage.records import TERMINAL_STATUSES, JobView, NewJob
 from storage.repository import Repository
-
-TERMINAL = frozenset({"done", "failed", "cancelled"})
 
 
 class InvalidJobError(ValueError):
@@ -108,10 +106,12 @@ class InferqClient:
         deadline = time.monotonic() + timeout
         while True:
             views = self.repo.get_many(ids)
-            if all(i in views and views[i].status in TERMINAL for i in ids):
+            if all(i in views and views[i].status in TERMINAL_STATUSES for i in ids):
                 return [views[i] for i in ids]
             if time.monotonic() > deadline:
-                waiting = sum(1 for i in ids if i not in views or views[i].status not in TERMINAL)
+                waiting = sum(
+                    1 for i in ids if i not in views or views[i].status not in TERMINAL_STATUSES
+                )
                 raise TimeoutError(f"{waiting} of {len(ids)} jobs not finished after {timeout}s")
             time.sleep(poll)
 

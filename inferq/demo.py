@@ -54,7 +54,7 @@ def demo_jobs(count: int, max_tokens: int) -> list[dict[str, Any]]:
     return jobs
 
 
-def _print_results(client, views, jobs) -> None:
+def _print_results(views, jobs) -> None:
     for n, (view, job) in enumerate(zip(views, jobs, strict=True), 1):
         asked = job.get("prompt") or job["messages"][-1]["content"]
         answer = view.result.text if view.result else f"<{view.status}: {view.error}>"
@@ -96,7 +96,7 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
         views = client.wait_many(ids, timeout=1800)
         wall = time.perf_counter() - started
     app.inferq_runtime.close()
-    _print_results(client, views, workload)
+    _print_results(views, workload)
     summary = client.repo.summary(ids)
     tokens = sum(v.result.completion_tokens for v in views if v.result)
     done = sum(v.status == "done" for v in views)

@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from api_client.schema import JobMessage
 
 
+TERMINAL_STATUSES = frozenset({"done", "failed", "cancelled"})  # a job in one never runs again
+
+
 def utcnow() -> datetime:
     """The current time, tz-aware UTC."""
     return datetime.now(UTC)

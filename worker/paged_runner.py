@@ -130,11 +130,12 @@ class PagedRunner:
             last.append(len(ids) - 1)
         decode_groups, decode_last = [], [0] * len(decodes)
         for members, shared in self._group_decodes(decodes):
-            group = [decodes[i] for i in members]
-            decode_groups.append(self._decode_group(len(ids), group, shared))
+            group = self._decode_group(len(ids), [decodes[i] for i in members], shared)
+            decode_groups.append(group)
+            last_real = group.suffix_mask.sum(dim=1) - 1  # each row's newest token
+            write.append(group.suffix_slots[torch.arange(group.count), last_real])
             for i in members:
                 d = decodes[i]
-                write.append(self._slots(d.block_table, d.pos + 1)[-1:])
                 ids.append(d.token_id)
                 positions.append(d.pos)
                 decode_last[i] = len(ids) - 1

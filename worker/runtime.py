@@ -19,14 +19,13 @@ from structlog.contextvars import bound_contextvars
 from api_client.schema import JobMessage
 from inferq.logs import get_logger
 from inferq.settings import Settings
-from storage.records import NewJob
+from storage.records import TERMINAL_STATUSES, NewJob
 from storage.repository import Repository
 from worker.batcher import Batcher, WorkItem
 from worker.engine_api import Engine, StreamingEngine
 from worker.stream_batcher import StreamingBatcher
 
 log = get_logger("inferq.worker")
-TERMINAL = frozenset({"done", "failed", "cancelled"})
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -106,7 +105,7 @@ class WorkerRuntime:
                 log.info("job.duplicate", existing_job_id=str(canonical))
                 return "duplicate"
             status = self.repo.statuses([job_id]).get(job_id)
-            if status in TERMINAL:
+            if status in TERMINAL_STATUSES:
                 log.info("job.already_final", status=status)
                 return status
             error = None
