@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.utils import logging as hf_logging
 
 from api_client.schema import SamplingParams
-from inferq.settings import get_settings
+from inferq.settings import FP_MODEL, get_settings
 from worker.decoding import TextCodec
 from worker.engine_api import EngineRequest
 from worker.model_prep import resolve_model
@@ -130,6 +130,12 @@ def build_workload(
     return jobs, [len(b) for b in blocks]
 
 
+def shareable_tokens(jobs: list[Job], sys_lens: list[int]) -> int:
+    """System-block tokens a prefix cache could serve: all but one job's per system prompt."""
+    counts = [sum(j.system == k for j in jobs) for k in range(len(sys_lens))]
+    return sum((c - 1) * n for c, n in zip(counts, sys_lens, strict=True) if c)
+
+
 class RowMaxTokens(StoppingCriteria):
     """Per-row max_tokens inside one HF batch; also timestamps every decoding step (HF calls
     stopping criteria right after each step's tokens are sampled)."""
@@ -173,9 +179,15 @@ def hf_row(name: str, model, tok, codec: TextCodec, jobs: list[Job], size: int) 
 
 
 def engine_row(
-    name: str, path: str, device: str, jobs: list[Job], cfg: EngineConfig, shareable: int
+    name: str,
+    path: str,
+    device: str,
+    jobs: list[Job],
+    cfg: EngineConfig,
+    shareable: int,
+    dtype: str = "float32",
 ) -> Row:
-    engine = PagedEngine(path, "bench", device=device, dtype="float32", config=cfg)
+    engine = PagedEngine(path, "bench", device=device, dtype=dtype, config=cfg)
     engine.warm_up()
     reqs = [
         EngineRequest(j.seq_id, j.prompt_ids, SamplingParams(max_tokens=j.max_tokens), "tenant-a")
@@ -222,7 +234,7 @@ def main() -> None:
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    path = str(resolve_model(get_settings()))
+    path = str(resolve_model(get_settings(), FP_MODEL))
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="sdpa"
@@ -232,8 +244,7 @@ def main() -> None:
         tok.pad_token_id = codec.pad_id
     jobs, sys_lens = build_workload(tok, codec, args.jobs, args.seed, args.max_new)
     base = jobs[: args.baseline_jobs]
-    counts = [sum(j.system == k for j in jobs) for k in range(len(sys_lens))]
-    shareable = sum((c - 1) * n for c, n in zip(counts, sys_lens, strict=True) if c)
+    shareable = shareable_tokens(jobs, sys_lens)
     embeds = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in embeds)
     peak = matmul_peak_gflops(torch.device(args.device))

@@ -18,7 +18,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_model_prepare(args: argparse.Namespace) -> int:
     from worker.model_prep import resolve_model
 
-    print(resolve_model(get_settings()))
+    settings = get_settings()
+    served = settings.served_models()
+    for name in args.names or list(served):
+        print(resolve_model(settings, name, served.get(name)))
+    return 0
+
+
+def _cmd_model_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from worker.gptq import GptqSpec, quantize
+
+    spec = GptqSpec(
+        bits=args.bits,
+        group_size=args.group_size,
+        act_order=args.act_order,
+        mse=args.mse,
+        samples=args.samples,
+        seed=args.seed,
+    )
+    quantize(Path(args.src), Path(args.dst), spec, device=args.device)
+    print(args.dst)
     return 0
 
 
@@ -81,6 +102,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             args.text if args.raw else None,
             messages=chat,
             params=params,
+            model=args.model,
             tenant=args.tenant,
             priority=args.priority,
             idempotency_key=args.idempotency_key,
@@ -123,15 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
     model = verbs.add_parser("model", help="model preparation")
     model_verbs = model.add_subparsers(dest="model_verb", required=True)
     prepare = model_verbs.add_parser(
-        "prepare", help="download and convert the configured model (cached); prints its path"
+        "prepare", help="download, convert and quantize models (cached); prints their paths"
     )
+    prepare.add_argument("names", nargs="*", help="model names (default: the served models)")
     prepare.set_defaults(func=_cmd_model_prepare)
+    quant = model_verbs.add_parser("quantize", help="GPTQ-quantize a Hugging Face model dir")
+    quant.add_argument("src", help="Hugging Face model directory")
+    quant.add_argument("dst", help="output directory (replaced when done)")
+    quant.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    quant.add_argument("--group-size", type=int, help="default: 32/64/128, first dividing")
+    quant.add_argument(
+        "--act-order", action=argparse.BooleanOptionalAction, default=True, help="desc_act"
+    )
+    quant.add_argument("--mse", type=float, default=2.4, help="clipping search norm; 0: off")
+    quant.add_argument("--samples", type=int, default=320, help="calibration texts to use")
+    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--device", default="auto")
+    quant.set_defaults(func=_cmd_model_quantize)
 
     migrate = verbs.add_parser("migrate", help="alembic upgrade of INFERQ_DATABASE_URL")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(func=_cmd_migrate)
 
-    worker = verbs.add_parser("worker", help="run a Celery worker (threads pool, one model)")
+    worker = verbs.add_parser("worker", help="run a Celery worker (threads pool)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=_cmd_worker)
 
@@ -142,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--temperature", type=float, default=0.0)
     submit.add_argument("--seed", type=int)
     submit.add_argument("--stop", action="append", default=[])
+    submit.add_argument("--model", help="model name (default: the worker's default)")
     submit.add_argument("--tenant", default="default")
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--idempotency-key")

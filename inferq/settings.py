@@ -14,7 +14,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+FP_MODEL = "smollm2-135m-instruct"  # dequantized from the GGUF, fp32 safetensors
+DEFAULT_MODEL = "smollm2-135m-instruct-gptq"  # its GPTQ 4-bit variant, quantized here
 TASK_NAME = "inferq.generate"
 DEFAULT_QUEUE = "inferq"
 
@@ -40,6 +41,12 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="model name served by the worker")
     model_path: str | None = Field(
         None, description="HF model directory or hub id to serve instead of the default model"
+    )
+    models: str = Field(
+        "", description="more models to serve, comma-separated: known names or name=path"
+    )
+    gptq_backend: str = Field(
+        "auto", description="GPTQ kernel: auto, or a gptqmodel backend (gptq_torch_aten, ...)"
     )
     device: str = Field("auto", description="auto | cpu | cuda")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
@@ -72,6 +79,14 @@ class Settings(BaseSettings):
     @cached_property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'inferq.db'}"
+
+    def served_models(self) -> dict[str, str | None]:
+        """Model name -> explicit path (None: a known model, prepared on demand)."""
+        served: dict[str, str | None] = {self.model: self.model_path}
+        for entry in filter(None, (e.strip() for e in self.models.split(","))):
+            name, _, path = entry.partition("=")
+            served.setdefault(name.strip(), path.strip() or None)
+        return served
 
     @property
     def models_dir(self) -> Path:

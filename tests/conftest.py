@@ -107,29 +107,38 @@ def redis_url() -> str:
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    """The default model, prepared once (cached under INFERQ_HOME)."""
-    from inferq.settings import get_settings
+    """The default model's fp32 weights, prepared once (cached under INFERQ_HOME)."""
+    from inferq.settings import FP_MODEL, get_settings
     from worker.model_prep import resolve_model
 
-    return resolve_model(get_settings())
+    return resolve_model(get_settings(), FP_MODEL)
+
+
+@pytest.fixture(scope="session")
+def gptq_model_path() -> str:
+    """The default model: the GPTQ 4-bit variant, prepared once (`make model` does it)."""
+    from inferq.settings import DEFAULT_MODEL, get_settings
+    from worker.model_prep import resolve_model
+
+    return resolve_model(get_settings(), DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
 def engine(model_path: str):
     """The real model in the padded engine, loaded once per test session (fp32, CPU)."""
-    from inferq.settings import DEFAULT_MODEL
+    from inferq.settings import FP_MODEL
     from worker.padded_engine import PaddedEngine
 
-    return PaddedEngine(model_path, DEFAULT_MODEL, device="cpu", dtype="float32")
+    return PaddedEngine(model_path, FP_MODEL, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def paged_engine(model_path: str):
     """The real model in the paged, prefix-cached engine (fp32, CPU), loaded once."""
-    from inferq.settings import DEFAULT_MODEL
+    from inferq.settings import FP_MODEL
     from worker.paged_engine import PagedEngine
 
-    engine = PagedEngine(model_path, DEFAULT_MODEL, device="cpu", dtype="float32")
+    engine = PagedEngine(model_path, FP_MODEL, device="cpu", dtype="float32")
     engine.warm_up()
     return engine
 
@@ -143,10 +152,11 @@ def any_engine(request: pytest.FixtureRequest):
 @pytest.fixture
 def service_settings(tmp_path: Path, pg_url: str, redis_url: str):
     """Worker/client settings on the real Redis and PostgreSQL, a fresh queue per test."""
-    from inferq.settings import get_settings
+    from inferq.settings import FP_MODEL, get_settings
 
     return get_settings(
         home=tmp_path / "home",
+        model=FP_MODEL,
         broker_url=redis_url,
         database_url=pg_url,
         queue=f"inferq-test-{uuid.uuid4().hex[:8]}",

@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from api_client import InferqClient
+from inferq.settings import FP_MODEL
 
 pytestmark = [pytest.mark.model, pytest.mark.services]
 JOBS = 16
@@ -25,6 +26,7 @@ def _start_worker(settings, model_path: str, log: Path, name: str) -> subprocess
         "INFERQ_DATABASE_URL": settings.database_url,
         "INFERQ_QUEUE": settings.queue,
         "INFERQ_HOME": str(settings.home),
+        "INFERQ_MODEL": FP_MODEL,
         "INFERQ_MODEL_PATH": model_path,
         "INFERQ_MAX_BATCH_SIZE": "8",
         "INFERQ_BATCH_WAIT_MS": "200",

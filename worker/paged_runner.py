@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM
-from transformers.utils import logging as hf_logging
 
+from worker.model_loading import load_causal_lm
 from worker.paged_attention import (
     ATTN_IMPLEMENTATION,
     DecodeGroup,
@@ -48,16 +47,20 @@ class PagedRunner:
         model_path: str,
         *,
         device: torch.device,
-        dtype: torch.dtype,
+        dtype: str,
         num_blocks: int,
         block_size: int,
+        gptq_backend: str = "auto",
     ):
-        hf_logging.disable_progress_bar()
-        self.device, self.dtype, self.block_size = device, dtype, block_size
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
-        ).to(device)
-        self.model.eval()
+        loaded = load_causal_lm(
+            model_path,
+            device,
+            dtype,
+            attn_implementation=ATTN_IMPLEMENTATION,
+            gptq_backend=gptq_backend,
+        )
+        self.model, self.kernel = loaded.model, loaded.kernel
+        self.device, self.dtype, self.block_size = device, loaded.dtype, block_size
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = PagedKV.allocate(
@@ -66,7 +69,7 @@ class PagedRunner:
             block_size,
             cfg.num_key_value_heads,
             head_dim,
-            dtype,
+            self.dtype,
             device,
         )
         self._offsets = torch.arange(block_size, device=device)

@@ -28,15 +28,15 @@ from worker.stream_batcher import StreamingBatcher
 log = get_logger("inferq.worker")
 
 
-def load_engine(settings: Settings) -> Engine:
-    """Prepare (cached) and load the configured model once."""
+def load_engine(settings: Settings, name: str, path: str | None = None) -> Engine:
+    """Prepare (cached) and load one model."""
     from worker.model_prep import resolve_model
     from worker.padded_engine import PaddedEngine
     from worker.paged_engine import EngineConfig, PagedEngine
 
-    path = resolve_model(settings)
+    where = resolve_model(settings, name, path)
     if settings.engine == "padded":
-        return PaddedEngine(path, settings.model, device=settings.device, dtype=settings.dtype)
+        return PaddedEngine(where, name, settings.device, settings.dtype, settings.gptq_backend)
     config = EngineConfig(
         kv_cache_tokens=settings.kv_cache_tokens,
         max_num_seqs=settings.max_num_seqs,
@@ -44,44 +44,79 @@ def load_engine(settings: Settings) -> Engine:
         aging_s=settings.aging_s,
         prefix_cache=settings.prefix_cache,
         cache_secret=settings.cache_secret,
+        gptq_backend=settings.gptq_backend,
     )
-    engine = PagedEngine(path, settings.model, settings.device, settings.dtype, config)
+    engine = PagedEngine(where, name, settings.device, settings.dtype, config)
     engine.warm_up()
     return engine
 
 
+def load_engines(settings: Settings, have: dict[str, Engine]) -> tuple[dict[str, Engine], dict]:
+    """Every served model not in `have`; a model that fails to load is reported, not fatal."""
+    engines, errors = dict(have), {}
+    for name, path in settings.served_models().items():
+        if name in engines:
+            continue
+        try:
+            engines[name] = load_engine(settings, name, path)
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            log.error("model.load_failed", model=name, error=errors[name])
+    if not engines:
+        raise RuntimeError(f"no model could be loaded: {errors}")
+    return engines, errors
+
+
 class WorkerRuntime:
+    """The models this worker serves (each with its engine and batcher), and the repository."""
+
     def __init__(
         self, settings: Settings, engine: Engine | None = None, repo: Repository | None = None
     ):
         self.settings = settings
         self.worker = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.repo = repo or Repository(settings.resolved_database_url)
-        self.engine = engine or load_engine(settings)
-        self.max_context = getattr(self.engine, "max_context", 2048)
-        streaming = isinstance(self.engine, StreamingEngine)
-        batcher_cls = StreamingBatcher if streaming else Batcher
-        self.batcher = batcher_cls(self.engine, self.repo, settings, self.worker)
-        self.batcher.start()
-        log.info("worker.ready", worker=self.worker, model=self.engine.model_name)
+        have = {engine.model_name: engine} if engine is not None else {}
+        self.engines, self.load_errors = load_engines(settings, have)
+        self.default_model = settings.model if engine is None else engine.model_name
+        self.batchers: dict[str, Batcher] = {}
+        for name, eng in self.engines.items():
+            batcher_cls = StreamingBatcher if isinstance(eng, StreamingEngine) else Batcher
+            self.batchers[name] = batcher_cls(eng, self.repo, settings, self.worker)
+            self.batchers[name].start()
+        log.info("worker.ready", worker=self.worker, models=sorted(self.engines))
+
+    @property
+    def engine(self) -> Engine:
+        """The default model's engine (the first served one if the default failed to load)."""
+        return self.engines.get(self.default_model) or next(iter(self.engines.values()))
 
     def close(self) -> None:
-        self.batcher.stop()
+        for batcher in self.batchers.values():
+            batcher.stop()
 
-    def admission_error(self, prompt_tokens: int, max_tokens: int) -> str | None:
-        """Why a job cannot run here, or None."""
+    def admission_error(self, engine: Engine, prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why a job cannot run on `engine`, or None."""
         s = self.settings
+        max_context = getattr(engine, "max_context", 2048)
         if prompt_tokens == 0:
             return "prompt is empty after tokenization"
         if prompt_tokens > s.max_prompt_tokens:
             return f"prompt has {prompt_tokens} tokens; the limit is {s.max_prompt_tokens}"
         if max_tokens > s.max_new_tokens:
             return f"max_tokens {max_tokens} exceeds this worker's limit {s.max_new_tokens}"
-        if prompt_tokens + max_tokens > self.max_context:
+        if prompt_tokens + max_tokens > max_context:
             return (
                 f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) exceeds the model's "
-                f"context of {self.max_context} tokens"
+                f"context of {max_context} tokens"
             )
+        return None
+
+    def model_error(self, model: str) -> str | None:
+        if model in self.load_errors:
+            return f"model {model!r} failed to load on this worker: {self.load_errors[model]}"
+        if model not in self.engines:
+            return f"unknown model {model!r}: this worker serves {sorted(self.engines)}"
         return None
 
     def handle(self, kwargs: dict[str, Any]) -> str:
@@ -98,7 +133,7 @@ class WorkerRuntime:
                 )
                 log.error("job.invalid", error=str(exc))
                 return "invalid"
-            model = msg.model or self.engine.model_name
+            model = msg.model or self.default_model
             job_id = msg.job_id
             canonical = self.repo.ensure_jobs([NewJob.from_message(msg, model)])[job_id]
             if canonical != job_id:
@@ -108,16 +143,17 @@ class WorkerRuntime:
             if status in TERMINAL_STATUSES:
                 log.info("job.already_final", status=status)
                 return status
-            error = None
-            if model != self.engine.model_name:
-                error = f"unknown model {model!r}: this worker serves {self.engine.model_name!r}"
-            else:
+            error = self.model_error(model)
+            if error is None:
+                engine = self.engines[model]
                 messages = [m.model_dump() for m in msg.messages] if msg.messages else None
                 try:
-                    prompt_ids = self.engine.encode(msg.prompt, messages)
+                    prompt_ids = engine.encode(msg.prompt, messages)
                 except Exception as exc:
                     prompt_ids, error = [], f"could not tokenize the input: {exc!r}"
-                error = error or self.admission_error(len(prompt_ids), msg.params.max_tokens)
+                error = error or self.admission_error(
+                    engine, len(prompt_ids), msg.params.max_tokens
+                )
             if error:
                 self.repo.fail_jobs({job_id: error}, final=True)
                 log.warning("job.refused", error=error)
@@ -125,7 +161,7 @@ class WorkerRuntime:
             item = WorkItem(
                 job_id, prompt_ids, msg.params, msg.tenant, msg.priority, msg.submitted_at
             )
-            status = self.batcher.submit(item).result()
+            status = self.batchers[model].submit(item).result()
             log.info("job.finished", status=status)
             return status
 
