@@ -88,9 +88,13 @@ def calibration_texts(count: int, seed: int) -> list[str]:
     return texts[:count]
 
 
-def _cpu_workers() -> None:
-    # gptqmodel's CPU pool refuses to start with its default of one worker on small machines.
+def _gptqmodel():
+    """gptqmodel, imported with its banner and log lines sent to stderr (stdout carries the
+    worker's JSON logs), and its CPU pool sized so it starts on small machines."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    with contextlib.redirect_stdout(sys.stderr):
+        import gptqmodel
+    return gptqmodel
 
 
 def quantize(
@@ -102,8 +106,7 @@ def quantize(
     say: Callable[[str], None] = print,
 ) -> GptqSpec:
     """Quantize the model at `src` into `dst` (written atomically); returns the spec used."""
-    _cpu_workers()
-    from gptqmodel import GPTQModel, QuantizeConfig
+    gptqmodel = _gptqmodel()
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(src)
@@ -114,7 +117,7 @@ def quantize(
     target = "cpu" if target == "auto" else target
     say(f"quantizing {src} to {spec.bits}-bit GPTQ, group size {group}, {len(texts)} texts")
     torch.manual_seed(spec.seed)
-    qconfig = QuantizeConfig(
+    qconfig = gptqmodel.QuantizeConfig(
         bits=spec.bits,
         group_size=group,
         sym=True,
@@ -128,7 +131,7 @@ def quantize(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
     try:
         _keep_logs_in(tmp / "logs")
-        model = GPTQModel.load(str(src), qconfig, device=target)
+        model = gptqmodel.GPTQModel.load(str(src), qconfig, device=target)
         tokenizer = AutoTokenizer.from_pretrained(src)
         model.quantize(texts, batch_size=spec.batch_size, tokenizer=tokenizer)
         model.save(str(tmp))
@@ -229,8 +232,7 @@ def load_gptq(
 ) -> tuple[torch.nn.Module, str]:
     """Load a checked GPTQ checkpoint; `auto` tries the fastest kernels for the device first."""
     check_checkpoint(Path(path))
-    _cpu_workers()
-    from gptqmodel import BACKEND, GPTQModel
+    gptqmodel = _gptqmodel()
 
     order = (
         (CPU_BACKENDS if device.type == "cpu" else CUDA_BACKENDS)
@@ -239,10 +241,10 @@ def load_gptq(
     )
     errors = []
     for name in order:
-        try:  # gptqmodel prints its load report to stdout, which carries the worker's JSON logs
-            with contextlib.redirect_stdout(sys.stderr):
-                model = GPTQModel.load(
-                    path, device=str(device), backend=BACKEND(name), dtype=dtype
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # its load report, too
+                model = gptqmodel.GPTQModel.load(
+                    path, device=str(device), backend=gptqmodel.BACKEND(name), dtype=dtype
                 ).model
             with torch.inference_mode():  # some kernels load, then refuse at the first matmul
                 model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device))
