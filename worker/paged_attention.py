@@ -3,6 +3,11 @@
 The model runs on a packed batch (one row holding every sequence's new tokens); each
 layer's attention writes the new K/V into our block-laid cache, then attends each sequence
 over its own block table. The step's layout travels in the `inferq_step` kwarg.
+
+The cache is head-major ([kv_heads, slots, head_dim] per layer) and is read with
+`index_select` on its flat [kv_heads * slots, head_dim] view: the runner turns slots into
+such *rows* once per step, every layer reuses them, and gathered keys come out already in
+the [kv_heads, tokens, head_dim] layout the matmuls and SDPA consume (no copies).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ ATTN_IMPLEMENTATION = "inferq_paged"
 
 @dataclass
 class PagedKV:
-    """Per-layer K/V storage: [layers, blocks * block_size, kv_heads, head_dim]."""
+    """Per-layer K/V storage, head-major: [layers, kv_heads, blocks * block_size, head_dim]."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -36,22 +41,29 @@ class PagedKV:
         dtype: torch.dtype,
         device: torch.device,
     ) -> PagedKV:
-        shape = (layers, blocks * block_size, kv_heads, head_dim)
+        shape = (layers, kv_heads, blocks * block_size, head_dim)
         return cls(
             torch.zeros(shape, dtype=dtype, device=device),
             torch.zeros(shape, dtype=dtype, device=device),
             block_size,
         )
 
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """[kv_heads, *slots.shape]: where `slots` sit, per kv head, in a flat layer view."""
+        kv_heads, num_slots = self.k.shape[1], self.k.shape[2]
+        heads = torch.arange(kv_heads, device=slots.device) * num_slots
+        return slots[None] + heads.view(-1, *([1] * slots.dim()))
+
 
 @dataclass
 class Segment:
     """One prefilling sequence: `length` new tokens at [start, start+length) of the packed row,
-    attending to `context` tokens (cached prefix + new) at slots `slots`."""
+    attending to `context` tokens (cached prefix + new) at cache rows `rows`."""
 
     start: int
     length: int
-    slots: torch.Tensor  # [context] flat cache slots, in position order
+    rows: torch.Tensor  # [kv_heads, context] cache rows, in position order
+    mask: torch.Tensor | None  # [length, context] with a cached prefix; None: plain causal
 
 
 @dataclass
@@ -61,83 +73,79 @@ class DecodeGroup:
 
     start: int  # the group's tokens are [start, start + count) of the packed row
     count: int
-    prefix_slots: torch.Tensor | None  # [P] slots shared by every sequence of the group
-    suffix_slots: torch.Tensor  # [count, S] each sequence's remaining slots (padded)
-    suffix_mask: torch.Tensor  # [count, S] True where a suffix key is real
+    prefix_rows: torch.Tensor | None  # [kv_heads, P] rows shared by every sequence
+    suffix_rows: torch.Tensor  # [kv_heads, count, S] each sequence's remaining rows (padded)
+    suffix_pad: torch.Tensor | None  # [1, count, 1, S] True at padding; None if there is none
 
 
 @dataclass
 class StepLayout:
     kv: PagedKV
-    write_slots: torch.Tensor  # [T] where each new token's K/V goes
+    write_rows: torch.Tensor  # [kv_heads, T] where each new token's K/V goes
     prefills: list[Segment]
     decodes: list[DecodeGroup]
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """[..., kv_heads, head_dim] rows of one layer's cache, heads moved before tokens."""
-    return cache[slots].movedim(-2, -3)
+def _gather(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[*rows.shape, head_dim] rows of a flat [kv_heads * slots, head_dim] layer cache.
+
+    `index_select` copies whole rows; advanced indexing (`cache[rows]`) goes element by
+    element and is several times slower on CPU."""
+    return cache.index_select(0, rows.flatten()).view(*rows.shape, cache.shape[-1])
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over the paged cache; query/key/value are [1, heads, T, head_dim]."""
     step: StepLayout = kwargs["inferq_step"]
-    layer = module.layer_idx
-    k_cache, v_cache = step.kv.k[layer], step.kv.v[layer]
-    k_cache[step.write_slots] = key[0].transpose(0, 1)
-    v_cache[step.write_slots] = value[0].transpose(0, 1)
+    dim = query.shape[-1]
+    k_cache = step.kv.k[module.layer_idx].view(-1, dim)
+    v_cache = step.kv.v[module.layer_idx].view(-1, dim)
+    write = step.write_rows.flatten()
+    k_cache.index_copy_(0, write, key[0].reshape(-1, dim))
+    v_cache.index_copy_(0, write, value[0].reshape(-1, dim))
     q = query[0]  # [heads, T, d]
     out = torch.empty_like(q)
     for seg in step.prefills:
         span = slice(seg.start, seg.start + seg.length)
-        context = len(seg.slots)
-        keys, values = _gather(k_cache, seg.slots), _gather(v_cache, seg.slots)
-        if context == seg.length:
-            mask, causal = None, True
-        else:  # cached prefix: query i sits at position context - length + i
-            rows = torch.arange(seg.length, device=q.device)[:, None] + (context - seg.length)
-            mask, causal = torch.arange(context, device=q.device)[None, :] <= rows, False
         out[:, span] = F.scaled_dot_product_attention(
-            q[:, span],
-            keys,
-            values,
-            attn_mask=mask,
-            is_causal=causal,
+            q[None, :, span],  # 4-D inputs take the fused CPU kernel; 3-D ones do not
+            _gather(k_cache, seg.rows)[None],
+            _gather(v_cache, seg.rows)[None],
+            attn_mask=seg.mask,
+            is_causal=seg.mask is None,
             scale=scaling,
             enable_gqa=True,
-        )
+        )[0]
     for group in step.decodes:
         rows = slice(group.start, group.start + group.count)
-        out[:, rows] = _decode_group(
-            q[:, rows].transpose(0, 1), k_cache, v_cache, group, scaling or q.shape[-1] ** -0.5
-        ).transpose(0, 1)
+        out[:, rows] = _decode_group(q[:, rows], k_cache, v_cache, group, scaling or dim**-0.5)
     return out.transpose(0, 1)[None], None
 
 
 def _decode_group(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float
 ) -> torch.Tensor:
-    """One query token per sequence, q [n, heads, d]: softmax over shared-prefix and
+    """One query token per sequence, q [heads, n, d]: softmax over shared-prefix and
     own-suffix keys together, the prefix scored with one matmul for the whole group."""
-    n, heads, dim = q.shape
-    kv_heads = k_cache.shape[1]
-    qg = q.reshape(n, kv_heads, heads // kv_heads, dim)  # query heads grouped per kv head
-    ks = k_cache[group.suffix_slots].permute(0, 2, 3, 1)  # [n, kv, d, S]
-    vs = v_cache[group.suffix_slots].transpose(1, 2)  # [n, kv, S, d]
-    scores = torch.matmul(qg, ks) * scale  # [n, kv, g, S]
-    scores = scores.masked_fill(~group.suffix_mask[:, None, None, :], float("-inf"))
-    if group.prefix_slots is None:
-        return torch.matmul(scores.softmax(-1), vs).reshape(n, heads, dim)
-    kp = k_cache[group.prefix_slots].permute(1, 2, 0)  # [kv, d, P]
-    vp = v_cache[group.prefix_slots].transpose(0, 1)  # [kv, P, d]
-    prefix = kp.shape[-1]
-    flat = qg.transpose(0, 1).reshape(kv_heads, -1, dim)  # [kv, n*g, d]
-    shared = (torch.bmm(flat, kp) * scale).view(kv_heads, n, -1, prefix).transpose(0, 1)
-    probs = torch.cat([shared, scores], dim=-1).softmax(-1)
-    out = torch.matmul(probs[..., prefix:], vs)  # [n, kv, g, d]
-    pp = probs[..., :prefix].transpose(0, 1).reshape(kv_heads, -1, prefix)
-    out += torch.bmm(pp, vp).view(kv_heads, n, -1, dim).transpose(0, 1)
-    return out.reshape(n, heads, dim)
+    heads, n, dim = q.shape
+    kv_heads = group.suffix_rows.shape[0]
+    g = heads // kv_heads
+    qg = q.reshape(kv_heads, g, n, dim).transpose(1, 2)  # [kv, n, g, d] query heads per kv head
+    ks, vs = _gather(k_cache, group.suffix_rows), _gather(v_cache, group.suffix_rows)
+    scores = torch.matmul(qg, ks.transpose(-1, -2)) * scale  # [kv, n, g, S]
+    if group.suffix_pad is not None:
+        scores.masked_fill_(group.suffix_pad, float("-inf"))
+    if group.prefix_rows is None:
+        out = torch.matmul(scores.softmax(-1), vs)
+    else:
+        kp, vp = _gather(k_cache, group.prefix_rows), _gather(v_cache, group.prefix_rows)
+        prefix = kp.shape[1]  # kp, vp: [kv, P, d]
+        shared = torch.bmm(qg.reshape(kv_heads, n * g, dim), kp.transpose(1, 2)) * scale
+        probs = torch.cat([shared.view(kv_heads, n, g, prefix), scores], dim=-1).softmax(-1)
+        out = torch.matmul(probs[..., prefix:], vs)  # [kv, n, g, d]
+        pp = probs[..., :prefix].reshape(kv_heads, n * g, prefix)
+        out += torch.bmm(pp, vp).view(kv_heads, n, g, dim)
+    return out.transpose(1, 2).reshape(heads, n, dim)
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -79,6 +79,10 @@ class PagedRunner:
         table = torch.tensor(block_table, device=self.device)
         return (table[:, None] * self.block_size + self._offsets).flatten()[:count]
 
+    def _slot(self, block_table: list[int], pos: int) -> int:
+        """Flat cache slot of position `pos`."""
+        return block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
     def _shared_blocks(self, members: list[DecodeInput]) -> int:
         """Leading blocks common to every member's table and full for each of them."""
         shared = min(len(d.block_table) for d in members)
@@ -104,46 +108,57 @@ class PagedRunner:
         return grouped + ([(loose, 0)] if loose else [])
 
     def _decode_group(self, start: int, members: list[DecodeInput], shared: int) -> DecodeGroup:
-        """Slots of a decode group: the shared prefix once, each member's own suffix padded."""
+        """Rows of a decode group: the shared prefix once, each member's own suffix padded."""
         prefix = shared * self.block_size
         lengths = [d.pos + 1 - prefix for d in members]
         suffix = torch.zeros((len(members), max(lengths)), dtype=torch.long, device=self.device)
         for row, d in enumerate(members):
             suffix[row, : lengths[row]] = self._slots(d.block_table, d.pos + 1)[prefix:]
-        keys = torch.arange(suffix.shape[1], device=self.device)
-        mask = keys[None, :] < torch.tensor(lengths, device=self.device)[:, None]
-        prefix_slots = self._slots(members[0].block_table, prefix) if prefix else None
-        return DecodeGroup(start, len(members), prefix_slots, suffix, mask)
+        pad = None
+        if min(lengths) < suffix.shape[1]:
+            keys = torch.arange(suffix.shape[1], device=self.device)
+            pad = keys[None, :] >= torch.tensor(lengths, device=self.device)[:, None]
+            pad = pad[None, :, None, :]
+        prefix_rows = self.kv.rows(self._slots(members[0].block_table, prefix)) if prefix else None
+        return DecodeGroup(start, len(members), prefix_rows, self.kv.rows(suffix), pad)
+
+    def _segment(self, start: int, p: PrefillInput) -> Segment:
+        """A prefill's context rows, and its mask when it continues a cached prefix."""
+        length, context = len(p.token_ids), p.start_pos + len(p.token_ids)
+        mask = None
+        if p.start_pos:  # query i sits at position start_pos + i
+            rows = torch.arange(length, device=self.device)[:, None] + p.start_pos
+            mask = torch.arange(context, device=self.device)[None, :] <= rows
+        return Segment(start, length, self.kv.rows(self._slots(p.block_table, context)), mask)
 
     @torch.inference_mode()
     def forward(self, prefills: list[PrefillInput], decodes: list[DecodeInput]) -> torch.Tensor:
         """Logits [len(prefills) + len(decodes), vocab] at each sequence's last new token."""
         ids: list[int] = []
         positions: list[int] = []
-        write: list[torch.Tensor] = []
+        write: list[int] = []  # cache slot of each packed token
         segments: list[Segment] = []
         last: list[int] = []
         for p in prefills:
-            end = p.start_pos + len(p.token_ids)
-            slots = self._slots(p.block_table, end)
-            segments.append(Segment(len(ids), len(p.token_ids), slots))
-            write.append(slots[p.start_pos :])
+            segments.append(self._segment(len(ids), p))
             ids += p.token_ids
-            positions += range(p.start_pos, end)
+            positions += range(p.start_pos, p.start_pos + len(p.token_ids))
+            write += [self._slot(p.block_table, pos) for pos in positions[-len(p.token_ids) :]]
             last.append(len(ids) - 1)
         decode_groups, decode_last = [], [0] * len(decodes)
         for members, shared in self._group_decodes(decodes):
-            group = self._decode_group(len(ids), [decodes[i] for i in members], shared)
-            decode_groups.append(group)
-            last_real = group.suffix_mask.sum(dim=1) - 1  # each row's newest token
-            write.append(group.suffix_slots[torch.arange(group.count), last_real])
+            decode_groups.append(
+                self._decode_group(len(ids), [decodes[i] for i in members], shared)
+            )
             for i in members:
                 d = decodes[i]
                 ids.append(d.token_id)
                 positions.append(d.pos)
+                write.append(self._slot(d.block_table, d.pos))
                 decode_last[i] = len(ids) - 1
         last += decode_last
-        layout = StepLayout(self.kv, torch.cat(write), segments, decode_groups)
+        write_rows = self.kv.rows(torch.tensor(write, device=self.device))
+        layout = StepLayout(self.kv, write_rows, segments, decode_groups)
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),
