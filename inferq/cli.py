@@ -153,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("src", help="Hugging Face model directory")
     quant.add_argument("dst", help="output directory (replaced when done)")
     quant.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    quant.add_argument("--group-size", type=int, help="default: 32/64/128, first dividing")
     quant.add_argument(
-        "--act-order", action=argparse.BooleanOptionalAction, default=True, help="desc_act"
+        "--group-size", type=int, help="default 32 (must divide hidden/intermediate sizes)"
+    )
+    quant.add_argument(
+        "--act-order", action=argparse.BooleanOptionalAction, default=True, help="GPTQ desc_act"
     )
     quant.add_argument("--mse", type=float, default=2.4, help="clipping search norm; 0: off")
     quant.add_argument("--samples", type=int, default=320, help="calibration texts to use")
