@@ -179,6 +179,29 @@ def test_broken_checkpoint_errors(
         load_causal_lm(str(broken), torch.device("cpu"))
 
 
+@model
+def test_auto_gptq_style_checkpoint_loads(tiny_gptq: Path, tmp_path: Path) -> None:
+    """A standard checkpoint as auto-gptq wrote them: the quantize config only in
+    quantize_config.json (minimal keys), none in config.json. Same greedy tokens as ours."""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_gptq, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    (legacy / "config.json").write_text(json.dumps(config))
+    keys = ("bits", "group_size", "desc_act", "sym", "true_sequential", "damp_percent")
+    minimal = {k: qc.get(k, qc.get("meta", {}).get(k)) for k in keys}
+    (legacy / "quantize_config.json").write_text(json.dumps(minimal))
+    check_checkpoint(legacy)
+    prompts = [TINY_PROMPTS[0]]
+    outs = []
+    for path in (tiny_gptq, legacy):
+        engine = PagedEngine(str(path), "tiny", "cpu", "auto")
+        assert engine.runner.kernel.startswith("gptq_")
+        ids = [engine.encode(p, None) for p in prompts]
+        outs.append([o.token_ids for o in engine.generate(_greedy(ids, 12, "legacy"))[0]])
+    assert outs[0] == outs[1]
+
+
 # -- pure helpers ------------------------------------------------------------------------
 
 
