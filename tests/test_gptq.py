@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_paged_engine import QUESTIONS as PAGED_QUESTIONS
 
 from api_client.schema import SamplingParams
 from worker.engine_api import EngineRequest
@@ -34,24 +35,9 @@ SYSTEM = (
     "You are a helpful assistant. Answer clearly and briefly, in plain English, and do not "
     "add any preamble or closing remarks to your answer."
 )
-QUESTIONS = [
-    "What is the capital of France?",
-    "Why is the sky blue?",
-    "Name a prime number above 10.",
-    "Write a haiku about rain.",
-    "What is 7 times 8?",
-    "Who painted the Mona Lisa?",
-    "How many legs does a spider have?",
-    "What is water made of?",
-    "Name a famous river.",
-    "What do bees make?",
-    "Explain gravity in one sentence.",
-    "What is the largest ocean?",
-    "Give me a word that rhymes with cat.",
-    "How many days are in a leap year?",
-    "What is the opposite of hot?",
+QUESTIONS = [  # 22 chat prompts: the fp engine test's 16 and 6 more
+    *PAGED_QUESTIONS,
     "Write a Python function that adds two numbers.",
-    "List three fruits.",
     "Translate 'good morning' into French.",
     "What is photosynthesis?",
     "Tell me a short joke.",
