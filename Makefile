@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint services model bench clean
+.PHONY: install demo test lint services model bench gptq-report clean
 
 install: $(VENV)/.installed
 
@@ -32,10 +32,14 @@ services:
 test: lint services model
 	$(VENV)/bin/pytest -q
 
-# The engine benchmark (about 13 minutes on 2 CPU cores); table + PNG under bench/out/.
+# The engine benchmark (8-13 minutes on 2 CPU cores); table + PNG under bench/out/.
 bench: model
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) bench/engine_bench.py --jobs 256 --baseline-jobs 32 --max-num-seqs 128
+
+# GPTQ vs fp: perplexity, size, memory, speed (about 3 minutes); table under bench/out/.
+gptq-report: model
+	$(PY) bench/gptq_report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
