@@ -113,8 +113,9 @@ def quantize(
     group = spec.group_size or pick_group_size(config.hidden_size, config.intermediate_size)
     spec = GptqSpec(**{**asdict(spec), "group_size": group})
     texts = calibration_texts(spec.samples, spec.seed)
-    target = "cuda" if device == "auto" and torch.cuda.is_available() else device
-    target = "cpu" if target == "auto" else target
+    from worker.model_loading import pick_device  # it imports this module
+
+    target = str(pick_device(device))
     say(f"quantizing {src} to {spec.bits}-bit GPTQ, group size {group}, {len(texts)} texts")
     torch.manual_seed(spec.seed)
     qconfig = gptqmodel.QuantizeConfig(
