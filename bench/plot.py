@@ -25,8 +25,9 @@ def plot_table(md: Path, png: Path) -> None:
 
     rows = read_table(md)
     names = [f"{r['row']}\n({r['jobs measured']} jobs)" for r in rows]
-    fig, (tps, ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
-    bars = tps.bar(names, [float(r["out tok/s"]) for r in rows], color="tab:blue")
+    fig, (tps, ttft) = plt.subplots(1, 2, figsize=(15, 5))
+    colors = ["tab:orange" if r["row"].endswith("bf16") else "tab:blue" for r in rows]
+    bars = tps.bar(names, [float(r["out tok/s"]) for r in rows], color=colors)
     tps.bar_label(bars, fmt="%.1f")
     tps.set_ylabel("output tokens/s (higher is better)")
     width, xs = 0.4, range(len(rows))
@@ -38,8 +39,8 @@ def plot_table(md: Path, png: Path) -> None:
     ttft.set_ylabel("time to first token, s (lower is better)")
     ttft.legend()
     for ax in (tps, ttft):
-        ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle("SmolLM2-135M fp32, 2 CPU cores: HF generate vs the inferq engine")
+        ax.tick_params(axis="x", labelsize=6, labelrotation=45)
+    fig.suptitle("SmolLM2-135M, 2 CPU cores, fp32 (blue) and bf16 (orange): HF generate vs inferq")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

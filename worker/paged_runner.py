@@ -72,12 +72,6 @@ class PagedRunner:
             self.dtype,
             device,
         )
-        self._offsets = torch.arange(block_size, device=device)
-
-    def _slots(self, block_table: list[int], count: int) -> torch.Tensor:
-        """Flat cache slots of positions [0, count) for a sequence's block table."""
-        table = torch.tensor(block_table, device=self.device)
-        return (table[:, None] * self.block_size + self._offsets).flatten()[:count]
 
     def _slot(self, block_table: list[int], pos: int) -> int:
         """Flat cache slot of position `pos`."""
@@ -107,29 +101,33 @@ class PagedRunner:
                 loose += members
         return grouped + ([(loose, 0)] if loose else [])
 
+    def _blocks(self, block_ids: list[int]) -> torch.Tensor:
+        return self.kv.block_rows(torch.tensor(block_ids, device=self.device))
+
     def _decode_group(self, start: int, members: list[DecodeInput], shared: int) -> DecodeGroup:
-        """Rows of a decode group: the shared prefix once, each member's own suffix padded."""
-        prefix = shared * self.block_size
-        lengths = [d.pos + 1 - prefix for d in members]
-        suffix = torch.zeros((len(members), max(lengths)), dtype=torch.long, device=self.device)
-        for row, d in enumerate(members):
-            suffix[row, : lengths[row]] = self._slots(d.block_table, d.pos + 1)[prefix:]
-        pad = None
-        if min(lengths) < suffix.shape[1]:
-            keys = torch.arange(suffix.shape[1], device=self.device)
-            pad = keys[None, :] >= torch.tensor(lengths, device=self.device)[:, None]
-            pad = pad[None, :, None, :]
-        prefix_rows = self.kv.rows(self._slots(members[0].block_table, prefix)) if prefix else None
-        return DecodeGroup(start, len(members), prefix_rows, self.kv.rows(suffix), pad)
+        """Block rows of a decode group: the shared prefix once, each member's own remaining
+        blocks padded to the longest (padding masked)."""
+        bs = self.block_size
+        ends = [-(-(d.pos + 1) // bs) for d in members]  # blocks holding positions [0, pos]
+        width = max(ends) - shared
+        tables = [d.block_table[shared:end] + [0] * (width + shared - end)
+                  for d, end in zip(members, ends, strict=True)]  # fmt: skip
+        lengths = torch.tensor([d.pos + 1 - shared * bs for d in members], device=self.device)
+        pad = torch.arange(width * bs, device=self.device)[None, :] >= lengths[:, None]
+        prefix_rows = self._blocks(members[0].block_table[:shared]) if shared else None
+        return DecodeGroup(
+            start, len(members), prefix_rows, self._blocks(tables), pad[None, :, None, :]
+        )
 
     def _segment(self, start: int, p: PrefillInput) -> Segment:
-        """A prefill's context rows, and its mask when it continues a cached prefix."""
+        """A prefill's context blocks, and its mask when it continues a cached prefix."""
         length, context = len(p.token_ids), p.start_pos + len(p.token_ids)
         mask = None
         if p.start_pos:  # query i sits at position start_pos + i
             rows = torch.arange(length, device=self.device)[:, None] + p.start_pos
             mask = torch.arange(context, device=self.device)[None, :] <= rows
-        return Segment(start, length, self.kv.rows(self._slots(p.block_table, context)), mask)
+        blocks = self._blocks(p.block_table[: -(-context // self.block_size)])
+        return Segment(start, length, context, blocks, mask)
 
     @torch.inference_mode()
     def forward(self, prefills: list[PrefillInput], decodes: list[DecodeInput]) -> torch.Tensor:
@@ -157,7 +155,7 @@ class PagedRunner:
                 write.append(self._slot(d.block_table, d.pos))
                 decode_last[i] = len(ids) - 1
         last += decode_last
-        write_rows = self.kv.rows(torch.tensor(write, device=self.device))
+        write_rows = self.kv.slot_rows(torch.tensor(write, device=self.device))
         layout = StepLayout(self.kv, write_rows, segments, decode_groups)
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),

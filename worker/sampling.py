@@ -34,7 +34,7 @@ def sample_next(
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
     """Next token id per row of `logits` (rows x vocab): greedy rows batched, sampled rows each."""
-    tokens = logits.argmax(-1)
+    tokens = logits.max(-1).indices  # = argmax (first of ties); CPU argmax is 5x slower in bf16
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.temperature == 0:
             continue
