@@ -210,7 +210,7 @@ def main() -> None:
     codec = TextCodec(tok, GenerationConfig.from_pretrained(fp_path))
     jobs, sys_lens = eb.build_workload(tok, codec, args.jobs, args.seed, args.max_new)
     shareable = eb.shareable_tokens(jobs, sys_lens)
-    peak = eb.matmul_peak_gflops(torch.device(args.device))
+    peak = eb.matmul_peak_gflops(torch.device(args.device), torch.float32)
     say(f"{len(jobs)} jobs, system blocks {sys_lens}; fp32 matmul peak {peak:.1f} GFLOP/s")
     results = {v.name: run_variant(v, args, jobs, shareable) for v in VARIANTS}
     assert len({r["ntok"] for r in results.values()}) == 1, "the tokenizers differ"

@@ -32,9 +32,9 @@ def plot_table(md: Path, png: Path) -> None:
     tps.set_ylabel("output tokens/s (higher is better)")
     width, xs = 0.4, range(len(rows))
     ttft.bar([x - width / 2 for x in xs], [float(r["p50 TTFT s"]) for r in rows], width,
-             label="p50")  # fmt: skip
+             label="p50", color="tab:gray")  # fmt: skip
     ttft.bar([x + width / 2 for x in xs], [float(r["p95 TTFT s"]) for r in rows], width,
-             label="p95")  # fmt: skip
+             label="p95", color="black")  # fmt: skip
     ttft.set_xticks(list(xs), names)
     ttft.set_ylabel("time to first token, s (lower is better)")
     ttft.legend()
