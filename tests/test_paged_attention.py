@@ -33,12 +33,13 @@ def test_matmul_path_equals_fused_kernel_in_fp32(cached: int, length: int) -> No
     torch.testing.assert_close(matmul, fused, rtol=1e-5, atol=1e-5)
 
 
-def test_matmul_path_in_bf16_stays_within_bf16_rounding() -> None:
-    q, k, v, mask = _case(304, 65, torch.bfloat16, seed=7)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matmul_path_in_half_precision_stays_within_rounding(dtype: torch.dtype) -> None:
+    q, k, v, mask = _case(304, 65, dtype, seed=7)
     scale = DIM**-0.5
     reference = _prefill_fused(q.float(), k.float(), v.float(), mask, scale)
     out = _prefill_matmul(q, k, v, scale)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     err = (out.float() - reference).abs()
     assert err.max() < 0.02 and err.mean() < 0.002, (err.max(), err.mean())
 
