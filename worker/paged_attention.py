@@ -74,7 +74,6 @@ class Segment:
     length: int
     context: int
     rows: torch.Tensor  # [kv_heads, blocks] block rows, in position order
-    mask: torch.Tensor | None  # [length, context] with a cached prefix; None: plain causal
 
 
 @dataclass
@@ -119,15 +118,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     q = query[0]  # [heads, T, d]
     out = torch.empty_like(q)
     scale = scaling or dim**-0.5
-    fused = _fused_prefill_pays(q)
+    prefill = _prefill_fused if _fused_prefill_pays(q) else _prefill_matmul
     for seg in step.prefills:
         span = slice(seg.start, seg.start + seg.length)
         keys = _gather(k_cache, seg.rows, dim)[:, : seg.context]
         values = _gather(v_cache, seg.rows, dim)[:, : seg.context]
-        if fused:
-            out[:, span] = _prefill_fused(q[:, span], keys, values, seg.mask, scale)
-        else:
-            out[:, span] = _prefill_matmul(q[:, span], keys, values, scale)
+        out[:, span] = prefill(q[:, span], keys, values, scale)
     for group in step.decodes:
         rows = slice(group.start, group.start + group.count)
         out[:, rows] = _decode_group(q[:, rows], k_cache, v_cache, group, scale)
@@ -140,10 +136,14 @@ def _fused_prefill_pays(q: torch.Tensor) -> bool:
     return q.dtype == torch.float32 or q.device.type != "cpu"
 
 
-def _prefill_fused(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """q [heads, L, d] over k, v [kv_heads, C, d]; mask [L, C] (None: causal, C == L)."""
+def _prefill_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [heads, L, d] over k, v [kv_heads, C, d]: the last L keys are the segment's own
+    (causal), the C - L before them a cached prefix every query sees."""
+    length, context = q.shape[1], k.shape[1]
+    mask = None  # no cached prefix: plain causal
+    if context > length:  # query i sits at position context - length + i
+        keys = torch.arange(context, device=q.device)[None, :]
+        mask = keys <= torch.arange(length, device=q.device)[:, None] + (context - length)
     return F.scaled_dot_product_attention(
         q[None],  # 4-D inputs take the fused CPU kernel; 3-D ones do not
         k[None],

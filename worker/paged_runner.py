@@ -120,14 +120,10 @@ class PagedRunner:
         )
 
     def _segment(self, start: int, p: PrefillInput) -> Segment:
-        """A prefill's context blocks, and its mask when it continues a cached prefix."""
+        """A prefill's context blocks (cached prefix + new tokens)."""
         length, context = len(p.token_ids), p.start_pos + len(p.token_ids)
-        mask = None
-        if p.start_pos:  # query i sits at position start_pos + i
-            rows = torch.arange(length, device=self.device)[:, None] + p.start_pos
-            mask = torch.arange(context, device=self.device)[None, :] <= rows
         blocks = self._blocks(p.block_table[: -(-context // self.block_size)])
-        return Segment(start, length, context, blocks, mask)
+        return Segment(start, length, context, blocks)
 
     @torch.inference_mode()
     def forward(self, prefills: list[PrefillInput], decodes: list[DecodeInput]) -> torch.Tensor:
