@@ -21,6 +21,10 @@ worker runs on CPU (GPTQ models always, fp models with INFERQ_DTYPE=bfloat16).
 - share of peak = 2 x non-embedding params x computed positions / wall / the row dtype's
   torch.mm 2048^2 peak (best of 5, this run and device); attention scores and LM head not
   counted (lower bound).
+Ceiling per dtype: the engine row's computed positions and output tokens priced at the time
+the model's own linear-layer shapes (and the LM head, per output token) take in steps of
+`--max-num-seqs` rows on random weights: what the engine could reach if attention, norms and
+sampling cost nothing.
 Correctness guard: the fp32 engine rows' greedy tokens must equal HF one-at-a-time fp32's on
 the baseline subset (asserted after the table is written). bf16 rows report their agreement
 with HF bf16 (bf16 rounding differs with batch shape, so near-ties may flip).
@@ -224,20 +228,54 @@ def engine_row(
     return row
 
 
-def matmul_peak_gflops(
-    device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5
-) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+def best_seconds(fn, device: torch.device, reps: int = 5) -> float:
+    """Best wall time of `fn()` over `reps` runs, after one warm-up run."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     best = float("inf")
     for _ in range(reps + 1):  # the first rep also warms up
         sync()
         t = time.perf_counter()
-        torch.mm(a, b)
+        fn()
         sync()
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def matmul_peak_gflops(
+    device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5
+) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b), device, reps) / 1e9
+
+
+@dataclass
+class Ceiling:
+    """Seconds per computed position for the model's linear layers, and for its LM head per
+    output token, timed on random weights of the same shapes at `rows` rows per step."""
+
+    per_position: float
+    per_output: float
+
+    @classmethod
+    def measure(cls, model, rows: int, device: torch.device, dtype: torch.dtype) -> Ceiling:
+        head = model.get_output_embeddings()
+        shapes = [(m.in_features, m.out_features) for m in model.modules()
+                  if isinstance(m, torch.nn.Linear) and m is not head]  # fmt: skip
+
+        def seconds(fan_in: int, fan_out: int) -> float:
+            x = torch.randn(rows, fan_in, device=device, dtype=dtype)
+            w = torch.randn(fan_out, fan_in, device=device, dtype=dtype)
+            return best_seconds(lambda: torch.nn.functional.linear(x, w), device, 3) / rows
+
+        memo = {shape: seconds(*shape) for shape in set(shapes)}
+        return cls(sum(memo[s] for s in shapes), seconds(head.in_features, head.out_features))
+
+    def tokens_per_s(self, row: Row) -> float:
+        """The row's output tokens/s if only its linear layers took time."""
+        return row.out_tokens / (
+            row.computed * self.per_position + row.out_tokens * self.per_output
+        )
 
 
 def dtype_rows(args, path: str, tok, jobs: list[Job], shareable: int, dtype: str) -> list[Row]:
@@ -272,8 +310,12 @@ def table_lines(rows: list[Row], dense: int, peaks: dict[str, float]) -> list[st
     return lines
 
 
-def verdict_lines(rows: dict[str, Row], tags: list[str]) -> tuple[list[str], dict[str, list]]:
-    """Speed-ups, the issue's targets per dtype, greedy agreement with HF one at a time."""
+def verdict_lines(
+    rows: dict[str, Row], ceilings: dict[str, Ceiling], step_rows: int
+) -> tuple[list[str], dict[str, list]]:
+    """Speed-ups, the issue's targets per dtype, the linear-layer ceiling, greedy agreement
+    with HF one at a time."""
+    tags = list(ceilings)
     lines, wrong = [""], {}
     for tag in tags:
         best, one = rows[f"engine-prefix-cache {tag}"], rows[f"hf-one-at-a-time {tag}"]
@@ -287,6 +329,12 @@ def verdict_lines(rows: dict[str, Row], tags: list[str]) -> tuple[list[str], dic
             ("padding waste ≤5%", 1 - best.needed / best.computed <= 0.05),
         ]
         lines += [f"- {tag} target {t}: {'MET' if ok else 'NOT MET'}" for t, ok in checks]
+        cap = ceilings[tag].tokens_per_s(best)
+        lines.append(
+            f"- {tag} ceiling: {best.name}'s linear layers alone, at their measured speed in "
+            f"{step_rows}-row steps (attention, norms, sampling taken as free), allow "
+            f"{cap:.1f} tok/s = {cap / one.tps:.2f}x {one.name}"
+        )
         for r in rows.values():
             if r is not one and r.name.endswith(tag):
                 bad = [s for s, t in one.outputs.items() if r.outputs.get(s) != t]
@@ -320,15 +368,19 @@ def main() -> None:
     shareable = shareable_tokens(jobs, sys_lens)
     embeds = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in embeds)
-    del model
     dtypes = args.dtypes.split(",")
     device = torch.device(args.device)
     peaks = {SHORT[d]: matmul_peak_gflops(device, getattr(torch, d)) for d in dtypes}
+    ceilings = {
+        SHORT[d]: Ceiling.measure(model, args.max_num_seqs, device, getattr(torch, d))
+        for d in dtypes
+    }
+    del model
     lens = sorted(len(j.prompt_ids) for j in jobs)
     print(f"{len(jobs)} jobs; system blocks {sys_lens}; prompts {lens[0]}-{lens[-1]} tokens")
 
     rows = [r for d in dtypes for r in dtype_rows(args, path, tok, jobs, shareable, d)]
-    verdicts, wrong = verdict_lines({r.name: r for r in rows}, [SHORT[d] for d in dtypes])
+    verdicts, wrong = verdict_lines({r.name: r for r in rows}, ceilings, args.max_num_seqs)
     peak_text = ", ".join(f"{t} {g:.1f}" for t, g in peaks.items())
     lines = table_lines(rows, dense, peaks) + verdicts
     lines.append(
