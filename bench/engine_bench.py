@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from limits import Ceiling, matmul_peak_gflops  # bench/limits.py, beside this script
 from plot import plot_table  # bench/plot.py, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
@@ -228,56 +229,6 @@ def engine_row(
     return row
 
 
-def best_seconds(fn, device: torch.device, reps: int = 5) -> float:
-    """Best wall time of `fn()` over `reps` runs, after one warm-up run."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    best = float("inf")
-    for _ in range(reps + 1):  # the first rep also warms up
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def matmul_peak_gflops(
-    device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5
-) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b), device, reps) / 1e9
-
-
-@dataclass
-class Ceiling:
-    """Seconds per computed position for the model's linear layers, and for its LM head per
-    output token, timed on random weights of the same shapes at `rows` rows per step."""
-
-    per_position: float
-    per_output: float
-
-    @classmethod
-    def measure(cls, model, rows: int, device: torch.device, dtype: torch.dtype) -> Ceiling:
-        head = model.get_output_embeddings()
-        shapes = [(m.in_features, m.out_features) for m in model.modules()
-                  if isinstance(m, torch.nn.Linear) and m is not head]  # fmt: skip
-
-        def seconds(fan_in: int, fan_out: int) -> float:
-            x = torch.randn(rows, fan_in, device=device, dtype=dtype)
-            w = torch.randn(fan_out, fan_in, device=device, dtype=dtype)
-            return best_seconds(lambda: torch.nn.functional.linear(x, w), device, 3) / rows
-
-        memo = {shape: seconds(*shape) for shape in set(shapes)}
-        return cls(sum(memo[s] for s in shapes), seconds(head.in_features, head.out_features))
-
-    def tokens_per_s(self, row: Row) -> float:
-        """The row's output tokens/s if only its linear layers took time."""
-        return row.out_tokens / (
-            row.computed * self.per_position + row.out_tokens * self.per_output
-        )
-
-
 def dtype_rows(args, path: str, tok, jobs: list[Job], shareable: int, dtype: str) -> list[Row]:
     """The four rows of one dtype: HF one at a time, HF static 16, engine without/with cache."""
     model = AutoModelForCausalLM.from_pretrained(
@@ -329,7 +280,7 @@ def verdict_lines(
             ("padding waste ≤5%", 1 - best.needed / best.computed <= 0.05),
         ]
         lines += [f"- {tag} target {t}: {'MET' if ok else 'NOT MET'}" for t, ok in checks]
-        cap = ceilings[tag].tokens_per_s(best)
+        cap = ceilings[tag].tokens_per_s(best.computed, best.out_tokens)
         lines.append(
             f"- {tag} ceiling: {best.name}'s linear layers alone, at their measured speed in "
             f"{step_rows}-row steps (attention, norms, sampling taken as free), allow "

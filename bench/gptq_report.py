@@ -34,6 +34,7 @@ from pathlib import Path
 import engine_bench as eb  # bench/engine_bench.py, beside this script
 import numpy as np
 import torch
+from limits import matmul_peak_gflops  # bench/limits.py, beside this script
 from transformers import AutoTokenizer, GenerationConfig, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
@@ -210,7 +211,7 @@ def main() -> None:
     codec = TextCodec(tok, GenerationConfig.from_pretrained(fp_path))
     jobs, sys_lens = eb.build_workload(tok, codec, args.jobs, args.seed, args.max_new)
     shareable = eb.shareable_tokens(jobs, sys_lens)
-    peak = eb.matmul_peak_gflops(torch.device(args.device), torch.float32)
+    peak = matmul_peak_gflops(torch.device(args.device), torch.float32)
     say(f"{len(jobs)} jobs, system blocks {sys_lens}; fp32 matmul peak {peak:.1f} GFLOP/s")
     results = {v.name: run_variant(v, args, jobs, shareable) for v in VARIANTS}
     assert len({r["ntok"] for r in results.values()}) == 1, "the tokenizers differ"
