@@ -33,7 +33,8 @@ def matmul_peak_gflops(
 @dataclass
 class Ceiling:
     """Seconds per computed position for the model's linear layers, and for its LM head per
-    output token, timed on random weights of the same shapes at `rows` rows per step."""
+    output token, timed on random weights of the same shapes at `rows` rows per step (each
+    shape's weights stay cache-warm across repeats, so the ceiling is an upper bound)."""
 
     per_position: float
     per_output: float
