@@ -1,0 +1,141 @@
+"""The engine's public types: what goes into an engine and what comes out. No torch here.
+
+The service (intake, engine loop, result sink) talks to an engine only through these types
+and the `Engine` protocol; everything with tensors stays behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # an end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to sample one sequence. `temperature` 0 is greedy; `seed` makes sampling repeatable."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    seq_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    tenant: str = ""  # prefix-cache isolation: blocks are never shared across tenants
+    priority: int = 0  # higher runs first (ages up while waiting)
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """A finished sequence. Times are `time.time()` seconds (wall clock, comparable to UTC)."""
+
+    seq_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache (at the last admission)
+    computed_tokens: int  # tokens this sequence had computed (prefill, recompute, decode)
+    batch: int  # the engine step that first admitted it: jobs admitted together share it
+    batch_size: int  # how many sequences that step admitted
+    added_at: float
+    admitted_at: float
+    first_token_at: float
+    finished_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Counters since the engine was built, and the KV pool's occupancy now."""
+
+    steps: int = 0
+    running: int = 0
+    waiting: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    busy_s: float = 0.0  # wall time spent inside step()
+    cache_queried_tokens: int = 0
+    cache_hit_tokens: int = 0
+    blocks_used: int = 0
+    blocks_free: int = 0
+    blocks_evictable: int = 0
+    evictions: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+    @property
+    def hit_rate(self) -> float:
+        q = self.cache_queried_tokens
+        return self.cache_hit_tokens / q if q else 0.0
+
+
+class Codec(Protocol):
+    """Text <-> token ids for one model. Not thread-safe: each thread owns its own."""
+
+    def encode(self, prompt: str | None, messages: list[dict] | None) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Continuous batching: sequences join (`add`) and leave (finished, or `abort`) between
+    steps. One thread owns an engine; nothing here does I/O."""
+
+    model_name: str
+    max_context: int  # prompt + max_tokens must fit
+    max_num_seqs: int  # sequences computed at once
+
+    @property
+    def has_work(self) -> bool: ...
+
+    def new_codec(self) -> Codec:
+        """A tokenizer of this engine's model for another thread to own."""
+        ...
+
+    def add(self, request: EngineRequest) -> None:
+        """Queue a sequence; ValueError if it can never run here (duplicate id, too long)."""
+        ...
+
+    def step(self) -> list[EngineOutput]:
+        """One scheduling step and forward pass; the sequences that finished in it."""
+        ...
+
+    def abort(self, seq_id: str) -> None:
+        """Drop a waiting or running sequence (unknown ids are ignored)."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+
+def run_to_completion(engine: Engine, requests: list[EngineRequest]) -> list[EngineOutput]:
+    """Run a closed set of requests to the end (outputs in request order): a thin helper over
+    `add`/`step` for benchmarks and tests. On an error the unfinished ones are aborted."""
+    wanted = {r.seq_id for r in requests}
+    results: dict[str, EngineOutput] = {}
+    try:
+        for r in requests:
+            engine.add(r)
+        while wanted - results.keys():
+            for out in engine.step():
+                results[out.seq_id] = out
+    except BaseException:
+        for seq_id in wanted - results.keys():
+            engine.abort(seq_id)
+        raise
+    return [results[r.seq_id] for r in requests]
