@@ -11,7 +11,8 @@ from celery import Celery
 from pydantic import ValidationError
 
 from api_client.schema import JobMessage, SamplingParams
-from inferq.settings import TASK_NAME, Settings, get_settings
+from api_client.wire import TASK_NAME, celery_priority, producer_app
+from inferq.settings import Settings, get_settings
 from storage.records import TERMINAL_STATUSES, JobView, NewJob
 from storage.repository import Repository
 
@@ -35,9 +36,7 @@ class InferqClient:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or get_settings()
         self.repo = Repository(self.settings.resolved_database_url)
-        from worker.celery_app import create_app
-
-        self.celery: Celery = create_app(self.settings)
+        self.celery: Celery = producer_app(self.settings)
 
     def build(
         self,
@@ -84,7 +83,7 @@ class InferqClient:
                 TASK_NAME,
                 kwargs=msg.to_wire(),
                 queue=self.settings.queue,
-                priority=9 - msg.priority,
+                priority=celery_priority(msg.priority),
                 task_id=str(job_id),
             )
         except Exception as exc:
@@ -116,7 +115,7 @@ class InferqClient:
             time.sleep(poll)
 
     def cancel(self, job_id: uuid.UUID | str) -> bool:
-        """Cancel a queued or running job; True if it had not finished. The paged engine drops
-        a running job within about half a second; the padded engine finishes its batch first
-        (the job stays cancelled)."""
+        """Cancel a queued or running job; True if it had not finished. A worker drops a
+        running job within about half a second (its result, if one races in, is not kept as
+        the outcome: the job stays cancelled)."""
         return self.repo.cancel(uuid.UUID(str(job_id)))

@@ -53,33 +53,16 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from inferq.logs import configure_logging, install_celery_hooks
-    from worker.celery_app import create_app
-    from worker.runtime import WorkerRuntime
+    from inferq.logs import configure_logging
+    from worker.service.app import WorkerService
 
     settings = get_settings()
     configure_logging(args.loglevel)
-    install_celery_hooks()
     if settings.embedded:
         from storage.migrate import upgrade
 
         upgrade(settings.resolved_database_url)
-    app = create_app(settings)
-    app.inferq_runtime = WorkerRuntime(settings)  # load the model before taking jobs
-    concurrency = settings.concurrency or 2 * settings.max_batch_size
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={concurrency}",
-            "-Q",
-            settings.queue,
-            f"--loglevel={args.loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-            *(["-n", settings.worker_name] if settings.worker_name else []),
-        ]
-    )
+    WorkerService(settings).run()  # models load before the first message is taken
     return 0
 
 
@@ -169,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(func=_cmd_migrate)
 
-    worker = verbs.add_parser("worker", help="run a Celery worker (threads pool)")
+    worker = verbs.add_parser("worker", help="run a worker: consume jobs until SIGTERM")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=_cmd_worker)
 

@@ -1,7 +1,7 @@
 """`inferq demo`: the whole path on one machine with no servers.
 
-SQLite database + SQLite-file Celery broker (unless INFERQ_* points elsewhere), an
-in-process worker on the threads pool, a few dozen varied prompts, results and a summary.
+SQLite database + SQLite-file broker (unless INFERQ_* points elsewhere), an in-process
+worker service, a few dozen varied prompts sent through Celery, results and a summary.
 """
 
 from __future__ import annotations
@@ -63,39 +63,25 @@ def _print_results(views, jobs) -> None:
 
 
 def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
-    from celery.contrib.testing.worker import start_worker
-
     from api_client import InferqClient
-    from inferq.logs import configure_logging, install_celery_hooks
+    from inferq.logs import configure_logging
     from inferq.settings import get_settings
     from storage.migrate import upgrade
-    from worker.runtime import WorkerRuntime
+    from worker.service.app import WorkerService
 
     configure_logging("WARNING")
-    install_celery_hooks()
     settings = get_settings()
     print(f"database: {settings.resolved_database_url.split('@')[-1]}")
     print(f"broker:   {settings.resolved_broker_url.split('@')[-1]}")
     upgrade(settings.resolved_database_url)
     client = InferqClient(settings)
-    app = client.celery
     print(f"model:    {settings.model} (preparing/loading)")
-    app.inferq_runtime = WorkerRuntime(settings)
     workload = demo_jobs(jobs, max_tokens)
-    concurrency = settings.concurrency or 2 * settings.max_batch_size
-    with start_worker(
-        app,
-        pool="threads",
-        concurrency=concurrency,
-        perform_ping_check=False,
-        loglevel="WARNING",
-        shutdown_timeout=30,
-    ):
+    with WorkerService(settings):
         started = time.perf_counter()
         ids = client.submit_many(workload)
         views = client.wait_many(ids, timeout=1800)
         wall = time.perf_counter() - started
-    app.inferq_runtime.close()
     _print_results(views, workload)
     summary = client.repo.summary(ids)
     tokens = sum(v.result.completion_tokens for v in views if v.result)

@@ -1,4 +1,4 @@
-"""structlog JSON logging for inferq and for Celery's own log lines."""
+"""structlog JSON logging for inferq and for the libraries' own log lines (kombu, ...)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import sys
 
 import structlog
 
+# Tracebacks as JSON, without frame locals (they can hold secrets and prompts).
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 _SHARED = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
@@ -27,7 +31,7 @@ def configure_logging(level: str = "INFO", stream=None) -> None:
         foreign_pre_chain=_SHARED,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.dict_tracebacks,
+            _TRACEBACKS,
             structlog.processors.JSONRenderer(),
         ],
     )
@@ -39,15 +43,6 @@ def configure_logging(level: str = "INFO", stream=None) -> None:
     logging.captureWarnings(True)  # warnings (e.g. Celery's as-root notice) become JSON lines too
     for noisy in ("httpx", "urllib3", "filelock", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def install_celery_hooks() -> None:
-    """Stop Celery from taking over logging; our JSON handler stays in charge."""
-    from celery.signals import setup_logging
-
-    @setup_logging.connect(weak=False)
-    def _keep_ours(**_: object) -> None:
-        return None
 
 
 def get_logger(name: str = "inferq", **bound: object) -> structlog.stdlib.BoundLogger:

@@ -16,7 +16,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 FP_MODEL = "smollm2-135m-instruct"  # dequantized from the GGUF, fp32 safetensors
 DEFAULT_MODEL = "smollm2-135m-instruct-gptq"  # its GPTQ 4-bit variant, quantized here
-TASK_NAME = "inferq.generate"
 DEFAULT_QUEUE = "inferq"
 
 
@@ -50,9 +49,6 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto | cpu | cuda")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
-    max_batch_size: int = Field(16, ge=1, le=256)
-    batch_wait_ms: int = Field(50, ge=0, description="how long to wait for a batch to fill")
-    token_budget: int = Field(8192, ge=1, description="padded tokens (prompt+new) per batch")
     max_prompt_tokens: int = Field(2048, ge=1)
     max_new_tokens: int = Field(512, ge=1, description="upper bound on a job's max_tokens")
     aging_s: float = Field(5.0, gt=0, description="waiting this long raises a job one class")
@@ -60,7 +56,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         1800, ge=1, description="redelivery after a worker dies; must exceed wait + run"
     )
-    engine: str = Field("paged", pattern="^(paged|padded)$", description="paged | padded")
+    engine: str = Field(
+        "paged", pattern="^(paged|null)$", description="paged, or null (instant; benchmarks)"
+    )
     kv_cache_tokens: int = Field(32768, ge=256, description="paged KV capacity in tokens")
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding at once (paged)")
     max_step_tokens: int = Field(2048, ge=16, description="tokens computed per step (paged)")
@@ -69,7 +67,6 @@ class Settings(BaseSettings):
         default_factory=lambda: secrets.token_hex(16),
         description="keys per-tenant prefix-cache salts; random per process when unset",
     )
-    concurrency: int | None = Field(None, description="worker threads; default 2x batch size")
     worker_name: str | None = None
 
     @cached_property

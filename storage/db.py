@@ -41,6 +41,7 @@ def dispose_engines(url: str | None = None) -> None:
 def build_engine(url: str, **kwargs: Any) -> sa.Engine:
     """Create a new, uncached engine; `kwargs` go to `sqlalchemy.create_engine`."""
     parsed = make_url(url)
+    kwargs.setdefault("hide_parameters", True)  # job payloads stay out of error messages
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         return sa.create_engine(parsed, **kwargs)

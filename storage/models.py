@@ -10,7 +10,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JOB_STATUSES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
+from storage.records import JobStatus
+
+JOB_STATUSES: tuple[str, ...] = tuple(JobStatus)
 #: JSON everywhere, JSONB on PostgreSQL; Python None is SQL NULL (not JSON 'null').
 JSONType = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 STATUS_CHECK = "status IN ({})".format(", ".join(f"'{s}'" for s in JOB_STATUSES))

@@ -6,13 +6,23 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from api_client.schema import JobMessage
 
 
-TERMINAL_STATUSES = frozenset({"done", "failed", "cancelled"})  # a job in one never runs again
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+TERMINAL_STATUSES = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
 def utcnow() -> datetime:
@@ -79,20 +89,26 @@ class NewJob:
 
 @dataclass(frozen=True, slots=True)
 class JobState:
-    """A job's status and delivery count, as `start_batch` left them."""
+    """A job's status and delivery count, as `claim` left them; `id` is the canonical job
+    (another job's id when the message repeated an idempotency key)."""
 
-    status: str
+    id: uuid.UUID
+    status: JobStatus
     attempts: int
 
 
 @dataclass(slots=True)
 class BatchRecord:
-    """Final figures of a batch, written by `finish_batch`."""
+    """A batch row: the jobs one engine step admitted together, and their figures so far."""
 
+    id: uuid.UUID
+    worker: str
+    model: str
     size: int
-    real_tokens: int
-    padded_tokens: int
-    finished_at: datetime = field(default_factory=utcnow)
+    real_tokens: int  # tokens computed for its jobs (prefill, recompute, decode)
+    padded_tokens: int  # the same with padding: equal for the paged engine
+    started_at: datetime
+    finished_at: datetime | None = None
     duration_s: float | None = None
     stats: dict[str, Any] | None = None
 
@@ -120,6 +136,16 @@ class MetricsRow:
     decode_s: float | None = None
     total_s: float | None = None
     decode_tokens_per_s: float | None = None
+
+
+@dataclass(slots=True)
+class FinishedJob:
+    """A job's result and metrics, and the batch that ran it."""
+
+    result: ResultRow
+    metrics: MetricsRow
+    batch_id: uuid.UUID | None
+    finished_at: datetime
 
 
 def _plain(value: Any) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -25,12 +25,31 @@ from storage.models import (
     jobs_table,
     results_table,
 )
-from storage.records import BatchRecord, JobState, JobView, MetricsRow, NewJob, ResultRow, utcnow
+from storage.records import (
+    ACTIVE_STATUSES,
+    BatchRecord,
+    FinishedJob,
+    JobState,
+    JobStatus,
+    JobView,
+    MetricsRow,
+    NewJob,
+    ResultRow,
+    utcnow,
+)
 
-__all__ = ["BatchRecord", "JobState", "JobView", "MetricsRow", "NewJob", "Repository", "ResultRow"]
+__all__ = [
+    "BatchRecord",
+    "FinishedJob",
+    "JobState",
+    "JobView",
+    "MetricsRow",
+    "NewJob",
+    "Repository",
+    "ResultRow",
+]
 
 J, B, R, M = jobs_table, batches_table, results_table, job_metrics_table
-ACTIVE = ("queued", "running")
 _CHUNK = 5000  # ids per IN list on reads (SQLite caps bound parameters)
 _RESULT_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "job_id"]
 _METRIC_FIELDS = [f.name for f in dataclasses.fields(MetricsRow) if f.name != "job_id"]
@@ -40,6 +59,11 @@ _JOB_FIELDS = [f.name for f in dataclasses.fields(JobView) if f.name not in ("re
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _status_in(statuses: Iterable[str]) -> sa.ColumnElement[bool]:
+    """`status IN (...)` spelled as ORs: executemany() takes no expanding IN lists."""
+    return sa.or_(*(J.c.status == s for s in sorted(statuses)))
 
 
 def _float(value: Any) -> float | None:
@@ -141,7 +165,7 @@ class Repository:
         but the job stays cancelled."""
         stmt = (
             sa.update(J)
-            .where(J.c.id == job_id, J.c.status.in_(ACTIVE))
+            .where(J.c.id == job_id, J.c.status.in_(ACTIVE_STATUSES))
             .values(status="cancelled", finished_at=utcnow())
             .returning(J.c.id)
         )
@@ -150,102 +174,110 @@ class Repository:
 
     # -- worker side ---------------------------------------------------------------------
 
-    def start_batch(
+    def claim(
         self,
-        batch_id: uuid.UUID,
+        jobs: Sequence[NewJob],
         worker: str,
-        model: str,
-        job_ids: Sequence[uuid.UUID],
-        started_at: datetime | None = None,
+        refused: Mapping[uuid.UUID, str] | None = None,
+        now: datetime | None = None,
     ) -> dict[uuid.UUID, JobState]:
-        """Record a batch and mark its queued/running jobs running (attempts + 1).
-
-        Returns the state after the update of every given id that exists; ids whose job is
-        done, failed or cancelled keep their state, so the caller can skip them.
-        """
-        started_at = started_at or utcnow()
-        ids = list(dict.fromkeys(job_ids))
-        batch_row = {
-            "id": batch_id,
-            "worker": worker,
-            "model": model,
-            "size": len(ids),
-            "real_tokens": 0,
-            "padded_tokens": 0,
-            "started_at": started_at,
-        }
+        """One transaction for jobs a worker received: insert the absent ones, mark the active
+        ones running for `worker` (attempts + 1) except those in `refused`, which fail with
+        their error. Maps each message job id to its canonical job's state after that."""
+        refused = refused or {}
+        now = now or utcnow()
+        unique = list({j.id: j for j in jobs}.values())
+        if not unique:
+            return {}
+        insert = self._insert(J).on_conflict_do_nothing().returning(J.c.id)
         with self._writer.begin() as conn:
-            conn.execute(self._insert(B).values(batch_row).on_conflict_do_nothing())
-            if not ids:
-                return {}
-            conn.execute(
-                sa.update(J)
-                .where(J.c.id.in_(ids), J.c.status.in_(ACTIVE))
-                .values(
-                    status="running",
-                    attempts=J.c.attempts + 1,
-                    started_at=started_at,
-                    worker=worker,
-                    batch_id=batch_id,
-                )
-            )
-            rows = conn.execute(sa.select(J.c.id, J.c.status, J.c.attempts).where(J.c.id.in_(ids)))
-            return {i: JobState(status=s, attempts=a) for i, s, a in rows}
-
-    def finish_batch(
-        self,
-        batch_id: uuid.UUID,
-        stats: BatchRecord,
-        results: Sequence[ResultRow],
-        metrics: Sequence[MetricsRow] = (),
-    ) -> set[uuid.UUID]:
-        """Store a batch's figures, results and metrics; mark the jobs done.
-
-        Idempotent: a job that already has a result keeps it (and its metrics). Metrics are
-        stored only for jobs whose result is new. Returns the ids whose result is new.
-        """
-        batch_values = dataclasses.asdict(stats)
-        result_rows = list({r.job_id: dataclasses.asdict(r) for r in results}.values())
-        with self._writer.begin() as conn:
-            conn.execute(sa.update(B).where(B.c.id == batch_id).values(batch_values))
-            if not result_rows:
-                return set()
-            insert = self._insert(R).on_conflict_do_nothing(index_elements=[R.c.job_id])
-            new = set(conn.scalars(insert.returning(R.c.job_id), result_rows))
-            metric_rows = list(
-                {m.job_id: dataclasses.asdict(m) for m in metrics if m.job_id in new}.values()
-            )
-            if metric_rows:
-                insert = self._insert(M).on_conflict_do_nothing(index_elements=[M.c.job_id])
-                conn.execute(insert, metric_rows)
-            if new:
+            inserted = set(conn.scalars(insert, [j.row() for j in unique]))
+            canonical = {j.id: j.id for j in unique if j.id in inserted}
+            canonical.update(self._existing(conn, [j for j in unique if j.id not in inserted]))
+            runnable = [j for j in canonical.values() if j not in refused]
+            for part in _chunks(runnable):
                 conn.execute(
                     sa.update(J)
-                    .where(J.c.id.in_(new), J.c.status.not_in(("done", "cancelled")))
-                    .values(status="done", finished_at=stats.finished_at, error=None)
+                    .where(J.c.id.in_(part), J.c.status.in_(ACTIVE_STATUSES))
+                    .values(status="running", attempts=J.c.attempts + 1, started_at=now,
+                            worker=worker)
+                )  # fmt: skip
+            self._fail(conn, {j: refused[j] for j in canonical if j in refused}, final=True)
+            states: dict[uuid.UUID, JobState] = {}
+            for part in _chunks(list(set(canonical.values()))):
+                rows = conn.execute(
+                    sa.select(J.c.id, J.c.status, J.c.attempts).where(J.c.id.in_(part))
                 )
+                states.update((i, JobState(i, JobStatus(s), a)) for i, s, a in rows)
+        return {job_id: states[c] for job_id, c in canonical.items() if c in states}
+
+    def store_outcomes(
+        self,
+        finished: Sequence[FinishedJob],
+        batches: Sequence[BatchRecord] = (),
+        failures: Mapping[uuid.UUID, str] | None = None,
+    ) -> set[uuid.UUID]:
+        """One transaction: batch rows (upserted whole), results and metrics of finished jobs,
+        their status, and final failures. Idempotent: a job that already has a result keeps it
+        (and its metrics); a cancelled job stays cancelled. Returns the ids with a new result."""
+        batch_rows = [dataclasses.asdict(b) for b in batches]
+        results = list({f.result.job_id: f for f in finished}.values())
+        new: set[uuid.UUID] = set()
+        with self._writer.begin() as conn:
+            if batch_rows:
+                conn.execute(self._upsert_batches(), batch_rows)
+            if results:
+                insert = self._insert(R).on_conflict_do_nothing(index_elements=[R.c.job_id])
+                rows = [dataclasses.asdict(f.result) for f in results]
+                new = set(conn.scalars(insert.returning(R.c.job_id), rows))
+            fresh = [f for f in results if f.result.job_id in new]
+            if fresh:
+                insert = self._insert(M).on_conflict_do_nothing(index_elements=[M.c.job_id])
+                conn.execute(insert, [dataclasses.asdict(f.metrics) for f in fresh])
+                done = (
+                    sa.update(J)
+                    .where(J.c.id == sa.bindparam("p_id"), _status_in(ACTIVE_STATUSES | {"failed"}))
+                    .values(status="done", finished_at=sa.bindparam("p_at"),
+                            batch_id=sa.bindparam("p_batch"), error=None)
+                )  # fmt: skip
+                conn.execute(
+                    done,
+                    [{"p_id": f.result.job_id, "p_at": f.finished_at, "p_batch": f.batch_id}
+                     for f in fresh],
+                )  # fmt: skip
+            self._fail(conn, failures or {}, final=True)
         return new
 
-    def fail_jobs(self, errors: dict[uuid.UUID, str], *, final: bool = True) -> None:
+    def _upsert_batches(self) -> sa.Insert:
+        """INSERT a batch row, or replace every figure of the row with that id."""
+        stmt = self._insert(B)
+        figures = [c.name for c in B.columns if c.name != "id"]
+        return stmt.on_conflict_do_update(
+            index_elements=[B.c.id], set_={name: stmt.excluded[name] for name in figures}
+        )
+
+    def fail_jobs(self, errors: Mapping[uuid.UUID, str], *, final: bool = True) -> None:
         """Final: mark failed with the error. Not final: requeue, keeping the error.
 
         Done and cancelled jobs are never touched; a non-final failure leaves failed jobs be.
         """
+        if errors:
+            with self._writer.begin() as conn:
+                self._fail(conn, errors, final=final)
+
+    @staticmethod
+    def _fail(conn: sa.Connection, errors: Mapping[uuid.UUID, str], *, final: bool) -> None:
         if not errors:
             return
-        allowed = (*ACTIVE, "failed") if final else ACTIVE
+        allowed = (*ACTIVE_STATUSES, "failed") if final else ACTIVE_STATUSES
         values: dict[str, Any] = {"error": sa.bindparam("p_error")}
         values.update(
             {"status": "failed", "finished_at": utcnow()} if final else {"status": "queued"}
         )
         stmt = (
-            sa.update(J)
-            .where(J.c.id == sa.bindparam("p_id"), sa.or_(*(J.c.status == s for s in allowed)))
-            .values(values)
+            sa.update(J).where(J.c.id == sa.bindparam("p_id"), _status_in(allowed)).values(values)
         )
-        params = [{"p_id": job_id, "p_error": error} for job_id, error in errors.items()]
-        with self._writer.begin() as conn:
-            conn.execute(stmt, params)
+        conn.execute(stmt, [{"p_id": i, "p_error": e} for i, e in errors.items()])
 
     # -- reads ---------------------------------------------------------------------------
 

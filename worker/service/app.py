@@ -1,0 +1,131 @@
+"""The worker service: loads the served models, then runs intake, engine loop and result sink
+on three threads until stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from types import FrameType
+
+from inferq.logs import get_logger
+from inferq.settings import Settings
+from storage.repository import Repository
+from worker.engine.api import Engine
+from worker.service.engine_loop import EngineLoop
+from worker.service.intake import Intake, Served
+from worker.service.jobs import Ledger
+from worker.service.sink import ResultSink
+
+log = get_logger("inferq.worker")
+WAITING_ROOM = 1.0  # jobs held beyond max_num_seqs, as a share of it: the scheduler's choice
+
+
+def load_engine(settings: Settings, name: str, path: str | None = None) -> Engine:
+    """Prepare (cached) and load one model into the engine `settings.engine` names."""
+    if settings.engine == "null":
+        from worker.engine.null import NullEngine
+
+        return NullEngine(name, max_num_seqs=settings.max_num_seqs)
+    from worker.engine.engine import EngineConfig, PagedEngine
+    from worker.prep.models import resolve_model
+
+    config = EngineConfig(
+        kv_cache_tokens=settings.kv_cache_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        max_step_tokens=settings.max_step_tokens,
+        aging_s=settings.aging_s,
+        prefix_cache=settings.prefix_cache,
+        cache_secret=settings.cache_secret,
+        gptq_backend=settings.gptq_backend,
+    )
+    engine = PagedEngine(resolve_model(settings, name, path), name, settings.device,
+                         settings.dtype, config)  # fmt: skip
+    engine.warm_up()
+    return engine
+
+
+def load_engines(settings: Settings, have: dict[str, Engine]) -> tuple[dict[str, Engine], dict]:
+    """Every served model not in `have`; a model that fails to load is reported, not fatal."""
+    engines, errors = dict(have), {}
+    for name, path in settings.served_models().items():
+        if name in engines:
+            continue
+        try:
+            engines[name] = load_engine(settings, name, path)
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            log.error("model.load_failed", model=name, error=errors[name])
+    if not engines:
+        raise RuntimeError(f"no model could be loaded: {errors}")
+    return engines, errors
+
+
+class WorkerService:
+    """One worker: `start()` then `stop()`, or `with WorkerService(...)`; `run()` blocks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engines: dict[str, Engine] | None = None,
+        repo: Repository | None = None,
+    ):
+        self.settings = settings
+        self.worker = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.repo = repo or Repository(settings.resolved_database_url)
+        self.engines, self.load_errors = load_engines(settings, engines or {})
+        self.ledger = Ledger()
+        self.sink = ResultSink(self.repo, self.ledger, self.worker, self._acknowledge, self._abort)
+        self.engine_loop = EngineLoop(self.engines, self.sink.put)
+        served = {n: Served(e.new_codec(), e.max_context) for n, e in self.engines.items()}
+        prefetch = sum(round(e.max_num_seqs * (1 + WAITING_ROOM)) for e in self.engines.values())
+        self.intake = Intake(
+            settings, self.repo, self.ledger, self.engine_loop, self.sink.put, served,
+            self.load_errors, self.worker, prefetch,
+        )  # fmt: skip
+        self._stop = threading.Event()
+        self._intake_thread = threading.Thread(
+            target=self.intake.run, args=(self._stop,), name="inferq-intake", daemon=True
+        )
+
+    def _acknowledge(self, job_ids: list) -> None:
+        self.intake.acknowledge(job_ids)
+
+    def _abort(self, job_id) -> None:
+        self.engine_loop.abort(job_id)
+
+    def start(self) -> WorkerService:
+        self.sink.start()
+        self.engine_loop.start()
+        self._intake_thread.start()
+        log.info("worker.ready", worker=self.worker, models=sorted(self.engines))
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking messages and computing; write what has finished. Unfinished jobs stay
+        unacknowledged: the broker delivers them again."""
+        self._stop.set()
+        self._intake_thread.join(timeout)
+        self.engine_loop.stop(timeout)
+        self.sink.stop(timeout)
+        log.info("worker.stopped", worker=self.worker)
+
+    def __enter__(self) -> WorkerService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        done = threading.Event()
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("worker.signal", signal=signal.Signals(signum).name)
+            done.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _on_signal)
+        with self:
+            done.wait()

@@ -1,0 +1,117 @@
+"""The engine loop: the only thread that touches the engines. It adds, aborts and steps;
+it never does I/O. Finished and failed jobs go to the result sink."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+
+from inferq.logs import get_logger
+from worker.engine.api import Engine, run_to_completion
+from worker.service.jobs import LiveJob
+from worker.service.outcomes import Failed, Finished, Outcome
+
+log = get_logger("inferq.engine_loop")
+IDLE_WAIT_S = 0.1
+
+
+class EngineLoop:
+    """Steps every engine that has work, round robin; `submit`/`abort` from any thread."""
+
+    def __init__(self, engines: dict[str, Engine], emit: Callable[[Outcome], None]):
+        self.engines = engines
+        self._emit = emit
+        self._inbox: queue.SimpleQueue[LiveJob | uuid.UUID] = queue.SimpleQueue()
+        self._live: dict[str, dict[str, LiveJob]] = {name: {} for name in engines}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inferq-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def submit(self, job: LiveJob) -> None:
+        self._inbox.put(job)
+
+    def abort(self, job_id: uuid.UUID) -> None:
+        self._inbox.put(job_id)
+
+    @property
+    def num_live(self) -> int:
+        return sum(len(live) for live in self._live.values())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = any(engine.has_work for engine in self.engines.values())
+            self._take(wait=0.0 if busy else IDLE_WAIT_S)
+            for name, engine in self.engines.items():
+                if engine.has_work:
+                    self._step(name, engine)
+
+    def _take(self, wait: float) -> None:
+        """Apply every queued add and abort; wait up to `wait` for the first."""
+        try:
+            item = self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, LiveJob):
+                self._add(item)
+            else:
+                self._abort(str(item))
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, job: LiveJob) -> None:
+        try:
+            self.engines[job.model].add(job.request)
+        except ValueError as exc:
+            self._emit(Failed(job.id, f"cannot run: {exc}"))
+            return
+        self._live[job.model][job.request.seq_id] = job
+
+    def _abort(self, seq_id: str) -> None:
+        for name, live in self._live.items():
+            if live.pop(seq_id, None) is not None:
+                self.engines[name].abort(seq_id)
+
+    def _step(self, name: str, engine: Engine) -> None:
+        try:
+            outputs = engine.step()
+        except Exception as exc:
+            self._isolate(name, engine, exc)
+            return
+        if outputs:
+            stats = engine.stats()
+            for out in outputs:
+                self._emit(Finished(self._live[name].pop(out.seq_id), out, stats))
+
+    def _isolate(self, name: str, engine: Engine, exc: Exception) -> None:
+        """A step raised: rerun its live jobs apart (bisecting) so only the culprit fails."""
+        live = self._live[name]
+        jobs = list(live.values())
+        live.clear()
+        log.warning("engine.step_crashed", model=name, live=len(jobs), error=repr(exc))
+        for job in jobs:
+            engine.abort(job.request.seq_id)
+        todo = [jobs]
+        while todo:
+            group = todo.pop()
+            try:
+                outputs = run_to_completion(engine, [j.request for j in group])
+            except Exception as err:
+                if len(group) == 1:
+                    self._emit(Failed(group[0].id, f"engine error: {err!r}"))
+                else:
+                    todo += [group[: len(group) // 2], group[len(group) // 2 :]]
+                continue
+            stats = engine.stats()
+            for job, out in zip(group, outputs, strict=True):
+                self._emit(Finished(job, out, stats))

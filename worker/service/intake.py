@@ -1,0 +1,230 @@
+"""The intake: consumes the job queue, validates and tokenizes each job with tokenizers it
+owns, claims the job rows in one transaction per gathered group, and hands runnable jobs to
+the engine loop. A message is acknowledged only once its job's outcome is committed, so a
+killed worker loses nothing: its unacknowledged messages are delivered again.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from api_client.schema import JobMessage
+from inferq.logs import get_logger
+from inferq.settings import Settings
+from storage.records import JobState, JobStatus, NewJob, as_utc
+from storage.repository import Repository
+from worker.engine.api import Codec, EngineRequest, SamplingParams
+from worker.service.engine_loop import EngineLoop
+from worker.service.jobs import Ledger, LiveJob
+from worker.service.messages import Refusal, dead_letter_payload, read_job
+from worker.service.outcomes import Failed
+from worker.service.retry import Backoff
+from worker.service.sources import Received, Source, open_source
+
+log = get_logger("inferq.intake")
+POLL_S = 0.05  # how long one wait for messages lasts (acks are sent between waits)
+MAX_GROUP = 256  # messages claimed in one transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What the intake needs of one served model: its own tokenizer and the context size."""
+
+    codec: Codec
+    max_context: int
+
+
+@dataclass(slots=True)
+class _Arrival:
+    message: Received
+    job: JobMessage
+    model: str
+    request: EngineRequest | None  # None when refused (see `error`)
+    error: str | None
+
+
+class Intake:
+    """Runs on its own thread (`run`); `acknowledge` is safe from any thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        repo: Repository,
+        ledger: Ledger,
+        engine_loop: EngineLoop,
+        fail: Callable[[Failed], None],
+        served: dict[str, Served],
+        load_errors: dict[str, str],
+        worker: str,
+        prefetch: int,
+    ):
+        self.settings, self.repo, self.ledger = settings, repo, ledger
+        self.engine_loop, self._fail = engine_loop, fail
+        self.served, self.load_errors = served, load_errors
+        self.worker, self.prefetch = worker, prefetch
+        self.default_model = settings.model if settings.model in served else next(iter(served))
+        self._acks: queue.SimpleQueue[uuid.UUID] = queue.SimpleQueue()
+        self._unacked: dict[uuid.UUID, list[Any]] = defaultdict(list)  # ack handles per job
+        self.ready = threading.Event()  # set once consuming
+
+    def acknowledge(self, job_ids: list[uuid.UUID]) -> None:
+        for job_id in job_ids:
+            self._acks.put(job_id)
+
+    # -- the consumer loop ---------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until `stop` is set; broker trouble is retried with backoff."""
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                source = open_source(self.settings)
+            except Exception as exc:
+                log.warning("intake.broker_unavailable", error=repr(exc))
+                backoff.wait(stop)
+                continue
+            try:
+                backoff.reset()
+                self.ready.set()
+                self._consume(source, stop)
+            except Exception as exc:  # the broker went away: reconnect; redelivery covers the rest
+                log.warning("intake.broker_error", error=repr(exc))
+                self._unacked.clear()
+                backoff.wait(stop)
+            finally:
+                source.close()
+
+    def _consume(self, source: Source, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._flush_acks(source)
+            room = self.prefetch - len(self._unacked)
+            group = source.receive(min(room, MAX_GROUP), POLL_S if room > 0 else 0.0)
+            if group:
+                self._handle(group, source, stop)
+            elif room <= 0:
+                stop.wait(POLL_S / 5)  # full: wait for outcomes to free room
+        self._flush_acks(source)
+
+    def _flush_acks(self, source: Source) -> None:
+        handles = []
+        while True:
+            try:
+                job_id = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            handles += self._unacked.pop(job_id, ())
+        if handles:
+            source.ack(handles)
+
+    # -- one group of messages -------------------------------------------------------------
+
+    def _handle(self, messages: list[Received], source: Source, stop: threading.Event) -> None:
+        arrivals, dead = [], []
+        for message in messages:
+            got = read_job(message)
+            if isinstance(got, Refusal):
+                dead.append((message, got))
+            else:
+                arrivals.append(self._prepare(message, got))
+        states = self._store(arrivals, dead, stop)
+        if states is None:
+            return  # stopping while the database is away: the messages will come back
+        done = [m.handle for m, _ in dead]
+        for arrival in arrivals:
+            if not self._dispatch(arrival, states.get(arrival.job.job_id)):
+                done.append(arrival.message.handle)
+        source.ack(done)
+
+    def _prepare(self, message: Received, job: JobMessage) -> _Arrival:
+        """Tokenize and check a valid job; a refusal keeps the reason."""
+        model = job.model or self.default_model
+        error = self._model_error(model)
+        if error is not None:
+            return _Arrival(message, job, model, None, error)
+        served = self.served[model]
+        messages = [m.model_dump() for m in job.messages] if job.messages else None
+        try:
+            prompt_ids = served.codec.encode(job.prompt, messages)
+        except Exception as exc:
+            return _Arrival(message, job, model, None, f"could not tokenize the input: {exc!r}")
+        error = self._admission_error(served, len(prompt_ids), job.params.max_tokens)
+        if error is not None:
+            return _Arrival(message, job, model, None, error)
+        p = job.params
+        params = SamplingParams(
+            p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, tuple(p.stop)
+        )
+        request = EngineRequest(str(job.job_id), prompt_ids, params, job.tenant, job.priority)
+        return _Arrival(message, job, model, request, None)
+
+    def _model_error(self, model: str) -> str | None:
+        if model in self.load_errors:
+            return f"model {model!r} failed to load on this worker: {self.load_errors[model]}"
+        if model not in self.served:
+            return f"unknown model {model!r}: this worker serves {sorted(self.served)}"
+        return None
+
+    def _admission_error(self, served: Served, prompt_tokens: int, max_tokens: int) -> str | None:
+        s = self.settings
+        if prompt_tokens == 0:
+            return "prompt is empty after tokenization"
+        if prompt_tokens > s.max_prompt_tokens:
+            return f"prompt has {prompt_tokens} tokens; the limit is {s.max_prompt_tokens}"
+        if max_tokens > s.max_new_tokens:
+            return f"max_tokens {max_tokens} exceeds this worker's limit {s.max_new_tokens}"
+        if prompt_tokens + max_tokens > served.max_context:
+            return (
+                f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {served.max_context} tokens"
+            )
+        return None
+
+    def _store(self, arrivals: list[_Arrival], dead: list, stop: threading.Event):
+        """Dead letters and the claim, retried with backoff while the database is away."""
+        new = [NewJob.from_message(a.job, a.model) for a in arrivals]
+        refused = {a.job.job_id: a.error for a in arrivals if a.error is not None}
+        backoff = Backoff()
+        while True:
+            try:
+                for message, refusal in dead:
+                    self._dead_letter(message, refusal)
+                dead = []
+                return self.repo.claim(new, self.worker, refused)
+            except Exception as exc:
+                log.warning("intake.store_failed", retry=backoff.failures + 1,
+                            error=type(exc).__name__)  # fmt: skip
+                if backoff.wait(stop):
+                    return None
+
+    def _dead_letter(self, message: Received, refusal: Refusal) -> None:
+        payload = dead_letter_payload(message)
+        self.repo.record_dead_letter(refusal.reason, payload, refusal.error, job_id=refusal.job_id)
+        log.error("message.dead_letter", reason=refusal.reason, job_id=str(refusal.job_id))
+
+    def _dispatch(self, arrival: _Arrival, state: JobState | None) -> bool:
+        """Run a claimed job (True: its message waits for the outcome), or say that the
+        message has nothing left to run (False: acknowledge it now)."""
+        job_id, handle = arrival.job.job_id, arrival.message.handle
+        if job_id in self.ledger:  # delivered again while it runs here: ack with the first
+            self._unacked[job_id].append(handle)
+            return True
+        if state is None or state.id != job_id or state.status != JobStatus.RUNNING:
+            if arrival.error:
+                log.warning("job.refused", job_id=str(job_id), error=arrival.error)
+            return False  # a repeated idempotency key, finished or cancelled, or refused
+        self._unacked[job_id].append(handle)
+        if state.attempts > self.settings.max_attempts:
+            self._fail(Failed(job_id, f"gave up after {state.attempts - 1} attempts "
+                              "(a worker died running it)"))  # fmt: skip
+            return True
+        assert arrival.request is not None
+        job = LiveJob(job_id, arrival.model, arrival.request, as_utc(arrival.job.submitted_at))
+        self.ledger.add(job)
+        self.engine_loop.submit(job)
+        return True

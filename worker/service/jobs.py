@@ -1,0 +1,55 @@
+"""A job as the service tracks it between intake and the result sink, and the ledger of
+the jobs this worker holds (thread-safe: intake, engine loop and sink all read it)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from worker.engine.api import EngineRequest
+
+
+@dataclass(slots=True)
+class LiveJob:
+    """A claimed job: what the engine runs and what the sink needs to record it."""
+
+    id: uuid.UUID
+    model: str
+    request: EngineRequest
+    queued_at: datetime
+
+
+class Ledger:
+    """The jobs this worker holds, from claim until their outcome is committed."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[uuid.UUID, LiveJob] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
+    def get(self, job_id: uuid.UUID) -> LiveJob | None:
+        return self._jobs.get(job_id)
+
+    def add(self, job: LiveJob) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+
+    def pop(self, job_id: uuid.UUID) -> LiveJob | None:
+        with self._lock:
+            return self._jobs.pop(job_id, None)
+
+    def ids(self) -> list[uuid.UUID]:
+        with self._lock:
+            return list(self._jobs)
+
+    def __iter__(self) -> Iterator[LiveJob]:
+        with self._lock:
+            return iter(list(self._jobs.values()))

@@ -1,0 +1,25 @@
+"""What the engine loop (and the intake, for refusals) hands the result sink."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from worker.engine.api import EngineOutput, EngineStats
+from worker.service.jobs import LiveJob
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    job: LiveJob
+    output: EngineOutput
+    stats: EngineStats  # the engine's counters right after the step that finished it
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    job_id: uuid.UUID
+    error: str
+
+
+Outcome = Finished | Failed

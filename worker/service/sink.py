@@ -1,0 +1,204 @@
+"""The result sink: the only writer of results, metrics and batch rows.
+
+It gathers outcomes into one transaction at a time, retries with backoff while the database
+is away (running sequences are not touched: a database outage only delays results), asks the
+intake to acknowledge messages once their outcome is committed, and checks live jobs for
+cancellation.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from inferq.logs import get_logger
+from storage.records import BatchRecord, FinishedJob, JobStatus, MetricsRow, ResultRow
+from storage.repository import Repository
+from worker.engine.api import EngineOutput
+from worker.service.jobs import Ledger
+from worker.service.outcomes import Failed, Finished, Outcome
+from worker.service.retry import Backoff
+
+log = get_logger("inferq.sink")
+CANCEL_CHECK_S = 0.5
+MAX_OPEN_BATCHES = 4096  # batch rows still gathering members (oldest forgotten first)
+MAX_PER_WRITE = 1024
+
+
+def _at(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+def job_metrics(job_id: uuid.UUID, out: EngineOutput, queued_at: datetime) -> MetricsRow:
+    """Per-job timings: queue wait ends at admission, TTFT and total count from enqueue."""
+    queued = queued_at.timestamp()
+    decoded = max(len(out.token_ids) - 1, 0)
+    decode_s = out.finished_at - out.first_token_at
+    return MetricsRow(
+        job_id=job_id,
+        queue_wait_s=out.admitted_at - queued,
+        ttft_s=out.first_token_at - queued,
+        prefill_s=out.first_token_at - out.admitted_at,
+        decode_s=decode_s,
+        total_s=out.finished_at - queued,
+        decode_tokens_per_s=decoded / decode_s if decode_s > 0 else None,
+    )
+
+
+class ResultSink:
+    """`put` outcomes from any thread; `acknowledge(job_ids)` is called after each commit."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        ledger: Ledger,
+        worker: str,
+        acknowledge: Callable[[list[uuid.UUID]], None],
+        abort: Callable[[uuid.UUID], None],
+    ):
+        self.repo, self.ledger, self.worker = repo, ledger, worker
+        self._acknowledge, self._abort = acknowledge, abort
+        self._inbox: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self._batches: OrderedDict[tuple[str, int], BatchRecord] = OrderedDict()
+        self._stop = threading.Event()
+        self._abandon = threading.Event()  # set when stop() gives up on a failing database
+        self._backoff = Backoff()
+        self._next_cancel_check = 0.0
+        self._thread = threading.Thread(target=self._run, name="inferq-sink", daemon=True)
+        self.written = 0  # outcomes committed so far
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Write what is pending (retrying until `timeout`), then stop."""
+        self._stop.set()
+        self._thread.join(timeout)
+        self._abandon.set()
+
+    def put(self, outcome: Outcome) -> None:
+        self._inbox.put(outcome)
+
+    def _run(self) -> None:
+        pending: list[Outcome] = []
+        touched: set[tuple[str, int]] = set()
+        while True:
+            wait = 0.0 if pending else max(0.0, self._next_cancel_check - time.monotonic())
+            for outcome in self._take(wait, MAX_PER_WRITE - len(pending)):
+                pending.append(outcome)
+                if isinstance(outcome, Finished):
+                    touched.add(self._count_in_batch(outcome))
+            if pending:
+                if not self._write(pending, touched):
+                    if self._backoff.wait(self._abandon):
+                        return
+                    continue
+                pending, touched = [], set()
+            elif self._stop.is_set() and self._inbox.empty():
+                return
+            if time.monotonic() >= self._next_cancel_check:
+                self._check_cancelled()
+
+    def _take(self, wait: float, limit: int) -> list[Outcome]:
+        try:
+            first = self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait()
+        except queue.Empty:
+            return []
+        taken = [first]
+        while len(taken) < limit:
+            try:
+                taken.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def _count_in_batch(self, done: Finished) -> tuple[str, int]:
+        """Fold a finished job into its batch row (the jobs one engine step admitted)."""
+        out, key = done.output, (done.job.model, done.output.batch)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = BatchRecord(
+                uuid.uuid4(), self.worker, done.job.model, out.batch_size, 0, 0,
+                _at(out.admitted_at), stats={"cached_tokens": 0, "prompt_tokens": 0},
+            )  # fmt: skip
+            self._batches[key] = batch
+            while len(self._batches) > MAX_OPEN_BATCHES:
+                self._batches.popitem(last=False)
+        batch.real_tokens += out.computed_tokens
+        batch.padded_tokens += out.computed_tokens
+        batch.started_at = min(batch.started_at, _at(out.admitted_at))
+        batch.finished_at = max(batch.finished_at or batch.started_at, _at(out.finished_at))
+        batch.duration_s = (batch.finished_at - batch.started_at).total_seconds()
+        stats = batch.stats or {}
+        stats["cached_tokens"] += out.cached_tokens
+        stats["prompt_tokens"] += out.prompt_tokens
+        stats.update(
+            cache_hit_rate=round(done.stats.hit_rate, 4),
+            blocks_used=done.stats.blocks_used,
+            blocks_free=done.stats.blocks_free,
+            blocks_evictable=done.stats.blocks_evictable,
+            blocks_evicted=done.stats.evictions,
+        )
+        return key
+
+    def _write(self, pending: list[Outcome], touched: set[tuple[str, int]]) -> bool:
+        """One transaction for `pending`; True when committed (then messages are acked)."""
+        finished, failures = [], {}
+        for o in pending:
+            if isinstance(o, Failed):
+                failures[o.job_id] = o.error
+                continue
+            out, job = o.output, o.job
+            batch = self._batches.get((job.model, out.batch))
+            result = ResultRow(
+                job.id, out.text, out.finish_reason.value, out.prompt_tokens,
+                len(out.token_ids), out.cached_tokens,
+            )  # fmt: skip
+            metrics = job_metrics(job.id, out, job.queued_at)
+            batch_id = batch.id if batch else None
+            finished.append(FinishedJob(result, metrics, batch_id, _at(out.finished_at)))
+        batches = [self._batches[k] for k in touched if k in self._batches]
+        try:
+            self.repo.store_outcomes(finished, batches, failures)
+        except Exception as exc:
+            log.warning(
+                "sink.write_failed", outcomes=len(pending), retry=self._backoff.failures + 1,
+                error=str(exc)[:2000],
+            )  # fmt: skip
+            return False
+        self._backoff.reset()
+        done_ids = [f.result.job_id for f in finished] + list(failures)
+        for job_id in done_ids:
+            self.ledger.pop(job_id)
+        for f in finished:
+            log.info("job.done", job_id=str(f.result.job_id), batch_id=str(f.batch_id),
+                     completion_tokens=f.result.completion_tokens)  # fmt: skip
+        for job_id, error in failures.items():
+            log.warning("job.failed", job_id=str(job_id), error=error)
+        self.written += len(pending)
+        self._acknowledge(done_ids)
+        return True
+
+    def _check_cancelled(self) -> None:
+        """Abort live jobs that were cancelled; their messages are acknowledged."""
+        self._next_cancel_check = time.monotonic() + CANCEL_CHECK_S
+        live = self.ledger.ids()
+        if not live:
+            return
+        try:
+            statuses = self.repo.statuses(live)
+        except Exception as exc:
+            log.warning("sink.cancel_check_failed", error=type(exc).__name__)
+            return
+        cancelled = [j for j in live if statuses.get(j) == JobStatus.CANCELLED]
+        for job_id in cancelled:
+            self._abort(job_id)
+            self.ledger.pop(job_id)
+            log.info("job.cancelled_while_running", job_id=str(job_id))
+        if cancelled:
+            self._acknowledge(cancelled)
