@@ -122,24 +122,6 @@ class Repository:
             return self.submit(job)
         return existing, False
 
-    def ensure_jobs(self, jobs: Sequence[NewJob]) -> dict[uuid.UUID, uuid.UUID]:
-        """Insert the absent jobs in bulk; map every message job id to its canonical job id."""
-        first: dict[uuid.UUID, NewJob] = {}
-        for job in jobs:
-            first.setdefault(job.id, job)
-        unique = list(first.values())
-        if not unique:
-            return {}
-        stmt = self._insert(J).on_conflict_do_nothing().returning(J.c.id)
-        with self._writer.begin() as conn:
-            inserted = set(conn.scalars(stmt, [j.row() for j in unique]))
-            out = {j.id: j.id for j in unique if j.id in inserted}
-            out.update(self._existing(conn, [j for j in unique if j.id not in inserted]))
-        missing = [j.id for j in unique if j.id not in out]
-        if missing:
-            raise RuntimeError(f"jobs vanished while being ensured: {missing[:5]}")
-        return out
-
     def record_dead_letter(
         self, reason: str, payload: dict[str, Any], error: str = "", *, job_id: uuid.UUID | None
     ) -> None:

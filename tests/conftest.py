@@ -160,6 +160,4 @@ def service_settings(tmp_path: Path, pg_url: str, redis_url: str):
         broker_url=redis_url,
         database_url=pg_url,
         queue=f"inferq-test-{uuid.uuid4().hex[:8]}",
-        max_batch_size=8,
-        batch_wait_ms=100,
     )

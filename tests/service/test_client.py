@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from api_client.client import InferqClient, InvalidJobError
-from inferq.settings import TASK_NAME
+from api_client.wire import TASK_NAME
 
 pytestmark = pytest.mark.services
 

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_worker_e2e import _producer, _wait_for, _worker
+from service_helpers import producer, running_worker, wait_for
 
 from api_client import InferqClient
 from inferq.settings import DEFAULT_MODEL, FP_MODEL
@@ -40,8 +40,7 @@ def test_worker_serves_gptq_beside_fp_and_survives_a_broken_checkpoint(
             "kv_cache_tokens": 4096,
         }
     )
-    with _worker(settings, paged_engine) as app:
-        runtime = app.inferq_runtime
+    with running_worker(settings, {FP_MODEL: paged_engine}) as runtime:
         assert sorted(runtime.engines) == [FP_MODEL, DEFAULT_MODEL]
         assert "scales" in runtime.load_errors["broken"]
         assert "unknown model 'gone'" in runtime.load_errors["gone"]
@@ -54,12 +53,12 @@ def test_worker_serves_gptq_beside_fp_and_survives_a_broken_checkpoint(
             client.submit("Hello", model="broken"),
             client.submit("Hello", model="gone"),
         ]
-        _producer(settings).send_task(  # a plain send_task naming the GPTQ model works too
+        producer(settings).send_task(  # a plain send_task naming the GPTQ model works too
             "inferq.generate",
             queue=settings.queue,
             kwargs={"job_id": str(raw := uuid.uuid4()), "prompt": "Hi", "model": DEFAULT_MODEL},
         )
-        views = _wait_for(Repository(settings.database_url), [*ids, raw])
+        views = wait_for(Repository(settings.database_url), [*ids, raw])
     gptq, fp, bad, gone = (views[i] for i in ids)
     assert gptq.status == fp.status == views[raw].status == "done"
     assert "Paris" in gptq.result.text and "Paris" in fp.result.text

@@ -97,3 +97,16 @@ def test_exceptions_are_structured(json_logs) -> None:
     assert line["level"] == "error" and line["job_id"] == "j-2"
     frames = line["exception"]
     assert frames[0]["exc_type"] == "RuntimeError" and frames[0]["exc_value"] == "boom"
+
+
+def test_tracebacks_carry_no_frame_locals(json_logs) -> None:
+    def connect(password: str) -> None:
+        raise ConnectionError("database is away")
+
+    try:
+        connect("s3cret-pw")
+    except ConnectionError:
+        get_logger("inferq.test").exception("sink.write_failed")
+    (line,) = json_logs()
+    assert line["exception"][0]["frames"], "the traceback itself is kept"
+    assert "s3cret-pw" not in json.dumps(line)

@@ -19,6 +19,7 @@ from storage.db import make_engine
 from storage.models import Base
 from storage.repository import (
     BatchRecord,
+    FinishedJob,
     JobState,
     MetricsRow,
     NewJob,
@@ -40,6 +41,29 @@ def _job(tenant: str, key: str | None = None, **kw: Any) -> NewJob:
 
 def _result(job_id: uuid.UUID, text: str = "out", tokens: int = 5) -> ResultRow:
     return ResultRow(job_id, text, "length", prompt_tokens=3, completion_tokens=tokens)
+
+
+def _batch(at: datetime = T0, size: int = 1) -> BatchRecord:
+    return BatchRecord(uuid.uuid4(), "w", "m", size, 8, 8, at, at + timedelta(seconds=1), 1.0)
+
+
+def _finish(
+    repo: Repository,
+    ids: list[uuid.UUID],
+    batch: BatchRecord | None = None,
+    text: str = "out",
+    tokens: int = 5,
+    metrics: dict | None = None,
+) -> set[uuid.UUID]:
+    """Store results for `ids` as one batch (a fresh one unless given)."""
+    batch = batch or _batch(size=len(ids))
+    assert batch.finished_at is not None
+    finished = [
+        FinishedJob(_result(i, text, tokens), MetricsRow(i, **(metrics or {})), batch.id,
+                    batch.finished_at)
+        for i in ids
+    ]  # fmt: skip
+    return repo.store_outcomes(finished, [batch])
 
 
 def _count(repo: Repository, table: str, ids: list[uuid.UUID]) -> int:
@@ -129,7 +153,7 @@ def test_new_job_from_message(db_url: str) -> None:
     assert view.queued_at.tzinfo == UTC and view.priority == 3
 
 
-def test_ensure_jobs_maps_to_canonical_ids(db_url: str) -> None:
+def test_claim_maps_to_canonical_ids(db_url: str) -> None:
     repo = Repository(db_url)
     tenant = _tenant()
     existing = _job(tenant, "dup")
@@ -137,14 +161,17 @@ def test_ensure_jobs_maps_to_canonical_ids(db_url: str) -> None:
     same_key = _job(tenant, "dup")
     fresh = _job(tenant, "new")
     twin_a, twin_b = _job(tenant, "twin"), _job(tenant, "twin")
-    mapping = repo.ensure_jobs([existing, same_key, fresh, twin_a, twin_b, fresh])
+    states = repo.claim([existing, same_key, fresh, twin_a, twin_b, fresh], "w")
     want = [(existing, existing), (same_key, existing), (fresh, fresh), (twin_a, twin_a)]
-    assert mapping == {k.id: v.id for k, v in [*want, (twin_b, twin_a)]}
+    assert {k: s.id for k, s in states.items()} == {
+        k.id: v.id for k, v in [*want, (twin_b, twin_a)]
+    }
     assert repo.get(same_key.id) is None and repo.get(twin_b.id) is None
-    assert repo.ensure_jobs([]) == {}
+    assert states[fresh.id] == JobState(fresh.id, "running", 1)
+    assert repo.claim([], "w") == {}
 
 
-def test_ensure_jobs_bulk_in_few_statements(db_url: str) -> None:
+def test_claim_bulk_in_few_statements(db_url: str) -> None:
     repo = Repository(db_url)
     tenant = _tenant()
     jobs = [_job(tenant, f"k{i}") for i in range(2000)]
@@ -152,77 +179,85 @@ def test_ensure_jobs_bulk_in_few_statements(db_url: str) -> None:
     _count_statement = lambda *args: statements.append(args[2])  # noqa: E731
     sa.event.listen(repo.engine, "before_cursor_execute", _count_statement)
     try:
-        mapping = repo.ensure_jobs(jobs)
+        states = repo.claim(jobs, "w")
     finally:
         sa.event.remove(repo.engine, "before_cursor_execute", _count_statement)
-    assert mapping == {j.id: j.id for j in jobs}
+    assert {k: s.id for k, s in states.items()} == {j.id: j.id for j in jobs}
     inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT")]
-    assert 1 <= len(inserts) <= 3 and len(statements) <= 6  # batched, not one per row
+    assert 1 <= len(inserts) <= 3 and len(statements) <= 8  # batched, not one per row
     ids = [j.id for j in jobs]
-    assert set(repo.statuses(ids).values()) == {"queued"}
-    assert repo.ensure_jobs(jobs) == mapping
+    assert set(repo.statuses(ids).values()) == {"running"}
     assert repo.summary(ids)["total"] == 2000
 
 
-# -- worker side -----------------------------------------------------------------------
-
-
-def test_start_batch_counts_attempts_and_skips_finished(db_url: str) -> None:
+def test_claim_counts_attempts_skips_finished_and_refuses(db_url: str) -> None:
     repo = Repository(db_url)
     tenant = _tenant()
-    a, b, c, d = (_job(tenant) for _ in range(4))
-    repo.ensure_jobs([a, b, c, d])
+    a, b, c, d, e = (_job(tenant) for _ in range(5))
+    repo.claim([], "w0")
+    repo.submit(d)
     assert repo.cancel(d.id)
-    b1, t1 = uuid.uuid4(), T0 + timedelta(seconds=1)
-    states = repo.start_batch(b1, "w1", "m", [a.id, b.id, c.id, d.id], t1)
-    running = JobState("running", 1)
-    assert states == {a.id: running, b.id: running, c.id: running, d.id: JobState("cancelled", 0)}
-    repo.finish_batch(b1, BatchRecord(size=3, real_tokens=9, padded_tokens=12), [_result(a.id)])
-    b2, missing = uuid.uuid4(), uuid.uuid4()
-    states = repo.start_batch(b2, "w2", "m", [a.id, b.id, c.id, missing], T0 + timedelta(2))
-    assert states[a.id] == JobState("done", 1) and missing not in states
-    assert states[b.id] == states[c.id] == JobState("running", 2)
+    t1 = T0 + timedelta(seconds=1)
+    states = repo.claim([a, b, c, d, e], "w1", {e.id: "too long"}, now=t1)
+    assert all(states[j.id] == JobState(j.id, "running", 1) for j in (a, b, c))
+    assert states[d.id] == JobState(d.id, "cancelled", 0)
+    assert states[e.id] == JobState(e.id, "failed", 0)
+    assert repo.get(e.id).error == "too long"  # type: ignore[union-attr]
+    _finish(repo, [a.id])
+    states = repo.claim([a, b, c], "w2", now=T0 + timedelta(2))
+    assert states[a.id] == JobState(a.id, "done", 1)
+    assert (states[b.id], states[c.id]) == (
+        JobState(b.id, "running", 2),
+        JobState(c.id, "running", 2),
+    )
     view = repo.get(b.id)
-    assert view is not None and view.worker == "w2" and view.batch_id == b2
-    assert view.started_at == T0 + timedelta(2)
-    assert repo.get(a.id).batch_id == b1  # type: ignore[union-attr]
+    assert view is not None and view.worker == "w2" and view.started_at == T0 + timedelta(2)
 
 
-def test_finish_batch_writes_each_result_once(db_url: str) -> None:
+def test_store_outcomes_writes_each_result_once(db_url: str) -> None:
     repo = Repository(db_url)
     jobs = [_job(_tenant()) for _ in range(3)]
     ids = [j.id for j in jobs]
-    repo.ensure_jobs(jobs)
-    batch = uuid.uuid4()
-    repo.start_batch(batch, "w", "m", ids, T0)
-    done_at = T0 + timedelta(seconds=3)
-    stats = BatchRecord(3, 30, 48, done_at, 2.5, {"prefill_s": 0.5, "steps": [1, 2]})
-    metrics = [MetricsRow(i, queue_wait_s=0.1, ttft_s=0.2, total_s=1.0) for i in ids]
-    assert repo.finish_batch(batch, stats, [_result(i) for i in ids[:2]], metrics) == set(ids[:2])
-    again = [_result(i, "second") for i in ids]
-    assert repo.finish_batch(batch, stats, again, metrics) == {ids[2]}
-    assert repo.finish_batch(batch, stats, again, metrics) == set()
+    repo.claim(jobs, "w", now=T0)
+    batch = _batch(T0, size=3)
+    batch.stats = {"cached_tokens": 16, "steps": [1, 2]}
+    times = {"queue_wait_s": 0.1, "ttft_s": 0.2, "total_s": 1.0}
+    assert _finish(repo, ids[:2], batch, metrics=times) == set(ids[:2])
+    batch.real_tokens, batch.duration_s = 30, 2.5  # the row is rewritten whole
+    assert _finish(repo, ids, batch, "second", metrics=times) == {ids[2]}
+    assert _finish(repo, ids, batch, "second", metrics=times) == set()
     assert _count(repo, "results", ids) == 3 and _count(repo, "job_metrics", ids) == 3
     views = repo.get_many(ids)
     assert [views[i].result.text for i in ids] == ["out", "out", "second"]  # type: ignore[union-attr]
-    assert all(v.status == "done" and v.finished_at == done_at for v in views.values())
-    assert views[ids[0]].metrics == MetricsRow(ids[0], queue_wait_s=0.1, ttft_s=0.2, total_s=1.0)
+    assert all(v.status == "done" and v.finished_at == batch.finished_at for v in views.values())
+    assert all(v.batch_id == batch.id for v in views.values())
+    assert views[ids[0]].metrics == MetricsRow(ids[0], **times)
     batches = Base.metadata.tables["batches"]
     with repo.engine.connect() as conn:
-        row = conn.execute(sa.select(batches).where(batches.c.id == batch)).one()
-    assert (row.size, row.real_tokens, row.padded_tokens, row.duration_s) == (3, 30, 48, 2.5)
-    assert row.stats == {"prefill_s": 0.5, "steps": [1, 2]} and row.finished_at == done_at
+        row = conn.execute(sa.select(batches).where(batches.c.id == batch.id)).one()
+    assert (row.size, row.real_tokens, row.padded_tokens, row.duration_s) == (3, 30, 8, 2.5)
+    assert row.stats == {"cached_tokens": 16, "steps": [1, 2]} and row.started_at == T0
+
+
+def test_store_outcomes_records_failures_in_the_same_transaction(db_url: str) -> None:
+    repo = Repository(db_url)
+    ok, bad = _job(_tenant()), _job(_tenant())
+    repo.claim([ok, bad], "w")
+    batch = _batch()
+    finished = FinishedJob(_result(ok.id), MetricsRow(ok.id), batch.id, T0)
+    assert repo.store_outcomes([finished], [batch], {bad.id: "engine error"}) == {ok.id}
+    views = repo.get_many([ok.id, bad.id])
+    assert views[ok.id].status == "done"
+    assert (views[bad.id].status, views[bad.id].error) == ("failed", "engine error")
 
 
 def test_fail_jobs_final_and_retry(db_url: str) -> None:
     repo = Repository(db_url)
     tenant = _tenant()
     retry, final, done, cancelled = (_job(tenant) for _ in range(4))
-    repo.ensure_jobs([retry, final, done, cancelled])
+    repo.claim([retry, final, done, cancelled], "w")
     repo.cancel(cancelled.id)
-    batch = uuid.uuid4()
-    repo.start_batch(batch, "w", "m", [retry.id, final.id, done.id], T0)
-    repo.finish_batch(batch, BatchRecord(1, 1, 1), [_result(done.id)])
+    _finish(repo, [done.id])
     errors = {j.id: f"boom {n}" for n, j in enumerate([retry, final, done, cancelled])}
     repo.fail_jobs(errors, final=False)
     views = repo.get_many(errors)
@@ -240,17 +275,16 @@ def test_fail_jobs_final_and_retry(db_url: str) -> None:
 def test_cancel_queued_or_running_only(db_url: str) -> None:
     repo = Repository(db_url)
     queued, running, done = _job(_tenant()), _job(_tenant()), _job(_tenant())
-    repo.ensure_jobs([queued, running, done])
-    batch = uuid.uuid4()
-    repo.start_batch(batch, "w", "m", [running.id, done.id], T0)
-    repo.finish_batch(batch, BatchRecord(1, 1, 1), [_result(done.id)])
+    repo.submit(queued)
+    repo.claim([running, done], "w")
+    _finish(repo, [done.id])
     assert repo.cancel(queued.id) is True
     assert repo.cancel(queued.id) is False
     assert repo.cancel(running.id) is True
     assert repo.cancel(done.id) is False
     assert repo.cancel(uuid.uuid4()) is False
     # a result racing in after the cancel is kept, but the job stays cancelled
-    assert repo.finish_batch(batch, BatchRecord(1, 1, 1), [_result(running.id)]) == {running.id}
+    assert _finish(repo, [running.id]) == {running.id}
     assert repo.get(running.id).status == "cancelled"
     assert repo.get(done.id).status == "done"
     view = repo.get(queued.id)
@@ -265,12 +299,10 @@ def test_get_many_and_to_dict_round_trip(db_url: str) -> None:
     local = datetime(2026, 3, 4, 15, 0, 0, 123_456, tzinfo=timezone(timedelta(hours=-5)))
     job = _job(_tenant(), "key", queued_at=local, priority=4)
     bare = _job(_tenant())
-    repo.ensure_jobs([job, bare])
-    batch = uuid.uuid4()
-    repo.start_batch(batch, "w", "m", [job.id], local + timedelta(seconds=1))
-    repo.finish_batch(
-        batch, BatchRecord(1, 8, 8, local + timedelta(seconds=2)), [_result(job.id, "ok", 4)]
-    )
+    repo.submit(bare)
+    repo.claim([job], "w", now=local + timedelta(seconds=1))
+    batch = _batch(local + timedelta(seconds=1))
+    _finish(repo, [job.id], batch, "ok", 4)
     views = repo.get_many([job.id, bare.id, uuid.uuid4()])
     assert set(views) == {job.id, bare.id}
     view = views[job.id]
@@ -278,12 +310,13 @@ def test_get_many_and_to_dict_round_trip(db_url: str) -> None:
     assert views[bare.id].result is None and views[bare.id].metrics is None
     data = view.to_dict()
     assert json.loads(json.dumps(data)) == data
-    assert data["id"] == str(job.id) and data["batch_id"] == str(batch)
+    assert data["id"] == str(job.id) and data["batch_id"] == str(batch.id)
     assert data["queued_at"] == "2026-03-04T20:00:00.123456+00:00"
     assert data["finished_at"] == "2026-03-04T20:00:02.123456+00:00"
     result = {"text": "ok", "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 4}
     assert data["result"] == {**result, "cached_tokens": 0}
-    assert data["metrics"] is None and data["idempotency_key"] == "key"
+    assert data["metrics"] == dict.fromkeys(data["metrics"])  # stored, nothing measured
+    assert data["idempotency_key"] == "key"
     assert repo.get(uuid.uuid4()) is None and repo.get_many([]) == {}
 
 
@@ -292,15 +325,16 @@ def test_summary_figures(db_url: str) -> None:
     tenant = _tenant()
     jobs = [_job(tenant, queued_at=T0 + timedelta(seconds=i)) for i in range(5)]
     ids = [j.id for j in jobs]
-    repo.ensure_jobs(jobs)
-    b1, b2 = uuid.uuid4(), uuid.uuid4()
-    repo.start_batch(b1, "w", "m", ids[:3], T0)
-    repo.start_batch(b2, "w", "m", ids[3:4], T0)
+    repo.claim(jobs[:4], "w")
+    repo.submit(jobs[4])
     end = T0 + timedelta(seconds=10)
-    results = [_result(i, tokens=10) for i in ids[:3]]
-    metrics = [MetricsRow(i, queue_wait_s=float(n), ttft_s=0.5) for n, i in enumerate(ids[:3])]
-    repo.finish_batch(b1, BatchRecord(3, 1, 1, end), results, metrics)
-    repo.fail_jobs({ids[3]: "bad"})
+    b1 = BatchRecord(uuid.uuid4(), "w", "m", 3, 1, 1, T0, end)
+    finished = [
+        FinishedJob(_result(i, tokens=10), MetricsRow(i, queue_wait_s=float(n), ttft_s=0.5),
+                    b1.id, end)
+        for n, i in enumerate(ids[:3])
+    ]  # fmt: skip
+    repo.store_outcomes(finished, [b1], {ids[3]: "bad"})
     repo.cancel(ids[4])
     s = repo.summary(ids)
     assert s["total"] == 5
@@ -310,7 +344,7 @@ def test_summary_figures(db_url: str) -> None:
     assert s["mean_ttft_s"] == pytest.approx(0.5)
     assert s["first_queued_at"] == T0
     assert s["last_finished_at"] >= end and s["last_finished_at"].tzinfo == UTC
-    assert s["batches"] == 2 and s["mean_batch_size"] == pytest.approx(2.0)
+    assert s["batches"] == 1 and s["mean_batch_size"] == pytest.approx(3.0)
     empty = repo.summary([])
     assert empty["total"] == 0 and empty["mean_ttft_s"] is None and empty["elapsed_s"] is None
     assert repo.summary()["total"] >= 5

@@ -28,8 +28,6 @@ def _start_worker(settings, model_path: str, log: Path, name: str) -> subprocess
         "INFERQ_HOME": str(settings.home),
         "INFERQ_MODEL": FP_MODEL,
         "INFERQ_MODEL_PATH": model_path,
-        "INFERQ_MAX_BATCH_SIZE": "8",
-        "INFERQ_BATCH_WAIT_MS": "200",
         "INFERQ_VISIBILITY_TIMEOUT_S": "10",
         "INFERQ_WORKER_NAME": name,
     }

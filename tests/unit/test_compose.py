@@ -18,7 +18,7 @@ from inferq.cli import build_parser
 
 yaml = pytest.importorskip("yaml")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
 DEV_DEFAULT = re.compile(r"^\$\{POSTGRES_PASSWORD:-[^}]*\}$")
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|PRIVATE_KEY", re.IGNORECASE)

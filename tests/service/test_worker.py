@@ -1,0 +1,295 @@
+"""The whole path on real Redis + PostgreSQL + the real model, with the worker service in
+this process: intake, engine loop and result sink."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from service_helpers import producer, running_worker, wait_for
+
+from api_client import InferqClient
+from storage.repository import Repository
+from worker.engine.api import EngineRequest
+
+pytestmark = [pytest.mark.model, pytest.mark.services]
+
+
+class CrashingEngine:
+    """The real engine, except that a step raises while a poisoned sequence is live."""
+
+    def __init__(self, engine, poison: str):
+        self.inner, self.poison, self.crashes = engine, poison, 0
+        self.poisoned: set[str] = set()
+        self.codec = engine.new_codec()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def add(self, request: EngineRequest) -> None:
+        self.inner.add(request)
+        if self.poison in self.codec.decode(request.prompt_ids):
+            self.poisoned.add(request.seq_id)
+
+    def abort(self, seq_id: str) -> None:
+        self.poisoned.discard(seq_id)
+        self.inner.abort(seq_id)
+
+    def step(self):
+        if self.poisoned:
+            self.crashes += 1
+            raise RuntimeError("simulated kernel failure")
+        return self.inner.step()
+
+
+class FlakyRepository(Repository):
+    """The real repository, except that the first writes of results and the first claim fail
+    (a database outage while sequences are running)."""
+
+    def __init__(self, url: str, result_failures: int, claim_failures: int = 0):
+        super().__init__(url)
+        self.result_failures, self.claim_failures = result_failures, claim_failures
+        self.failed_writes = 0
+
+    def claim(self, *args, **kwargs):
+        if self.claim_failures:
+            self.claim_failures -= 1
+            raise sa.exc.OperationalError("claim", {}, ConnectionError("database is away"))
+        return super().claim(*args, **kwargs)
+
+    def store_outcomes(self, *args, **kwargs):
+        if self.failed_writes < self.result_failures:
+            self.failed_writes += 1
+            raise sa.exc.OperationalError("store", {}, ConnectionError("database is away"))
+        return super().store_outcomes(*args, **kwargs)
+
+
+def _results_per_job(repo: Repository, ids: list[uuid.UUID]) -> list[int]:
+    with repo.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT count(*) FROM results WHERE job_id = ANY(:ids) GROUP BY job_id"),
+            {"ids": ids},
+        )
+        return [n for (n,) in rows]
+
+
+def test_client_to_postgres_full_path(service_settings, fp_worker) -> None:
+    client = InferqClient(service_settings)
+    questions = [
+        "What is the capital of France?",
+        "Name a color.",
+        "What is 2 plus 2?",
+        "Write one word about the sea.",
+        "Say hello.",
+        "What is the capital of Italy?",
+    ]
+    ids = client.submit_many(
+        {"messages": [{"role": "user", "content": q}], "params": {"max_tokens": 16}}
+        for q in questions
+    )
+    views = client.wait_many(ids, timeout=120)
+    assert [v.status for v in views] == ["done"] * len(ids)
+    assert "Paris" in views[0].result.text
+    for v in views:
+        assert v.result.completion_tokens > 0 and v.result.prompt_tokens > 10
+        assert v.metrics.queue_wait_s >= 0 and v.metrics.ttft_s >= v.metrics.queue_wait_s
+        assert v.metrics.total_s >= v.metrics.ttft_s and v.attempts == 1 and v.worker
+    # the question teams ask with plain SQL: what did it do, how long did it wait
+    with client.repo.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT j.status, r.completion_tokens, m.queue_wait_s, b.size, b.real_tokens "
+                "FROM jobs j JOIN results r ON r.job_id = j.id "
+                "JOIN job_metrics m ON m.job_id = j.id "
+                "JOIN batches b ON b.id = j.batch_id WHERE j.id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        ).all()
+    assert len(rows) == len(ids)
+    assert max(r.size for r in rows) > 1, "jobs were not admitted together"
+    assert all(r.real_tokens > 0 for r in rows)
+
+
+def test_raw_send_task_with_documented_kwargs(service_settings, fp_worker) -> None:
+    app = producer(service_settings)
+    full_id, minimal_id = uuid.uuid4(), uuid.uuid4()
+    app.send_task(
+        "inferq.generate",
+        queue=service_settings.queue,
+        kwargs={
+            "job_id": str(full_id),
+            "tenant": "acme",
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "params": {
+                "max_tokens": 12,
+                "temperature": 0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "seed": None,
+                "stop": [],
+            },
+            "priority": 3,
+            "idempotency_key": "order-42",
+            "submitted_at": "2026-11-22T12:00:00Z",
+        },
+    )
+    app.send_task(
+        "inferq.generate",
+        queue=service_settings.queue,
+        kwargs={"job_id": str(minimal_id), "prompt": "The sky is"},
+    )
+    views = wait_for(fp_worker.repo, [full_id, minimal_id])
+    assert views[full_id].status == "done" and "Paris" in views[full_id].result.text
+    assert views[full_id].tenant == "acme" and views[full_id].idempotency_key == "order-42"
+    assert views[minimal_id].status == "done" and views[minimal_id].tenant == "default"
+
+
+def test_bad_input_fails_clearly_and_worker_keeps_serving(service_settings, fp_worker) -> None:
+    app, repo = producer(service_settings), fp_worker.repo
+    q, started = service_settings.queue, datetime.now(UTC)
+    unknown, oversized, invalid, good = (uuid.uuid4() for _ in range(4))
+    send = app.send_task
+    send("inferq.generate", queue=q, kwargs={"job_id": str(unknown), "prompt": "hi",
+                                             "model": "no-such-model"})  # fmt: skip
+    send("inferq.generate", queue=q, kwargs={"job_id": str(oversized), "prompt": "word " * 3000})
+    send("inferq.generate", queue=q, kwargs={"job_id": str(invalid), "prompt": "hi",
+                                             "params": {"max_tokens": -1}})  # fmt: skip
+    send("inferq.generate", queue=q, args=[1], serializer="pickle")
+    send("inferq.no_such_task", queue=q, kwargs={"x": 1})
+    send("inferq.generate", queue=q, kwargs={"job_id": str(good), "prompt": "Hi"})
+    views = wait_for(repo, [unknown, oversized, good])
+    assert views[unknown].status == "failed"
+    assert "unknown model 'no-such-model'" in views[unknown].error
+    assert views[oversized].status == "failed" and "the limit is 2048" in views[oversized].error
+    assert views[good].status == "done"
+    deadline = time.monotonic() + 20
+    letters: list[dict] = []
+    while len(letters) < 3 and time.monotonic() < deadline:
+        letters = [d for d in repo.dead_letters() if d["received_at"] >= started]
+        time.sleep(0.2)
+    reasons = {d["reason"]: d for d in letters}
+    assert len(reasons) == len(letters) == 3
+    assert reasons["invalid job message"]["job_id"] == invalid
+    assert "max_tokens" in reasons["invalid job message"]["error"]
+    assert "python-serialize" in reasons["non-JSON message refused"]["error"]
+    assert reasons["non-JSON message refused"]["payload"]["body_base64"]
+    assert "unknown task name" in reasons
+    assert repo.get(invalid) is None  # never stored as a job: nothing to run
+
+
+def test_a_crashing_step_fails_only_the_crashing_job(service_settings, paged_engine) -> None:
+    crashing = CrashingEngine(paged_engine, poison="POISON")
+    client = InferqClient(service_settings)
+    with running_worker(service_settings, {paged_engine.model_name: crashing}):
+        prompts = ["Say one.", "Say two.", "POISON pill", "Say four.", "Say five."]
+        ids = client.submit_many({"prompt": p, "params": {"max_tokens": 6}} for p in prompts)
+        views = client.wait_many(ids, timeout=120)
+    assert [v.status for v in views] == ["done", "done", "failed", "done", "done"]
+    assert "simulated kernel failure" in views[2].error and views[2].result is None
+    assert crashing.crashes >= 2  # the live jobs were rerun apart to find the culprit
+
+
+def test_redelivered_message_runs_once(service_settings, fp_worker) -> None:
+    app, repo = producer(service_settings), fp_worker.repo
+    job_id = uuid.uuid4()
+    kwargs = {"job_id": str(job_id), "prompt": "Count to three:", "params": {"max_tokens": 8}}
+    app.send_task("inferq.generate", queue=service_settings.queue, kwargs=kwargs)
+    wait_for(repo, [job_id])
+    app.send_task("inferq.generate", queue=service_settings.queue, kwargs=kwargs)
+    time.sleep(2.0)
+    view = repo.get(job_id)
+    assert view.status == "done" and view.attempts == 1
+    assert _results_per_job(repo, [job_id]) == [1]
+
+
+def test_cancelled_before_start_never_runs(service_settings, paged_engine) -> None:
+    client = InferqClient(service_settings)
+    job_id = client.submit("Tell me a story.", params={"max_tokens": 8})
+    assert client.cancel(job_id) is True
+    later = client.submit("Say hi.", params={"max_tokens": 4})
+    with running_worker(service_settings, {paged_engine.model_name: paged_engine}):
+        assert client.wait(later, timeout=120).status == "done"
+    view = client.get(job_id)
+    assert view.status == "cancelled" and view.result is None and view.attempts == 0
+
+
+def test_prefix_cache_reuse_across_batches_lands_in_postgres(service_settings, fp_worker):
+    client = InferqClient(service_settings)
+    system = {
+        "role": "system",
+        "content": "You are a meticulous assistant for a travel agency. "
+        "Answer questions about cities, countries and landmarks in one short sentence.",
+    }
+
+    def wave(questions: list[str], tenant: str) -> list:
+        ids = client.submit_many(
+            {
+                "messages": [system, {"role": "user", "content": q}],
+                "tenant": tenant,
+                "params": {"max_tokens": 6},
+            }
+            for q in questions
+        )
+        return client.wait_many(ids, timeout=120)
+
+    first = wave(["Where is Rome?"], "acme")
+    later = wave(["Where is Oslo?", "Where is Lima?", "Where is Cairo?"], "acme")
+    stranger = wave(["Where is Rome?"], "globex")
+    assert first[0].status == "done" and first[0].result.cached_tokens == 0
+    assert all(v.status == "done" and v.result.cached_tokens >= 32 for v in later)
+    assert stranger[0].result.cached_tokens == 0  # tenants never share prefix blocks
+    with client.repo.engine.connect() as conn:
+        stats = conn.execute(
+            sa.text(
+                "SELECT b.stats FROM batches b JOIN jobs j ON j.batch_id = b.id WHERE j.id = :j"
+            ),
+            {"j": later[0].id},
+        ).scalar_one()
+    assert stats["cached_tokens"] >= 32 and stats["cache_hit_rate"] > 0
+    assert {"blocks_used", "blocks_free", "blocks_evicted"} <= stats.keys()
+
+
+def test_database_outage_during_steps_delays_results_and_aborts_nothing(
+    service_settings, paged_engine
+) -> None:
+    """Writes fail while sequences run (and the first claim too): every job still finishes
+    with the tokens an undisturbed engine gives, one result each, no delivery repeated."""
+    prompts = [f"List {n} fruits:" for n in range(2, 8)]
+    codec = paged_engine.new_codec()
+    from worker.engine.api import SamplingParams, run_to_completion
+
+    reference = run_to_completion(
+        paged_engine,
+        [EngineRequest(f"ref-{i}", codec.encode(p, None), SamplingParams(max_tokens=12))
+         for i, p in enumerate(prompts)],
+    )  # fmt: skip
+    flaky = FlakyRepository(service_settings.database_url, result_failures=4, claim_failures=1)
+    client = InferqClient(service_settings)
+    with running_worker(service_settings, {paged_engine.model_name: paged_engine}, repo=flaky):
+        ids = client.submit_many({"prompt": p, "params": {"max_tokens": 12}} for p in prompts)
+        views = client.wait_many(ids, timeout=180)
+    assert flaky.failed_writes == 4 and flaky.claim_failures == 0
+    assert [v.status for v in views] == ["done"] * len(prompts)
+    assert [v.result.text for v in views] == [r.text for r in reference]
+    assert all(v.attempts == 1 for v in views)  # nothing went back to the queue
+    assert _results_per_job(client.repo, ids) == [1] * len(ids)
+
+
+def test_cancel_while_running_stops_the_job_in_the_engine(service_settings, fp_worker):
+    client = InferqClient(service_settings)
+    long_job = client.submit("Count slowly from one to one thousand:", params={"max_tokens": 400})
+    deadline = time.monotonic() + 60
+    while client.get(long_job).status != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.cancel(long_job) is True
+    view = client.wait(long_job, timeout=10)
+    assert view.status == "cancelled" and view.result is None
+    time.sleep(1.0)  # the worker drops it at its next cancellation check
+    assert not any(e.has_work for e in fp_worker.engines.values())  # no tokens spent any more
+    after = client.submit("Say hi.", params={"max_tokens": 4})
+    assert client.wait(after, timeout=60).status == "done"  # the worker keeps serving
+    assert client.get(long_job).result is None
