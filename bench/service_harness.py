@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -19,7 +18,9 @@ from inferq.settings import Settings, get_settings
 from storage.db import dispose_engines
 from storage.migrate import upgrade
 
-PG_ADMIN = os.environ.get("INFERQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN = os.environ.get(
+    "INFERQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 REDIS = os.environ.get("INFERQ_BENCH_REDIS", "redis://127.0.0.1:6379/13")
 
 

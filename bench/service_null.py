@@ -16,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-import sqlalchemy as sa
 from service_harness import (  # bench/service_harness.py, beside this script
     ServiceEnv,
     proc_cpu_s,
@@ -38,11 +37,9 @@ def main() -> None:
         t0 = time.perf_counter()
         with env.producer.connection_for_write() as conn:
             for job_id in ids:
+                job = {"job_id": str(job_id), "prompt": "Say hi.", "params": {"max_tokens": 4}}
                 env.producer.send_task(
-                    TASK_NAME,
-                    kwargs={"job_id": str(job_id), "prompt": "Say hi.", "params": {"max_tokens": 4}},
-                    queue=env.settings.queue,
-                    connection=conn,
+                    TASK_NAME, kwargs=job, queue=env.settings.queue, connection=conn
                 )
         print(f"enqueued {args.jobs} jobs in {time.perf_counter() - t0:.1f}s")
         worker = start_worker(env, {"INFERQ_ENGINE": "null"}, args.out / "null_worker.log")
