@@ -79,8 +79,10 @@ class ServiceEnv:
         return len(ids) - done, results - done
 
 
-def start_worker(env: ServiceEnv, extra: dict[str, str], log: Path) -> subprocess.Popen:
-    """`inferq worker` on the env's broker and database; returns once it consumes."""
+def start_worker(
+    env: ServiceEnv, extra: dict[str, str], log: Path, loglevel: str = "WARNING"
+) -> subprocess.Popen:
+    """An `inferq worker` process on the env's broker and database."""
     environ = {
         **os.environ,
         "INFERQ_BROKER_URL": env.settings.broker_url or "",
@@ -89,7 +91,7 @@ def start_worker(env: ServiceEnv, extra: dict[str, str], log: Path) -> subproces
         **extra,
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inferq.cli", "worker", "--loglevel", "WARNING"],
+        [sys.executable, "-m", "inferq.cli", "worker", "--loglevel", loglevel],
         env=environ,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,

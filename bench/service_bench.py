@@ -1,0 +1,178 @@
+"""The service against the engine alone, on the engine benchmark's workload, in one run.
+
+Usage: .venv/bin/python bench/service_bench.py [--jobs 256] [--dtypes float32,bfloat16]
+       [--max-new 128] [--seed 0] [--out bench/out]
+Per dtype, two rows with the same default settings (`Settings()`: max_num_seqs, KV size,
+prefix cache, ...) and the same seeded jobs (bench/engine_bench.py's build_workload):
+- engine alone: the engine the worker builds (`load_engine`), every job added at t=0 and run
+  to completion in this process; times from the engine's own outputs.
+- service: an `inferq worker` process on the local Redis and a fresh PostgreSQL database;
+  every job submitted at t=0 through `InferqClient` (row + Celery message each); times from
+  the rows the worker wrote (queued_at, job_metrics), wall = first enqueue to last finish.
+Latency and TTFT count from t=0 (enqueue); mean running = sum over jobs of (finished -
+admitted) / wall; prefix hit = cached prompt tokens / shareable system-prompt tokens.
+The null-engine figures (jobs/s, worker CPU per job) come from bench/service_null.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from engine_bench import build_workload, shareable_tokens  # bench/, beside this script
+from service_harness import ServiceEnv, start_worker, stop_worker
+from transformers import AutoTokenizer
+from worker.engine.codec import TextCodec
+from worker.prep.models import resolve_model
+
+from inferq.settings import FP_MODEL, get_settings
+from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
+from worker.service.app import load_engine
+
+
+@dataclass
+class Row:
+    name: str
+    wall_s: float
+    out_tokens: int
+    latency: list[float]
+    ttft: list[float]
+    running_s: float  # sum of admitted -> finished over jobs
+    cached: int
+    texts: dict[int, str]
+
+    def cells(self, shareable: int) -> list[str]:
+        q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]  # noqa: E731
+        return [
+            self.name,
+            f"{self.out_tokens / self.wall_s:.1f}",
+            f"{q(self.latency, 50):.1f} / {q(self.latency, 95):.1f}",
+            f"{q(self.ttft, 50):.1f} / {q(self.ttft, 95):.1f}",
+            f"{self.running_s / self.wall_s:.1f}",
+            f"{self.cached / shareable:.1%}",
+            f"{self.wall_s:.1f}",
+        ]
+
+
+class RecordingCodec:
+    """Encodes like the model's codec and remembers each prompt's chat messages."""
+
+    def __init__(self, codec):
+        self.codec, self.messages = codec, {}
+
+    def encode(self, prompt, messages):
+        ids = self.codec.encode(prompt, messages)
+        self.messages[id(ids)] = messages
+        return ids
+
+
+def engine_row(name: str, dtype: str, jobs) -> Row:
+    settings = get_settings(model=FP_MODEL, dtype=dtype)
+    engine = load_engine(settings, FP_MODEL)
+    reqs = [
+        EngineRequest(str(i), j.prompt_ids, SamplingParams(max_tokens=j.max_tokens), "bench")
+        for i, j in enumerate(jobs)
+    ]
+    t0 = time.time()
+    outs = run_to_completion(engine, reqs)
+    wall = max(o.finished_at for o in outs) - t0
+    row = Row(
+        name, wall, sum(len(o.token_ids) for o in outs),
+        [o.finished_at - t0 for o in outs], [o.first_token_at - t0 for o in outs],
+        sum(o.finished_at - o.admitted_at for o in outs), sum(o.cached_tokens for o in outs),
+        {i: o.text for i, o in enumerate(outs)},
+    )  # fmt: skip
+    del engine
+    gc.collect()
+    return row
+
+
+def _wait_ready(log: Path, proc, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if '"worker.ready"' in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"worker exited with {proc.returncode}: see {log}")
+        time.sleep(0.5)
+    raise SystemExit(f"worker not ready after {timeout}s: see {log}")
+
+
+def service_row(name: str, dtype: str, jobs, messages, out: Path) -> Row:
+    with ServiceEnv("svc") as env:
+        log = out / f"service_worker_{dtype}.log"
+        extra = {"INFERQ_MODEL": FP_MODEL, "INFERQ_DTYPE": dtype, "INFERQ_ENGINE": "paged"}
+        proc = start_worker(env, extra, log, loglevel="INFO")
+        try:
+            _wait_ready(log, proc)
+            ids = env.client.submit_many(
+                {"messages": messages[id(j.prompt_ids)], "tenant": "bench",
+                 "params": {"max_tokens": j.max_tokens}}
+                for j in jobs
+            )  # fmt: skip
+            views = env.client.wait_many(ids, timeout=3600, poll=0.5)
+        finally:
+            stop_worker(proc)
+        assert all(v.status == "done" for v in views), {v.status for v in views}
+        t0 = min(v.queued_at for v in views)
+        finished = [v.queued_at + timedelta(seconds=v.metrics.total_s) for v in views]
+        wall = (max(finished) - t0).total_seconds()
+        lag = [(v.queued_at - t0).total_seconds() for v in views]
+        return Row(
+            name, wall, sum(v.result.completion_tokens for v in views),
+            [g + v.metrics.total_s for g, v in zip(lag, views, strict=True)],
+            [g + v.metrics.ttft_s for g, v in zip(lag, views, strict=True)],
+            sum(v.metrics.total_s - v.metrics.queue_wait_s for v in views),
+            sum(v.result.cached_tokens for v in views),
+            {i: v.result.text for i, v in enumerate(views)},
+        )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=256)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--max-new", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = get_settings()
+    path = resolve_model(settings, FP_MODEL)
+    tok = AutoTokenizer.from_pretrained(path)
+    codec = RecordingCodec(TextCodec.load(path))
+    jobs, sys_lens = build_workload(tok, codec, args.jobs, args.seed, args.max_new)
+    shareable = shareable_tokens(jobs, sys_lens)
+    header = ["row", "out tok/s", "p50 / p95 latency s", "p50 / p95 TTFT s",
+              "mean running seqs", "prefix hit", "wall s"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    summary = []
+    for dtype in args.dtypes.split(","):
+        tag = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
+        alone = engine_row(f"engine alone {tag}", dtype, jobs)
+        served = service_row(f"service (Redis + PostgreSQL) {tag}", dtype, jobs,
+                             codec.messages, args.out)  # fmt: skip
+        for row in (alone, served):
+            lines.append("| " + " | ".join(row.cells(shareable)) + " |")
+            print(lines[-1], flush=True)
+        share = (served.out_tokens / served.wall_s) / (alone.out_tokens / alone.wall_s)
+        same = sum(alone.texts[i] == served.texts[i] for i in alone.texts)
+        summary.append(f"{tag}: service / engine alone = {share:.1%}; "
+                       f"same text {same}/{len(jobs)}")  # fmt: skip
+    text = "\n".join(lines + [""] + summary) + "\n"
+    print(text)
+    (args.out / "service_bench.md").write_text(text)
+    (args.out / "service_bench.json").write_text(json.dumps({"summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
