@@ -166,7 +166,7 @@ def main() -> None:
         same = sum(alone.texts[i] == served.texts[i] for i in alone.texts)
         summary.append(f"{tag}: service / engine alone = {share:.1%}; "
                        f"same text {same}/{len(jobs)}")  # fmt: skip
-    text = "\n".join(lines + [""] + summary) + "\n"
+    text = "\n".join([*lines, "", *summary]) + "\n"
     print(text)
     (args.out / "service_bench.md").write_text(text)
     (args.out / "service_bench.json").write_text(json.dumps({"summary": summary}, indent=1))
