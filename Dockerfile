@@ -19,7 +19,7 @@ RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 
 WORKDIR /app
 COPY . .
-RUN pip install -c constraints.txt . \
+RUN pip install -c constraints.txt ".[worker]" \
     && useradd --create-home --uid 1000 --user-group inferq \
     && mkdir -p /data \
     && chown inferq:inferq /data

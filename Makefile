@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint services model bench gptq-report clean
+.PHONY: install demo test unit client-deps lint services model bench service-bench gptq-report clean
 
 install: $(VENV)/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[worker,dev]'
 	touch $@
 
 model: install
@@ -29,13 +29,25 @@ lint: install
 services:
 	bash .ci/services
 
-test: lint services model
-	$(VENV)/bin/pytest -q
+# unit tests first (no model, no services, seconds), then the engine and service tests
+test: lint unit client-deps services model
+	$(VENV)/bin/pytest -q tests/engine tests/service
+
+unit: install
+	$(VENV)/bin/pytest -q tests/unit
+
+client-deps: install
+	PY=$(PY) bash .ci/client-deps
 
 # The engine benchmark (8-13 minutes on 2 CPU cores); table + PNG under bench/out/.
 bench: model
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) bench/engine_bench.py --jobs 256 --baseline-jobs 32 --max-num-seqs 128
+
+# The service beside the engine alone (fp32 and bf16, ~15 min), then the null-engine run.
+service-bench: model services
+	$(PY) bench/service_bench.py
+	$(PY) bench/service_null.py --jobs 10000
 
 # GPTQ vs fp: perplexity, size, memory, speed (about 3 minutes); table under bench/out/.
 gptq-report: model

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from api_client.schema import JobMessage, SamplingParams
 from api_client.wire import TASK_NAME, celery_priority, producer_app
 from inferq.settings import Settings, get_settings
-from storage.records import TERMINAL_STATUSES, JobView, NewJob
+from storage.records import TERMINAL_STATUSES, JobView
 from storage.repository import Repository
 
 
@@ -73,9 +73,7 @@ class InferqClient:
         return [self.enqueue(msg) for msg in messages]
 
     def enqueue(self, msg: JobMessage) -> uuid.UUID:
-        job_id, created = self.repo.submit(
-            NewJob.from_message(msg, msg.model or self.settings.model)
-        )
+        job_id, created = self.repo.submit(msg.to_job(self.settings.model))
         if not created:
             return job_id
         try:

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from storage.records import NewJob, as_utc
+
 MAX_STOP_STRINGS = 8
 
 
@@ -64,6 +66,24 @@ class JobMessage(BaseModel):
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt must not be empty")
         return self
+
+    def to_job(self, default_model: str) -> NewJob:
+        """The job row to store; `default_model` when the message names none."""
+        return NewJob(
+            id=self.job_id,
+            tenant=self.tenant,
+            model=self.model or default_model,
+            prompt=self.prompt,
+            messages=(
+                [m.model_dump(mode="json") for m in self.messages]
+                if self.messages is not None
+                else None
+            ),
+            params=self.params.model_dump(mode="json"),
+            priority=self.priority,
+            idempotency_key=self.idempotency_key,
+            queued_at=as_utc(self.submitted_at),
+        )
 
     def to_wire(self) -> dict:
         """JSON-safe kwargs for `send_task`."""

@@ -7,10 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from api_client.schema import JobMessage
+from typing import Any
 
 
 class JobStatus(StrEnum):
@@ -50,25 +47,6 @@ class NewJob:
     priority: int = 0
     idempotency_key: str | None = None
     queued_at: datetime = field(default_factory=utcnow)
-
-    @classmethod
-    def from_message(cls, msg: JobMessage, model: str) -> NewJob:
-        """From the wire message; `model` is the default when `msg.model` is unset."""
-        return cls(
-            id=msg.job_id,
-            tenant=msg.tenant,
-            model=msg.model or model,
-            prompt=msg.prompt,
-            messages=(
-                [m.model_dump(mode="json") for m in msg.messages]
-                if msg.messages is not None
-                else None
-            ),
-            params=msg.params.model_dump(mode="json"),
-            priority=msg.priority,
-            idempotency_key=msg.idempotency_key,
-            queued_at=as_utc(msg.submitted_at),
-        )
 
     def row(self) -> dict[str, Any]:
         """Column values for the `jobs` table."""

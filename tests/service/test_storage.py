@@ -131,7 +131,7 @@ def test_submit_is_idempotent_per_tenant_and_key(db_url: str) -> None:
     assert repo.statuses([first.id, other.id]) == {first.id: "queued", other.id: "queued"}
 
 
-def test_new_job_from_message(db_url: str) -> None:
+def test_job_row_from_message(db_url: str) -> None:
     msg = JobMessage(
         tenant="acme",
         messages=[ChatMessage(role="user", content="hello")],
@@ -140,12 +140,12 @@ def test_new_job_from_message(db_url: str) -> None:
         idempotency_key="abc",
         submitted_at=datetime(2026, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2))),
     )
-    job = NewJob.from_message(msg, model="default-model")
+    job = msg.to_job("default-model")
     assert job.id == msg.job_id and job.model == "default-model" and job.prompt is None
     assert job.messages == [{"role": "user", "content": "hello"}]
     assert job.params["max_tokens"] == 7 and job.params["stop"] == ["\n"]
     assert job.queued_at == datetime(2026, 5, 1, 10, 0, tzinfo=UTC)
-    assert NewJob.from_message(msg.model_copy(update={"model": "x"}), "d").model == "x"
+    assert msg.model_copy(update={"model": "x"}).to_job("d").model == "x"
     repo = Repository(db_url)
     repo.submit(job)
     view = repo.get(job.id)

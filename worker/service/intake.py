@@ -17,7 +17,7 @@ from typing import Any
 from api_client.schema import JobMessage
 from inferq.logs import get_logger
 from inferq.settings import Settings
-from storage.records import JobState, JobStatus, NewJob, as_utc
+from storage.records import JobState, JobStatus, as_utc
 from storage.repository import Repository
 from worker.engine.api import Codec, EngineRequest, SamplingParams
 from worker.service.engine_loop import EngineLoop
@@ -187,7 +187,7 @@ class Intake:
 
     def _store(self, arrivals: list[_Arrival], dead: list, stop: threading.Event):
         """Dead letters and the claim, retried with backoff while the database is away."""
-        new = [NewJob.from_message(a.job, a.model) for a in arrivals]
+        new = [a.job.to_job(a.model) for a in arrivals]
         refused = {a.job.job_id: a.error for a in arrivals if a.error is not None}
         backoff = Backoff()
         while True:
