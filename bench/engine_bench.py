@@ -13,8 +13,8 @@ worker runs on CPU (GPTQ models always, fp models with INFERQ_DTYPE=bfloat16).
   each step's tokens are sampled and timestamps it, so TTFT = batch start + its first step
   (that run's own prefill, no extra 1-token run); latency = the batch's return (HF returns the
   batch at once). Computed positions = rows x (padded width + decode steps - 1).
-- engine rows: `PagedEngine.generate(all jobs)`, timings from each output; computed positions =
-  the engine's own counter (recompute after preemption included).
+- engine rows: `run_to_completion(PagedEngine, all jobs)`, timings from each output; computed
+  positions = the engine's own counter (recompute after preemption included).
 - needed = prompt + fed-back generated tokens - prefix-cache hits; waste = 1 - needed/computed.
 - prefix hit = cached tokens / shareable = sum over jobs of the templated system block length,
   minus one job's per system prompt. Hits are block-granular and may run past the system block.
@@ -47,12 +47,11 @@ from plot import plot_table  # bench/plot.py, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
-from api_client.schema import SamplingParams
 from inferq.settings import FP_MODEL, get_settings
-from worker.decoding import TextCodec
-from worker.engine_api import EngineRequest
-from worker.model_prep import resolve_model
-from worker.paged_engine import EngineConfig, PagedEngine
+from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
+from worker.engine.codec import TextCodec
+from worker.engine.engine import EngineConfig, PagedEngine
+from worker.prep.models import resolve_model
 
 TEXT = """The river flooded the lower town twice last spring. Our quarterly revenue grew by eight
 percent, driven mostly by new subscriptions. Please answer in plain language and avoid jargon.
@@ -211,19 +210,20 @@ def engine_row(
         EngineRequest(j.seq_id, j.prompt_ids, SamplingParams(max_tokens=j.max_tokens), "tenant-a")
         for j in jobs
     ]
-    s0, c0, start = engine.kv.stats(), engine.totals.computed_tokens, time.perf_counter()
-    outs, _ = engine.generate(reqs)
+    s0, start, t0 = engine.stats(), time.perf_counter(), time.time()
+    outs = run_to_completion(engine, reqs)
     wall = time.perf_counter() - start
-    s1 = engine.kv.stats()
+    s1 = engine.stats()
     cached = sum(o.cached_tokens for o in outs)
-    hits, queried = s1.hit_tokens - s0.hit_tokens, s1.queried_tokens - s0.queried_tokens
-    row = Row(name, len(jobs), wall, engine.totals.computed_tokens - c0, -cached)
+    hits = s1.cache_hit_tokens - s0.cache_hit_tokens
+    queried = s1.cache_queried_tokens - s0.cache_queried_tokens
+    row = Row(name, len(jobs), wall, s1.computed_tokens - s0.computed_tokens, -cached)
     row.hit = cached / shareable if shareable else None
     row.engine_hit = f"{hits}/{queried} = {hits / max(queried, 1):.1%}"
     for j, o in zip(jobs, outs, strict=True):
         fed = len(o.token_ids) + (o.finish_reason == "stop") - 1  # incl. eos; last not fed
         row.needed += len(j.prompt_ids) + fed
-        row.add(o.seq_id, o.token_ids, o.first_token_s + o.decode_s, o.first_token_s)
+        row.add(o.seq_id, o.token_ids, o.finished_at - t0, o.first_token_at - t0)
     del engine, outs
     gc.collect()
     return row

@@ -3,7 +3,7 @@
 Usage: .venv/bin/python bench/gptq_report.py [--jobs 128] [--quick] [--out bench/out]
 Variants: fp32 (FP_MODEL, float32), fp bf16 (FP_MODEL, bfloat16: the fair speed reference on
 a CPU with avx512_bf16) and GPTQ 4-bit (DEFAULT_MODEL, dtype auto: bf16 activations on CPU,
-kernel chosen by worker.model_loading). Every model is loaded through `load_causal_lm`.
+kernel chosen by worker.engine.loading). Every model is loaded through `load_causal_lm`.
 - perplexity: worker/data/heldout.txt tokenized whole, non-overlapping 512-token windows,
   exp(sum of NLL / predicted tokens); `--quick` keeps its first 1024 tokens.
 - disk: *.safetensors bytes; linear = q/k/v/o/gate/up/down projection tensors (GPTQ: qweight,
@@ -39,10 +39,10 @@ from transformers import AutoTokenizer, GenerationConfig, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from inferq.settings import DEFAULT_MODEL, FP_MODEL, get_settings
-from worker.decoding import TextCodec
-from worker.model_loading import load_causal_lm, pick_device
-from worker.model_prep import resolve_model
-from worker.paged_engine import EngineConfig
+from worker.engine.codec import TextCodec
+from worker.engine.engine import EngineConfig
+from worker.engine.loading import load_causal_lm, pick_device
+from worker.prep.models import resolve_model
 
 HELDOUT = Path(__file__).parents[1] / "worker" / "data" / "heldout.txt"
 WINDOW = 512

@@ -16,7 +16,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_prepare(args: argparse.Namespace) -> int:
-    from worker.model_prep import resolve_model
+    from worker.prep.models import resolve_model
 
     settings = get_settings()
     served = settings.served_models()
@@ -28,7 +28,7 @@ def _cmd_model_prepare(args: argparse.Namespace) -> int:
 def _cmd_model_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from worker.gptq import GptqSpec, quantize
+    from worker.prep.quantize import GptqSpec, quantize
 
     spec = GptqSpec(
         bits=args.bits,

@@ -52,6 +52,18 @@ class BlockPool:
     def num_available(self) -> int:
         return len(self._free) + len(self._lru)
 
+    def free_ids(self) -> list[int]:
+        """Free block ids, lowest first (the order `allocate` takes them)."""
+        return sorted(self._free)
+
+    def evictable_ids(self) -> list[int]:
+        """Evictable cached block ids, least recently released first (the eviction order)."""
+        return list(self._lru)
+
+    def indexed(self) -> dict[BlockHash, int]:
+        """A copy of the hash index: every registered hash (pending or ready) -> block id."""
+        return dict(self._index)
+
     def ref_count(self, block_id: int) -> int:
         return self._ref[self._check(block_id)]
 

@@ -34,14 +34,21 @@ def block_hashes(
     token_ids: Sequence[int], block_size: int, model_id: str, salt: str
 ) -> list[BlockHash]:
     """Chained hashes of the full blocks of ``token_ids`` (a trailing partial block is skipped)."""
+    return extend_block_hashes([], token_ids, block_size, model_id, salt)
+
+
+def extend_block_hashes(
+    hashes: list[BlockHash], token_ids: Sequence[int], block_size: int, model_id: str, salt: str
+) -> list[BlockHash]:
+    """Append to ``hashes`` (the chained hashes of the leading full blocks of ``token_ids``)
+    those of the full blocks not hashed yet; returns ``hashes``. Only new blocks are hashed, so
+    a sequence that keeps its list hashes each block once however often it is probed."""
     if block_size <= 0:
         raise ValueError("block_size must be positive")
-    out: list[BlockHash] = []
-    parent: BlockHash | None = None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size], model_id, salt)
-        out.append(parent)
-    return out
+    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
+        parent = hashes[-1] if hashes else None
+        hashes.append(hash_block(parent, token_ids[start : start + block_size], model_id, salt))
+    return hashes
 
 
 def tenant_salt(tenant: str, secret: str) -> str:

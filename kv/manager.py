@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kv.block_pool import BlockPool
-from kv.hashing import BlockHash, block_hashes, hash_block
+from kv.hashing import BlockHash, extend_block_hashes
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class CacheStats:
 class _Seq:
     salt: str
     table: list[int]
-    hashes: list[BlockHash]  # chained hashes of the known full blocks
+    hashes: list[BlockHash]  # chained hashes of the known full blocks (maybe the caller's list)
     num_cached_tokens: int
     num_matched: int  # leading blocks shared from the cache (READY, not ours to register)
     pending: set[int] = field(default_factory=set)  # our blocks registered but not yet ready
@@ -84,10 +84,22 @@ class KVCacheManager:
             else num_blocks
         )
 
-    def probe(self, token_ids: Sequence[int], salt: str) -> PrefixProbe:
-        """Prefix hit for ``token_ids`` now (READY) and once pending blocks are computed."""
+    def hashes(
+        self, token_ids: Sequence[int], salt: str, known: list[BlockHash] | None = None
+    ) -> list[BlockHash]:
+        """The chained hashes of the full blocks of ``token_ids``: ``known`` (a caller's cached
+        hashes of a leading part, extended in place by the new full blocks) or a fresh list."""
+        hashes = [] if known is None else known
+        extend_block_hashes(hashes, token_ids, self.block_size, self.model_id, salt)
+        return hashes[: len(token_ids) // self.block_size]
+
+    def probe(
+        self, token_ids: Sequence[int], salt: str, known: list[BlockHash] | None = None
+    ) -> PrefixProbe:
+        """Prefix hit for ``token_ids`` now (READY) and once pending blocks are computed.
+        ``known``: the sequence's cached block hashes (see `hashes`)."""
         ready = pending = 0
-        for h in block_hashes(token_ids, self.block_size, self.model_id, salt):
+        for h in self.hashes(token_ids, salt, known):
             if not pending and self.pool.lookup(h) is not None:
                 ready += 1
             elif self.pool.lookup(h) is not None or self.pool.is_pending(h):
@@ -98,13 +110,24 @@ class KVCacheManager:
         ready = min(ready, total)
         return PrefixProbe(ready * self.block_size, (total - ready) * self.block_size)
 
-    def allocate(self, seq_id: str, token_ids: Sequence[int], salt: str) -> Allocation | None:
-        """Admit a sequence: share its READY cached prefix, allocate the rest, or None if short."""
+    def allocate(
+        self,
+        seq_id: str,
+        token_ids: Sequence[int],
+        salt: str,
+        known: list[BlockHash] | None = None,
+    ) -> Allocation | None:
+        """Admit a sequence: share its READY cached prefix, allocate the rest, or None if short.
+
+        With ``known`` (the sequence's cached block hashes), the manager keeps extending that
+        same list as the sequence's blocks fill (`commit`): each block is hashed once."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} already allocated")
-        hashes = block_hashes(token_ids, self.block_size, self.model_id, salt)
+        hashes = [] if known is None else known
+        extend_block_hashes(hashes, token_ids, self.block_size, self.model_id, salt)
+        num_full = len(token_ids) // self.block_size
         matched: list[int] = []
-        for h in hashes:
+        for h in hashes[:num_full]:
             bid = self.pool.lookup(h)
             if bid is None:
                 break
@@ -117,7 +140,7 @@ class KVCacheManager:
         self.pool.touch(matched)
         table = matched + self.pool.allocate(need)
         seq = _Seq(salt, table, hashes, len(matched) * self.block_size, len(matched))
-        for i in range(len(matched), len(hashes)):
+        for i in range(len(matched), num_full):
             if self.pool.register(table[i], hashes[i], ready=False) == table[i]:
                 seq.pending.add(table[i])
         self._seqs[seq_id] = seq
@@ -125,18 +148,20 @@ class KVCacheManager:
         self._hits += seq.num_cached_tokens
         return Allocation(list(table), seq.num_cached_tokens)
 
-    def commit(self, seq_id: str, computed_token_ids: Sequence[int]) -> None:
-        """KV for ``computed_token_ids`` is now written: make its full blocks cache hits."""
+    def commit(
+        self, seq_id: str, token_ids: Sequence[int], num_computed: int | None = None
+    ) -> None:
+        """KV for the first ``num_computed`` (default: all) of ``token_ids`` is now written:
+        make its full blocks cache hits."""
         seq = self._seqs[seq_id]
         bs = self.block_size
-        num_full = len(computed_token_ids) // bs
+        num_computed = len(token_ids) if num_computed is None else num_computed
+        num_full = num_computed // bs
         if num_full > len(seq.table):
-            raise ValueError(f"{len(computed_token_ids)} tokens exceed the block table")
+            raise ValueError(f"{num_computed} tokens exceed the block table")
+        if num_full > len(seq.hashes):
+            extend_block_hashes(seq.hashes, token_ids[: num_full * bs], bs, self.model_id, seq.salt)
         for i in range(seq.num_committed, num_full):
-            if i == len(seq.hashes):
-                parent = seq.hashes[-1] if seq.hashes else None
-                tokens = computed_token_ids[i * bs : (i + 1) * bs]
-                seq.hashes.append(hash_block(parent, tokens, self.model_id, seq.salt))
             bid = seq.table[i]
             if i < seq.num_matched:
                 continue

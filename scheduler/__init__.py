@@ -1,31 +1,13 @@
-"""Batch formation: pure Python over job ids and token counts (no torch, no I/O)."""
+"""Continuous batching over the paged KV cache: pure Python (no torch, no I/O)."""
 
-from scheduler.batching import (
-    BatchPolicy,
-    PendingJob,
-    batch_cost,
-    effective_class,
-    form_batches,
-    next_batch,
-)
-from scheduler.continuous import (
-    ContinuousScheduler,
-    DecodeWork,
-    PrefillWork,
-    SeqState,
-    StepPlan,
-)
+from scheduler.continuous import ContinuousScheduler, DecodeWork, PrefillWork, StepPlan
+from scheduler.sequence import SeqStatus, Sequence
 
 __all__ = [
-    "BatchPolicy",
     "ContinuousScheduler",
     "DecodeWork",
-    "PendingJob",
     "PrefillWork",
-    "SeqState",
+    "SeqStatus",
+    "Sequence",
     "StepPlan",
-    "batch_cost",
-    "effective_class",
-    "form_batches",
-    "next_batch",
 ]

@@ -12,50 +12,38 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from scheduler.sequence import SeqStatus, Sequence
+
 if TYPE_CHECKING:
     from kv.manager import KVCacheManager
-
-
-@dataclass
-class SeqState:
-    """One request's generation state as the scheduler tracks it."""
-
-    seq_id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    priority: int = 0
-    arrival: float = 0.0
-    salt: str = ""
-    output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose KV exists in the cache
-    num_cached: int = 0  # prompt tokens served from the prefix cache at (last) admission
-    status: str = "waiting"  # waiting | running | finished
-    preemptions: int = 0
-
-    @property
-    def all_ids(self) -> list[int]:
-        """Prompt followed by the tokens generated so far."""
-        return self.prompt_ids + self.output_ids
 
 
 @dataclass(frozen=True)
 class PrefillWork:
     """Compute ``token_ids`` at positions ``start_pos..``; context = start_pos + len(token_ids)."""
 
-    seq_id: str
+    seq: Sequence
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
+
+    @property
+    def seq_id(self) -> str:
+        return self.seq.seq_id
 
 
 @dataclass(frozen=True)
 class DecodeWork:
     """Feed the last sampled token ``token_id`` at position ``pos``."""
 
-    seq_id: str
+    seq: Sequence
     token_id: int
     pos: int
     block_table: list[int]
+
+    @property
+    def seq_id(self) -> str:
+        return self.seq.seq_id
 
 
 @dataclass
@@ -76,14 +64,22 @@ class StepPlan:
         """True when there is nothing to compute."""
         return not self.prefills and not self.decodes
 
+    @property
+    def seqs(self) -> list[Sequence]:
+        """The sequences computed in this step: prefills first, then decodes (logits order)."""
+        return [w.seq for w in self.prefills] + [w.seq for w in self.decodes]
+
 
 class ContinuousScheduler:
     """Plans prefill/decode steps over a :class:`KVCacheManager`.
 
     Urgency is the effective class (priority + one per full ``aging_s`` waited since arrival),
-    then arrival. Admission is head-of-line: when the next candidate does not fit the blocks
-    or the token budget, nobody behind it is admitted this step, so big or old jobs are not
-    starved by a stream of small ones.
+    then arrival. Waiting sequences are admitted in the order (effective class, longest cached
+    prefix, shortest prompt): this order IS the design's length-sorted micro-batching, done
+    per step instead of per static batch: within a class, jobs sharing a cached prefix go
+    together, then short prompts before long ones. Admission is head-of-line: when the next
+    candidate does not fit the blocks or the token budget, nobody behind it is admitted this
+    step, so big or old jobs are not starved by a stream of small ones.
     """
 
     def __init__(
@@ -105,9 +101,9 @@ class ContinuousScheduler:
         self.max_num_seqs = max_num_seqs
         self.max_step_tokens = max_step_tokens
         self.aging_s = aging_s
-        self._waiting: dict[str, SeqState] = {}
-        self._running: dict[str, SeqState] = {}
-        self._in_plan: list[str] = []  # seq ids computed by the last plan, awaiting on_step
+        self._waiting: dict[str, Sequence] = {}
+        self._running: dict[str, Sequence] = {}
+        self._in_plan: list[Sequence] = []  # computed by the last plan, awaiting on_step
 
     # -- queue -----------------------------------------------------------------------------
 
@@ -123,21 +119,21 @@ class ContinuousScheduler:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
-    def get(self, seq_id: str) -> SeqState | None:
+    def get(self, seq_id: str) -> Sequence | None:
         """The waiting or running sequence ``seq_id``, else None."""
         return self._waiting.get(seq_id) or self._running.get(seq_id)
 
-    def add(self, seq: SeqState) -> None:
+    def add(self, seq: Sequence) -> None:
         """Queue ``seq``; ValueError if it is empty, a duplicate, or can never fit the pool."""
-        if not seq.prompt_ids:
+        if not seq.token_ids:
             raise ValueError(f"seq {seq.seq_id!r}: empty prompt")
         if seq.max_tokens < 1:
             raise ValueError(f"seq {seq.seq_id!r}: max_tokens must be >= 1")
         if seq.seq_id in self._waiting or seq.seq_id in self._running:
             raise ValueError(f"duplicate seq_id {seq.seq_id!r}")
-        if not self.kv.can_fit(len(seq.prompt_ids) + seq.max_tokens):
+        if not self.kv.can_fit(seq.num_prompt_tokens + seq.max_tokens):
             raise ValueError(f"seq {seq.seq_id!r}: prompt + max_tokens can never fit the KV pool")
-        seq.status = "waiting"
+        seq.status = SeqStatus.WAITING
         self._waiting[seq.seq_id] = seq
 
     def abort(self, seq_id: str) -> None:
@@ -148,23 +144,23 @@ class ContinuousScheduler:
             if seq is None:
                 return
             self.kv.free(seq_id)
-        seq.status = "finished"
+        seq.status = SeqStatus.FINISHED
 
     # -- planning --------------------------------------------------------------------------
 
-    def _class(self, seq: SeqState, now: float) -> int:
+    def _class(self, seq: Sequence, now: float) -> int:
         """Priority plus one class per full ``aging_s`` waited (future arrival counts as 0)."""
         return seq.priority + math.floor(max(0.0, now - seq.arrival) / self.aging_s)
 
-    def _urgency(self, now: float) -> Callable[[SeqState], tuple[int, float, str]]:
+    def _urgency(self, now: float) -> Callable[[Sequence], tuple[int, float, str]]:
         """Sort key: most urgent first (effective class desc, then arrival, then id)."""
         return lambda s: (-self._class(s, now), s.arrival, s.seq_id)
 
-    def _preempt(self, seq: SeqState, plan: StepPlan) -> None:
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         """Free ``seq``'s blocks and requeue it; its outputs are kept and recomputed later."""
         self.kv.free(seq.seq_id)
         del self._running[seq.seq_id]
-        seq.status = "waiting"
+        seq.status = SeqStatus.WAITING
         seq.num_computed = 0
         seq.preemptions += 1
         self._waiting[seq.seq_id] = seq
@@ -186,7 +182,7 @@ class ContinuousScheduler:
         for seq in by_urgency:
             if seq.seq_id not in self._running:
                 continue  # preempted earlier in this loop
-            ids = seq.all_ids
+            ids = seq.token_ids
             while not self.kv.append_slots(seq.seq_id, len(ids)):
                 victim = max(self._running.values(), key=self._urgency(now))
                 self._preempt(victim, plan)
@@ -194,21 +190,24 @@ class ContinuousScheduler:
                     break
             if seq.seq_id in self._running:
                 table = self.kv.block_table(seq.seq_id)
-                plan.decodes.append(DecodeWork(seq.seq_id, ids[-1], len(ids) - 1, table))
+                plan.decodes.append(DecodeWork(seq, ids[-1], len(ids) - 1, table))
         if not plan.preempted:  # under memory pressure, admit nobody (avoids thrashing)
             self._admit(plan, now)
-        self._in_plan = [w.seq_id for w in plan.prefills] + [w.seq_id for w in plan.decodes]
+        self._in_plan = plan.seqs
         return plan
 
     def _admit(self, plan: StepPlan, now: float) -> None:
         """Admit waiting sequences for prefill in urgency/prefix order, head-of-line."""
-        probes = {s.seq_id: self.kv.probe(s.all_ids, s.salt) for s in self._waiting.values()}
+        kv = self.kv
+        probes = {
+            s.seq_id: kv.probe(s.token_ids, s.salt, s.block_hashes) for s in self._waiting.values()
+        }
         order = sorted(
             self._waiting.values(),
             key=lambda s: (
                 -self._class(s, now),
                 -probes[s.seq_id].cached_tokens,
-                len(s.prompt_ids) + len(s.output_ids),
+                len(s.token_ids),
                 s.arrival,
                 s.seq_id,
             ),
@@ -219,46 +218,47 @@ class ContinuousScheduler:
         for seq in order:
             if len(self._running) >= cap:
                 break
-            ids = seq.all_ids
+            ids = seq.token_ids
             # Admissions earlier in this step may have made part of this prefix pending.
-            probe = self.kv.probe(ids, seq.salt) if plan.prefills else probes[seq.seq_id]
+            probe = (
+                kv.probe(ids, seq.salt, seq.block_hashes) if plan.prefills else probes[seq.seq_id]
+            )
             if probe.pending_tokens > 0:
                 continue  # its prefix is being computed this step: share it next step
             uncached = len(ids) - min(probe.cached_tokens, len(ids) - 1)
             if self._over_budget(tokens, uncached, plan):
                 break
-            alloc = self.kv.allocate(seq.seq_id, ids, seq.salt)
+            alloc = kv.allocate(seq.seq_id, ids, seq.salt, seq.block_hashes)
             if alloc is None:
                 break
             uncached = len(ids) - alloc.num_cached_tokens
             if self._over_budget(tokens, uncached, plan):  # fewer cached than probed
-                self.kv.free(seq.seq_id)
+                kv.free(seq.seq_id)
                 break
             del self._waiting[seq.seq_id]
             self._running[seq.seq_id] = seq
-            seq.status = "running"
-            seq.num_cached = alloc.num_cached_tokens
-            start = alloc.num_cached_tokens
-            plan.prefills.append(PrefillWork(seq.seq_id, ids[start:], start, list(alloc.block_ids)))
+            seq.status = SeqStatus.RUNNING
+            seq.num_cached = seq.num_computed = start = alloc.num_cached_tokens
+            plan.prefills.append(PrefillWork(seq, ids[start:], start, list(alloc.block_ids)))
             tokens += uncached
 
-    def on_step(self, sampled: dict[str, int], finished: set[str]) -> list[SeqState]:
-        """Record one sampled token per sequence of the last plan; return those that finished.
-
-        A sequence finishes when it is in ``finished`` or has ``max_tokens`` outputs.
-        """
-        done: list[SeqState] = []
-        for seq_id in self._in_plan:
-            seq = self._running.get(seq_id)
-            if seq is None or seq_id not in sampled:
+    def on_step(self, sampled: dict[str, int]) -> list[Sequence]:
+        """Record one sampled token per sequence of the last plan; return those that finished
+        (as `Sequence.append` decides), their blocks freed."""
+        done: list[Sequence] = []
+        for seq in self._in_plan:
+            token = sampled.get(seq.seq_id)
+            if token is None or self._running.get(seq.seq_id) is not seq:
                 continue  # aborted since the plan was made
-            seq.num_computed = len(seq.prompt_ids) + len(seq.output_ids)
-            seq.output_ids.append(sampled[seq_id])
-            self.kv.commit(seq_id, seq.all_ids[: seq.num_computed])
-            if seq_id in finished or len(seq.output_ids) >= seq.max_tokens:
-                self.kv.free(seq_id)
-                del self._running[seq_id]
-                seq.status = "finished"
+            computed = len(seq.token_ids)
+            seq.computed_tokens += computed - seq.num_computed
+            seq.num_computed = computed
+            finished = seq.append(token)
+            self.kv.commit(seq.seq_id, seq.token_ids, computed)
+            if finished:
+                self.kv.free(seq.seq_id)
+                del self._running[seq.seq_id]
+                seq.status = SeqStatus.FINISHED
                 done.append(seq)
         self._in_plan = []
         return done

@@ -109,7 +109,7 @@ def redis_url() -> str:
 def model_path() -> str:
     """The default model's fp32 weights, prepared once (cached under INFERQ_HOME)."""
     from inferq.settings import FP_MODEL, get_settings
-    from worker.model_prep import resolve_model
+    from worker.prep.models import resolve_model
 
     return resolve_model(get_settings(), FP_MODEL)
 
@@ -118,35 +118,29 @@ def model_path() -> str:
 def gptq_model_path() -> str:
     """The default model: the GPTQ 4-bit variant, prepared once (`make model` does it)."""
     from inferq.settings import DEFAULT_MODEL, get_settings
-    from worker.model_prep import resolve_model
+    from worker.prep.models import resolve_model
 
     return resolve_model(get_settings(), DEFAULT_MODEL)
-
-
-@pytest.fixture(scope="session")
-def engine(model_path: str):
-    """The real model in the padded engine, loaded once per test session (fp32, CPU)."""
-    from inferq.settings import FP_MODEL
-    from worker.padded_engine import PaddedEngine
-
-    return PaddedEngine(model_path, FP_MODEL, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def paged_engine(model_path: str):
     """The real model in the paged, prefix-cached engine (fp32, CPU), loaded once."""
     from inferq.settings import FP_MODEL
-    from worker.paged_engine import PagedEngine
+    from worker.engine.engine import PagedEngine
 
     engine = PagedEngine(model_path, FP_MODEL, device="cpu", dtype="float32")
     engine.warm_up()
     return engine
 
 
-@pytest.fixture(params=["padded", "paged"])
-def any_engine(request: pytest.FixtureRequest):
-    """Each engine in turn."""
-    return request.getfixturevalue("engine" if request.param == "padded" else "paged_engine")
+@pytest.fixture(scope="session")
+def gptq_engine(gptq_model_path: str):
+    """The default model (GPTQ 4-bit, bf16 activations) in the paged engine, loaded once."""
+    from inferq.settings import DEFAULT_MODEL
+    from worker.engine.engine import PagedEngine
+
+    return PagedEngine(gptq_model_path, DEFAULT_MODEL, device="cpu", dtype="auto")
 
 
 @pytest.fixture

@@ -1,2 +1,2 @@
-"""Workers: the Celery app, the in-process batcher, model preparation and the model
-runner (the only owner of tensors)."""
+"""Workers: the Celery app and its runtime; `engine/` is the inference engine (the only owner
+of tensors), `prep/` prepares models before a worker starts."""

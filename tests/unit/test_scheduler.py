@@ -1,16 +1,16 @@
-"""Continuous-batching scheduler over the real paged KV cache manager (pure Python, fast)."""
+"""The continuous-batching scheduler and its `Sequence` over the real KV cache manager."""
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kv.manager import KVCacheManager
-from scheduler.continuous import ContinuousScheduler, SeqState, StepPlan
+from scheduler import ContinuousScheduler, SeqStatus, Sequence, StepPlan
 
 
 def fake_token(seq_id: str, n: int) -> int:
@@ -18,7 +18,7 @@ def fake_token(seq_id: str, n: int) -> int:
     return (zlib.crc32(seq_id.encode()) + 7919 * n) % 50_000
 
 
-def expected_outputs(seq: SeqState) -> list[int]:
+def expected_outputs(seq: Sequence) -> list[int]:
     return [fake_token(seq.seq_id, i) for i in range(seq.max_tokens)]
 
 
@@ -34,22 +34,22 @@ def check_plan(sched: ContinuousScheduler, plan: StepPlan) -> None:
     bs = sched.kv.block_size
     for p in plan.prefills:
         seq = sched.get(p.seq_id)
-        assert seq is not None and seq.status == "running"
+        assert seq is not None and seq.status == SeqStatus.RUNNING
         assert p.start_pos == seq.num_cached
-        assert p.token_ids == seq.all_ids[p.start_pos :] and p.token_ids
-        assert len(p.block_table) * bs >= len(seq.all_ids)
+        assert p.token_ids == seq.token_ids[p.start_pos :] and p.token_ids
+        assert len(p.block_table) * bs >= len(seq.token_ids)
     for d in plan.decodes:
         seq = sched.get(d.seq_id)
-        assert seq is not None and seq.status == "running"
-        assert d.token_id == seq.all_ids[-1] and d.pos == len(seq.all_ids) - 1
+        assert seq is not None and seq.status == SeqStatus.RUNNING
+        assert d.token_id == seq.token_ids[-1] and d.pos == len(seq.token_ids) - 1
         assert len(d.block_table) * bs > d.pos
 
 
 def run_to_completion(
     sched: ContinuousScheduler,
-    seqs: Sequence[SeqState] = (),
+    seqs: Iterable[Sequence] = (),
     *,
-    arrivals: dict[int, list[SeqState]] | None = None,
+    arrivals: dict[int, list[Sequence]] | None = None,
     dt: float = 1.0,
     max_steps: int = 5_000,
 ) -> list[StepPlan]:
@@ -68,13 +68,13 @@ def run_to_completion(
         plans.append(plan)
         work = [w.seq_id for w in plan.prefills] + [w.seq_id for w in plan.decodes]
         sampled = {sid: fake_token(sid, len(sched.get(sid).output_ids)) for sid in work}
-        for seq in sched.on_step(sampled, set()):
-            assert seq.status == "finished" and seq.output_ids == expected_outputs(seq)
+        for seq in sched.on_step(sampled):
+            assert seq.status == SeqStatus.FINISHED and seq.output_ids == expected_outputs(seq)
     raise AssertionError("did not finish")
 
 
-def make(seq_id: str, n: int, max_tokens: int = 4, *, base: int = 0, **kw) -> SeqState:
-    return SeqState(seq_id, [base + i for i in range(n)], max_tokens, **kw)
+def make(seq_id: str, n: int, max_tokens: int = 4, *, base: int = 0, **kw) -> Sequence:
+    return Sequence(seq_id, [base + i for i in range(n)], max_tokens, **kw)
 
 
 def prefill_tokens(plans: list[StepPlan]) -> int:
@@ -88,7 +88,7 @@ def test_add_validation_and_abort() -> None:
     kv = KVCacheManager(num_blocks=4, block_size=4)
     sched = ContinuousScheduler(kv)
     with pytest.raises(ValueError):
-        sched.add(SeqState("e", [], 1))
+        sched.add(Sequence("e", [], 1))
     with pytest.raises(ValueError):
         sched.add(make("big", 15, max_tokens=2))  # 17 tokens > 16 slots
     sched.add(make("a", 4))
@@ -97,7 +97,7 @@ def test_add_validation_and_abort() -> None:
     sched.add(make("b", 4))
     plan = sched.schedule(0.0)
     assert sched.num_running == 2
-    sched.on_step({w.seq_id: 1 for w in plan.prefills}, set())
+    sched.on_step({w.seq_id: 1 for w in plan.prefills})
     sched.abort("a")
     sched.abort("missing")
     assert sched.get("a") is None and sched.num_running == 1
@@ -110,20 +110,49 @@ def test_many_seqs_all_finish_and_free_every_block() -> None:
     sched = ContinuousScheduler(kv, max_num_seqs=8, max_step_tokens=256)
     seqs = [make(f"s{i}", 5 + (i * 37) % 90, 1 + i % 9, base=1000 * i) for i in range(40)]
     run_to_completion(sched, seqs)
-    assert all(s.status == "finished" and len(s.output_ids) == s.max_tokens for s in seqs)
+    assert all(s.status == SeqStatus.FINISHED and len(s.output_ids) == s.max_tokens for s in seqs)
     assert kv.stats().num_used == 0
 
 
-def test_finished_set_stops_early() -> None:
+class StopAt(Sequence):
+    """A sequence that also finishes on a given token (as an engine's eos does)."""
+
+    stop_token = 2
+
+    def append(self, token: int) -> bool:
+        return super().append(token) or token == self.stop_token
+
+
+def test_the_sequence_decides_when_it_is_finished() -> None:
     kv = KVCacheManager(num_blocks=16, block_size=4)
     sched = ContinuousScheduler(kv)
-    sched.add(make("a", 6, max_tokens=10))
+    sched.add(StopAt("a", list(range(6)), 10))
     sched.schedule(0.0)
-    assert sched.on_step({"a": 1}, set()) == []
+    assert sched.on_step({"a": 1}) == []
     sched.schedule(1.0)
-    (done,) = sched.on_step({"a": 2}, {"a"})
+    (done,) = sched.on_step({"a": 2})
     assert done.output_ids == [1, 2] and done.num_computed == 7
+    assert done.computed_tokens == 7 and done.status == SeqStatus.FINISHED
     assert not sched.has_work and kv.stats().num_used == 0
+
+
+def test_sequence_ids_and_hashes_are_cached() -> None:
+    seq = Sequence("s", list(range(5)), 3)
+    assert (seq.prompt_ids, seq.output_ids, seq.num_prompt_tokens) == ([0, 1, 2, 3, 4], [], 5)
+    assert not seq.append(7) and not seq.append(8)
+    assert seq.output_ids == [7, 8] and seq.token_ids == [0, 1, 2, 3, 4, 7, 8]
+    assert seq.append(9)  # max_tokens reached
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    sched = ContinuousScheduler(kv)
+    seq = make("h", 10, max_tokens=7)
+    sched.add(seq)
+    sched.schedule(0.0)
+    assert seq.block_hashes == kv.hashes(seq.token_ids, "")  # hashed at admission
+    first = seq.block_hashes[0]
+    run_to_completion(sched)
+    assert seq.block_hashes[0] is first  # extended in place, never recomputed
+    assert seq.block_hashes == kv.hashes(seq.token_ids[: seq.num_computed], "")
+    assert len(seq.block_hashes) == 4  # 10 + 6 fed-back tokens = 16 = 4 full blocks
 
 
 # -- prefix sharing ----------------------------------------------------------------------------
@@ -134,7 +163,7 @@ def test_shared_prefix_is_prefilled_once() -> None:
     sched = ContinuousScheduler(kv)
     prefix = list(range(64))
     seqs = [
-        SeqState(f"p{i}", prefix + [10_000 + 100 * i + j for j in range(5 + i)], 3)
+        Sequence(f"p{i}", prefix + [10_000 + 100 * i + j for j in range(5 + i)], 3)
         for i in range(8)
     ]
     plans = run_to_completion(sched, seqs)
@@ -222,7 +251,7 @@ def _stream(aging_s: float) -> int | None:
         if any(w.seq_id == "long" for w in plan.prefills):
             return step
         work = [w.seq_id for w in plan.prefills] + [w.seq_id for w in plan.decodes]
-        sched.on_step({sid: 1 for sid in work}, set())
+        sched.on_step({sid: 1 for sid in work})
     return None
 
 
@@ -237,7 +266,7 @@ def test_blocked_head_is_not_overtaken() -> None:
     sched = ContinuousScheduler(kv)
     sched.add(make("r", 20, 4))
     plan = sched.schedule(0.0)
-    sched.on_step({"r": 1}, set())
+    sched.on_step({"r": 1})
     sched.add(make("big", 24, 2, base=100, priority=1))  # needs 6 blocks, 4 are left
     sched.add(make("small", 4, 2, base=200))  # would fit, but must not overtake
     plan = sched.schedule(1.0)
@@ -256,17 +285,17 @@ def test_cached_prefix_goes_first_within_a_class() -> None:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[ContinuousScheduler, dict[int, list[SeqState]]]:
+def scenarios(draw: st.DrawFn) -> tuple[ContinuousScheduler, dict[int, list[Sequence]]]:
     bs = draw(st.sampled_from([2, 4, 8, 16]))
     prefixes = [[7_000 * (k + 1) + i for i in range(draw(st.integers(1, 40)))] for k in range(3)]
-    arrivals: dict[int, list[SeqState]] = {}
+    arrivals: dict[int, list[Sequence]] = {}
     biggest = 0
     for i in range(draw(st.integers(1, 14))):
         pre = draw(st.sampled_from([None, 0, 1, 2]))
         prompt = ([] if pre is None else prefixes[pre]) + [
             100 * i + j for j in range(draw(st.integers(0 if pre is not None else 1, 30)))
         ]
-        seq = SeqState(
+        seq = Sequence(
             f"q{i}",
             prompt,
             draw(st.integers(1, 12)),
@@ -289,11 +318,11 @@ def scenarios(draw: st.DrawFn) -> tuple[ContinuousScheduler, dict[int, list[SeqS
 @settings(max_examples=60, deadline=None)
 @given(scenarios())
 def test_random_workloads_run_to_completion(
-    scenario: tuple[ContinuousScheduler, dict[int, list[SeqState]]],
+    scenario: tuple[ContinuousScheduler, dict[int, list[Sequence]]],
 ) -> None:
     sched, arrivals = scenario
     seqs = [s for group in arrivals.values() for s in group]
     run_to_completion(sched, arrivals=arrivals)
     for seq in seqs:
-        assert seq.status == "finished" and seq.output_ids == expected_outputs(seq)
+        assert seq.status == SeqStatus.FINISHED and seq.output_ids == expected_outputs(seq)
     assert sched.kv.stats().num_used == 0

@@ -13,6 +13,7 @@ from kv import (
     NoFreeBlocks,
     PrefixProbe,
     block_hashes,
+    extend_block_hashes,
     hash_block,
     tenant_salt,
 )
@@ -28,9 +29,9 @@ def snapshot(m: KVCacheManager, seqs: list[str]) -> tuple:
     return (
         m.stats(),
         [m.pool.ref_count(b) for b in range(m.num_blocks)],
-        sorted(m.pool._free),
-        list(m.pool._lru),
-        dict(m.pool._index),
+        m.pool.free_ids(),
+        m.pool.evictable_ids(),
+        m.pool.indexed(),
         {s: m.block_table(s) for s in seqs},
     )
 
@@ -47,6 +48,31 @@ def test_hashes_are_chained_deterministic_and_field_separated() -> None:
     assert hash_block(None, [1], "ab", "c") != hash_block(None, [1], "a", "bc")
     assert hash_block(None, [1, 2], "m", "") != hash_block(None, [258], "m", "")
     assert block_hashes(toks(15), BS, "m", "s") == []
+
+
+def test_extend_block_hashes_only_hashes_new_blocks() -> None:
+    known = block_hashes(toks(20), BS, "m", "s")
+    same = known
+    assert extend_block_hashes(known, toks(50), BS, "m", "s") is same
+    assert known == block_hashes(toks(50), BS, "m", "s") and len(known) == 3
+    fake = [b"x" * 16]  # a cached first hash is trusted, never recomputed
+    assert extend_block_hashes(fake, toks(32), BS, "m", "s")[0] == b"x" * 16
+
+
+def test_manager_extends_the_callers_hashes() -> None:
+    m = KVCacheManager(16, BS, "m")
+    known: list[bytes] = []
+    assert m.probe(toks(20), "s", known) == PrefixProbe(0, 0)
+    assert known == block_hashes(toks(20), BS, "m", "s")
+    a = m.allocate("a", toks(20), "s", known)
+    assert a is not None
+    seq = toks(40)
+    assert m.append_slots("a", 40)
+    m.commit("a", seq, 33)  # the manager extends the same list as blocks fill
+    assert known == block_hashes(seq, BS, "m", "s")
+    assert m.hashes(toks(20), "s", known) == known[:1]  # only full blocks of the tokens given
+    m.free("a")
+    assert m.probe([*seq, 1], "s", known) == PrefixProbe(32, 0)
 
 
 def test_tenant_salt() -> None:
@@ -319,7 +345,7 @@ class KVMachine(RuleBasedStateMachine):
         for sid in self.seqs:
             for b in m.block_table(sid):
                 owners[b] = owners.get(b, 0) + 1
-                assert b not in pool._free
+                assert b not in pool.free_ids()
         assert sum(owners.values()) == sum(refs)
         assert all(refs[b] == k for b, k in owners.items())
         assert pool.num_free + pool.num_evictable + pool.num_used == m.num_blocks

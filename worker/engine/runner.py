@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.model_loading import load_causal_lm
-from worker.paged_attention import (
+from worker.engine.attention import (
     ATTN_IMPLEMENTATION,
     DecodeGroup,
     PagedKV,
     Segment,
     StepLayout,
 )
+from worker.engine.loading import load_causal_lm
 
 
 @dataclass(frozen=True)

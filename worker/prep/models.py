@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inferq.settings import DEFAULT_MODEL, FP_MODEL, Settings
-from worker.gptq import GptqSpec, quantize
+from worker.prep.quantize import GptqSpec, quantize
 
 MARKER = ".inferq-complete"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.paged_attention import _prefill_fused, _prefill_matmul
+from worker.engine.attention import _prefill_fused, _prefill_matmul
 
 HEADS, KV_HEADS, DIM = 9, 3, 64  # SmolLM2-135M's grouped-query layout
 

@@ -1,10 +1,12 @@
-"""Per-sequence token sampling and stop-string handling, shared by every engine."""
+"""Per-sequence token sampling (greedy rows batched) and stop-string search."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from api_client.schema import SamplingParams
+from worker.engine.api import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -44,7 +46,7 @@ def sample_next(
     return tokens
 
 
-def find_stop(text: str, stops: list[str]) -> int | None:
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index where the earliest stop string begins in `text`, or None."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None

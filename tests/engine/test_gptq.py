@@ -14,19 +14,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_paged_engine import QUESTIONS as PAGED_QUESTIONS
 
-from api_client.schema import SamplingParams
-from worker.engine_api import EngineRequest
-from worker.gptq import (
+from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
+from worker.engine.engine import PagedEngine
+from worker.engine.loading import GptqCheckpointError, check_checkpoint, load_causal_lm
+from worker.prep.quantize import (
     CALIBRATION_FILE,
-    GptqCheckpointError,
     GptqSpec,
     calibration_texts,
-    check_checkpoint,
     pick_group_size,
     quantize,
 )
-from worker.model_loading import load_causal_lm
-from worker.paged_engine import PagedEngine
 
 model = pytest.mark.model
 TIE_GAP = 0.25  # logits: two bf16 steps at SmolLM2's top logits (16-32)
@@ -114,8 +111,8 @@ def test_tiny_quantize_and_engine_matches_gptqmodel(tiny_gptq: Path) -> None:
     assert generation.get("do_sample") is not True
     engine = PagedEngine(str(tiny_gptq), "tiny", "cpu", "auto")
     assert engine.runner.kernel.startswith("gptq_") and engine.runner.dtype == torch.bfloat16
-    prompts = [engine.encode(p, None) for p in TINY_PROMPTS]
-    outs, _ = engine.generate(_greedy(prompts, 12, "tiny"))
+    prompts = [engine.codec.encode(p, None) for p in TINY_PROMPTS]
+    outs = run_to_completion(engine, _greedy(prompts, 12, "tiny"))
     wrapped = _load_reference(str(tiny_gptq), engine)
     ref = _reference(wrapped, prompts, 12, engine.codec.eos_ids)
     assert all(len(r) == 12 for r in ref) and len({tuple(r) for r in ref}) == len(ref)
@@ -183,8 +180,8 @@ def test_auto_gptq_style_checkpoint_loads(tiny_gptq: Path, tmp_path: Path) -> No
     for path in (tiny_gptq, legacy):
         engine = PagedEngine(str(path), "tiny", "cpu", "auto")
         assert engine.runner.kernel.startswith("gptq_")
-        ids = [engine.encode(p, None) for p in prompts]
-        outs.append([o.token_ids for o in engine.generate(_greedy(ids, 12, "legacy"))[0]])
+        ids = [engine.codec.encode(p, None) for p in prompts]
+        outs.append([o.token_ids for o in run_to_completion(engine, _greedy(ids, 12, "legacy"))])
     assert outs[0] == outs[1]
 
 
@@ -212,11 +209,6 @@ def test_calibration_texts_seeded_from_shipped_file() -> None:
 
 
 @pytest.fixture(scope="module")
-def gptq_engine(gptq_model_path: str) -> PagedEngine:
-    return PagedEngine(gptq_model_path, "smollm2-gptq", "cpu", "auto")
-
-
-@pytest.fixture(scope="module")
 def gptq_reference(gptq_model_path: str, gptq_engine: PagedEngine) -> Iterator:
     """gptqmodel's own load of the default model (same kernel and dtype), freed after."""
     wrapped = _load_reference(gptq_model_path, gptq_engine)
@@ -227,13 +219,13 @@ def gptq_reference(gptq_model_path: str, gptq_engine: PagedEngine) -> Iterator:
 
 def _chat(engine: PagedEngine, question: str, system: str | None = SYSTEM) -> list[int]:
     messages = [{"role": "system", "content": system}] if system else []
-    return engine.encode(None, [*messages, {"role": "user", "content": question}])
+    return engine.codec.encode(None, [*messages, {"role": "user", "content": question}])
 
 
 @model
 def test_default_model_knows_paris(gptq_engine: PagedEngine) -> None:
     prompt = _chat(gptq_engine, "What is the capital of France?", system=None)
-    (out,), _ = gptq_engine.generate(_greedy([prompt], 24, "paris"))
+    (out,) = run_to_completion(gptq_engine, _greedy([prompt], 24, "paris"))
     assert "Paris" in out.text
 
 
@@ -255,8 +247,8 @@ def test_default_model_batched_matches_gptqmodel(gptq_engine: PagedEngine, gptq_
     logits tie often at bf16's 0.125 step, and gptqmodel's own greedy with and without its
     KV cache disagrees on several of these prompts. So divergences must be such ties."""
     prompts = [_chat(gptq_engine, q) for q in QUESTIONS]
-    outs, stats = gptq_engine.generate(_greedy(prompts, 24, "batch"))
-    assert stats.extra["cached_tokens"] > 0  # the shared system prompt hit the prefix cache
+    outs = run_to_completion(gptq_engine, _greedy(prompts, 24, "batch"))
+    assert sum(o.cached_tokens for o in outs) > 0  # the shared system prompt hit the cache
     eos = gptq_engine.codec.eos_ids
     refs = _reference(gptq_reference, prompts, 24, eos)
     _assert_matches(gptq_reference, QUESTIONS, prompts, outs, refs, min(eos))

@@ -9,9 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from api_client.schema import SamplingParams
-from worker.engine_api import EngineRequest
-from worker.paged_engine import EngineConfig, PagedEngine
+from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
+from worker.engine.engine import EngineConfig, PagedEngine
 
 pytestmark = pytest.mark.model
 MAX_TOKENS = 10
@@ -45,20 +44,22 @@ QUESTIONS = [
 def _prompts(engine: PagedEngine) -> list[list[int]]:
     """50 prompts: 3 system prompts x 16 questions (shared prefixes), plus 2 raw ones."""
     chats = [
-        engine.encode(None, [{"role": "system", "content": s}, {"role": "user", "content": q}])
+        engine.codec.encode(
+            None, [{"role": "system", "content": s}, {"role": "user", "content": q}]
+        )
         for s in SYSTEMS
         for q in QUESTIONS
     ]
     raws = [
-        engine.encode("Once upon a time", None),
-        engine.encode("The three most important inventions in history are", None),
+        engine.codec.encode("Once upon a time", None),
+        engine.codec.encode("The three most important inventions in history are", None),
     ]
     return chats + raws
 
 
 @pytest.fixture(scope="module")
-def paged(model_path: str) -> PagedEngine:
-    return PagedEngine(model_path, "smollm2", device="cpu", dtype="float32")
+def paged(paged_engine: PagedEngine) -> PagedEngine:
+    return paged_engine
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +86,13 @@ def _requests(prompts: list[list[int]], tag: str, tenant: str = "t") -> list[Eng
 def test_fifty_prompts_cold_then_warm_cache(paged, references) -> None:
     prompts = _prompts(paged)
     assert len(prompts) == 50
-    cold, stats = paged.generate(_requests(prompts, "cold"))
+    cold = run_to_completion(paged, _requests(prompts, "cold", "fifty"))
     assert [o.token_ids for o in cold] == references
-    assert stats.extra["cached_tokens"] > 0  # later jobs of each system prompt hit its blocks
-    warm, _ = paged.generate(_requests(prompts, "warm"))  # a later batch: prefixes cached
+    assert sum(o.cached_tokens for o in cold) > 0  # later jobs of a system prompt hit its blocks
+    warm = run_to_completion(paged, _requests(prompts, "warm", "fifty"))  # prefixes cached now
     assert [o.token_ids for o in warm] == references
     assert all(o.cached_tokens >= 16 for o in warm[:48])
-    assert paged.kv.stats().num_used == 0  # every block released once all jobs finished
+    assert paged.stats().blocks_used == 0  # every block released once all jobs finished
 
 
 def test_shuffled_small_batches_and_other_tenant(paged, references) -> None:
@@ -100,15 +101,15 @@ def test_shuffled_small_batches_and_other_tenant(paged, references) -> None:
     prompts = _prompts(paged)
     for start in range(0, 50, 7):
         chunk = order[start : start + 7]
-        outs, _ = paged.generate(_requests([prompts[i] for i in chunk], f"mix{start}", "other"))
+        outs = run_to_completion(paged, _requests([prompts[i] for i in chunk], f"mix{start}", "o"))
         assert [o.token_ids for o in outs] == [references[i] for i in chunk]
 
 
 def test_tenants_never_share_blocks(paged) -> None:
     prompt = _prompts(paged)[0]
-    paged.generate(_requests([prompt], "a1", tenant="alice"))
-    (again,), _ = paged.generate(_requests([prompt], "a2", tenant="alice"))
-    (other,), _ = paged.generate(_requests([prompt], "b1", tenant="bob-new"))
+    run_to_completion(paged, _requests([prompt], "a1", tenant="alice"))
+    (again,) = run_to_completion(paged, _requests([prompt], "a2", tenant="alice"))
+    (other,) = run_to_completion(paged, _requests([prompt], "b1", tenant="bob"))
     assert again.cached_tokens > 0 and other.cached_tokens == 0
 
 
@@ -121,6 +122,9 @@ def test_preemption_under_a_tiny_cache_keeps_outputs_exact(model_path, reference
         config=EngineConfig(kv_cache_tokens=16 * 24, max_num_seqs=8),
     )
     prompts = _prompts(small)[:12]
-    outs, _ = small.generate(_requests(prompts, "tiny"))
+    outs = run_to_completion(small, _requests(prompts, "tiny"))
     assert [o.token_ids for o in outs] == references[:12]
-    assert small.kv.stats().num_used == 0
+    assert small.stats().blocks_used == 0
+    for o in outs:  # at least what it needed; a preempted one also recomputed (minus hits)
+        fed = len(o.token_ids) + (o.finish_reason == "stop") - 1
+        assert o.computed_tokens >= o.prompt_tokens - o.cached_tokens + fed
