@@ -29,11 +29,11 @@ from pathlib import Path
 from engine_bench import build_workload, shareable_tokens  # bench/, beside this script
 from service_harness import ServiceEnv, start_worker, stop_worker
 from transformers import AutoTokenizer
-from worker.engine.codec import TextCodec
-from worker.prep.models import resolve_model
 
 from inferq.settings import FP_MODEL, get_settings
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
+from worker.engine.codec import TextCodec
+from worker.prep.models import resolve_model
 from worker.service.app import load_engine
 
 
@@ -147,7 +147,7 @@ def main() -> None:
     settings = get_settings()
     path = resolve_model(settings, FP_MODEL)
     tok = AutoTokenizer.from_pretrained(path)
-    codec = RecordingCodec(TextCodec.load(path))
+    codec = RecordingCodec(TextCodec.from_model_dir(path))
     jobs, sys_lens = build_workload(tok, codec, args.jobs, args.seed, args.max_new)
     shareable = shareable_tokens(jobs, sys_lens)
     header = ["row", "out tok/s", "p50 / p95 latency s", "p50 / p95 TTFT s",

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(512, ge=1, description="upper bound on a job's max_tokens")
     aging_s: float = Field(5.0, gt=0, description="waiting this long raises a job one class")
     max_attempts: int = Field(3, ge=1, description="deliveries before a job is failed")
+    drain_s: float = Field(
+        30.0, ge=0, description="on SIGTERM: how long running jobs may finish before requeue"
+    )
     visibility_timeout_s: int = Field(
         1800, ge=1, description="redelivery after a worker dies; must exceed wait + run"
     )

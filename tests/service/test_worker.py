@@ -14,6 +14,7 @@ from service_helpers import producer, running_worker, wait_for
 from api_client import InferqClient
 from storage.repository import Repository
 from worker.engine.api import EngineRequest
+from worker.service.app import WorkerService
 
 pytestmark = [pytest.mark.model, pytest.mark.services]
 
@@ -293,3 +294,26 @@ def test_cancel_while_running_stops_the_job_in_the_engine(service_settings, fp_w
     after = client.submit("Say hi.", params={"max_tokens": 4})
     assert client.wait(after, timeout=60).status == "done"  # the worker keeps serving
     assert client.get(long_job).result is None
+
+
+def test_stop_puts_unfinished_jobs_back_on_the_queue_at_once(service_settings, paged_engine):
+    """A clean stop with no time to drain: held messages return to the queue immediately
+    (not after the 30-minute visibility timeout) and the next worker finishes them, once."""
+    client = InferqClient(service_settings)
+    ids = client.submit_many(
+        {"prompt": f"Count from {n} to one hundred:", "params": {"max_tokens": 200}}
+        for n in range(4)
+    )
+    engines = {paged_engine.model_name: paged_engine}
+    first = WorkerService(service_settings, engines=engines).start()
+    deadline = time.monotonic() + 60
+    while "running" not in client.repo.statuses(ids).values() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.stop(drain_s=0)
+    assert "done" not in client.repo.statuses(ids).values(), "the stop came too late"
+    assert not paged_engine.has_work
+    with running_worker(service_settings, engines):
+        views = client.wait_many(ids, timeout=120)
+    assert [v.status for v in views] == ["done"] * len(ids)
+    assert all(v.attempts == 2 for v in views if v.started_at)
+    assert _results_per_job(client.repo, ids) == [1] * len(ids)

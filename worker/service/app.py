@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from types import FrameType
 
 from inferq.logs import get_logger
@@ -102,14 +103,19 @@ class WorkerService:
         log.info("worker.ready", worker=self.worker, models=sorted(self.engines))
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking messages and computing; write what has finished. Unfinished jobs stay
-        unacknowledged: the broker delivers them again."""
-        self._stop.set()
-        self._intake_thread.join(timeout)
+    def stop(self, drain_s: float | None = None, timeout: float = 30.0) -> None:
+        """Stop taking messages; give running jobs `drain_s` (default: the setting) to finish;
+        write what finished; put every other held message back on the queue at once."""
+        drain_s = self.settings.drain_s if drain_s is None else drain_s
+        self.intake.taking.clear()
+        deadline = time.monotonic() + drain_s
+        while len(self.ledger) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.engine_loop.stop(timeout)
         self.sink.stop(timeout)
-        log.info("worker.stopped", worker=self.worker)
+        self._stop.set()
+        self._intake_thread.join(timeout)
+        log.info("worker.stopped", worker=self.worker, unfinished=len(self.ledger))
 
     def __enter__(self) -> WorkerService:
         return self.start()

@@ -52,6 +52,10 @@ class EngineLoop:
             for name, engine in self.engines.items():
                 if engine.has_work:
                     self._step(name, engine)
+        for name, live in self._live.items():  # stopped: what is left goes back to the queue
+            for seq_id in live:
+                self.engines[name].abort(seq_id)
+            live.clear()
 
     def _take(self, wait: float) -> None:
         """Apply every queued add and abort; wait up to `wait` for the first."""

@@ -72,6 +72,8 @@ class Intake:
         self._acks: queue.SimpleQueue[uuid.UUID] = queue.SimpleQueue()
         self._unacked: dict[uuid.UUID, list[Any]] = defaultdict(list)  # ack handles per job
         self.ready = threading.Event()  # set once consuming
+        self.taking = threading.Event()  # cleared to stop taking messages (a drain)
+        self.taking.set()
 
     def acknowledge(self, job_ids: list[uuid.UUID]) -> None:
         for job_id in job_ids:
@@ -103,13 +105,18 @@ class Intake:
     def _consume(self, source: Source, stop: threading.Event) -> None:
         while not stop.is_set():
             self._flush_acks(source)
-            room = self.prefetch - len(self._unacked)
-            group = source.receive(min(room, MAX_GROUP), POLL_S if room > 0 else 0.0)
+            room = self.prefetch - len(self._unacked) if self.taking.is_set() else 0
+            group = source.receive(min(room, MAX_GROUP), POLL_S) if room > 0 else []
             if group:
                 self._handle(group, source, stop)
             elif room <= 0:
-                stop.wait(POLL_S / 5)  # full: wait for outcomes to free room
+                stop.wait(POLL_S / 5)  # full or draining: wait for outcomes
         self._flush_acks(source)
+        held = [h for handles in self._unacked.values() for h in handles]
+        if held:
+            source.requeue(held)
+            log.info("intake.requeued", messages=len(held))
+        self._unacked.clear()
 
     def _flush_acks(self, source: Source) -> None:
         handles = []

@@ -109,24 +109,31 @@ class RedisSource:
             pipe.zrem(UNACKED_INDEX, *tags).hdel(UNACKED, *tags).execute()
 
     def restore_expired(self, limit: int = 256) -> int:
-        """Push messages unacknowledged for longer than the visibility timeout back."""
+        """Push back messages unacknowledged for longer than the visibility timeout."""
         self._next_restore = time.monotonic() + RESTORE_EVERY_S
         ceiling = time.time() - self.visibility_s
-        restored = 0
-        for tag in self.client.zrangebyscore(UNACKED_INDEX, "-inf", ceiling, start=0, num=limit):
-            entry = self.client.hget(UNACKED, tag)
-            try:
-                payload, _exchange, routing_key = json.loads(entry)
-                payload["headers"]["redelivered"] = True
-                payload["properties"]["delivery_info"]["redelivered"] = True
-                priority = int(payload["properties"].get("priority") or 0)
-                key = queue_key(routing_key or self.queue, priority)
-            except (KeyError, TypeError, ValueError):  # vanished or not ours to read: drop it
-                self.client.pipeline().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
-                continue
-            restored += self._restore(keys=[UNACKED, UNACKED_INDEX, key],
-                                      args=[tag, json.dumps(payload)])  # fmt: skip
-        return restored
+        tags = self.client.zrangebyscore(UNACKED_INDEX, "-inf", ceiling, start=0, num=limit)
+        return sum(self._push_back(tag) for tag in tags)
+
+    def requeue(self, handles: list[Any]) -> None:
+        """Push back messages this worker holds but will not finish (a clean stop)."""
+        for tag in filter(None, handles):
+            self._push_back(tag)
+
+    def _push_back(self, tag: bytes | str) -> int:
+        """Move one unacknowledged message back to the front of its queue (1), unless another
+        worker did first or it is gone (0)."""
+        entry = self.client.hget(UNACKED, tag)
+        try:
+            payload, _exchange, routing_key = json.loads(entry)
+            payload["headers"]["redelivered"] = True
+            payload["properties"]["delivery_info"]["redelivered"] = True
+            priority = int(payload["properties"].get("priority") or 0)
+            key = queue_key(routing_key or self.queue, priority)
+        except (KeyError, TypeError, ValueError):  # vanished, or not ours to read: drop it
+            self.client.pipeline().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
+            return 0
+        return self._restore(keys=[UNACKED, UNACKED_INDEX, key], args=[tag, json.dumps(payload)])
 
     def close(self) -> None:
         self.client.close()

@@ -32,6 +32,10 @@ class Source(Protocol):
 
     def ack(self, handles: list[Any]) -> None: ...
 
+    def requeue(self, handles: list[Any]) -> None:
+        """Give messages back to the queue now (they were not finished here)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -89,6 +93,10 @@ class KombuSource:
     def ack(self, handles: list[Any]) -> None:
         for message in handles:
             message.ack()
+
+    def requeue(self, handles: list[Any]) -> None:
+        for message in handles:
+            message.requeue()
 
     def close(self) -> None:
         self.conn.release()
