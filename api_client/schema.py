@@ -8,26 +8,51 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from storage.records import NewJob, as_utc
 
 MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256
+MAX_INPUT_CHARS = 200_000  # a prompt, or all chat message contents together
+
+
+def _storable(text: str) -> str:
+    """Refuse text a database cannot store as sent: NUL characters, lone surrogates."""
+    if "\x00" in text:
+        raise ValueError("text must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_storable)]
 
 
 class SamplingParams(BaseModel):
     """How to sample. `temperature` 0 means greedy; `seed` makes sampling reproducible."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    stop: list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOP_STRINGS
+    )
 
     @field_validator("stop")
     @classmethod
@@ -41,7 +66,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text = Field(max_length=MAX_INPUT_CHARS)
 
 
 class JobMessage(BaseModel):
@@ -51,12 +76,12 @@ class JobMessage(BaseModel):
 
     job_id: uuid.UUID = Field(default_factory=uuid.uuid4)
     tenant: str = Field("default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-    model: str | None = Field(None, max_length=256, description="None: the worker's default")
-    prompt: str | None = Field(None, max_length=200_000)
+    model: Text | None = Field(None, max_length=256, description="None: the worker's default")
+    prompt: Text | None = Field(None, max_length=MAX_INPUT_CHARS)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
     params: SamplingParams = Field(default_factory=SamplingParams)
     priority: int = Field(0, ge=0, le=9, description="higher runs first")
-    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    idempotency_key: Text | None = Field(None, min_length=1, max_length=256)
     submitted_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @model_validator(mode="after")
@@ -65,6 +90,8 @@ class JobMessage(BaseModel):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt must not be empty")
+        if self.messages and sum(len(m.content) for m in self.messages) > MAX_INPUT_CHARS:
+            raise ValueError(f"messages hold more than {MAX_INPUT_CHARS} characters")
         return self
 
     def to_job(self, default_model: str) -> NewJob:

@@ -96,6 +96,9 @@ class WorkerService:
     def _abort(self, job_id) -> None:
         self.engine_loop.abort(job_id)
 
+    def intake_alive(self) -> bool:
+        return self._intake_thread.is_alive()
+
     def start(self) -> WorkerService:
         self.sink.start()
         self.engine_loop.start()

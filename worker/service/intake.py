@@ -17,7 +17,8 @@ from typing import Any
 from api_client.schema import JobMessage
 from inferq.logs import get_logger
 from inferq.settings import Settings
-from storage.records import JobState, JobStatus, as_utc
+from storage.errors import is_transient
+from storage.records import JobState, JobStatus, as_utc, utcnow
 from storage.repository import Repository
 from worker.engine.api import Codec, EngineRequest, SamplingParams
 from worker.service.engine_loop import EngineLoop
@@ -132,14 +133,16 @@ class Intake:
     # -- one group of messages -------------------------------------------------------------
 
     def _handle(self, messages: list[Received], source: Source, stop: threading.Event) -> None:
-        arrivals, dead = [], []
+        arrivals, dead, now = [], [], utcnow()
         for message in messages:
             got = read_job(message)
             if isinstance(got, Refusal):
                 dead.append((message, got))
-            else:
-                arrivals.append(self._prepare(message, got))
-        states = self._store(arrivals, dead, stop)
+                continue
+            if got.submitted_at > now:  # a producer's clock is not trusted past ours
+                got = got.model_copy(update={"submitted_at": now})
+            arrivals.append(self._prepare(message, got))
+        states = self._store(arrivals, list(dead), stop)
         if states is None:
             return  # stopping while the database is away: the messages will come back
         done = [m.handle for m, _ in dead]
@@ -192,26 +195,68 @@ class Intake:
             )
         return None
 
-    def _store(self, arrivals: list[_Arrival], dead: list, stop: threading.Event):
-        """Dead letters and the claim, retried with backoff while the database is away."""
-        new = [a.job.to_job(a.model) for a in arrivals]
-        refused = {a.job.job_id: a.error for a in arrivals if a.error is not None}
+    def _store(
+        self, arrivals: list[_Arrival], dead: list[tuple[Received, Refusal]], stop: threading.Event
+    ) -> dict[uuid.UUID, JobState] | None:
+        """Dead letters and the claim, retried with backoff while the database is away; what
+        the database refuses (not transient) is stored apart so one bad job fails alone."""
         backoff = Backoff()
         while True:
             try:
-                for message, refusal in dead:
-                    self._dead_letter(message, refusal)
-                dead = []
-                return self.repo.claim(new, self.worker, refused)
+                try:
+                    return self._claim(arrivals, dead)
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    log.warning("intake.group_refused", error=type(exc).__name__)
+                    return self._claim_apart(arrivals, dead)
             except Exception as exc:
                 log.warning("intake.store_failed", retry=backoff.failures + 1,
                             error=type(exc).__name__)  # fmt: skip
                 if backoff.wait(stop):
                     return None
 
-    def _dead_letter(self, message: Received, refusal: Refusal) -> None:
-        payload = dead_letter_payload(message)
-        self.repo.record_dead_letter(refusal.reason, payload, refusal.error, job_id=refusal.job_id)
+    def _claim(
+        self, arrivals: list[_Arrival], dead: list[tuple[Received, Refusal]]
+    ) -> dict[uuid.UUID, JobState]:
+        for message, refusal in dead:
+            self._dead_letter(message, refusal)
+        dead.clear()  # stored: not again on a retry
+        new = [a.job.to_job(a.model) for a in arrivals]
+        refused = {a.job.job_id: a.error for a in arrivals if a.error is not None}
+        return self.repo.claim(new, self.worker, refused)
+
+    def _claim_apart(
+        self, arrivals: list[_Arrival], dead: list[tuple[Received, Refusal]]
+    ) -> dict[uuid.UUID, JobState]:
+        """One by one; a job the database refuses becomes a dead letter (not retried)."""
+        for message, refusal in dead:
+            self._dead_letter(message, refusal, last_try=True)
+        dead.clear()
+        states: dict[uuid.UUID, JobState] = {}
+        for arrival in arrivals:
+            try:
+                states.update(self._claim([arrival], []))
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                refusal = Refusal("job refused by the database", type(exc).__name__,
+                                  arrival.job.job_id)  # fmt: skip
+                self._dead_letter(arrival.message, refusal, last_try=True)
+        return states
+
+    def _dead_letter(self, message: Received, refusal: Refusal, last_try: bool = False) -> None:
+        """Keep a message that cannot run; on the last try, one the database refuses even
+        as a dead letter is logged (without its content) and dropped."""
+        try:
+            self.repo.record_dead_letter(
+                refusal.reason, dead_letter_payload(message), refusal.error, job_id=refusal.job_id
+            )
+        except Exception as exc:
+            if is_transient(exc) or not last_try:
+                raise
+            log.error("message.dropped", reason=refusal.reason, error=type(exc).__name__)
+            return
         log.error("message.dead_letter", reason=refusal.reason, job_id=str(refusal.job_id))
 
     def _dispatch(self, arrival: _Arrival, state: JobState | None) -> bool:

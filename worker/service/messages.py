@@ -7,6 +7,7 @@ Nothing here raises on what a message contains: every way a message can be wrong
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from api_client.schema import JobMessage
 from api_client.wire import TASK_NAME
 
 JSON_TYPES = ("application/json",)
+MAX_MESSAGE_BYTES = 1 << 20  # a job message's body; larger ones are refused unread
+MAX_KEPT_BYTES = 64 << 10  # of a dead letter's body and headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,9 @@ def read_job(message: Any) -> JobMessage | Refusal:
     task = headers.get("task") if isinstance(headers, dict) else None
     if task != TASK_NAME:
         return Refusal("unknown task name", f"task {task!r}")
+    if len(message.body) > MAX_MESSAGE_BYTES:
+        return Refusal("message too large", f"{len(message.body)} bytes; the limit is "
+                       f"{MAX_MESSAGE_BYTES}")  # fmt: skip
     try:
         body = json.loads(message.body)
     except (ValueError, TypeError) as exc:
@@ -60,20 +66,33 @@ def _uuid_or_none(value: object) -> uuid.UUID | None:
 
 
 def dead_letter_payload(message: Any) -> dict[str, Any]:
-    """A message's raw body (text, or base64 when not UTF-8 or holding NUL), content type and
-    headers, in a form any JSON column takes."""
-    body = message.body
-    if not isinstance(body, bytes | str):
-        body = json.dumps(body, default=str)
-    raw = body.encode() if isinstance(body, str) else body
-    headers = json.loads(json.dumps(message.headers or {}, default=str))
-    payload: dict[str, Any] = {"content_type": message.content_type, "headers": headers}
+    """A message as a dead letter keeps it: its body's first 64 KB (text, or base64 when not
+    UTF-8 or holding NUL), the body's size and SHA-256, the content type and the headers (as
+    printable text, cut at 64 KB), in a form any JSON column takes."""
+    raw = (
+        message.body.encode("utf-8", "surrogatepass")
+        if isinstance(message.body, str)
+        else (bytes(message.body))
+    )
+    head = raw[:MAX_KEPT_BYTES]
+    headers = json.dumps(message.headers or {}, default=str, ensure_ascii=True)
+    payload: dict[str, Any] = {
+        "content_type": _printable(str(message.content_type)),
+        "headers": headers[:MAX_KEPT_BYTES],  # ASCII JSON text: NUL and surrogates escaped
+        "size": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "truncated": len(raw) > len(head),
+    }
     try:
-        text = raw.decode("utf-8")
+        text = head.decode("utf-8")
     except UnicodeDecodeError:
         text = None
     if text is None or "\x00" in text:  # JSON columns take neither
-        payload["body_base64"] = base64.b64encode(raw).decode()
+        payload["body_base64"] = base64.b64encode(head).decode()
     else:
         payload["body"] = text
     return payload
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")

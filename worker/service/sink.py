@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from inferq.logs import get_logger
+from storage.errors import is_transient
 from storage.records import BatchRecord, FinishedJob, JobStatus, MetricsRow, ResultRow
 from storage.repository import Repository
 from worker.engine.api import EngineOutput
@@ -147,7 +148,37 @@ class ResultSink:
         return key
 
     def _write(self, pending: list[Outcome], touched: set[tuple[str, int]]) -> bool:
-        """One transaction for `pending`; True when committed (then messages are acked)."""
+        """One transaction for `pending`; True when committed (then messages are acked).
+        What the database refuses (not transient) is written apart, so one bad row fails
+        alone instead of blocking every result behind it."""
+        finished, failures = self._rows(pending)
+        batches = [self._batches[k] for k in touched if k in self._batches]
+        try:
+            try:
+                self.repo.store_outcomes(finished, batches, failures)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                log.warning("sink.group_refused", error=type(exc).__name__)
+                self._write_apart(finished, batches, failures)
+        except Exception as exc:
+            log.warning("sink.write_failed", outcomes=len(pending),
+                        retry=self._backoff.failures + 1, error=type(exc).__name__)  # fmt: skip
+            return False
+        self._backoff.reset()
+        done_ids = [f.result.job_id for f in finished] + list(failures)
+        for job_id in done_ids:
+            self.ledger.pop(job_id)
+        for f in finished:
+            log.info("job.done", job_id=str(f.result.job_id), batch_id=str(f.batch_id),
+                     completion_tokens=f.result.completion_tokens)  # fmt: skip
+        for job_id, error in failures.items():
+            log.warning("job.failed", job_id=str(job_id), error=error)
+        self.written += len(pending)
+        self._acknowledge(done_ids)
+        return True
+
+    def _rows(self, pending: list[Outcome]) -> tuple[list[FinishedJob], dict[uuid.UUID, str]]:
         finished, failures = [], {}
         for o in pending:
             if isinstance(o, Failed):
@@ -162,26 +193,32 @@ class ResultSink:
             metrics = job_metrics(job.id, out, job.queued_at)
             batch_id = batch.id if batch else None
             finished.append(FinishedJob(result, metrics, batch_id, _at(out.finished_at)))
-        batches = [self._batches[k] for k in touched if k in self._batches]
-        try:
-            self.repo.store_outcomes(finished, batches, failures)
-        except Exception as exc:
-            log.warning(
-                "sink.write_failed", outcomes=len(pending), retry=self._backoff.failures + 1,
-                error=str(exc)[:2000],
-            )  # fmt: skip
-            return False
-        self._backoff.reset()
-        done_ids = [f.result.job_id for f in finished] + list(failures)
-        for job_id in done_ids:
-            self.ledger.pop(job_id)
+        return finished, failures
+
+    def _write_apart(
+        self,
+        finished: list[FinishedJob],
+        batches: list[BatchRecord],
+        failures: dict[uuid.UUID, str],
+    ) -> None:
+        """Row by row: a result the database refuses fails its job; a failure it refuses is
+        logged and dropped. Transient errors still propagate (the whole write is retried)."""
+        self._store_or(lambda: self.repo.store_outcomes([], batches), "batches")
         for f in finished:
-            log.info("job.done", job_id=str(f.result.job_id), batch_id=str(f.batch_id),
-                     completion_tokens=f.result.completion_tokens)  # fmt: skip
+            job_id = f.result.job_id
+            if not self._store_or(lambda f=f: self.repo.store_outcomes([f]), str(job_id)):
+                failures.setdefault(job_id, "the result could not be stored")
         for job_id, error in failures.items():
-            log.warning("job.failed", job_id=str(job_id), error=error)
-        self.written += len(pending)
-        self._acknowledge(done_ids)
+            self._store_or(lambda j=job_id, e=error: self.repo.fail_jobs({j: e}), str(job_id))
+
+    def _store_or(self, write: Callable[[], object], what: str) -> bool:
+        try:
+            write()
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.error("sink.row_refused", row=what, error=type(exc).__name__)
+            return False
         return True
 
     def _check_cancelled(self) -> None:

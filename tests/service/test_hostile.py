@@ -1,0 +1,98 @@
+"""Hostile and malformed messages pushed straight onto the Redis queue: the worker keeps
+running, every message ends as a job row or a dead letter, none is retried, and a normal job
+is served after them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import redis
+from service_helpers import running_worker, wait_for
+
+pytestmark = [pytest.mark.model, pytest.mark.services]
+
+
+def _envelope(queue: str, body: bytes | str, content_type: str = "application/json",
+              task: str = "inferq.generate") -> str:  # fmt: skip
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    return json.dumps({
+        "body": base64.b64encode(raw).decode(),
+        "content-encoding": "utf-8",
+        "content-type": content_type,
+        "headers": {"task": task, "id": str(uuid.uuid4()), "lang": "py"},
+        "properties": {
+            "delivery_tag": str(uuid.uuid4()),
+            "delivery_info": {"exchange": queue, "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+        },
+    })  # fmt: skip
+
+
+NAN_PARAMS = '"params": {"temperature": NaN}'  # json.dumps would not write this
+
+
+def _raw_body(kwargs_text: str) -> str:
+    """A Celery body around kwargs written as JSON text (what json.dumps would not write)."""
+    return "[[], {" + kwargs_text + "}, {}]"
+
+
+def _job_body(**kwargs: object) -> str:
+    return json.dumps([[], kwargs, {"callbacks": None}])
+
+
+def test_hostile_messages_never_stop_the_worker(service_settings, paged_engine) -> None:
+    q = service_settings.queue
+    r = redis.Redis.from_url(service_settings.broker_url)
+    ids = {name: uuid.uuid4() for name in ("nul", "surrogate", "nan", "future", "after")}
+    raw_jobs = {  # a job row each: refused as invalid or run
+        "future": _job_body(job_id=str(ids["future"]), prompt="Hi", params={"max_tokens": 2},
+                            submitted_at="9999-01-01T00:00:00Z"),
+    }  # fmt: skip
+    hostile = [
+        "not json at all",
+        json.dumps({"body": "%%% not base64", "properties": {"body_encoding": "base64"}}),
+        json.dumps({"body": "e30=", "content-type": "application/json"}),  # no properties
+        _envelope(q, json.dumps({"prompt": "x"})),  # a dict, not Celery's triple
+        _envelope(q, "null"),
+        _envelope(q, "[[1], {}, {}]"),  # positional args
+        _envelope(q, _job_body(prompt="x", self="me")),
+        _envelope(q, json.dumps([[], "kwargs as a string", {}])),
+        _envelope(q, _job_body(job_id=str(ids["nul"]), prompt="a\u0000b")),
+        _envelope(q, _raw_body(f'"job_id": "{ids["surrogate"]}", "prompt": "a\\ud800b"')),
+        _envelope(q, _raw_body(f'"job_id": "{ids["nan"]}", "prompt": "x", ' + NAN_PARAMS)),
+        _envelope(q, _job_body(prompt="x" * (2 << 20))),  # over the 1 MB message limit
+        _envelope(q, b"\x80\x04\x95pickle", content_type="application/x-python-serialize"),
+        _envelope(q, _job_body(prompt="x"), task="celery.accumulate"),
+        _envelope(q, raw_jobs["future"]),
+    ]
+    started = datetime.now(UTC)
+    for item in hostile:
+        r.lpush(q, item)
+    r.lpush(q, _envelope(q, _job_body(job_id=str(ids["after"]), prompt="Say hi.",
+                                      params={"max_tokens": 3})))  # fmt: skip
+    with running_worker(service_settings, {paged_engine.model_name: paged_engine}) as worker:
+        views = wait_for(worker.repo, [ids["future"], ids["after"]])
+        deadline = time.monotonic() + 20
+        letters: list[dict] = []
+        while len(letters) < len(hostile) - 1 and time.monotonic() < deadline:
+            letters = [d for d in worker.repo.dead_letters(500) if d["received_at"] >= started]
+            time.sleep(0.2)
+        assert worker.intake_alive() and r.llen(q) == 0
+    assert views[ids["after"]].status == "done"
+    future = views[ids["future"]]
+    assert future.status == "done" and 0 <= future.metrics.queue_wait_s < 60
+    assert len(letters) == len(hostile) - 1, [d["reason"] for d in letters]
+    invalid = {d["job_id"]: d for d in letters if d["reason"] == "invalid job message"}
+    assert {ids["nul"], ids["surrogate"], ids["nan"]} <= invalid.keys()
+    assert "NUL" in invalid[ids["nul"]]["error"] and "finite" in invalid[ids["nan"]]["error"]
+    big = next(d for d in letters if d["reason"] == "message too large")
+    assert big["payload"]["truncated"] and big["payload"]["size"] > 2 << 20
+    assert len(big["payload"]["body"]) <= 64 << 10
+    assert worker.repo.get_many([ids["nul"], ids["surrogate"], ids["nan"]]) == {}
+    assert r.hlen("unacked") == 0  # nothing left waiting for a redelivery
