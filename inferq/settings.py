@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(512, ge=1, description="upper bound on a job's max_tokens")
     aging_s: float = Field(5.0, gt=0, description="waiting this long raises a job one class")
     max_attempts: int = Field(3, ge=1, description="deliveries before a job is failed")
+    heartbeat_s: float = Field(5.0, gt=0, description="worker heartbeat and sweep interval")
+    worker_dead_after_s: float = Field(
+        60.0, gt=0, description="a worker silent this long is dead: its running jobs go back"
+    )
+    requeue_after_s: float = Field(
+        600.0, gt=0, description="a job queued this long is sent again (lost messages)"
+    )
     drain_s: float = Field(
         30.0, ge=0, description="on SIGTERM: how long running jobs may finish before requeue"
     )

@@ -89,6 +89,7 @@ class Job(Base):
     batch_id: Mapped[uuid.UUID | None] = mapped_column(
         sa.Uuid, sa.ForeignKey("batches.id", name="fk_jobs_batch_id_batches", ondelete="SET NULL")
     )
+    requeued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # by the sweeper
 
 
 class Result(Base):
@@ -127,6 +128,19 @@ class JobMetrics(Base):
     decode_tokens_per_s: Mapped[float | None] = mapped_column(sa.Float)
 
 
+class Worker(Base):
+    """A worker process and its heartbeat (the sweeper requeues a silent worker's jobs)."""
+
+    __tablename__ = "workers"
+    __table_args__ = (sa.Index("ix_workers_last_seen_at", "last_seen_at"),)
+
+    name: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    models: Mapped[list[str] | None] = mapped_column(JSONType)
+
+
 class DeadLetter(Base):
     """A message the worker could not run (not JSON, unknown task, invalid job), kept whole."""
 
@@ -145,3 +159,4 @@ batches_table: sa.Table = Batch.__table__  # type: ignore[assignment]
 results_table: sa.Table = Result.__table__  # type: ignore[assignment]
 job_metrics_table: sa.Table = JobMetrics.__table__  # type: ignore[assignment]
 dead_letters_table: sa.Table = DeadLetter.__table__  # type: ignore[assignment]
+workers_table: sa.Table = Worker.__table__  # type: ignore[assignment]

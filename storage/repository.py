@@ -77,9 +77,11 @@ class Repository:
         if isinstance(url_or_engine, str):
             url_or_engine = make_engine(url_or_engine)
         self.engine: sa.Engine = url_or_engine
-        self._writer = self.engine.execution_options(**{WRITE_OPTION: True})
+        # write transactions (on SQLite they begin IMMEDIATE)
+        self.writer = self.engine.execution_options(**{WRITE_OPTION: True})
 
-    def _insert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+    def insert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+        """An INSERT with this dialect's ON CONFLICT clauses."""
         name = self.engine.dialect.name
         if name == "postgresql":
             return postgresql.insert(table)
@@ -113,8 +115,8 @@ class Repository:
 
     def submit(self, job: NewJob) -> tuple[uuid.UUID, bool]:
         """Insert a queued job; on an id or (tenant, key) clash return (existing id, False)."""
-        stmt = self._insert(J).values(job.row()).on_conflict_do_nothing().returning(J.c.id)
-        with self._writer.begin() as conn:
+        stmt = self.insert(J).values(job.row()).on_conflict_do_nothing().returning(J.c.id)
+        with self.writer.begin() as conn:
             if conn.execute(stmt).first() is not None:
                 return job.id, True
             existing = self._existing(conn, [job]).get(job.id)
@@ -126,7 +128,7 @@ class Repository:
         self, reason: str, payload: dict[str, Any], error: str = "", *, job_id: uuid.UUID | None
     ) -> None:
         """Keep a message that cannot run (its raw payload and why) instead of dropping it."""
-        with self._writer.begin() as conn:
+        with self.writer.begin() as conn:
             conn.execute(
                 sa.insert(dead_letters_table).values(
                     reason=reason[:128], error=error or None, job_id=job_id, payload=payload
@@ -151,7 +153,7 @@ class Repository:
             .values(status="cancelled", finished_at=utcnow())
             .returning(J.c.id)
         )
-        with self._writer.begin() as conn:
+        with self.writer.begin() as conn:
             return conn.execute(stmt).first() is not None
 
     # -- worker side ---------------------------------------------------------------------
@@ -171,8 +173,8 @@ class Repository:
         unique = list({j.id: j for j in jobs}.values())
         if not unique:
             return {}
-        insert = self._insert(J).on_conflict_do_nothing().returning(J.c.id)
-        with self._writer.begin() as conn:
+        insert = self.insert(J).on_conflict_do_nothing().returning(J.c.id)
+        with self.writer.begin() as conn:
             inserted = set(conn.scalars(insert, [j.row() for j in unique]))
             canonical = {j.id: j.id for j in unique if j.id in inserted}
             canonical.update(self._existing(conn, [j for j in unique if j.id not in inserted]))
@@ -205,16 +207,16 @@ class Repository:
         batch_rows = [dataclasses.asdict(b) for b in batches]
         results = list({f.result.job_id: f for f in finished}.values())
         new: set[uuid.UUID] = set()
-        with self._writer.begin() as conn:
+        with self.writer.begin() as conn:
             if batch_rows:
                 conn.execute(self._upsert_batches(), batch_rows)
             if results:
-                insert = self._insert(R).on_conflict_do_nothing(index_elements=[R.c.job_id])
+                insert = self.insert(R).on_conflict_do_nothing(index_elements=[R.c.job_id])
                 rows = [dataclasses.asdict(f.result) for f in results]
                 new = set(conn.scalars(insert.returning(R.c.job_id), rows))
             fresh = [f for f in results if f.result.job_id in new]
             if fresh:
-                insert = self._insert(M).on_conflict_do_nothing(index_elements=[M.c.job_id])
+                insert = self.insert(M).on_conflict_do_nothing(index_elements=[M.c.job_id])
                 conn.execute(insert, [dataclasses.asdict(f.metrics) for f in fresh])
                 done = (
                     sa.update(J)
@@ -232,7 +234,7 @@ class Repository:
 
     def _upsert_batches(self) -> sa.Insert:
         """INSERT a batch row, or replace every figure of the row with that id."""
-        stmt = self._insert(B)
+        stmt = self.insert(B)
         figures = [c.name for c in B.columns if c.name != "id"]
         return stmt.on_conflict_do_update(
             index_elements=[B.c.id], set_={name: stmt.excluded[name] for name in figures}
@@ -244,7 +246,7 @@ class Repository:
         Done and cancelled jobs are never touched; a non-final failure leaves failed jobs be.
         """
         if errors:
-            with self._writer.begin() as conn:
+            with self.writer.begin() as conn:
                 self._fail(conn, errors, final=final)
 
     @staticmethod

@@ -77,10 +77,10 @@ def _count(repo: Repository, table: str, ids: list[uuid.UUID]) -> int:
 
 def test_upgrade_builds_schema_and_downgrade_round_trips(empty_db_url: str) -> None:
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0001"
+    assert migrate.current(empty_db_url) == "0002"
     engine = make_engine(empty_db_url)
     insp = sa.inspect(engine)
-    assert {"jobs", "batches", "results", "job_metrics"} <= set(insp.get_table_names())
+    assert {"jobs", "batches", "results", "job_metrics", "workers"} <= set(insp.get_table_names())
     cols = {c["name"]: c for c in insp.get_columns("jobs")}
     assert set(cols) == {c.name for c in Base.metadata.tables["jobs"].columns}
     assert not cols["tenant"]["nullable"] and cols["idempotency_key"]["nullable"]
@@ -94,6 +94,9 @@ def test_upgrade_builds_schema_and_downgrade_round_trips(empty_db_url: str) -> N
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
 
+    migrate.downgrade(empty_db_url, "0001")
+    assert "requeued_at" not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
+    assert "workers" not in sa.inspect(engine).get_table_names()
     migrate.downgrade(empty_db_url, "base")
     assert migrate.current(empty_db_url) is None
     assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}

@@ -18,6 +18,7 @@ from worker.service.engine_loop import EngineLoop
 from worker.service.intake import Intake, Served
 from worker.service.jobs import Ledger
 from worker.service.sink import ResultSink
+from worker.service.sweeper import Sweeper
 
 log = get_logger("inferq.worker")
 WAITING_ROOM = 1.0  # jobs held beyond max_num_seqs, as a share of it: the scheduler's choice
@@ -85,6 +86,7 @@ class WorkerService:
             settings, self.repo, self.ledger, self.engine_loop, self.sink.put, served,
             self.load_errors, self.worker, prefetch,
         )  # fmt: skip
+        self.sweeper = Sweeper(settings, self.repo, self.worker, sorted(self.engines))
         self._stop = threading.Event()
         self._intake_thread = threading.Thread(
             target=self.intake.run, args=(self._stop,), name="inferq-intake", daemon=True
@@ -103,6 +105,7 @@ class WorkerService:
         self.sink.start()
         self.engine_loop.start()
         self._intake_thread.start()
+        self.sweeper.start()
         log.info("worker.ready", worker=self.worker, models=sorted(self.engines))
         return self
 
@@ -118,6 +121,7 @@ class WorkerService:
         self.sink.stop(timeout)
         self._stop.set()
         self._intake_thread.join(timeout)
+        self.sweeper.stop()
         log.info("worker.stopped", worker=self.worker, unfinished=len(self.ledger))
 
     def __enter__(self) -> WorkerService:

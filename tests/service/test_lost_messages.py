@@ -1,0 +1,37 @@
+"""Messages the broker lost (Redis restarted without persistence, a dead worker's unacked
+set gone with it): PostgreSQL still has the jobs, and the sweeper sends them again."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import redis
+from service_helpers import running_worker
+
+from api_client import InferqClient
+from storage.records import NewJob, utcnow
+
+pytestmark = [pytest.mark.model, pytest.mark.services]
+
+
+def test_jobs_whose_messages_were_lost_are_sent_again_and_run_once(
+    service_settings, paged_engine
+) -> None:
+    settings = service_settings.model_copy(
+        update={"heartbeat_s": 0.2, "requeue_after_s": 1.0, "worker_dead_after_s": 1.0}
+    )
+    client = InferqClient(settings)
+    queued = client.submit_many({"prompt": f"Say {n}.", "params": {"max_tokens": 3}}
+                                for n in range(4))  # fmt: skip
+    ghost = client.submit("Say ghost.", params={"max_tokens": 3})
+    # a worker claimed it and died; its unacknowledged message went with Redis
+    row = NewJob(id=ghost, tenant="default", model=settings.model, prompt="Say ghost.")
+    client.repo.claim([row], "ghost-worker", now=utcnow() - timedelta(seconds=30))
+    redis.Redis.from_url(settings.broker_url).flushdb()  # every message is gone
+    assert client.repo.statuses([ghost])[ghost] == "running"
+    with running_worker(settings, {paged_engine.model_name: paged_engine}):
+        views = client.wait_many([*queued, ghost], timeout=120)
+    assert [v.status for v in views] == ["done"] * 5
+    assert views[-1].attempts == 2 and views[-1].worker != "ghost-worker"
+    assert all(v.attempts == 1 for v in views[:-1])

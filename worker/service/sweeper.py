@@ -1,0 +1,74 @@
+"""The sweeper: this worker's heartbeat, and jobs sent again when their message was lost.
+
+Every worker runs one; their work is idempotent (a job is marked `requeued_at` in the same
+statement that selects it, so two sweepers never both send it), and a duplicate message is
+harmless anyway (one result per job, the rest acknowledged).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from api_client.schema import JobMessage
+from api_client.wire import TASK_NAME, celery_priority, producer_app
+from inferq.logs import get_logger
+from inferq.settings import Settings
+from storage.records import utcnow
+from storage.repository import Repository
+from storage.sweeps import StrandedJob, Sweeps
+
+log = get_logger("inferq.sweeper")
+
+
+class Sweeper:
+    def __init__(self, settings: Settings, repo: Repository, worker: str, models: list[str]):
+        self.settings, self.worker, self.models = settings, worker, models
+        self.sweeps = Sweeps(repo)
+        self.producer = producer_app(settings)
+        self.started_at = utcnow()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inferq-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        try:
+            self.sweeps.heartbeat(self.worker, self.models, self.started_at, stopped=True)
+        except Exception as exc:
+            log.warning("sweeper.final_heartbeat_failed", error=type(exc).__name__)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.sweep()
+            except Exception as exc:  # the next tick retries: the interval is the backoff
+                log.warning("sweeper.failed", error=type(exc).__name__)
+            if self._stop.wait(self.settings.heartbeat_s):
+                return
+
+    def sweep(self) -> int:
+        """One heartbeat and one requeue pass; returns how many jobs were sent again."""
+        s = self.settings
+        self.sweeps.heartbeat(self.worker, self.models, self.started_at)
+        stranded = self.sweeps.requeue(s.worker_dead_after_s, s.requeue_after_s)
+        for job in stranded:
+            self._send(job)
+        if stranded:
+            log.warning("sweeper.requeued", jobs=len(stranded))
+        return len(stranded)
+
+    def _send(self, job: StrandedJob) -> None:
+        message = JobMessage(
+            job_id=job.id, tenant=job.tenant, model=job.model, prompt=job.prompt,
+            messages=job.messages, params=job.params, priority=job.priority,
+            idempotency_key=job.idempotency_key, submitted_at=job.queued_at,
+        )  # fmt: skip
+        self.producer.send_task(
+            TASK_NAME,
+            kwargs=message.to_wire(),
+            queue=self.settings.queue,
+            priority=celery_priority(job.priority),
+        )
