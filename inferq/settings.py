@@ -78,6 +78,9 @@ class Settings(BaseSettings):
         description="keys per-tenant prefix-cache salts; random per process when unset",
     )
     worker_name: str | None = None
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz here (0: any port)"
+    )
 
     @cached_property
     def resolved_broker_url(self) -> str:

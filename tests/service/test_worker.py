@@ -4,6 +4,8 @@ this process: intake, engine loop and result sink."""
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 import uuid
 from datetime import UTC, datetime
 
@@ -317,3 +319,26 @@ def test_stop_puts_unfinished_jobs_back_on_the_queue_at_once(service_settings, p
     assert [v.status for v in views] == ["done"] * len(ids)
     assert all(v.attempts == 2 for v in views if v.started_at)
     assert _results_per_job(client.repo, ids) == [1] * len(ids)
+
+
+def test_metrics_and_health_endpoints(service_settings, paged_engine) -> None:
+    settings = service_settings.model_copy(update={"metrics_port": 0})
+    client = InferqClient(settings)
+    with running_worker(settings, {paged_engine.model_name: paged_engine}) as worker:
+        ids = client.submit_many({"prompt": f"Say {n}.", "params": {"max_tokens": 3}}
+                                 for n in range(2))  # fmt: skip
+        client.wait_many(ids, timeout=120)
+        base = f"http://127.0.0.1:{worker.http.port}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+            if f'inferq_jobs_total{{model="{paged_engine.model_name}",status="done"}} 2.0' in text:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(text)
+        assert "inferq_kv_blocks" in text and "inferq_job_seconds_bucket" in text
+        assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
+        assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
+    with pytest.raises(urllib.error.URLError):  # stopped: the endpoint is gone
+        urllib.request.urlopen(f"{base}/healthz", timeout=2)

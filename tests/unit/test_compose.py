@@ -140,6 +140,11 @@ def test_healthchecks(compose: dict[str, Any]) -> None:
     assert services["postgres"]["image"] == "postgres:15-alpine"
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
     assert services["postgres"]["environment"]["POSTGRES_DB"] == "inferq"
+    for name in ("worker", "worker-gpu"):
+        worker = services[name]
+        assert "/readyz" in " ".join(worker["healthcheck"]["test"])
+        assert _env(worker)["INFERQ_METRICS_PORT"] in " ".join(worker["healthcheck"]["test"])
+    assert services["enqueue"]["depends_on"]["worker"]["condition"] == "service_healthy"
 
 
 def test_no_plaintext_secrets(compose: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from worker.engine.api import Engine
 from worker.service.engine_loop import EngineLoop
 from worker.service.intake import Intake, Served
 from worker.service.jobs import Ledger
+from worker.service.metrics import HealthServer, Metrics
 from worker.service.sink import ResultSink
 from worker.service.sweeper import Sweeper
 
@@ -78,15 +79,26 @@ class WorkerService:
         self.repo = repo or Repository(settings.resolved_database_url)
         self.engines, self.load_errors = load_engines(settings, engines or {})
         self.ledger = Ledger()
-        self.sink = ResultSink(self.repo, self.ledger, self.worker, self._acknowledge, self._abort)
-        self.engine_loop = EngineLoop(self.engines, self.sink.put)
+        self.metrics = Metrics()
+        self.sink = ResultSink(
+            self.repo, self.ledger, self.worker, self._acknowledge, self._abort, self.metrics
+        )
+        self.engine_loop = EngineLoop(self.engines, self.sink.put, self.metrics)
         served = {n: Served(e.new_codec(), e.max_context) for n, e in self.engines.items()}
         prefetch = sum(round(e.max_num_seqs * (1 + WAITING_ROOM)) for e in self.engines.values())
         self.intake = Intake(
             settings, self.repo, self.ledger, self.engine_loop, self.sink.put, served,
-            self.load_errors, self.worker, prefetch,
+            self.load_errors, self.worker, prefetch, self.metrics,
         )  # fmt: skip
-        self.sweeper = Sweeper(settings, self.repo, self.worker, sorted(self.engines))
+        self.sweeper = Sweeper(
+            settings, self.repo, self.worker, sorted(self.engines), self.metrics,
+            lambda: len(self.ledger),
+        )  # fmt: skip
+        self.http = (
+            None
+            if settings.metrics_port is None
+            else HealthServer(self.metrics, self.alive, self.ready, settings.metrics_port)
+        )
         self._stop = threading.Event()
         self._intake_thread = threading.Thread(
             target=self.intake.run, args=(self._stop,), name="inferq-intake", daemon=True
@@ -101,11 +113,24 @@ class WorkerService:
     def intake_alive(self) -> bool:
         return self._intake_thread.is_alive()
 
+    def alive(self) -> bool:
+        """Liveness: every service thread is running."""
+        threads = (self._intake_thread, self.engine_loop.thread, self.sink.thread)
+        return all(t.is_alive() for t in (*threads, self.sweeper.thread))
+
+    def ready(self) -> bool:
+        """Readiness: alive, consuming, and the database answered within three heartbeats."""
+        fresh = time.monotonic() - self.sweeper.last_ok < 3 * self.settings.heartbeat_s
+        return self.alive() and self.intake.ready.is_set() and fresh
+
     def start(self) -> WorkerService:
         self.sink.start()
         self.engine_loop.start()
         self._intake_thread.start()
         self.sweeper.start()
+        if self.http is not None:
+            self.http.start()
+            log.info("worker.http", port=self.http.port)
         log.info("worker.ready", worker=self.worker, models=sorted(self.engines))
         return self
 
@@ -122,6 +147,8 @@ class WorkerService:
         self._stop.set()
         self._intake_thread.join(timeout)
         self.sweeper.stop()
+        if self.http is not None:
+            self.http.stop()
         log.info("worker.stopped", worker=self.worker, unfinished=len(self.ledger))
 
     def __enter__(self) -> WorkerService:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from inferq.logs import get_logger
 from worker.engine.api import Engine, run_to_completion
 from worker.service.jobs import LiveJob
+from worker.service.metrics import Metrics
 from worker.service.outcomes import Failed, Finished, Outcome
 
 log = get_logger("inferq.engine_loop")
@@ -20,20 +21,22 @@ IDLE_WAIT_S = 0.1
 class EngineLoop:
     """Steps every engine that has work, round robin; `submit`/`abort` from any thread."""
 
-    def __init__(self, engines: dict[str, Engine], emit: Callable[[Outcome], None]):
-        self.engines = engines
-        self._emit = emit
+    def __init__(
+        self, engines: dict[str, Engine], emit: Callable[[Outcome], None], metrics: Metrics
+    ):
+        self.engines, self._emit, self.metrics = engines, emit, metrics
+        self._computed = dict.fromkeys(engines, 0)  # tokens computed so far, per model
         self._inbox: queue.SimpleQueue[LiveJob | uuid.UUID] = queue.SimpleQueue()
         self._live: dict[str, dict[str, LiveJob]] = {name: {} for name in engines}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inferq-engine", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="inferq-engine", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        self.thread.join(timeout)
 
     def submit(self, job: LiveJob) -> None:
         self._inbox.put(job)
@@ -77,7 +80,7 @@ class EngineLoop:
         try:
             self.engines[job.model].add(job.request)
         except ValueError as exc:
-            self._emit(Failed(job.id, f"cannot run: {exc}"))
+            self._emit(Failed(job.id, f"cannot run: {exc}", job.model))
             return
         self._live[job.model][job.request.seq_id] = job
 
@@ -92,8 +95,10 @@ class EngineLoop:
         except Exception as exc:
             self._isolate(name, engine, exc)
             return
+        stats = engine.stats()
+        self.metrics.engine_step(name, stats, stats.computed_tokens - self._computed[name])
+        self._computed[name] = stats.computed_tokens
         if outputs:
-            stats = engine.stats()
             for out in outputs:
                 self._emit(Finished(self._live[name].pop(out.seq_id), out, stats))
 
@@ -112,7 +117,7 @@ class EngineLoop:
                 outputs = run_to_completion(engine, [j.request for j in group])
             except Exception as err:
                 if len(group) == 1:
-                    self._emit(Failed(group[0].id, f"engine error: {err!r}"))
+                    self._emit(Failed(group[0].id, f"engine error: {err!r}", name))
                 else:
                     todo += [group[: len(group) // 2], group[len(group) // 2 :]]
                 continue

@@ -24,6 +24,7 @@ from worker.engine.api import Codec, EngineRequest, SamplingParams
 from worker.service.engine_loop import EngineLoop
 from worker.service.jobs import Ledger, LiveJob
 from worker.service.messages import Refusal, dead_letter_payload, read_job
+from worker.service.metrics import Metrics
 from worker.service.outcomes import Failed
 from worker.service.retry import Backoff
 from worker.service.sources import Received, Source, open_source
@@ -64,11 +65,12 @@ class Intake:
         load_errors: dict[str, str],
         worker: str,
         prefetch: int,
+        metrics: Metrics,
     ):
         self.settings, self.repo, self.ledger = settings, repo, ledger
         self.engine_loop, self._fail = engine_loop, fail
         self.served, self.load_errors = served, load_errors
-        self.worker, self.prefetch = worker, prefetch
+        self.worker, self.prefetch, self.metrics = worker, prefetch, metrics
         self.default_model = settings.model if settings.model in served else next(iter(served))
         self._acks: queue.SimpleQueue[uuid.UUID] = queue.SimpleQueue()
         self._unacked: dict[uuid.UUID, list[Any]] = defaultdict(list)  # ack handles per job
@@ -211,6 +213,7 @@ class Intake:
                     log.warning("intake.group_refused", error=type(exc).__name__)
                     return self._claim_apart(arrivals, dead)
             except Exception as exc:
+                self.metrics.retries.labels("intake").inc()
                 log.warning("intake.store_failed", retry=backoff.failures + 1,
                             error=type(exc).__name__)  # fmt: skip
                 if backoff.wait(stop):
@@ -257,6 +260,7 @@ class Intake:
                 raise
             log.error("message.dropped", reason=refusal.reason, error=type(exc).__name__)
             return
+        self.metrics.dead_letters.labels(refusal.reason).inc()
         log.error("message.dead_letter", reason=refusal.reason, job_id=str(refusal.job_id))
 
     def _dispatch(self, arrival: _Arrival, state: JobState | None) -> bool:
@@ -273,7 +277,7 @@ class Intake:
         self._unacked[job_id].append(handle)
         if state.attempts > self.settings.max_attempts:
             self._fail(Failed(job_id, f"gave up after {state.attempts - 1} attempts "
-                              "(a worker died running it)"))  # fmt: skip
+                              "(a worker died running it)", arrival.model))  # fmt: skip
             return True
         assert arrival.request is not None
         job = LiveJob(job_id, arrival.model, arrival.request, as_utc(arrival.job.submitted_at))

@@ -20,6 +20,7 @@ class Finished:
 class Failed:
     job_id: uuid.UUID
     error: str
+    model: str = ""
 
 
 Outcome = Finished | Failed

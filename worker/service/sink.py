@@ -22,6 +22,7 @@ from storage.records import BatchRecord, FinishedJob, JobStatus, MetricsRow, Res
 from storage.repository import Repository
 from worker.engine.api import EngineOutput
 from worker.service.jobs import Ledger
+from worker.service.metrics import Metrics
 from worker.service.outcomes import Failed, Finished, Outcome
 from worker.service.retry import Backoff
 
@@ -61,8 +62,9 @@ class ResultSink:
         worker: str,
         acknowledge: Callable[[list[uuid.UUID]], None],
         abort: Callable[[uuid.UUID], None],
+        metrics: Metrics,
     ):
-        self.repo, self.ledger, self.worker = repo, ledger, worker
+        self.repo, self.ledger, self.worker, self.metrics = repo, ledger, worker, metrics
         self._acknowledge, self._abort = acknowledge, abort
         self._inbox: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._batches: OrderedDict[tuple[str, int], BatchRecord] = OrderedDict()
@@ -70,16 +72,16 @@ class ResultSink:
         self._abandon = threading.Event()  # set when stop() gives up on a failing database
         self._backoff = Backoff()
         self._next_cancel_check = 0.0
-        self._thread = threading.Thread(target=self._run, name="inferq-sink", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="inferq-sink", daemon=True)
         self.written = 0  # outcomes committed so far
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Write what is pending (retrying until `timeout`), then stop."""
         self._stop.set()
-        self._thread.join(timeout)
+        self.thread.join(timeout)
         self._abandon.set()
 
     def put(self, outcome: Outcome) -> None:
@@ -162,6 +164,7 @@ class ResultSink:
                 log.warning("sink.group_refused", error=type(exc).__name__)
                 self._write_apart(finished, batches, failures)
         except Exception as exc:
+            self.metrics.retries.labels("sink").inc()
             log.warning("sink.write_failed", outcomes=len(pending),
                         retry=self._backoff.failures + 1, error=type(exc).__name__)  # fmt: skip
             return False
@@ -174,9 +177,24 @@ class ResultSink:
                      completion_tokens=f.result.completion_tokens)  # fmt: skip
         for job_id, error in failures.items():
             log.warning("job.failed", job_id=str(job_id), error=error)
+        self._count(pending, failures)
         self.written += len(pending)
         self._acknowledge(done_ids)
         return True
+
+    def _count(self, pending: list[Outcome], failures: dict[uuid.UUID, str]) -> None:
+        m = self.metrics
+        for o in pending:
+            if isinstance(o, Failed):
+                m.jobs.labels(o.model, "failed").inc()
+                continue
+            model, out = o.job.model, o.output
+            m.jobs.labels(model, "failed" if o.job.id in failures else "done").inc()
+            m.output_tokens.labels(model).inc(len(out.token_ids))
+            row = job_metrics(o.job.id, out, o.job.queued_at)
+            for kind, value in (("queue_wait", row.queue_wait_s), ("ttft", row.ttft_s),
+                                ("total", row.total_s)):  # fmt: skip
+                m.latency.labels(model, kind).observe(value or 0.0)
 
     def _rows(self, pending: list[Outcome]) -> tuple[list[FinishedJob], dict[uuid.UUID, str]]:
         finished, failures = [], {}

@@ -8,6 +8,8 @@ harmless anyway (one result per job, the rest acknowledged).
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 from api_client.schema import JobMessage
 from api_client.wire import TASK_NAME, celery_priority, producer_app
@@ -16,25 +18,36 @@ from inferq.settings import Settings
 from storage.records import utcnow
 from storage.repository import Repository
 from storage.sweeps import StrandedJob, Sweeps
+from worker.service.metrics import Metrics
 
 log = get_logger("inferq.sweeper")
 
 
 class Sweeper:
-    def __init__(self, settings: Settings, repo: Repository, worker: str, models: list[str]):
+    def __init__(
+        self,
+        settings: Settings,
+        repo: Repository,
+        worker: str,
+        models: list[str],
+        metrics: Metrics,
+        held: Callable[[], int],
+    ):
         self.settings, self.worker, self.models = settings, worker, models
+        self.metrics, self._held = metrics, held
+        self.last_ok = 0.0  # monotonic time of the last sweep that reached the database
         self.sweeps = Sweeps(repo)
         self.producer = producer_app(settings)
         self.started_at = utcnow()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inferq-sweeper", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="inferq-sweeper", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        self.thread.join(timeout)
         try:
             self.sweeps.heartbeat(self.worker, self.models, self.started_at, stopped=True)
         except Exception as exc:
@@ -42,9 +55,12 @@ class Sweeper:
 
     def _run(self) -> None:
         while True:
+            self.metrics.held.set(self._held())
             try:
                 self.sweep()
+                self.last_ok = time.monotonic()
             except Exception as exc:  # the next tick retries: the interval is the backoff
+                self.metrics.retries.labels("sweeper").inc()
                 log.warning("sweeper.failed", error=type(exc).__name__)
             if self._stop.wait(self.settings.heartbeat_s):
                 return
