@@ -69,6 +69,14 @@ def queue_key(queue: str, priority: int) -> str:
     return f"{queue}{SEP}{step}" if step else queue
 
 
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting on `queue`, over its priority lists."""
+    pipe = client.pipeline(transaction=False)
+    for priority in PRIORITY_STEPS:
+        pipe.llen(queue_key(queue, priority))
+    return sum(pipe.execute())
+
+
 class RedisSource:
     """Take, acknowledge and (after the visibility timeout) restore job messages."""
 

@@ -11,6 +11,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import redis
+
 from api_client.schema import JobMessage
 from api_client.wire import TASK_NAME, celery_priority, producer_app
 from inferq.logs import get_logger
@@ -19,6 +21,7 @@ from storage.records import utcnow
 from storage.repository import Repository
 from storage.sweeps import StrandedJob, Sweeps
 from worker.service.metrics import Metrics
+from worker.service.redis_source import queue_depth
 
 log = get_logger("inferq.sweeper")
 
@@ -36,6 +39,10 @@ class Sweeper:
         self.settings, self.worker, self.models = settings, worker, models
         self.metrics, self._held = metrics, held
         self.last_ok = 0.0  # monotonic time of the last sweep that reached the database
+        url = settings.resolved_broker_url
+        self._broker = (
+            redis.Redis.from_url(url) if url.startswith(("redis://", "rediss://")) else None
+        )
         self.sweeps = Sweeps(repo)
         self.producer = producer_app(settings)
         self.started_at = utcnow()
@@ -69,6 +76,8 @@ class Sweeper:
         """One heartbeat and one requeue pass; returns how many jobs were sent again."""
         s = self.settings
         self.sweeps.heartbeat(self.worker, self.models, self.started_at)
+        if self._broker is not None:
+            self.metrics.queue_depth.set(queue_depth(self._broker, s.queue))
         stranded = self.sweeps.requeue(s.worker_dead_after_s, s.requeue_after_s)
         for job in stranded:
             self._send(job)
