@@ -11,6 +11,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 from api_client.schema import JobMessage, SamplingParams
+from api_client.signing import SIGNATURE, sign
 from api_client.wire import TASK_NAME, celery_priority, producer_app
 from inferq.settings import Settings, get_settings
 from storage.records import TERMINAL_STATUSES, JobView
@@ -28,15 +29,25 @@ class InvalidJobError(ValueError):
 
 
 class InferqClient:
-    """Submit generation jobs and read their status, results and metrics.
+    """Submit generation jobs and read their status, results and metrics, as one tenant.
 
-    Settings come from `INFERQ_*` (broker, database, queue, default model) unless given.
+    Settings come from `INFERQ_*` (broker, database, queue, default model, `INFERQ_TENANT`
+    and its signing key `INFERQ_TENANT_KEY`) unless given. Reads and cancels see only this
+    tenant's jobs; idempotency keys are per tenant.
     """
 
-    def __init__(self, settings: Settings | None = None):
+    def __init__(
+        self, settings: Settings | None = None, tenant: str | None = None, key: str | None = None
+    ):
         self.settings = settings or get_settings()
+        self.tenant = tenant or self.settings.tenant
+        self.key = key if tenant else (key or self.settings.tenant_key)
         self.repo = Repository(self.settings.resolved_database_url)
         self.celery: Celery = producer_app(self.settings)
+
+    def for_tenant(self, tenant: str, key: str | None = None) -> InferqClient:
+        """A client for another tenant on the same broker and database."""
+        return InferqClient(self.settings, tenant, key)
 
     def build(
         self,
@@ -44,7 +55,6 @@ class InferqClient:
         *,
         messages: list[Mapping[str, str]] | None = None,
         params: SamplingParams | Mapping[str, Any] | None = None,
-        tenant: str = "default",
         idempotency_key: str | None = None,
         priority: int = 0,
         model: str | None = None,
@@ -55,7 +65,7 @@ class InferqClient:
                 prompt=prompt,
                 messages=messages,
                 params=params if params is not None else SamplingParams(),
-                tenant=tenant,
+                tenant=self.tenant,
                 idempotency_key=idempotency_key,
                 priority=priority,
                 model=model or self.settings.model,
@@ -76,10 +86,13 @@ class InferqClient:
         job_id, created = self.repo.submit(msg.to_job(self.settings.model))
         if not created:
             return job_id
+        kwargs = msg.to_wire()
+        if self.key:
+            kwargs[SIGNATURE] = sign(kwargs, self.key)
         try:
             self.celery.send_task(
                 TASK_NAME,
-                kwargs=msg.to_wire(),
+                kwargs=kwargs,
                 queue=self.settings.queue,
                 priority=celery_priority(msg.priority),
                 task_id=str(job_id),
@@ -90,7 +103,7 @@ class InferqClient:
         return job_id
 
     def get(self, job_id: uuid.UUID | str) -> JobView | None:
-        return self.repo.get(uuid.UUID(str(job_id)))
+        return self.repo.get(uuid.UUID(str(job_id)), self.tenant)
 
     def wait(self, job_id: uuid.UUID | str, timeout: float = 60.0, poll: float = 0.1) -> JobView:
         """Block until the job is done, failed or cancelled; TimeoutError otherwise."""
@@ -102,7 +115,7 @@ class InferqClient:
         ids = [uuid.UUID(str(j)) for j in job_ids]
         deadline = time.monotonic() + timeout
         while True:
-            views = self.repo.get_many(ids)
+            views = self.repo.get_many(ids, self.tenant)
             if all(i in views and views[i].status in TERMINAL_STATUSES for i in ids):
                 return [views[i] for i in ids]
             if time.monotonic() > deadline:
@@ -116,4 +129,4 @@ class InferqClient:
         """Cancel a queued or running job; True if it had not finished. A worker drops a
         running job within about half a second (its result, if one races in, is not kept as
         the outcome: the job stays cancelled)."""
-        return self.repo.cancel(uuid.UUID(str(job_id)))
+        return self.repo.cancel(uuid.UUID(str(job_id)), self.tenant)

@@ -83,6 +83,7 @@ class JobMessage(BaseModel):
     priority: int = Field(0, ge=0, le=9, description="higher runs first")
     idempotency_key: Text | None = Field(None, min_length=1, max_length=256)
     submitted_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    signature: str | None = Field(None, max_length=128, description="see api_client.signing")
 
     @model_validator(mode="after")
     def _one_input(self) -> JobMessage:
@@ -113,5 +114,7 @@ class JobMessage(BaseModel):
         )
 
     def to_wire(self) -> dict:
-        """JSON-safe kwargs for `send_task`."""
-        return self.model_dump(mode="json")
+        """JSON-safe kwargs for `send_task` (`signature` only when signed)."""
+        return self.model_dump(
+            mode="json", exclude={"signature"} if self.signature is None else None
+        )

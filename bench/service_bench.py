@@ -112,12 +112,12 @@ def service_row(name: str, dtype: str, jobs, messages, out: Path) -> Row:
         proc = start_worker(env, extra, log, loglevel="INFO")
         try:
             _wait_ready(log, proc)
-            ids = env.client.submit_many(
-                {"messages": messages[id(j.prompt_ids)], "tenant": "bench",
-                 "params": {"max_tokens": j.max_tokens}}
+            client = env.client.for_tenant("bench")
+            ids = client.submit_many(
+                {"messages": messages[id(j.prompt_ids)], "params": {"max_tokens": j.max_tokens}}
                 for j in jobs
-            )  # fmt: skip
-            views = env.client.wait_many(ids, timeout=3600, poll=0.5)
+            )
+            views = client.wait_many(ids, timeout=3600, poll=0.5)
         finally:
             stop_worker(proc)
         assert all(v.status == "done" for v in views), {v.status for v in views}

@@ -66,16 +66,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _submit_client():
+def _client(args: argparse.Namespace):
     from api_client import InferqClient
 
-    return InferqClient()
+    return InferqClient(tenant=args.tenant)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from api_client import InvalidJobError
 
-    client = _submit_client()
+    client = _client(args)
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "stop": args.stop}
     if args.seed is not None:
         params["seed"] = args.seed
@@ -86,7 +86,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             messages=chat,
             params=params,
             model=args.model,
-            tenant=args.tenant,
             priority=args.priority,
             idempotency_key=args.idempotency_key,
         )
@@ -102,7 +101,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
-    view = _submit_client().get(args.job_id)
+    view = _client(args).get(args.job_id)
     if view is None:
         print(f"no job {args.job_id}", file=sys.stderr)
         return 1
@@ -111,7 +110,7 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    cancelled = _submit_client().cancel(args.job_id)
+    cancelled = _client(args).cancel(args.job_id)
     print("cancelled" if cancelled else "not cancelled (already finished, or unknown)")
     return 0 if cancelled else 1
 
@@ -164,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=int)
     submit.add_argument("--stop", action="append", default=[])
     submit.add_argument("--model", help="model name (default: the worker's default)")
-    submit.add_argument("--tenant", default="default")
+    submit.add_argument("--tenant", help="default: INFERQ_TENANT (signed with INFERQ_TENANT_KEY)")
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--idempotency-key")
     submit.add_argument("--wait", action="store_true", help="wait and print the result")
@@ -173,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     get = verbs.add_parser("get", help="print a job's status, result and metrics as JSON")
     get.add_argument("job_id")
+    get.add_argument("--tenant", help="default: INFERQ_TENANT")
     get.set_defaults(func=_cmd_get)
 
     cancel = verbs.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")
+    cancel.add_argument("--tenant", help="default: INFERQ_TENANT")
     cancel.set_defaults(func=_cmd_cancel)
     return parser
 

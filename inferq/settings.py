@@ -78,6 +78,11 @@ class Settings(BaseSettings):
         description="keys per-tenant prefix-cache salts; random per process when unset",
     )
     worker_name: str | None = None
+    tenant: str = Field("default", description="the tenant a client submits and reads as")
+    tenant_key: str | None = Field(None, description="the client's tenant signing key")
+    tenant_keys: str = Field(
+        "", description="worker: tenant=key,... whose messages must be signed with that key"
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz here (0: any port)"
     )
@@ -97,6 +102,11 @@ class Settings(BaseSettings):
             name, _, path = entry.partition("=")
             served.setdefault(name.strip(), path.strip() or None)
         return served
+
+    def signing_keys(self) -> dict[str, str]:
+        """Tenant -> signing key, from `tenant_keys`."""
+        pairs = (e.partition("=") for e in self.tenant_keys.split(",") if e.strip())
+        return {t.strip(): k.strip() for t, _, k in pairs}
 
     @property
     def models_dir(self) -> Path:

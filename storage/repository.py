@@ -66,6 +66,11 @@ def _status_in(statuses: Iterable[str]) -> sa.ColumnElement[bool]:
     return sa.or_(*(J.c.status == s for s in sorted(statuses)))
 
 
+def _of(tenant: str | None) -> sa.ColumnElement[bool]:
+    """Rows of `tenant`, or every row."""
+    return sa.true() if tenant is None else J.c.tenant == tenant
+
+
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -142,14 +147,13 @@ class Repository:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
-    def cancel(self, job_id: uuid.UUID) -> bool:
-        """Cancel a queued or running job; True if it was still one of those.
-
-        A worker drops a running job it sees cancelled; a result that races in anyway is kept,
-        but the job stays cancelled."""
+    def cancel(self, job_id: uuid.UUID, tenant: str | None = None) -> bool:
+        """Cancel a queued or running job (of `tenant`, when given); True if it was still one
+        of those. A worker drops a running job it sees cancelled; a result that races in
+        anyway is kept, but the job stays cancelled."""
         stmt = (
             sa.update(J)
-            .where(J.c.id == job_id, J.c.status.in_(ACTIVE_STATUSES))
+            .where(J.c.id == job_id, J.c.status.in_(ACTIVE_STATUSES), _of(tenant))
             .values(status="cancelled", finished_at=utcnow())
             .returning(J.c.id)
         )
@@ -265,12 +269,14 @@ class Repository:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def get(self, job_id: uuid.UUID) -> JobView | None:
-        """One job with its result and metrics, or None."""
-        return self.get_many([job_id]).get(job_id)
+    def get(self, job_id: uuid.UUID, tenant: str | None = None) -> JobView | None:
+        """One job (of `tenant`, when given) with its result and metrics, or None."""
+        return self.get_many([job_id], tenant).get(job_id)
 
-    def get_many(self, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, JobView]:
-        """The jobs among `ids` that exist, keyed by id."""
+    def get_many(
+        self, ids: Iterable[uuid.UUID], tenant: str | None = None
+    ) -> dict[uuid.UUID, JobView]:
+        """The jobs among `ids` that exist (and belong to `tenant`, when given), by id."""
         ids = list(dict.fromkeys(ids))
         columns = [
             *(J.c[name] for name in _JOB_FIELDS),
@@ -283,7 +289,8 @@ class Repository:
         out: dict[uuid.UUID, JobView] = {}
         with self.engine.connect() as conn:
             for part in _chunks(ids):
-                stmt = sa.select(*columns).select_from(joined).where(J.c.id.in_(part))
+                stmt = sa.select(*columns).select_from(joined)
+                stmt = stmt.where(J.c.id.in_(part), _of(tenant))
                 for row in conn.execute(stmt).mappings():
                     view = JobView(**{name: row[name] for name in _JOB_FIELDS})
                     if row["r_job_id"] is not None:

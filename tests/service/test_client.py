@@ -89,8 +89,9 @@ def test_invalid_job_is_refused_and_nothing_is_enqueued(
     client: InferqClient, broker: redis.Redis, job: dict[str, Any], field: str
 ) -> None:
     before = _total(client)
+    submitter = client.for_tenant(job.pop("tenant")) if "tenant" in job else client
     with pytest.raises(InvalidJobError) as err:
-        client.submit(**job)
+        submitter.submit(**job)
     assert str(err.value).startswith("invalid job: ")
     assert field in str(err.value)
     assert isinstance(err.value, ValueError)
@@ -125,7 +126,8 @@ def test_submit_records_and_enqueues_a_json_message(
 ) -> None:
     queue = client.settings.queue
     params = {"max_tokens": 5, "temperature": 0.7, "top_k": 3, "seed": 11, "stop": ["\n"]}
-    job_id = client.submit("Hello there", params=params, tenant="acme.eu:1", priority=7)
+    client = client.for_tenant("acme.eu:1")
+    job_id = client.submit("Hello there", params=params, priority=7)
     assert isinstance(job_id, uuid.UUID)
     view = client.get(job_id)
     assert view is not None
@@ -170,19 +172,32 @@ def test_submit_chat_messages_and_priority_lists(client: InferqClient, broker: r
 
 def test_idempotency_key(client: InferqClient, broker: redis.Redis) -> None:
     queue = client.settings.queue
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
-    first = client.submit("same", tenant=tenant, idempotency_key="k-1")
+    tenant_a = client.for_tenant(f"t-{uuid.uuid4().hex[:8]}")
+    tenant_b = client.for_tenant(tenant_a.tenant + "x")
+    first = tenant_a.submit("same", idempotency_key="k-1")
     before = _total(client)
-    again = client.submit("different text", tenant=tenant, idempotency_key="k-1")
+    again = tenant_a.submit("different text", idempotency_key="k-1")
     assert again == first
     assert len(_queued(broker, queue)) == 1
     assert _total(client) == before
-    other = client.submit("same", tenant=tenant + "x", idempotency_key="k-1")
+    other = tenant_b.submit("same", idempotency_key="k-1")  # keys are per tenant
     assert other != first
     messages = _queued(broker, queue)
     assert len(messages) == 2
     assert {_decode(m)[1]["idempotency_key"] for m in messages} == {"k-1"}
-    assert client.get(other).idempotency_key == "k-1"
+    assert tenant_b.get(other).idempotency_key == "k-1"
+
+
+def test_a_client_sees_only_its_own_tenants_jobs(client: InferqClient) -> None:
+    tenant_a = client.for_tenant(f"a-{uuid.uuid4().hex[:8]}")
+    tenant_b = client.for_tenant(f"b-{uuid.uuid4().hex[:8]}")
+    job = tenant_a.submit("mine", params={"max_tokens": 2})
+    assert tenant_b.get(job) is None
+    assert tenant_b.cancel(job) is False
+    with pytest.raises(TimeoutError):
+        tenant_b.wait(job, timeout=0.3)  # not even its existence leaks
+    assert tenant_a.get(job).status == "queued"
+    assert tenant_a.cancel(job) is True
 
 
 # -- cancel and wait ----------------------------------------------------------------------

@@ -229,15 +229,12 @@ def test_prefix_cache_reuse_across_batches_lands_in_postgres(service_settings, f
     }
 
     def wave(questions: list[str], tenant: str) -> list:
-        ids = client.submit_many(
-            {
-                "messages": [system, {"role": "user", "content": q}],
-                "tenant": tenant,
-                "params": {"max_tokens": 6},
-            }
+        as_tenant = client.for_tenant(tenant)
+        ids = as_tenant.submit_many(
+            {"messages": [system, {"role": "user", "content": q}], "params": {"max_tokens": 6}}
             for q in questions
         )
-        return client.wait_many(ids, timeout=120)
+        return as_tenant.wait_many(ids, timeout=120)
 
     first = wave(["Where is Rome?"], "acme")
     later = wave(["Where is Oslo?", "Where is Lima?", "Where is Cairo?"], "acme")

@@ -72,6 +72,7 @@ class Intake:
         self.served, self.load_errors = served, load_errors
         self.worker, self.prefetch, self.metrics = worker, prefetch, metrics
         self.default_model = settings.model if settings.model in served else next(iter(served))
+        self.signing_keys = settings.signing_keys()
         self._acks: queue.SimpleQueue[uuid.UUID] = queue.SimpleQueue()
         self._unacked: dict[uuid.UUID, list[Any]] = defaultdict(list)  # ack handles per job
         self.ready = threading.Event()  # set once consuming
@@ -137,7 +138,7 @@ class Intake:
     def _handle(self, messages: list[Received], source: Source, stop: threading.Event) -> None:
         arrivals, dead, now = [], [], utcnow()
         for message in messages:
-            got = read_job(message)
+            got = read_job(message, self.signing_keys)
             if isinstance(got, Refusal):
                 dead.append((message, got))
                 continue

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from api_client.schema import JobMessage
+from api_client.signing import verify
 from api_client.wire import TASK_NAME
 
 JSON_TYPES = ("application/json",)
@@ -32,8 +33,9 @@ class Refusal:
     job_id: uuid.UUID | None = None
 
 
-def read_job(message: Any) -> JobMessage | Refusal:
-    """The validated job in a kombu message, or why there is none."""
+def read_job(message: Any, keys: dict[str, str]) -> JobMessage | Refusal:
+    """The validated job in a kombu message, or why there is none; a tenant with a signing
+    key in `keys` must have signed it."""
     headers = message.headers or {}
     if message.content_type not in JSON_TYPES:
         return Refusal("non-JSON message refused", f"content type {message.content_type!r}")
@@ -52,10 +54,15 @@ def read_job(message: Any) -> JobMessage | Refusal:
     ):
         return Refusal("invalid task message", "body is not [[], {kwargs}, {embed}]")
     kwargs = body[1]
+    job_id = _uuid_or_none(kwargs.get("job_id"))
     try:
-        return JobMessage.model_validate(kwargs)
+        job = JobMessage.model_validate(kwargs)
     except ValidationError as exc:
-        return Refusal("invalid job message", str(exc), _uuid_or_none(kwargs.get("job_id")))
+        return Refusal("invalid job message", str(exc), job_id)
+    key = keys.get(job.tenant)
+    if key is not None and not verify(kwargs, key):
+        return Refusal("bad signature", f"tenant {job.tenant!r} requires a valid signature", job_id)
+    return job
 
 
 def _uuid_or_none(value: object) -> uuid.UUID | None:
