@@ -58,6 +58,7 @@ class InferqClient:
         idempotency_key: str | None = None,
         priority: int = 0,
         model: str | None = None,
+        ttl_s: float | None = None,
     ) -> JobMessage:
         """Validate a job without sending it; raises InvalidJobError."""
         try:
@@ -69,6 +70,7 @@ class InferqClient:
                 idempotency_key=idempotency_key,
                 priority=priority,
                 model=model or self.settings.model,
+                ttl_s=ttl_s,
             )
         except ValidationError as exc:
             raise InvalidJobError(exc) from None

@@ -7,7 +7,7 @@ the worker validates the same schema on arrival.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -24,6 +24,7 @@ from storage.records import NewJob, as_utc
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
 MAX_INPUT_CHARS = 200_000  # a prompt, or all chat message contents together
+MAX_TTL_S = 30 * 86_400
 
 
 def _storable(text: str) -> str:
@@ -72,7 +73,7 @@ class ChatMessage(BaseModel):
 class JobMessage(BaseModel):
     """One generation job as it travels on the queue: exactly one of `prompt` or `messages`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     job_id: uuid.UUID = Field(default_factory=uuid.uuid4)
     tenant: str = Field("default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
@@ -83,6 +84,9 @@ class JobMessage(BaseModel):
     priority: int = Field(0, ge=0, le=9, description="higher runs first")
     idempotency_key: Text | None = Field(None, min_length=1, max_length=256)
     submitted_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    ttl_s: float | None = Field(
+        None, gt=0, le=MAX_TTL_S, description="deadline, seconds after submitted_at: then expired"
+    )
     signature: str | None = Field(None, max_length=128, description="see api_client.signing")
 
     @model_validator(mode="after")
@@ -111,7 +115,15 @@ class JobMessage(BaseModel):
             priority=self.priority,
             idempotency_key=self.idempotency_key,
             queued_at=as_utc(self.submitted_at),
+            expires_at=self.expires_at,
         )
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """The deadline, when the job has one."""
+        if self.ttl_s is None:
+            return None
+        return as_utc(self.submitted_at) + timedelta(seconds=self.ttl_s)
 
     def to_wire(self) -> dict:
         """JSON-safe kwargs for `send_task` (`signature` only when signed)."""

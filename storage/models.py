@@ -90,6 +90,7 @@ class Job(Base):
         sa.Uuid, sa.ForeignKey("batches.id", name="fk_jobs_batch_id_batches", ondelete="SET NULL")
     )
     requeued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # by the sweeper
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the job's deadline
 
 
 class Result(Base):

@@ -16,10 +16,11 @@ class JobStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"  # its deadline passed before it finished
 
 
 ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
-TERMINAL_STATUSES = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED})
+TERMINAL_STATUSES = frozenset(set(JobStatus) - ACTIVE_STATUSES)
 
 
 def utcnow() -> datetime:
@@ -47,6 +48,7 @@ class NewJob:
     priority: int = 0
     idempotency_key: str | None = None
     queued_at: datetime = field(default_factory=utcnow)
+    expires_at: datetime | None = None
 
     def row(self) -> dict[str, Any]:
         """Column values for the `jobs` table."""
@@ -61,6 +63,7 @@ class NewJob:
             "status": "queued",
             "priority": self.priority,
             "queued_at": as_utc(self.queued_at),
+            "expires_at": self.expires_at and as_utc(self.expires_at),
             "attempts": 0,
         }
 
@@ -151,6 +154,7 @@ class JobView:
     worker: str | None
     batch_id: uuid.UUID | None
     idempotency_key: str | None = None
+    expires_at: datetime | None = None
     result: ResultRow | None = None
     metrics: MetricsRow | None = None
 

@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 J, B, R, M = jobs_table, batches_table, results_table, job_metrics_table
+EXPIRED_ERROR = "its deadline passed before it finished"
 _CHUNK = 5000  # ids per IN list on reads (SQLite caps bound parameters)
 _RESULT_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "job_id"]
 _METRIC_FIELDS = [f.name for f in dataclasses.fields(MetricsRow) if f.name != "job_id"]
@@ -183,6 +184,12 @@ class Repository:
             canonical = {j.id: j.id for j in unique if j.id in inserted}
             canonical.update(self._existing(conn, [j for j in unique if j.id not in inserted]))
             runnable = [j for j in canonical.values() if j not in refused]
+            for part in _chunks(runnable):  # past their deadline: expired, not run
+                conn.execute(
+                    sa.update(J)
+                    .where(J.c.id.in_(part), J.c.status.in_(ACTIVE_STATUSES), J.c.expires_at <= now)
+                    .values(status=JobStatus.EXPIRED, finished_at=now, error=EXPIRED_ERROR)
+                )
             for part in _chunks(runnable):
                 conn.execute(
                     sa.update(J)
@@ -204,6 +211,7 @@ class Repository:
         finished: Sequence[FinishedJob],
         batches: Sequence[BatchRecord] = (),
         failures: Mapping[uuid.UUID, str] | None = None,
+        expired: Iterable[uuid.UUID] = (),
     ) -> set[uuid.UUID]:
         """One transaction: batch rows (upserted whole), results and metrics of finished jobs,
         their status, and final failures. Idempotent: a job that already has a result keeps it
@@ -234,6 +242,7 @@ class Repository:
                      for f in fresh],
                 )  # fmt: skip
             self._fail(conn, failures or {}, final=True)
+            self._fail(conn, dict.fromkeys(expired, EXPIRED_ERROR), final=True, expire=True)
         return new
 
     def _upsert_batches(self) -> sa.Insert:
@@ -254,14 +263,19 @@ class Repository:
                 self._fail(conn, errors, final=final)
 
     @staticmethod
-    def _fail(conn: sa.Connection, errors: Mapping[uuid.UUID, str], *, final: bool) -> None:
+    def _fail(
+        conn: sa.Connection,
+        errors: Mapping[uuid.UUID, str],
+        *,
+        final: bool,
+        expire: bool = False,
+    ) -> None:
         if not errors:
             return
-        allowed = (*ACTIVE_STATUSES, "failed") if final else ACTIVE_STATUSES
+        allowed = (*ACTIVE_STATUSES, "failed") if final and not expire else ACTIVE_STATUSES
         values: dict[str, Any] = {"error": sa.bindparam("p_error")}
-        values.update(
-            {"status": "failed", "finished_at": utcnow()} if final else {"status": "queued"}
-        )
+        ended = JobStatus.EXPIRED if expire else JobStatus.FAILED
+        values.update({"status": ended, "finished_at": utcnow()} if final else {"status": "queued"})
         stmt = (
             sa.update(J).where(J.c.id == sa.bindparam("p_id"), _status_in(allowed)).values(values)
         )

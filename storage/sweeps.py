@@ -12,8 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from storage.models import jobs_table, workers_table
-from storage.records import JobStatus, utcnow
-from storage.repository import Repository
+from storage.records import ACTIVE_STATUSES, JobStatus, utcnow
+from storage.repository import EXPIRED_ERROR, Repository
 
 J, W = jobs_table, workers_table
 MAX_PER_SWEEP = 1000
@@ -32,6 +32,7 @@ class StrandedJob:
     priority: int
     idempotency_key: str | None
     queued_at: datetime
+    expires_at: datetime | None
 
 
 _COLUMNS = [J.c[name] for name in StrandedJob.__dataclass_fields__]
@@ -71,7 +72,7 @@ class Sweeps:
     ) -> list[StrandedJob]:
         """Jobs to send again, marked `requeued_at`: running on a worker silent (or stopped)
         for `dead_after_s` (put back to queued), and queued for `stranded_after_s` without
-        having been sent again within that time."""
+        having been sent again within that time. Jobs past their deadline expire instead."""
         now = now or utcnow()
         dead_cut = now - timedelta(seconds=dead_after_s)
         stranded_cut = now - timedelta(seconds=stranded_after_s)
@@ -88,6 +89,11 @@ class Sweeps:
         )
         out: list[StrandedJob] = []
         with self.repo.writer.begin() as conn:
+            conn.execute(  # past their deadline: expired, not sent again
+                sa.update(J)
+                .where(J.c.status.in_(ACTIVE_STATUSES), J.c.expires_at <= now)
+                .values(status=JobStatus.EXPIRED, finished_at=now, error=EXPIRED_ERROR)
+            )
             for ids, values in ((orphans, {"status": JobStatus.QUEUED}), (stranded, {})):
                 stmt = (
                     sa.update(J)

@@ -77,7 +77,7 @@ def _count(repo: Repository, table: str, ids: list[uuid.UUID]) -> int:
 
 def test_upgrade_builds_schema_and_downgrade_round_trips(empty_db_url: str) -> None:
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0002"
+    assert migrate.current(empty_db_url) == "0003"
     engine = make_engine(empty_db_url)
     insp = sa.inspect(engine)
     assert {"jobs", "batches", "results", "job_metrics", "workers"} <= set(insp.get_table_names())
@@ -94,6 +94,8 @@ def test_upgrade_builds_schema_and_downgrade_round_trips(empty_db_url: str) -> N
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
 
+    migrate.downgrade(empty_db_url, "0002")
+    assert "expires_at" not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
     migrate.downgrade(empty_db_url, "0001")
     assert "requeued_at" not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
     assert "workers" not in sa.inspect(engine).get_table_names()

@@ -50,3 +50,17 @@ def test_requeue_finds_orphans_of_silent_workers_and_stranded_jobs(db_url: str) 
     assert not {j.id for j in again} & mine
     later = sweeps.requeue(30, 60, now=now + timedelta(seconds=61))
     assert {on_dead.id, old.id} <= {j.id for j in later}
+
+
+def test_requeue_expires_jobs_past_their_deadline_instead(db_url: str) -> None:
+    repo = Repository(db_url)
+    sweeps = Sweeps(repo)
+    overdue, pending = _job(T0), _job(T0)
+    overdue.expires_at = T0 + timedelta(seconds=30)
+    pending.expires_at = T0 + timedelta(days=1)
+    repo.submit(overdue)
+    repo.submit(pending)
+    got = {j.id: j for j in sweeps.requeue(30, 60, now=T0 + timedelta(seconds=100))}
+    assert overdue.id not in got and got[pending.id].expires_at == pending.expires_at
+    view = repo.get(overdue.id)
+    assert view is not None and view.status == "expired" and "deadline" in (view.error or "")

@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -340,3 +340,22 @@ def test_metrics_and_health_endpoints(service_settings, paged_engine) -> None:
         assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
     with pytest.raises(urllib.error.URLError):  # stopped: the endpoint is gone
         urllib.request.urlopen(f"{base}/healthz", timeout=2)
+
+
+def test_deadlines_expire_jobs_before_and_while_they_run(service_settings, fp_worker) -> None:
+    client = InferqClient(service_settings)
+    late = client.build("Say hi.", params={"max_tokens": 4}).model_copy(
+        update={"submitted_at": datetime.now(UTC) - timedelta(seconds=60), "ttl_s": 30.0}
+    )
+    stale = client.enqueue(late)  # its deadline passed while it sat in the queue
+    slow = client.submit("Count slowly from one to one thousand:", params={"max_tokens": 400},
+                         ttl_s=2.0)  # fmt: skip
+    quick = client.submit("Say hi.", params={"max_tokens": 4}, ttl_s=120.0)
+    views = {v.id: v for v in client.wait_many([stale, slow, quick], timeout=120)}
+    assert views[stale].status == "expired" and views[stale].attempts == 0
+    assert views[stale].result is None and "deadline" in views[stale].error
+    assert views[slow].status == "expired" and views[slow].result is None
+    assert views[slow].attempts == 1  # it started, then its deadline passed mid-run
+    assert views[quick].status == "done" and views[quick].expires_at is not None
+    time.sleep(0.5)
+    assert not any(e.has_work for e in fp_worker.engines.values())

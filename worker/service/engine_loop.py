@@ -3,8 +3,10 @@ it never does I/O. Finished and failed jobs go to the result sink."""
 
 from __future__ import annotations
 
+import heapq
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -26,6 +28,7 @@ class EngineLoop:
     ):
         self.engines, self._emit, self.metrics = engines, emit, metrics
         self._computed = dict.fromkeys(engines, 0)  # tokens computed so far, per model
+        self._deadlines: list[tuple[float, str, str]] = []  # heap: (epoch s, model, seq id)
         self._inbox: queue.SimpleQueue[LiveJob | uuid.UUID] = queue.SimpleQueue()
         self._live: dict[str, dict[str, LiveJob]] = {name: {} for name in engines}
         self._stop = threading.Event()
@@ -52,6 +55,7 @@ class EngineLoop:
         while not self._stop.is_set():
             busy = any(engine.has_work for engine in self.engines.values())
             self._take(wait=0.0 if busy else IDLE_WAIT_S)
+            self._expire(time.time())
             for name, engine in self.engines.items():
                 if engine.has_work:
                     self._step(name, engine)
@@ -83,6 +87,19 @@ class EngineLoop:
             self._emit(Failed(job.id, f"cannot run: {exc}", job.model))
             return
         self._live[job.model][job.request.seq_id] = job
+        if job.expires_at is not None:
+            heapq.heappush(
+                self._deadlines, (job.expires_at.timestamp(), job.model, job.request.seq_id)
+            )
+
+    def _expire(self, now: float) -> None:
+        """Drop live jobs whose deadline has passed (waiting or running)."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, model, seq_id = heapq.heappop(self._deadlines)
+            job = self._live[model].pop(seq_id, None)
+            if job is not None:
+                self.engines[model].abort(seq_id)
+                self._emit(Failed(job.id, "its deadline passed before it finished", model, True))
 
     def _abort(self, seq_id: str) -> None:
         for name, live in self._live.items():

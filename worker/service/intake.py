@@ -281,7 +281,10 @@ class Intake:
                               "(a worker died running it)", arrival.model))  # fmt: skip
             return True
         assert arrival.request is not None
-        job = LiveJob(job_id, arrival.model, arrival.request, as_utc(arrival.job.submitted_at))
+        job = LiveJob(
+            job_id, arrival.model, arrival.request, as_utc(arrival.job.submitted_at),
+            arrival.job.expires_at,
+        )  # fmt: skip
         self.ledger.add(job)
         self.engine_loop.submit(job)
         return True

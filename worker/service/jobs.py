@@ -20,6 +20,7 @@ class LiveJob:
     model: str
     request: EngineRequest
     queued_at: datetime
+    expires_at: datetime | None = None  # past it, the job is dropped wherever it is
 
 
 class Ledger:

@@ -21,6 +21,7 @@ class Failed:
     job_id: uuid.UUID
     error: str
     model: str = ""
+    expired: bool = False  # its deadline passed: status `expired`, not `failed`
 
 
 Outcome = Finished | Failed

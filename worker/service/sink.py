@@ -154,22 +154,24 @@ class ResultSink:
         What the database refuses (not transient) is written apart, so one bad row fails
         alone instead of blocking every result behind it."""
         finished, failures = self._rows(pending)
+        expired = [o.job_id for o in pending if isinstance(o, Failed) and o.expired]
         batches = [self._batches[k] for k in touched if k in self._batches]
         try:
             try:
-                self.repo.store_outcomes(finished, batches, failures)
+                self.repo.store_outcomes(finished, batches, failures, expired)
             except Exception as exc:
                 if is_transient(exc):
                     raise
                 log.warning("sink.group_refused", error=type(exc).__name__)
                 self._write_apart(finished, batches, failures)
+                self._store_or(lambda: self.repo.store_outcomes([], expired=expired), "expired")
         except Exception as exc:
             self.metrics.retries.labels("sink").inc()
             log.warning("sink.write_failed", outcomes=len(pending),
                         retry=self._backoff.failures + 1, error=type(exc).__name__)  # fmt: skip
             return False
         self._backoff.reset()
-        done_ids = [f.result.job_id for f in finished] + list(failures)
+        done_ids = [f.result.job_id for f in finished] + list(failures) + expired
         for job_id in done_ids:
             self.ledger.pop(job_id)
         for f in finished:
@@ -177,6 +179,8 @@ class ResultSink:
                      completion_tokens=f.result.completion_tokens)  # fmt: skip
         for job_id, error in failures.items():
             log.warning("job.failed", job_id=str(job_id), error=error)
+        for job_id in expired:
+            log.info("job.expired", job_id=str(job_id))
         self._count(pending, failures)
         self.written += len(pending)
         self._acknowledge(done_ids)
@@ -186,7 +190,7 @@ class ResultSink:
         m = self.metrics
         for o in pending:
             if isinstance(o, Failed):
-                m.jobs.labels(o.model, "failed").inc()
+                m.jobs.labels(o.model, "expired" if o.expired else "failed").inc()
                 continue
             model, out = o.job.model, o.output
             m.jobs.labels(model, "failed" if o.job.id in failures else "done").inc()
@@ -200,7 +204,8 @@ class ResultSink:
         finished, failures = [], {}
         for o in pending:
             if isinstance(o, Failed):
-                failures[o.job_id] = o.error
+                if not o.expired:
+                    failures[o.job_id] = o.error
                 continue
             out, job = o.output, o.job
             batch = self._batches.get((job.model, out.batch))

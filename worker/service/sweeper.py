@@ -90,6 +90,7 @@ class Sweeper:
             job_id=job.id, tenant=job.tenant, model=job.model, prompt=job.prompt,
             messages=job.messages, params=job.params, priority=job.priority,
             idempotency_key=job.idempotency_key, submitted_at=job.queued_at,
+            ttl_s=job.expires_at and (job.expires_at - job.queued_at).total_seconds(),
         )  # fmt: skip
         self.producer.send_task(
             TASK_NAME,
