@@ -343,7 +343,8 @@ def test_summary_figures(db_url: str) -> None:
     repo.cancel(ids[4])
     s = repo.summary(ids)
     assert s["total"] == 5
-    assert s["counts"] == {"queued": 0, "running": 0, "done": 3, "failed": 1, "cancelled": 1}
+    assert s["counts"] == {"queued": 0, "running": 0, "done": 3, "failed": 1, "cancelled": 1,
+                           "expired": 0}  # fmt: skip
     assert s["completion_tokens"] == 30
     assert s["mean_queue_wait_s"] == pytest.approx(1.0)
     assert s["mean_ttft_s"] == pytest.approx(0.5)
