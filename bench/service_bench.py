@@ -29,11 +29,11 @@ from pathlib import Path
 from engine_bench import build_workload, shareable_tokens  # bench/, beside this script
 from service_harness import ServiceEnv, start_worker, stop_worker
 from transformers import AutoTokenizer
-from worker.engine.codec import TextCodec
-from worker.prep.models import resolve_model
 
 from inferq.settings import FP_MODEL, get_settings
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
+from worker.engine.codec import TextCodec
+from worker.prep.models import resolve_model
 from worker.service.app import load_engine
 
 
