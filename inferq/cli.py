@@ -15,14 +15,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(jobs=args.jobs, max_tokens=args.max_tokens)
 
 
+def _prep_run(kind: str, work) -> int:
+    """Run `work(view)` with our progress on the terminal and library output in a log file
+    under INFERQ_HOME; print the paths it returns on stdout, one a line."""
+    import time
+
+    from worker.prep.progress import format_duration, log_path_for, prep_session
+
+    log_path = log_path_for(get_settings().home, kind)
+    started = time.perf_counter()
+    try:
+        with prep_session(log_path) as view:
+            view.line(f"inferq model {kind}: library output goes to {log_path}")
+            paths = work(view)
+            view.line(f"ready in {format_duration(time.perf_counter() - started)}")
+    except KeyboardInterrupt:
+        print(f"interrupted; log: {log_path}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"full log (traceback and library output): {log_path}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _cmd_model_prepare(args: argparse.Namespace) -> int:
-    from worker.prep.models import resolve_model
+    from worker.prep.models import MARKER, resolve_model
 
     settings = get_settings()
     served = settings.served_models()
-    for name in args.names or list(served):
-        print(resolve_model(settings, name, served.get(name)))
-    return 0
+
+    def work(view) -> list[str]:
+        paths = []
+        for name in args.names or list(served):
+            path = served.get(name)
+            cached = path is None and (settings.models_dir / name / MARKER).is_file()
+            if not cached:
+                view.line(f"preparing {name}")
+            paths.append(resolve_model(settings, name, path))
+            view.line(f"{name}: {'cached at' if cached else 'ready at'} {paths[-1]}")
+        return paths
+
+    return _prep_run("prepare", work)
 
 
 def _cmd_model_quantize(args: argparse.Namespace) -> int:
@@ -38,9 +74,13 @@ def _cmd_model_quantize(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
     )
-    quantize(Path(args.src), Path(args.dst), spec, device=args.device)
-    print(args.dst)
-    return 0
+
+    def work(view) -> list[str]:
+        quantize(Path(args.src), Path(args.dst), spec, device=args.device)
+        view.line(f"quantized to {args.dst}")
+        return [args.dst]
+
+    return _prep_run("quantize", work)
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ worker service, a few dozen varied prompts sent through Celery, results and a su
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from typing import Any
 
@@ -67,23 +68,37 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
     from inferq.logs import configure_logging
     from inferq.settings import get_settings
     from storage.migrate import upgrade
+    from worker.prep.progress import log_path_for, prep_session
     from worker.service.app import WorkerService
 
-    configure_logging("WARNING")
     settings = get_settings()
     print(f"database: {settings.resolved_database_url.split('@')[-1]}")
     print(f"broker:   {settings.resolved_broker_url.split('@')[-1]}")
-    upgrade(settings.resolved_database_url)
-    client = InferqClient(settings)
-    print(f"model:    {settings.model} (preparing/loading)")
+    print(f"model:    {settings.model}")
+    # The worker's logs and the libraries' output (model loading, warnings) go to a file.
+    log_path = log_path_for(settings.home, "demo")
+    print(f"logs:     {log_path}", flush=True)
     workload = demo_jobs(jobs, max_tokens)
-    with WorkerService(settings):
-        started = time.perf_counter()
-        ids = client.submit_many(workload)
-        views = client.wait_many(ids, timeout=1800)
-        wall = time.perf_counter() - started
+    # Open for the rest of the process: the worker's threads may log until it exits.
+    log_file = open(log_path, "a", buffering=1)  # noqa: SIM115
+    configure_logging("INFO", stream=log_file)
+    try:
+        with prep_session(log_path, library_logs=False) as view:
+            upgrade(settings.resolved_database_url)
+            client = InferqClient(settings)
+            with view.stage("load", f"{settings.model} (prepared if needed)"):
+                service = WorkerService(settings)
+            with service, view.stage("serve", f"{len(workload)} jobs through the queue"):
+                started = time.perf_counter()
+                ids = client.submit_many(workload)
+                views = client.wait_many(ids, timeout=1800)
+                wall = time.perf_counter() - started
+            summary = client.repo.summary(ids)
+    except Exception as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"full log (traceback and library output): {log_path}", file=sys.stderr)
+        return 1
     _print_results(views, workload)
-    summary = client.repo.summary(ids)
     tokens = sum(v.result.completion_tokens for v in views if v.result)
     done = sum(v.status == "done" for v in views)
     print(

@@ -47,3 +47,21 @@ def configure_logging(level: str = "INFO", stream=None) -> None:
 
 def get_logger(name: str = "inferq", **bound: object) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name, **bound)
+
+
+def send_library_logs_to(stream, level: str = "INFO") -> logging.Handler:
+    """Add a plain, timestamped handler on the root logger writing to `stream` (a log file),
+    lowering the root level to `level` where it is higher. Returns the handler; remove it
+    from the root logger (and restore the level) to stop.
+
+    Leaves `configure_logging`'s handlers in place: use it on top, or alone."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    handler.setLevel(level.upper())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > handler.level or root.level == logging.NOTSET:
+        root.setLevel(handler.level)
+    return handler

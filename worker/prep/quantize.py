@@ -7,6 +7,7 @@ import json
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from worker.engine.loading import GptqCheckpointError, import_gptqmodel, pick_device
+from worker.prep.progress import active_view
 
 DATA_DIR = Path(__file__).parents[1] / "data"
 CALIBRATION_FILE = DATA_DIR / "calibration.jsonl"
@@ -68,6 +70,12 @@ def quantize(
     say: Callable[[str], None] = print,
 ) -> GptqSpec:
     """Quantize the model at `src` into `dst` (written atomically); returns the spec used."""
+    with active_view().stage("quantize", f"GPTQ {spec.bits}-bit", unit="layers") as stage:
+        stage.update(note="importing gptqmodel")
+        return _quantize(src, dst, spec, device=device, say=say, stage=stage)
+
+
+def _quantize(src, dst, spec, *, device, say, stage) -> GptqSpec:
     gptqmodel = import_gptqmodel()
     from transformers import AutoConfig, AutoTokenizer
 
@@ -77,6 +85,8 @@ def quantize(
     texts = calibration_texts(spec.samples, spec.seed)
     target = str(pick_device(device))
     say(f"quantizing {src} to {spec.bits}-bit GPTQ, group size {group}, {len(texts)} texts")
+    layers = getattr(config, "num_hidden_layers", None)
+    stage.update(total=layers, note="loading the model")
     torch.manual_seed(spec.seed)
     qconfig = gptqmodel.QuantizeConfig(
         bits=spec.bits,
@@ -94,7 +104,12 @@ def quantize(
         _keep_logs_in(tmp / "logs")
         model = gptqmodel.GPTQModel.load(str(src), qconfig, device=target)
         tokenizer = AutoTokenizer.from_pretrained(src)
+        # gptqmodel's looper calls `layer_callback` as each layer is quantized (and again when
+        # its modules are finalized): count the distinct layers.
+        model.layer_callback = LayerCounter(stage, layers)
+        stage.update(note="calibrating")
         model.quantize(texts, batch_size=spec.batch_size, tokenizer=tokenizer)
+        stage.update(note="saving")
         model.save(str(tmp))
         _settle_generation_config(src, tmp)
         (tmp / "inferq-gptq.json").write_text(json.dumps({"source": str(src), **asdict(spec)}))
@@ -106,6 +121,27 @@ def quantize(
     tmp.rename(dst)
     say(f"quantized in {time.perf_counter() - started:.0f}s")
     return spec
+
+
+class LayerCounter:
+    """gptqmodel's layer-complete callback: moves the stage to the number of distinct decoder
+    layers seen (layer indices past the last layer, e.g. lm_head, are not counted)."""
+
+    def __init__(self, stage, layers: int | None):
+        self.stage = stage
+        self.layers = layers
+        self.seen: set[int] = set()
+        self._lock = threading.Lock()
+
+    def layer_complete(self, *, layer_idx, submodule_finalized: bool) -> None:
+        if not isinstance(layer_idx, int) or layer_idx < 0:
+            return
+        if self.layers is not None and layer_idx >= self.layers:
+            return
+        with self._lock:
+            self.seen.add(layer_idx)
+            done = len(self.seen)
+        self.stage.update(done=done, note="quantizing")
 
 
 def _keep_logs_in(folder: Path) -> None:
