@@ -3,10 +3,12 @@ set gone with it): PostgreSQL still has the jobs, and the sweeper sends them aga
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
 import redis
+import sqlalchemy as sa
 from service_helpers import running_worker
 
 from api_client import InferqClient
@@ -35,3 +37,35 @@ def test_jobs_whose_messages_were_lost_are_sent_again_and_run_once(
     assert [v.status for v in views] == ["done"] * 5
     assert views[-1].attempts == 2 and views[-1].worker != "ghost-worker"
     assert all(v.attempts == 1 for v in views[:-1])
+
+
+def test_redis_loses_everything_and_drops_connections_mid_run(service_settings, paged_engine):
+    """Jobs queued and running when Redis forgets every key and cuts every connection (a
+    restart without persistence): the running ones finish, the queued ones are sent again,
+    each job ends with one result."""
+    settings = service_settings.model_copy(
+        update={"heartbeat_s": 0.2, "requeue_after_s": 2.0, "max_num_seqs": 2}
+    )
+    client = InferqClient(settings)
+    r = redis.Redis.from_url(settings.broker_url)
+    with running_worker(settings, {paged_engine.model_name: paged_engine}):
+        ids = client.submit_many({"prompt": f"List {n} colors:", "params": {"max_tokens": 24}}
+                                 for n in range(10))  # fmt: skip
+        deadline = time.monotonic() + 60
+        while "running" not in client.repo.statuses(ids).values():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r.flushdb()
+        r.client_kill_filter(_type="normal", skipme=True)
+        views = client.wait_many(ids, timeout=180)
+    assert [v.status for v in views] == ["done"] * len(ids)
+    with client.repo.engine.connect() as conn:
+        counts = (
+            conn.execute(
+                sa.text("SELECT count(*) FROM results WHERE job_id = ANY(:ids) GROUP BY job_id"),
+                {"ids": ids},
+            )
+            .scalars()
+            .all()
+        )
+    assert counts == [1] * len(ids)

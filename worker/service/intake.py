@@ -75,6 +75,7 @@ class Intake:
         self.signing_keys = settings.signing_keys()
         self._acks: queue.SimpleQueue[uuid.UUID] = queue.SimpleQueue()
         self._unacked: dict[uuid.UUID, list[Any]] = defaultdict(list)  # ack handles per job
+        self._failed_acks: list[Any] = []  # handles to acknowledge once the broker is back
         self.ready = threading.Event()  # set once consuming
         self.taking = threading.Event()  # cleared to stop taking messages (a drain)
         self.taking.set()
@@ -101,7 +102,9 @@ class Intake:
                 self._consume(source, stop)
             except Exception as exc:  # the broker went away: reconnect; redelivery covers the rest
                 log.warning("intake.broker_error", error=repr(exc))
-                self._unacked.clear()
+                if not source.handles_outlive_connection:
+                    self._unacked.clear()
+                    self._failed_acks.clear()
                 backoff.wait(stop)
             finally:
                 source.close()
@@ -123,7 +126,7 @@ class Intake:
         self._unacked.clear()
 
     def _flush_acks(self, source: Source) -> None:
-        handles = []
+        handles, self._failed_acks = self._failed_acks, []
         while True:
             try:
                 job_id = self._acks.get_nowait()
@@ -131,7 +134,11 @@ class Intake:
                 break
             handles += self._unacked.pop(job_id, ())
         if handles:
-            source.ack(handles)
+            try:
+                source.ack(handles)
+            except Exception:
+                self._failed_acks = handles  # kept for the next connection
+                raise
 
     # -- one group of messages -------------------------------------------------------------
 

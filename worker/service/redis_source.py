@@ -80,6 +80,8 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
 class RedisSource:
     """Take, acknowledge and (after the visibility timeout) restore job messages."""
 
+    handles_outlive_connection = True  # a delivery tag names the message in Redis itself
+
     def __init__(self, settings: Settings):
         self.client = redis.Redis.from_url(settings.resolved_broker_url)
         self.client.ping()

@@ -26,6 +26,8 @@ class Received:
 
 
 class Source(Protocol):
+    handles_outlive_connection: bool  # can a message taken before a reconnect be acked after?
+
     def receive(self, limit: int, wait_s: float) -> list[Received]:
         """Up to `limit` messages, waiting up to `wait_s` for the first."""
         ...
@@ -60,6 +62,8 @@ def unwrap(envelope: dict[str, Any], handle: Any) -> Received:
 
 class KombuSource:
     """Any kombu transport, one message at a time."""
+
+    handles_outlive_connection = False  # kombu gives a closed channel's messages back itself
 
     GATHER_S = 0.002
 
