@@ -30,6 +30,21 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_rss_mb(pid: int) -> float:
+    """Resident memory of a process, MB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for {pid}")
+
+
+def postgres(action: str) -> None:
+    """Stop or start the local PostgreSQL cluster (the fault runs; needs root)."""
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    cmd = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
+    subprocess.run([*cmd, *(["-m", "fast"] if action == "stop" else [])], check=True)
+
+
 class ServiceEnv:
     """A throwaway database and a flushed Redis db, with a client and a raw producer."""
 

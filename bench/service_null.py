@@ -1,11 +1,15 @@
-"""Null-engine service benchmark: how many jobs/s the service sustains through Redis and
-PostgreSQL when the engine costs nothing, and the worker's CPU per job.
+"""Null-engine service benchmark and soak: how many jobs/s the service sustains through
+Redis and PostgreSQL when the engine costs nothing, the worker's CPU per job, its memory over
+the run, and (with --outage-s) what a PostgreSQL outage in the middle costs.
 
-Usage: .venv/bin/python bench/service_null.py [--jobs 10000] [--out bench/out]
-Needs the local Redis and PostgreSQL (`make services`). The jobs are sent first, as raw
-`send_task` messages (no job rows: the worker writes them), then a worker process starts
-(`inferq worker`, INFERQ_ENGINE=null) and drains the queue. Timed from the first job the
-worker claims to the last result; worker CPU from /proc over the same span.
+Usage: .venv/bin/python bench/service_null.py [--jobs 10000] [--outage-s 0] [--out bench/out]
+Needs the local Redis and PostgreSQL (`make services`; --outage-s stops and restarts the
+cluster, as root). The jobs are sent first, as raw `send_task` messages (no job rows: the
+worker writes them), then a worker process starts (`inferq worker`, INFERQ_ENGINE=null) and
+drains the queue. Timed from the first job the worker claims to the last result; worker CPU
+and RSS from /proc (RSS after 10 % of the jobs = warm-up, and at the end). With --outage-s,
+PostgreSQL is stopped once 20 % of the jobs are done, for that long: the table adds the
+worker's CPU share during the outage and the log lines it wrote meanwhile.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import time
 import uuid
 from pathlib import Path
 
+import sqlalchemy as sa
 from service_harness import (  # bench/service_harness.py, beside this script
     ServiceEnv,
+    postgres,
     proc_cpu_s,
+    proc_rss_mb,
     start_worker,
     stop_worker,
 )
@@ -29,6 +36,7 @@ from api_client.wire import TASK_NAME
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--outage-s", type=float, default=0.0)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -42,30 +50,62 @@ def main() -> None:
                     TASK_NAME, kwargs=job, queue=env.settings.queue, connection=conn
                 )
         print(f"enqueued {args.jobs} jobs in {time.perf_counter() - t0:.1f}s")
-        worker = start_worker(env, {"INFERQ_ENGINE": "null"}, args.out / "null_worker.log")
+        log = args.out / "null_worker.log"
+        worker = start_worker(env, {"INFERQ_ENGINE": "null"}, log)
         try:
-            cpu0, t_first = None, None
-            while True:
-                done = env.count_done()
-                if cpu0 is None and env.count_jobs() > 0:
-                    cpu0, t_first = proc_cpu_s(worker.pid), time.perf_counter()
-                if done >= args.jobs:
-                    break
-                if worker.poll() is not None:
-                    raise SystemExit(f"worker exited with {worker.returncode}")
-                time.sleep(0.05)
-            wall, cpu = time.perf_counter() - t_first, proc_cpu_s(worker.pid) - cpu0
+            run = _drain(env, worker, args.jobs, args.outage_s, log)
         finally:
             stop_worker(worker)
         lost, dups = env.lost_and_duplicates(ids)
+    wall, cpu = run["wall"], run["cpu"]
+    growth = run["rss_end"] / run["rss_warm"] - 1
     lines = [
-        "| jobs | wall s | jobs/s | worker CPU s | worker CPU ms/job | lost | duplicates |",
-        "|---|---|---|---|---|---|---|",
-        f"| {args.jobs} | {wall:.1f} | {args.jobs / wall:.0f} | {cpu:.1f} | "
-        f"{cpu / args.jobs * 1000:.2f} | {lost} | {dups} |",
+        "| jobs | wall s | jobs/s | worker CPU ms/job | RSS MB warm / end (growth) | lost "
+        "| duplicates | outage s | CPU during outage | log lines during outage |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {args.jobs} | {wall:.1f} | {args.jobs / wall:.0f} | {cpu / args.jobs * 1000:.2f} | "
+        f"{run['rss_warm']:.0f} / {run['rss_end']:.0f} ({growth:+.1%}) | {lost} | {dups} | "
+        f"{args.outage_s:.0f} | {run.get('outage_cpu', 0):.1%} | {run.get('outage_lines', 0)} |",
     ]
     print("\n".join(lines))
     (args.out / "service_null.md").write_text("\n".join(lines) + "\n")
+
+
+def _drain(env, worker, jobs: int, outage_s: float, log: Path) -> dict[str, float]:
+    """Watch the worker drain the queue; stop PostgreSQL mid-run when asked."""
+    run: dict[str, float] = {}
+    cpu0 = t_first = None
+    while True:
+        done = _count(env)
+        if cpu0 is None and done > 0:
+            cpu0, t_first = proc_cpu_s(worker.pid), time.perf_counter()
+        if "rss_warm" not in run and done >= jobs // 10:
+            run["rss_warm"] = proc_rss_mb(worker.pid)
+        if outage_s and "outage_cpu" not in run and done >= jobs // 5:
+            lines0, c0 = len(log.read_text().splitlines()), proc_cpu_s(worker.pid)
+            postgres("stop")
+            time.sleep(outage_s)
+            run["outage_cpu"] = (proc_cpu_s(worker.pid) - c0) / outage_s
+            run["outage_lines"] = len(log.read_text().splitlines()) - lines0
+            postgres("start")
+        if done >= jobs:
+            break
+        if worker.poll() is not None:
+            raise SystemExit(f"worker exited with {worker.returncode}")
+        time.sleep(0.05)
+    run["wall"] = time.perf_counter() - t_first
+    run["cpu"] = proc_cpu_s(worker.pid) - cpu0
+    run["rss_end"] = proc_rss_mb(worker.pid)
+    return run
+
+
+def _count(env) -> int:
+    """Results so far (0 while the database is restarting)."""
+    try:
+        return env.count_done()
+    except sa.exc.OperationalError:
+        time.sleep(0.5)
+        return 0
 
 
 if __name__ == "__main__":
