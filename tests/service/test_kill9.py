@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.model, pytest.mark.services]
 JOBS = 16
 
 
-def _start_worker(settings, model_path: str, log: Path, name: str) -> subprocess.Popen:
+def _start_worker(
+    settings, model_path: str, log: Path, name: str, **extra: str
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "INFERQ_BROKER_URL": settings.broker_url,
@@ -30,6 +32,7 @@ def _start_worker(settings, model_path: str, log: Path, name: str) -> subprocess
         "INFERQ_MODEL_PATH": model_path,
         "INFERQ_VISIBILITY_TIMEOUT_S": "10",
         "INFERQ_WORKER_NAME": name,
+        **extra,
     }
     return subprocess.Popen(
         [sys.executable, "-m", "inferq.cli", "worker", "--loglevel", "INFO"],
@@ -86,3 +89,37 @@ def test_kill9_mid_batch_loses_nothing_and_duplicates_nothing(
             {"ids": ids},
         ).all()
     assert len(per_job) == JOBS and all(row.n == 1 for row in per_job)
+
+
+def test_sigterm_mid_run_drains_then_hands_the_rest_back_at_once(
+    service_settings, model_path, tmp_path
+) -> None:
+    """SIGTERM: the worker stops taking jobs, lets running ones finish for INFERQ_DRAIN_S,
+    puts the rest back on the queue at once (well before the visibility timeout) and exits 0."""
+    client = InferqClient(service_settings)
+    ids = client.submit_many(
+        {"prompt": f"List {n} animals:", "params": {"max_tokens": 16}} for n in range(JOBS)
+    )
+    log = tmp_path / "worker.log"
+    first = _start_worker(service_settings, model_path, log, "draining", INFERQ_DRAIN_S="1",
+                          INFERQ_MAX_NUM_SEQS="4", INFERQ_VISIBILITY_TIMEOUT_S="3600")  # fmt: skip
+    try:
+        _wait(lambda: "running" in client.repo.statuses(ids).values(), 120, "a running job")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    before = client.repo.statuses(ids)
+    assert "done" in before.values() or "running" in before.values()
+    assert list(before.values()).count("done") < JOBS, "nothing was left to hand back"
+    second = _start_worker(service_settings, model_path, log, "next")
+    try:
+        views = client.wait_many(ids, timeout=300)  # far below the 1 h visibility timeout
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        second.wait(30)
+    assert [v.status for v in views] == ["done"] * JOBS, log.read_text()[-3000:]
+    handed_back = [v for v in views if before[v.id] != "done"]
+    assert handed_back and all(v.worker == "next" for v in handed_back)
+    assert "intake.requeued" in log.read_text()
