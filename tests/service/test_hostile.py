@@ -96,3 +96,50 @@ def test_hostile_messages_never_stop_the_worker(service_settings, paged_engine) 
     assert len(big["payload"]["body"]) <= 64 << 10
     assert worker.repo.get_many([ids["nul"], ids["surrogate"], ids["nan"]]) == {}
     assert r.hlen("unacked") == 0  # nothing left waiting for a redelivery
+
+
+def _hostile_kinds(q: str, i: int) -> list[str]:
+    """Fourteen kinds of message that must become dead letters, varied by `i`."""
+    job_id = str(uuid.uuid4())
+    return [
+        f"not json at all #{i}",
+        json.dumps({"body": f"%%% {i}", "properties": {"body_encoding": "base64"}}),
+        json.dumps({"body": "e30=", "content-type": "application/json", "n": i}),
+        _envelope(q, json.dumps({"prompt": f"x{i}"})),
+        _envelope(q, "null" if i % 2 else "[]"),
+        _envelope(q, f"[[{i}], {{}}, {{}}]"),
+        _envelope(q, _job_body(prompt=f"x{i}", self="me")),
+        _envelope(q, json.dumps([[], f"kwargs {i}", {}])),
+        _envelope(q, _job_body(job_id=job_id, prompt=f"a\u0000{i}")),
+        _envelope(q, _raw_body(f'"prompt": "a\\udc{i % 10}0b"')),
+        _envelope(q, _raw_body(f'"prompt": "x{i}", ' + NAN_PARAMS)),
+        _envelope(q, _job_body(prompt="y" * ((1 << 20) + i))),
+        _envelope(q, bytes([0x80, 4, i % 256]), content_type="application/x-python-serialize"),
+        _envelope(q, _job_body(prompt=f"x{i}"), task=f"celery.chord_unlock.{i}"),
+    ]
+
+
+def test_fifty_six_hostile_messages_each_followed_by_a_served_job(
+    service_settings, paged_engine
+) -> None:
+    q = service_settings.queue
+    r = redis.Redis.from_url(service_settings.broker_url)
+    started, normal, hostile = datetime.now(UTC), [], 0
+    for i in range(4):
+        for item in _hostile_kinds(q, i):
+            r.lpush(q, item)
+            hostile += 1
+            normal.append(uuid.uuid4())
+            body = _job_body(job_id=str(normal[-1]), prompt=f"Say {i}.", params={"max_tokens": 1})
+            r.lpush(q, _envelope(q, body))
+    with running_worker(service_settings, {paged_engine.model_name: paged_engine}) as worker:
+        views = wait_for(worker.repo, normal, timeout=300)
+        deadline = time.monotonic() + 30
+        letters: list[dict] = []
+        while len(letters) < hostile and time.monotonic() < deadline:
+            letters = [d for d in worker.repo.dead_letters(500) if d["received_at"] >= started]
+            time.sleep(0.2)
+        assert worker.intake_alive() and worker.alive()
+    assert hostile >= 50 and len(letters) == hostile
+    assert all(v.status == "done" and v.attempts == 1 for v in views.values())
+    assert r.llen(q) == 0 and r.hlen("unacked") == 0  # none waits for a redelivery
