@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from types import FrameType
 
 from inferq.logs import get_logger
@@ -104,14 +105,11 @@ class WorkerService:
             target=self.intake.run, args=(self._stop,), name="inferq-intake", daemon=True
         )
 
-    def _acknowledge(self, job_ids: list) -> None:
+    def _acknowledge(self, job_ids: list[uuid.UUID]) -> None:
         self.intake.acknowledge(job_ids)
 
-    def _abort(self, job_id) -> None:
+    def _abort(self, job_id: uuid.UUID) -> None:
         self.engine_loop.abort(job_id)
-
-    def intake_alive(self) -> bool:
-        return self._intake_thread.is_alive()
 
     def alive(self) -> bool:
         """Liveness: every service thread is running."""
