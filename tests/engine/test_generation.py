@@ -4,12 +4,19 @@ strings, seeded sampling and the per-output accounting of the `Engine` contract.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from worker.engine.api import EngineRequest, FinishReason, SamplingParams, run_to_completion
+from worker.engine.api import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    SamplingParams,
+    run_to_completion,
+)
 from worker.engine.engine import PagedEngine
 
 pytestmark = pytest.mark.model
@@ -49,13 +56,11 @@ class Ref:
     hit_eos: bool
 
 
-def _req(seq_id: str, ids: list[int], tenant: str = "gen", **params: object) -> EngineRequest:
-    if "stop" in params:
-        params["stop"] = tuple(params["stop"])  # type: ignore[arg-type]
-    return EngineRequest(seq_id, ids, SamplingParams(**params), tenant)  # type: ignore[arg-type]
+def _req(seq_id: str, ids: list[int], tenant: str = "gen", **params: Any) -> EngineRequest:
+    return EngineRequest(seq_id, ids, SamplingParams(**params), tenant)
 
 
-def generate(engine: PagedEngine, reqs: list[EngineRequest]):
+def generate(engine: PagedEngine, reqs: list[EngineRequest]) -> list[EngineOutput]:
     return run_to_completion(engine, reqs)
 
 
@@ -200,10 +205,10 @@ def test_stop_strings_truncate_before_the_earliest_stop(engine, refs) -> None:
     outputs = generate(
         engine,
         [
-            _req("dot", ref.prompt_ids, max_tokens=ref.max_tokens, stop=["."]),
-            _req("both", ref.prompt_ids, max_tokens=ref.max_tokens, stop=["\n", "."]),
-            _req("nl", ref.prompt_ids, max_tokens=ref.max_tokens, stop=["\n"]),
-            _req("none", ref.prompt_ids, max_tokens=ref.max_tokens, stop=["zq#never"]),
+            _req("dot", ref.prompt_ids, max_tokens=ref.max_tokens, stop=(".",)),
+            _req("both", ref.prompt_ids, max_tokens=ref.max_tokens, stop=("\n", ".")),
+            _req("nl", ref.prompt_ids, max_tokens=ref.max_tokens, stop=("\n",)),
+            _req("none", ref.prompt_ids, max_tokens=ref.max_tokens, stop=("zq#never",)),
         ],
     )
     by_id = {o.seq_id: o for o in outputs}
