@@ -114,10 +114,14 @@ def service_row(name: str, dtype: str, jobs, messages, out: Path) -> Row:
             _wait_ready(log, proc)
             client = env.client.for_tenant("bench")
             ids = client.submit_many(
-                {"messages": messages[id(j.prompt_ids)], "params": {"max_tokens": j.max_tokens}}
+                {
+                    "messages": messages[id(j.prompt_ids)],
+                    "model": FP_MODEL,
+                    "params": {"max_tokens": j.max_tokens},
+                }
                 for j in jobs
             )
-            views = client.wait_many(ids, timeout=3600, poll=0.5)
+            views = client.wait_many(ids, timeout=3600, poll=2.0)  # light on the database
         finally:
             stop_worker(proc)
         assert all(v.status == "done" for v in views), {v.status for v in views}

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     )
     kv_cache_tokens: int = Field(32768, ge=256, description="paged KV capacity in tokens")
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding at once (paged)")
+    waiting_room: float = Field(
+        3.0, ge=0, description="jobs a worker holds beyond max_num_seqs, as a multiple of it"
+    )
     max_step_tokens: int = Field(2048, ge=16, description="tokens computed per step (paged)")
     prefix_cache: bool = True
     cache_secret: str = Field(

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from types import FrameType
 
 from inferq.logs import get_logger
@@ -23,7 +25,7 @@ from worker.service.sink import ResultSink
 from worker.service.sweeper import Sweeper
 
 log = get_logger("inferq.worker")
-WAITING_ROOM = 1.0  # jobs held beyond max_num_seqs, as a share of it: the scheduler's choice
+ENGINE_SWITCH_INTERVAL_S = 0.05
 
 
 def load_engine(settings: Settings, name: str, path: str | None = None) -> Engine:
@@ -86,7 +88,8 @@ class WorkerService:
         )
         self.engine_loop = EngineLoop(self.engines, self.sink.put, self.metrics)
         served = {n: Served(e.new_codec(), e.max_context) for n, e in self.engines.items()}
-        prefetch = sum(round(e.max_num_seqs * (1 + WAITING_ROOM)) for e in self.engines.values())
+        room = 1 + settings.waiting_room  # the scheduler picks among these what to admit next
+        prefetch = sum(round(e.max_num_seqs * room) for e in self.engines.values())
         self.intake = Intake(
             settings, self.repo, self.ledger, self.engine_loop, self.sink.put, served,
             self.load_errors, self.worker, prefetch, self.metrics,
@@ -101,6 +104,7 @@ class WorkerService:
             else HealthServer(self.metrics, self.alive, self.ready, settings.metrics_port)
         )
         self._stop = threading.Event()
+        self._engine_thread = self.engine_loop.thread  # or the caller's, in run()
         self._intake_thread = threading.Thread(
             target=self.intake.run, args=(self._stop,), name="inferq-intake", daemon=True
         )
@@ -113,7 +117,7 @@ class WorkerService:
 
     def alive(self) -> bool:
         """Liveness: every service thread is running."""
-        threads = (self._intake_thread, self.engine_loop.thread, self.sink.thread)
+        threads = (self._intake_thread, self._engine_thread, self.sink.thread)
         return all(t.is_alive() for t in (*threads, self.sweeper.thread))
 
     def ready(self) -> bool:
@@ -122,15 +126,20 @@ class WorkerService:
         return self.alive() and self.intake.ready.is_set() and fresh
 
     def start(self) -> WorkerService:
+        """Run everything on background threads (tests, embedding); `stop()` ends it."""
+        self._start_threads(engine_loop=True)
+        return self
+
+    def _start_threads(self, engine_loop: bool) -> None:
         self.sink.start()
-        self.engine_loop.start()
+        if engine_loop:
+            self.engine_loop.start()
         self._intake_thread.start()
         self.sweeper.start()
         if self.http is not None:
             self.http.start()
             log.info("worker.http", port=self.http.port)
         log.info("worker.ready", worker=self.worker, models=sorted(self.engines))
-        return self
 
     def stop(self, drain_s: float | None = None, timeout: float = 30.0) -> None:
         """Stop taking messages; give running jobs `drain_s` (default: the setting) to finish;
@@ -141,8 +150,13 @@ class WorkerService:
         while len(self.ledger) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.engine_loop.stop(timeout)
+        self._finish(timeout)
+
+    def _finish(self, timeout: float = 30.0) -> None:
+        """The engines have stopped: write what finished, hand the rest back, stop."""
         self.sink.stop(timeout)
         self._stop.set()
+        self.intake.wake.set()
         self._intake_thread.join(timeout)
         self.sweeper.stop()
         if self.http is not None:
@@ -155,15 +169,35 @@ class WorkerService:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def run(self) -> None:
-        """Serve until SIGTERM or SIGINT."""
-        done = threading.Event()
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (or `until()`), stepping the engines on this thread;
+        then drain as `stop` does."""
+        signalled = threading.Event()
 
         def _on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("worker.signal", signal=signal.Signals(signum).name)
-            done.set()
+            signalled.set()
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _on_signal)
-        with self:
-            done.wait()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, _on_signal)
+        self._engine_thread = threading.current_thread()
+        # The engine's Python between torch calls is the hot path: let it keep the GIL for
+        # longer slices (the other threads wait on I/O and need it only briefly).
+        sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
+        self._start_threads(engine_loop=False)
+        deadline = None
+
+        def keep_going() -> bool:
+            nonlocal deadline
+            if not (signalled.is_set() or (until is not None and until())):
+                return True
+            if deadline is None:  # stop taking; let what runs finish for drain_s
+                self.intake.taking.clear()
+                deadline = time.monotonic() + self.settings.drain_s
+            return bool(len(self.ledger)) and time.monotonic() < deadline
+
+        try:
+            self.engine_loop.run(keep_going)
+        finally:
+            self._finish()

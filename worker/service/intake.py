@@ -26,11 +26,13 @@ from worker.service.jobs import Ledger, LiveJob
 from worker.service.messages import Refusal, dead_letter_payload, read_job
 from worker.service.metrics import Metrics
 from worker.service.outcomes import Failed
+from worker.service.priority import as_helper_thread
 from worker.service.retry import Backoff
 from worker.service.sources import Received, Source, open_source
 
 log = get_logger("inferq.intake")
 POLL_S = 0.05  # how long one wait for messages lasts (acks are sent between waits)
+FULL_WAIT_S = 1.0  # holding all it may: sleep this long at most between acknowledgements
 MAX_GROUP = 256  # messages claimed in one transaction
 
 
@@ -79,15 +81,18 @@ class Intake:
         self.ready = threading.Event()  # set once consuming
         self.taking = threading.Event()  # cleared to stop taking messages (a drain)
         self.taking.set()
+        self.wake = threading.Event()  # set by acknowledgements (room) and by a stop
 
     def acknowledge(self, job_ids: list[uuid.UUID]) -> None:
         for job_id in job_ids:
             self._acks.put(job_id)
+        self.wake.set()
 
     # -- the consumer loop ---------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Consume until `stop` is set; broker trouble is retried with backoff."""
+        as_helper_thread()
         backoff = Backoff()
         while not stop.is_set():
             try:
@@ -116,8 +121,9 @@ class Intake:
             group = source.receive(min(room, MAX_GROUP), POLL_S) if room > 0 else []
             if group:
                 self._handle(group, source, stop)
-            elif room <= 0:
-                stop.wait(POLL_S / 5)  # full or draining: wait for outcomes
+            elif room <= 0:  # full or draining: sleep until an outcome frees room
+                self.wake.wait(FULL_WAIT_S)
+                self.wake.clear()
         self._flush_acks(source)
         held = [h for handles in self._unacked.values() for h in handles]
         if held:

@@ -21,7 +21,7 @@ from worker.service.sources import Received, unwrap
 SEP = "\x06\x16"  # kombu's separator between a queue name and its priority step
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 RESTORE_EVERY_S = 2.0
-IDLE_SLEEP_S = 0.01
+IDLE_SLEEP_S = (0.005, 0.25)  # between polls of an empty queue: doubling from, up to
 
 # KEYS: the queue's keys, most urgent first, then the unacked hash and index.
 # ARGV: how many to take, now. Returns item, tag pairs (tag "" when the item is no envelope).
@@ -91,6 +91,7 @@ class RedisSource:
         self._take = self.client.register_script(_TAKE)
         self._restore = self.client.register_script(_RESTORE)
         self._next_restore = 0.0
+        self._idle_s = IDLE_SLEEP_S[0]
 
     def receive(self, limit: int, wait_s: float) -> list[Received]:
         deadline = time.monotonic() + wait_s
@@ -98,11 +99,15 @@ class RedisSource:
             if time.monotonic() >= self._next_restore:
                 self.restore_expired()
             raw = self._take(keys=self._keys, args=[limit, time.time()]) if limit > 0 else []
-            if raw or time.monotonic() >= deadline:
+            if raw:
+                self._idle_s = IDLE_SLEEP_S[0]
                 return [
                     self._received(item, tag) for item, tag in zip(raw[::2], raw[1::2], strict=True)
                 ]
-            time.sleep(min(IDLE_SLEEP_S, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                return []
+            time.sleep(self._idle_s)  # an idle queue is polled ever less often (to 0.25 s)
+            self._idle_s = min(2 * self._idle_s, IDLE_SLEEP_S[1])
 
     @staticmethod
     def _received(item: bytes, tag: bytes) -> Received:

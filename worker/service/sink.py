@@ -24,6 +24,7 @@ from worker.engine.api import EngineOutput
 from worker.service.jobs import Ledger
 from worker.service.metrics import Metrics
 from worker.service.outcomes import Failed, Finished, Outcome
+from worker.service.priority import as_helper_thread
 from worker.service.retry import Backoff
 
 log = get_logger("inferq.sink")
@@ -88,6 +89,7 @@ class ResultSink:
         self._inbox.put(outcome)
 
     def _run(self) -> None:
+        as_helper_thread()
         pending: list[Outcome] = []
         touched: set[tuple[str, int]] = set()
         while True:

@@ -21,6 +21,7 @@ from storage.records import utcnow
 from storage.repository import Repository
 from storage.sweeps import StrandedJob, Sweeps
 from worker.service.metrics import Metrics
+from worker.service.priority import as_helper_thread
 from worker.service.redis_source import queue_depth
 
 log = get_logger("inferq.sweeper")
@@ -61,6 +62,7 @@ class Sweeper:
             log.warning("sweeper.final_heartbeat_failed", error=type(exc).__name__)
 
     def _run(self) -> None:
+        as_helper_thread()
         while True:
             self.metrics.held.set(self._held())
             try:
