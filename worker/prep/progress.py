@@ -319,6 +319,11 @@ def capture_output(
     old_level = root.level
     old_showwarning = warnings.showwarning
     handler = None
+    # Libraries that stop propagation (transformers' own root logger) get the handler too.
+    closed = [
+        lg for lg in logging.root.manager.loggerDict.values()
+        if isinstance(lg, logging.Logger) and not lg.propagate
+    ]  # fmt: skip
     try:
         for fd in (1, 2):
             os.dup2(log_fd, fd)
@@ -326,6 +331,8 @@ def capture_output(
         sys.stderr = open(2, "w", buffering=1, errors="replace", closefd=False)  # noqa: SIM115
         if library_logs:
             handler = send_library_logs_to(sys.stderr, level=level)
+            for lg in closed:
+                lg.addHandler(handler)
         warnings.showwarning = _warning_to_stderr
         try:
             yield sys.stderr
@@ -336,6 +343,8 @@ def capture_output(
         if handler is not None:
             root.removeHandler(handler)
             root.setLevel(old_level)
+            for lg in closed:
+                lg.removeHandler(handler)
         warnings.showwarning = old_showwarning
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
