@@ -28,6 +28,7 @@ WIRE_KEYS = {
     "priority",
     "idempotency_key",
     "submitted_at",
+    "ttl_s",
 }
 USER = [{"role": "user", "content": "hi"}]
 

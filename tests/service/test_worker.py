@@ -319,7 +319,7 @@ def test_stop_puts_unfinished_jobs_back_on_the_queue_at_once(service_settings, p
 
 
 def test_metrics_and_health_endpoints(service_settings, paged_engine) -> None:
-    settings = service_settings.model_copy(update={"metrics_port": 0})
+    settings = service_settings.model_copy(update={"metrics_port": 0, "heartbeat_s": 0.2})
     client = InferqClient(settings)
     with running_worker(settings, {paged_engine.model_name: paged_engine}) as worker:
         ids = client.submit_many({"prompt": f"Say {n}.", "params": {"max_tokens": 3}}
@@ -329,7 +329,8 @@ def test_metrics_and_health_endpoints(service_settings, paged_engine) -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
-            if f'inferq_jobs_total{{model="{paged_engine.model_name}",status="done"}} 2.0' in text:
+            done = f'inferq_jobs_total{{model="{paged_engine.model_name}",status="done"}} 2.0'
+            if done in text and "inferq_queue_depth 0.0" in text:
                 break
             time.sleep(0.1)
         else:
