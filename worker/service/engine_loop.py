@@ -51,10 +51,6 @@ class EngineLoop:
     def abort(self, job_id: uuid.UUID) -> None:
         self._inbox.put(job_id)
 
-    @property
-    def num_live(self) -> int:
-        return sum(len(live) for live in self._live.values())
-
     def run(self, keep_going: Callable[[], bool]) -> None:
         """Step the engines on the calling thread while `keep_going()`. On CPU, torch's bf16
         matmuls use both cores fully only on the main thread (measured: 1.99 vs 1.36 CPU

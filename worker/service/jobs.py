@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -36,9 +35,6 @@ class Ledger:
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._jobs
 
-    def get(self, job_id: uuid.UUID) -> LiveJob | None:
-        return self._jobs.get(job_id)
-
     def add(self, job: LiveJob) -> None:
         with self._lock:
             self._jobs[job.id] = job
@@ -50,7 +46,3 @@ class Ledger:
     def ids(self) -> list[uuid.UUID]:
         with self._lock:
             return list(self._jobs)
-
-    def __iter__(self) -> Iterator[LiveJob]:
-        with self._lock:
-            return iter(list(self._jobs.values()))

@@ -74,7 +74,6 @@ class ResultSink:
         self._backoff = Backoff()
         self._next_cancel_check = 0.0
         self.thread = threading.Thread(target=self._run, name="inferq-sink", daemon=True)
-        self.written = 0  # outcomes committed so far
 
     def start(self) -> None:
         self.thread.start()
@@ -184,7 +183,6 @@ class ResultSink:
         for job_id in expired:
             log.info("job.expired", job_id=str(job_id))
         self._count(pending, failures)
-        self.written += len(pending)
         self._acknowledge(done_ids)
         return True
 
