@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -91,6 +92,8 @@ class Job(Base):
     )
     requeued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # by the sweeper
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the job's deadline
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # producer clock, bounded
+    first_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # first worker receipt
 
 
 class Result(Base):
@@ -111,22 +114,119 @@ class Result(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
 
 
+Money = sa.Numeric(20, 10)  # exact decimals: currency units, 10 places
+
+
 class JobMetrics(Base):
-    """Per-job timings measured by the worker."""
+    """One row per ended job: what it did, waited, computed and cost (the reporting facts).
+
+    Written by the storage layer whenever a job ends (done, failed, cancelled, expired), in the
+    same transaction as its status; `tenant`, `model` and `status` repeat the job's so reports
+    read this narrow table alone.
+    """
 
     __tablename__ = "job_metrics"
+    __table_args__ = (
+        sa.Index("ix_job_metrics_finished_at", "finished_at"),
+        sa.Index("ix_job_metrics_tenant_finished_at", "tenant", "finished_at"),
+        sa.Index("ix_job_metrics_model_finished_at", "model", "finished_at"),
+    )
 
     job_id: Mapped[uuid.UUID] = mapped_column(
         sa.Uuid,
         sa.ForeignKey("jobs.id", name="fk_job_metrics_job_id_jobs", ondelete="CASCADE"),
         primary_key=True,
     )
+    tenant: Mapped[str | None] = mapped_column(sa.String(128))
+    model: Mapped[str | None] = mapped_column(sa.String(256))
+    status: Mapped[str | None] = mapped_column(sa.String(16))
+    worker: Mapped[str | None] = mapped_column(sa.String(256))
+    device: Mapped[str | None] = mapped_column(sa.String(64))
+    attempts: Mapped[int | None] = mapped_column(sa.Integer)
+    # timestamps: producer clock (bounded; NULL when the producer sent none), then worker clock
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    first_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    admitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    first_token_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # tokens: prompt_tokens includes cached ones (the OpenAI convention)
+    prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    cached_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    computed_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    compute_s: Mapped[float] = mapped_column(sa.Float, default=0.0, server_default="0")
+    # durations in seconds, derived from the timestamps when the job ended
     queue_wait_s: Mapped[float | None] = mapped_column(sa.Float)
     ttft_s: Mapped[float | None] = mapped_column(sa.Float)
     prefill_s: Mapped[float | None] = mapped_column(sa.Float)
     decode_s: Mapped[float | None] = mapped_column(sa.Float)
     total_s: Mapped[float | None] = mapped_column(sa.Float)
     decode_tokens_per_s: Mapped[float | None] = mapped_column(sa.Float)
+    # billing, fixed when the job ends
+    price_id: Mapped[int | None] = mapped_column(
+        sa.Integer, sa.ForeignKey("prices.id", name="fk_job_metrics_price_id_prices")
+    )
+    rate_id: Mapped[int | None] = mapped_column(
+        sa.Integer, sa.ForeignKey("compute_rates.id", name="fk_job_metrics_rate_id_compute_rates")
+    )
+    list_cost: Mapped[Decimal | None] = mapped_column(Money)
+    compute_cost: Mapped[Decimal | None] = mapped_column(Money)
+    cache_savings: Mapped[Decimal | None] = mapped_column(Money)
+
+
+class Price(Base):
+    """A model's list prices per million tokens from `effective_from` on (rows are versions:
+    never updated; a job records the id it was billed at)."""
+
+    __tablename__ = "prices"
+    __table_args__ = (sa.UniqueConstraint("model", "effective_from", name="uq_prices_model_from"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(sa.String(256))
+    effective_from: Mapped[datetime] = mapped_column(UTCDateTime)
+    prompt_per_mtok: Mapped[Decimal] = mapped_column(Money)
+    cached_prompt_per_mtok: Mapped[Decimal] = mapped_column(Money)
+    completion_per_mtok: Mapped[Decimal] = mapped_column(Money)
+    currency: Mapped[str] = mapped_column(sa.String(8), default="USD", server_default="USD")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+
+
+class ComputeRate(Base):
+    """What an hour of a worker (by name) or a device class (`cpu`, `cuda:NVIDIA H200`) costs
+    from `effective_from` on; a worker's own rate wins over its device class's."""
+
+    __tablename__ = "compute_rates"
+    __table_args__ = (
+        sa.UniqueConstraint("target", "effective_from", name="uq_compute_rates_target_from"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    target: Mapped[str] = mapped_column(sa.String(256))
+    effective_from: Mapped[datetime] = mapped_column(UTCDateTime)
+    per_hour: Mapped[Decimal] = mapped_column(Money)
+    currency: Mapped[str] = mapped_column(sa.String(8), default="USD", server_default="USD")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+
+
+class WorkerUsage(Base):
+    """A worker's engine time per model per hour: busy (stepping) and idle (nothing to run)
+    seconds and what the steps computed. Added to by the result sink."""
+
+    __tablename__ = "worker_usage"
+
+    worker: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    device: Mapped[str | None] = mapped_column(sa.String(64))
+    busy_s: Mapped[float] = mapped_column(sa.Float, default=0.0, server_default="0")
+    idle_s: Mapped[float] = mapped_column(sa.Float, default=0.0, server_default="0")
+    steps: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    seq_steps: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    prefill_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    decode_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    recompute_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    cache_queried_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    cache_hit_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
 
 
 class Worker(Base):
@@ -159,5 +259,8 @@ jobs_table: sa.Table = Job.__table__  # type: ignore[assignment]
 batches_table: sa.Table = Batch.__table__  # type: ignore[assignment]
 results_table: sa.Table = Result.__table__  # type: ignore[assignment]
 job_metrics_table: sa.Table = JobMetrics.__table__  # type: ignore[assignment]
+prices_table: sa.Table = Price.__table__  # type: ignore[assignment]
+compute_rates_table: sa.Table = ComputeRate.__table__  # type: ignore[assignment]
+worker_usage_table: sa.Table = WorkerUsage.__table__  # type: ignore[assignment]
 dead_letters_table: sa.Table = DeadLetter.__table__  # type: ignore[assignment]
 workers_table: sa.Table = Worker.__table__  # type: ignore[assignment]

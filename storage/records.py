@@ -6,6 +6,7 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -49,6 +50,7 @@ class NewJob:
     idempotency_key: str | None = None
     queued_at: datetime = field(default_factory=utcnow)
     expires_at: datetime | None = None
+    enqueued_at: datetime | None = None  # the producer's clock, bounded; None: not sent
 
     def row(self) -> dict[str, Any]:
         """Column values for the `jobs` table."""
@@ -64,6 +66,7 @@ class NewJob:
             "priority": self.priority,
             "queued_at": as_utc(self.queued_at),
             "expires_at": self.expires_at and as_utc(self.expires_at),
+            "enqueued_at": self.enqueued_at and as_utc(self.enqueued_at),
             "attempts": 0,
         }
 
@@ -108,7 +111,7 @@ class ResultRow:
 
 @dataclass(slots=True)
 class MetricsRow:
-    """Per-job timings in seconds (None where not measured)."""
+    """Per-job timings in seconds (None where not measured), compute seconds and costs."""
 
     job_id: uuid.UUID
     queue_wait_s: float | None = None
@@ -117,22 +120,113 @@ class MetricsRow:
     decode_s: float | None = None
     total_s: float | None = None
     decode_tokens_per_s: float | None = None
+    compute_s: float = 0.0
+    list_cost: Decimal | None = None
+    compute_cost: Decimal | None = None
+    cache_savings: Decimal | None = None
+
+
+def _seconds(later: datetime | None, earlier: datetime | None) -> float | None:
+    return None if later is None or earlier is None else (later - earlier).total_seconds()
+
+
+@dataclass(slots=True)
+class JobUsage:
+    """What a worker measured for one job that ended: timestamps (the enqueue time is the
+    producer's, None when it sent none), tokens and the engine seconds attributed to it.
+    `with_result` False: the job ended without output (cancelled, expired, failed), so only
+    its compute is billed."""
+
+    job_id: uuid.UUID
+    model: str
+    worker: str
+    device: str
+    finished_at: datetime
+    compute_s: float = 0.0
+    with_result: bool = True
+    enqueued_at: datetime | None = None
+    admitted_at: datetime | None = None
+    first_token_at: datetime | None = None
+    prompt_tokens: int = 0  # includes the cached ones (the OpenAI convention)
+    cached_prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0  # prefill work: uncached, plus recompute after preemption
+    completion_tokens: int = 0
+
+    @property
+    def targets(self) -> tuple[str, str]:
+        """Where a compute rate may be set: the worker, then its device class."""
+        return self.worker, self.device
+
+    def facts(self) -> dict[str, Any]:
+        """`job_metrics` columns: identity of the work, and with a result, its timings."""
+        row: dict[str, Any] = {"job_id": self.job_id, "device": self.device,
+                               "compute_s": self.compute_s}  # fmt: skip
+        if not self.with_result:
+            return row
+        decode_s = _seconds(self.finished_at, self.first_token_at)
+        decoded = max(self.completion_tokens - 1, 0)
+        row.update(
+            admitted_at=self.admitted_at,
+            first_token_at=self.first_token_at,
+            finished_at=self.finished_at,
+            prompt_tokens=self.prompt_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            computed_prompt_tokens=self.computed_prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            queue_wait_s=_seconds(self.admitted_at, self.enqueued_at),
+            ttft_s=_seconds(self.first_token_at, self.enqueued_at),
+            prefill_s=_seconds(self.first_token_at, self.admitted_at),
+            decode_s=decode_s,
+            total_s=_seconds(self.finished_at, self.enqueued_at),
+            decode_tokens_per_s=decoded / decode_s if decode_s else None,
+        )
+        return row
+
+
+@dataclass(slots=True)
+class UsageDelta:
+    """Engine time and counters of one worker and model to add to an hour's usage row."""
+
+    worker: str
+    model: str
+    hour: datetime
+    device: str = ""
+    busy_s: float = 0.0  # stepping
+    idle_s: float = 0.0  # nothing to run
+    steps: int = 0
+    seq_steps: int = 0  # sequences computed, summed over steps (= tokens sampled)
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    recompute_tokens: int = 0  # prefill of sequences preempted earlier
+    cache_queried_tokens: int = 0
+    cache_hit_tokens: int = 0
+
+    def __add__(self, other: UsageDelta) -> UsageDelta:
+        summed = {
+            f.name: getattr(self, f.name) + getattr(other, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("worker", "model", "hour", "device")
+        }
+        return dataclasses.replace(self, **summed)
 
 
 @dataclass(slots=True)
 class FinishedJob:
-    """A job's result and metrics, and the batch that ran it."""
+    """A job's result and what it used, and the batch that ran it."""
 
     result: ResultRow
-    metrics: MetricsRow
+    usage: JobUsage
     batch_id: uuid.UUID | None
-    finished_at: datetime
+
+    @property
+    def finished_at(self) -> datetime:
+        return self.usage.finished_at
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return as_utc(value).isoformat()
-    if isinstance(value, uuid.UUID):
+    if isinstance(value, uuid.UUID | Decimal):
         return str(value)
     return value
 

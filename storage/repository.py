@@ -16,7 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from storage.db import WRITE_OPTION, make_engine
+from storage import accounting
+from storage.db import WRITE_OPTION, dialect_insert, make_engine
 from storage.models import (
     JOB_STATUSES,
     batches_table,
@@ -31,10 +32,12 @@ from storage.records import (
     FinishedJob,
     JobState,
     JobStatus,
+    JobUsage,
     JobView,
     MetricsRow,
     NewJob,
     ResultRow,
+    UsageDelta,
     utcnow,
 )
 
@@ -88,12 +91,7 @@ class Repository:
 
     def insert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
         """An INSERT with this dialect's ON CONFLICT clauses."""
-        name = self.engine.dialect.name
-        if name == "postgresql":
-            return postgresql.insert(table)
-        if name == "sqlite":
-            return sqlite.insert(table)
-        raise NotImplementedError(f"unsupported database dialect: {name}")
+        return dialect_insert(self.engine, table)
 
     @staticmethod
     def _existing(conn: sa.Connection, jobs: Iterable[NewJob]) -> dict[uuid.UUID, uuid.UUID]:
@@ -159,7 +157,10 @@ class Repository:
             .returning(J.c.id)
         )
         with self.writer.begin() as conn:
-            return conn.execute(stmt).first() is not None
+            if conn.execute(stmt).first() is None:
+                return False
+            accounting.settle(conn, [job_id])
+            return True
 
     # -- worker side ---------------------------------------------------------------------
 
@@ -195,9 +196,10 @@ class Repository:
                     sa.update(J)
                     .where(J.c.id.in_(part), J.c.status.in_(ACTIVE_STATUSES))
                     .values(status="running", attempts=J.c.attempts + 1, started_at=now,
-                            worker=worker)
+                            worker=worker, first_seen_at=sa.func.coalesce(J.c.first_seen_at, now))
                 )  # fmt: skip
             self._fail(conn, {j: refused[j] for j in canonical if j in refused}, final=True)
+            accounting.settle(conn, canonical.values())
             states: dict[uuid.UUID, JobState] = {}
             for part in _chunks(list(set(canonical.values()))):
                 rows = conn.execute(
@@ -212,12 +214,18 @@ class Repository:
         batches: Sequence[BatchRecord] = (),
         failures: Mapping[uuid.UUID, str] | None = None,
         expired: Iterable[uuid.UUID] = (),
+        *,
+        charges: Sequence[JobUsage] = (),
+        worker_usage: Sequence[UsageDelta] = (),
     ) -> set[uuid.UUID]:
-        """One transaction: batch rows (upserted whole), results and metrics of finished jobs,
-        their status, and final failures. Idempotent: a job that already has a result keeps it
-        (and its metrics); a cancelled job stays cancelled. Returns the ids with a new result."""
+        """One transaction: batch rows (upserted whole), results of finished jobs, their
+        status, final failures and expiries, every ended job's facts and costs (`charges`:
+        the compute of jobs that ended without a result) and the worker's usage. Idempotent:
+        a job that already has a result keeps it; a cancelled job stays cancelled. Returns
+        the ids with a new result."""
         batch_rows = [dataclasses.asdict(b) for b in batches]
         results = list({f.result.job_id: f for f in finished}.values())
+        expired = list(expired)
         new: set[uuid.UUID] = set()
         with self.writer.begin() as conn:
             if batch_rows:
@@ -228,8 +236,6 @@ class Repository:
                 new = set(conn.scalars(insert.returning(R.c.job_id), rows))
             fresh = [f for f in results if f.result.job_id in new]
             if fresh:
-                insert = self.insert(M).on_conflict_do_nothing(index_elements=[M.c.job_id])
-                conn.execute(insert, [dataclasses.asdict(f.metrics) for f in fresh])
                 done = (
                     sa.update(J)
                     .where(J.c.id == sa.bindparam("p_id"), _status_in(ACTIVE_STATUSES | {"failed"}))
@@ -243,6 +249,10 @@ class Repository:
                 )  # fmt: skip
             self._fail(conn, failures or {}, final=True)
             self._fail(conn, dict.fromkeys(expired, EXPIRED_ERROR), final=True, expire=True)
+            usage = [f.usage for f in fresh] + list(charges)
+            accounting.settle(conn, [u.job_id for u in usage] + list(failures or {}) + expired)
+            accounting.record_usage(conn, usage)
+            accounting.add_worker_usage(conn, worker_usage)
         return new
 
     def _upsert_batches(self) -> sa.Insert:
@@ -261,6 +271,7 @@ class Repository:
         if errors:
             with self.writer.begin() as conn:
                 self._fail(conn, errors, final=final)
+                accounting.settle(conn, errors)
 
     @staticmethod
     def _fail(

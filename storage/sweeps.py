@@ -11,6 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from storage import accounting
 from storage.models import jobs_table, workers_table
 from storage.records import ACTIVE_STATUSES, JobStatus, utcnow
 from storage.repository import EXPIRED_ERROR, Repository
@@ -89,11 +90,13 @@ class Sweeps:
         )
         out: list[StrandedJob] = []
         with self.repo.writer.begin() as conn:
-            conn.execute(  # past their deadline: expired, not sent again
+            lapsed = conn.scalars(  # past their deadline: expired, not sent again
                 sa.update(J)
                 .where(J.c.status.in_(ACTIVE_STATUSES), J.c.expires_at <= now)
                 .values(status=JobStatus.EXPIRED, finished_at=now, error=EXPIRED_ERROR)
+                .returning(J.c.id)
             )
+            accounting.settle(conn, list(lapsed))
             for ids, values in ((orphans, {"status": JobStatus.QUEUED}), (stranded, {})):
                 stmt = (
                     sa.update(J)

@@ -1,0 +1,77 @@
+"""The reporting facts: one `job_metrics` row per ended job, and worker usage per hour.
+
+Every function here runs inside the caller's transaction, so a job's facts are written
+with its status (no triggers: nothing here can fail a write that the job rows would not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from storage.db import dialect_insert
+from storage.models import job_metrics_table, jobs_table, worker_usage_table
+from storage.prices import Billing
+from storage.records import TERMINAL_STATUSES, JobUsage, UsageDelta
+
+J, M, W = jobs_table, job_metrics_table, worker_usage_table
+_CHUNK = 5000
+_FROM_JOB = ("tenant", "model", "status", "worker", "attempts", "enqueued_at", "first_seen_at",
+             "finished_at")  # fmt: skip
+_USAGE_FIGURES = [f.name for f in dataclasses.fields(UsageDelta) if f.name not in
+                  ("worker", "model", "hour", "device")]  # fmt: skip
+
+
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def settle(conn: sa.Connection, job_ids: Iterable[uuid.UUID]) -> None:
+    """Bring the facts rows of these jobs in line with their job rows, for those that ended
+    (a row is created on first end; later ends update its status, worker and end time)."""
+    ids = list(dict.fromkeys(job_ids))
+    for part in _chunks(ids):
+        chosen = sa.select(J.c.id, *(J.c[c] for c in _FROM_JOB)).where(
+            J.c.id.in_(part), J.c.status.in_(TERMINAL_STATUSES)
+        )
+        stmt = dialect_insert(conn, M).from_select(["job_id", *_FROM_JOB], chosen)
+        changed = {c: stmt.excluded[c] for c in ("status", "worker", "attempts", "finished_at")}
+        conn.execute(stmt.on_conflict_do_update(index_elements=[M.c.job_id], set_=changed))
+
+
+def record_usage(conn: sa.Connection, usage: Sequence[JobUsage]) -> None:
+    """The worker's measurements of settled jobs, billed at the prices in force when each
+    ended (list price only for jobs with a result)."""
+    if not usage:
+        return
+    billing = Billing.load(conn, {u.model for u in usage}, {t for u in usage for t in u.targets})
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for u in usage:
+        row = {**u.facts(), **billing.bill(u)}
+        groups.setdefault(tuple(row), []).append({f"p_{k}": v for k, v in row.items()})
+    for names, rows in groups.items():
+        values = {name: sa.bindparam(f"p_{name}") for name in names if name != "job_id"}
+        stmt = sa.update(M).where(M.c.job_id == sa.bindparam("p_job_id")).values(values)
+        conn.execute(stmt, rows)
+
+
+def add_worker_usage(conn: sa.Connection, deltas: Sequence[UsageDelta]) -> None:
+    """Add engine time and counters to each (worker, model, hour) row."""
+    merged: dict[tuple[str, str, Any], UsageDelta] = {}
+    for d in deltas:
+        key = (d.worker, d.model, d.hour)
+        merged[key] = merged[key] + d if key in merged else d
+    if not merged:
+        return
+    stmt = dialect_insert(conn, W)
+    added = {n: W.c[n] + stmt.excluded[n] for n in _USAGE_FIGURES}
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[W.c.worker, W.c.model, W.c.hour],
+        set_={**added, "device": stmt.excluded.device},
+    )
+    conn.execute(stmt, [dataclasses.asdict(d) for d in merged.values()])
