@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -71,6 +72,7 @@ class InferqClient:
                 priority=priority,
                 model=model or self.settings.model,
                 ttl_s=ttl_s,
+                submitted_at=datetime.now(UTC),
             )
         except ValidationError as exc:
             raise InvalidJobError(exc) from None

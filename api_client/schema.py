@@ -83,7 +83,11 @@ class JobMessage(BaseModel):
     params: SamplingParams = Field(default_factory=SamplingParams)
     priority: int = Field(0, ge=0, le=9, description="higher runs first")
     idempotency_key: Text | None = Field(None, min_length=1, max_length=256)
-    submitted_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    submitted_at: datetime | None = Field(
+        None,
+        description="the producer's clock at enqueue; without it the time spent in the "
+        "queue before a worker saw the job is unknown",
+    )
     ttl_s: float | None = Field(
         None, gt=0, le=MAX_TTL_S, description="deadline, seconds after submitted_at: then expired"
     )
@@ -114,8 +118,9 @@ class JobMessage(BaseModel):
             params=self.params.model_dump(mode="json"),
             priority=self.priority,
             idempotency_key=self.idempotency_key,
-            queued_at=as_utc(self.submitted_at),
+            queued_at=as_utc(self.submitted_at or datetime.now(UTC)),
             expires_at=self.expires_at,
+            enqueued_at=self.submitted_at and as_utc(self.submitted_at),
         )
 
     @property
@@ -123,7 +128,7 @@ class JobMessage(BaseModel):
         """The deadline, when the job has one."""
         if self.ttl_s is None:
             return None
-        return as_utc(self.submitted_at) + timedelta(seconds=self.ttl_s)
+        return as_utc(self.submitted_at or datetime.now(UTC)) + timedelta(seconds=self.ttl_s)
 
     def to_wire(self) -> dict:
         """JSON-safe kwargs for `send_task` (`signature` only when signed)."""

@@ -25,26 +25,32 @@ depends_on: str | Sequence[str] | None = None
 TS = sa.DateTime(timezone=True)
 MONEY = sa.Numeric(20, 10)
 TOKENS = ("prompt_tokens", "cached_prompt_tokens", "computed_prompt_tokens", "completion_tokens")
-FACTS = [
-    sa.Column("tenant", sa.String(128)),
-    sa.Column("model", sa.String(256)),
-    sa.Column("status", sa.String(16)),
-    sa.Column("worker", sa.String(256)),
-    sa.Column("device", sa.String(64)),
-    sa.Column("attempts", sa.Integer),
-    sa.Column("enqueued_at", TS),
-    sa.Column("first_seen_at", TS),
-    sa.Column("admitted_at", TS),
-    sa.Column("first_token_at", TS),
-    sa.Column("finished_at", TS),
-    *(sa.Column(name, sa.Integer, nullable=False, server_default="0") for name in TOKENS),
-    sa.Column("compute_s", sa.Float, nullable=False, server_default="0"),
-    sa.Column("price_id", sa.Integer),
-    sa.Column("rate_id", sa.Integer),
-    sa.Column("list_cost", MONEY),
-    sa.Column("compute_cost", MONEY),
-    sa.Column("cache_savings", MONEY),
-]
+
+
+def _facts() -> list[sa.Column]:
+    """The columns `job_metrics` gains (fresh objects for each use)."""
+    return [
+        sa.Column("tenant", sa.String(128)),
+        sa.Column("model", sa.String(256)),
+        sa.Column("status", sa.String(16)),
+        sa.Column("worker", sa.String(256)),
+        sa.Column("device", sa.String(64)),
+        sa.Column("attempts", sa.Integer),
+        sa.Column("enqueued_at", TS),
+        sa.Column("first_seen_at", TS),
+        sa.Column("admitted_at", TS),
+        sa.Column("first_token_at", TS),
+        sa.Column("finished_at", TS),
+        *(sa.Column(name, sa.Integer, nullable=False, server_default="0") for name in TOKENS),
+        sa.Column("compute_s", sa.Float, nullable=False, server_default="0"),
+        sa.Column("price_id", sa.Integer),
+        sa.Column("rate_id", sa.Integer),
+        sa.Column("list_cost", MONEY),
+        sa.Column("compute_cost", MONEY),
+        sa.Column("cache_savings", MONEY),
+    ]
+
+
 INDEXES = {
     "ix_job_metrics_finished_at": ["finished_at"],
     "ix_job_metrics_tenant_finished_at": ["tenant", "finished_at"],
@@ -169,8 +175,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("enqueued_at", TS, nullable=True))
         batch.add_column(sa.Column("first_seen_at", TS, nullable=True))
     with op.batch_alter_table("job_metrics") as batch:
-        for column in FACTS:
-            batch.add_column(column.copy())
+        for column in _facts():
+            batch.add_column(column)
         batch.create_foreign_key("fk_job_metrics_price_id_prices", "prices", ["price_id"], ["id"])
         batch.create_foreign_key(
             "fk_job_metrics_rate_id_compute_rates", "compute_rates", ["rate_id"], ["id"]
@@ -204,7 +210,7 @@ def downgrade() -> None:
     with op.batch_alter_table("job_metrics") as batch:
         batch.drop_constraint("fk_job_metrics_rate_id_compute_rates", type_="foreignkey")
         batch.drop_constraint("fk_job_metrics_price_id_prices", type_="foreignkey")
-        for column in reversed(FACTS):
+        for column in reversed(_facts()):
             batch.drop_column(column.name)
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("first_seen_at")

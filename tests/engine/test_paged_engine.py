@@ -124,7 +124,27 @@ def test_preemption_under_a_tiny_cache_keeps_outputs_exact(model_path, reference
     prompts = _prompts(small)[:12]
     outs = run_to_completion(small, _requests(prompts, "tiny"))
     assert [o.token_ids for o in outs] == references[:12]
-    assert small.stats().blocks_used == 0
+    stats = small.stats()
+    assert stats.blocks_used == 0
+    assert sum(o.compute_s for o in outs) == pytest.approx(stats.busy_s, abs=1e-3)
+    assert sum(o.computed_prompt_tokens for o in outs) == stats.prefill_tokens
     for o in outs:  # at least what it needed; a preempted one also recomputed (minus hits)
         fed = len(o.token_ids) + (o.finish_reason == "stop") - 1
         assert o.computed_tokens >= o.prompt_tokens - o.cached_tokens + fed
+
+
+def test_step_time_is_split_over_jobs_by_tokens_computed(paged) -> None:
+    """Each step's wall time goes to its sequences in proportion to the tokens computed for
+    each; the jobs' compute seconds add up to the engine's busy time."""
+    before = paged.stats()
+    prompts = _prompts(paged)[:3] + _prompts(paged)[16:19]  # two system prompts
+    outs = run_to_completion(paged, _requests(prompts, "charge", tenant="charge"))
+    after = paged.stats()
+    busy = after.busy_s - before.busy_s
+    assert sum(o.compute_s for o in outs) == pytest.approx(busy, abs=1e-3)
+    assert after.seq_steps - before.seq_steps == sum(len(o.token_ids) for o in outs) + sum(
+        o.finish_reason == "stop" for o in outs
+    )  # one sampled token per sequence per step (an eos is sampled, not kept)
+    for o in outs:
+        assert o.compute_s > 0
+        assert o.computed_prompt_tokens == o.prompt_tokens - o.cached_tokens  # no preemption

@@ -21,6 +21,7 @@ from storage.repository import (
     BatchRecord,
     FinishedJob,
     JobState,
+    JobUsage,
     MetricsRow,
     NewJob,
     Repository,
@@ -43,6 +44,23 @@ def _result(job_id: uuid.UUID, text: str = "out", tokens: int = 5) -> ResultRow:
     return ResultRow(job_id, text, "length", prompt_tokens=3, completion_tokens=tokens)
 
 
+def _usage(
+    job_id: uuid.UUID,
+    finished_at: datetime,
+    queue_wait_s: float | None = None,
+    ttft_s: float | None = None,
+    total_s: float | None = None,
+    tokens: int = 5,
+) -> JobUsage:
+    """A finished job's usage whose timestamps give these durations (enqueued `total_s`
+    before it finished)."""
+    enqueued = finished_at - timedelta(seconds=total_s) if total_s is not None else None
+    after = lambda s: enqueued + timedelta(seconds=s) if enqueued and s is not None else None  # noqa: E731
+    return JobUsage(job_id, "m", "w", "cpu", finished_at, compute_s=0.25, enqueued_at=enqueued,
+                    admitted_at=after(queue_wait_s), first_token_at=after(ttft_s),
+                    prompt_tokens=3, completion_tokens=tokens)  # fmt: skip
+
+
 def _batch(at: datetime = T0, size: int = 1) -> BatchRecord:
     return BatchRecord(uuid.uuid4(), "w", "m", size, 8, 8, at, at + timedelta(seconds=1), 1.0)
 
@@ -58,9 +76,10 @@ def _finish(
     """Store results for `ids` as one batch (a fresh one unless given)."""
     batch = batch or _batch(size=len(ids))
     assert batch.finished_at is not None
+    at = batch.finished_at
     finished = [
-        FinishedJob(_result(i, text, tokens), MetricsRow(i, **(metrics or {})), batch.id,
-                    batch.finished_at)
+        FinishedJob(_result(i, text, tokens), _usage(i, at, tokens=tokens, **(metrics or {})),
+                    batch.id)
         for i in ids
     ]  # fmt: skip
     return repo.store_outcomes(finished, [batch])
@@ -77,7 +96,7 @@ def _count(repo: Repository, table: str, ids: list[uuid.UUID]) -> int:
 
 def test_upgrade_builds_schema_and_downgrade_round_trips(empty_db_url: str) -> None:
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0003"
+    assert migrate.current(empty_db_url) == "0004"
     engine = make_engine(empty_db_url)
     insp = sa.inspect(engine)
     assert {"jobs", "batches", "results", "job_metrics", "workers"} <= set(insp.get_table_names())
@@ -236,7 +255,9 @@ def test_store_outcomes_writes_each_result_once(db_url: str) -> None:
     assert [views[i].result.text for i in ids] == ["out", "out", "second"]  # type: ignore[union-attr]
     assert all(v.status == "done" and v.finished_at == batch.finished_at for v in views.values())
     assert all(v.batch_id == batch.id for v in views.values())
-    assert views[ids[0]].metrics == MetricsRow(ids[0], **times)
+    expected = MetricsRow(ids[0], **times, prefill_s=0.1, decode_s=0.8, decode_tokens_per_s=5.0,
+                          compute_s=0.25)  # fmt: skip
+    assert dataclasses.asdict(views[ids[0]].metrics) == pytest.approx(dataclasses.asdict(expected))
     batches = Base.metadata.tables["batches"]
     with repo.engine.connect() as conn:
         row = conn.execute(sa.select(batches).where(batches.c.id == batch.id)).one()
@@ -249,7 +270,7 @@ def test_store_outcomes_records_failures_in_the_same_transaction(db_url: str) ->
     ok, bad = _job(_tenant()), _job(_tenant())
     repo.claim([ok, bad], "w")
     batch = _batch()
-    finished = FinishedJob(_result(ok.id), MetricsRow(ok.id), batch.id, T0)
+    finished = FinishedJob(_result(ok.id), _usage(ok.id, T0), batch.id)
     assert repo.store_outcomes([finished], [batch], {bad.id: "engine error"}) == {ok.id}
     views = repo.get_many([ok.id, bad.id])
     assert views[ok.id].status == "done"
@@ -320,7 +341,7 @@ def test_get_many_and_to_dict_round_trip(db_url: str) -> None:
     assert data["finished_at"] == "2026-03-04T20:00:02.123456+00:00"
     result = {"text": "ok", "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 4}
     assert data["result"] == {**result, "cached_tokens": 0}
-    assert data["metrics"] == dict.fromkeys(data["metrics"])  # stored, nothing measured
+    assert data["metrics"] == {**dict.fromkeys(data["metrics"]), "compute_s": 0.25}
     assert data["idempotency_key"] == "key"
     assert repo.get(uuid.uuid4()) is None and repo.get_many([]) == {}
 
@@ -335,8 +356,9 @@ def test_summary_figures(db_url: str) -> None:
     end = T0 + timedelta(seconds=10)
     b1 = BatchRecord(uuid.uuid4(), "w", "m", 3, 1, 1, T0, end)
     finished = [
-        FinishedJob(_result(i, tokens=10), MetricsRow(i, queue_wait_s=float(n), ttft_s=0.5),
-                    b1.id, end)
+        FinishedJob(_result(i, tokens=10),
+                    _usage(i, end, queue_wait_s=float(n), ttft_s=0.5, total_s=5.0, tokens=10),
+                    b1.id)
         for n, i in enumerate(ids[:3])
     ]  # fmt: skip
     repo.store_outcomes(finished, [b1], {ids[3]: "bad"})

@@ -37,9 +37,9 @@ class CrashingEngine:
         if self.poison in self.codec.decode(request.prompt_ids):
             self.poisoned.add(request.seq_id)
 
-    def abort(self, seq_id: str) -> None:
+    def abort(self, seq_id: str) -> float:
         self.poisoned.discard(seq_id)
-        self.inner.abort(seq_id)
+        return self.inner.abort(seq_id)
 
     def step(self):
         if self.poisoned:

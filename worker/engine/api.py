@@ -48,6 +48,8 @@ class EngineOutput:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens served from the prefix cache (at the last admission)
     computed_tokens: int  # tokens this sequence had computed (prefill, recompute, decode)
+    computed_prompt_tokens: int  # of those, prefill tokens (uncached, plus recompute)
+    compute_s: float  # its share of the engine steps that computed it (by tokens computed)
     batch: int  # the engine step that first admitted it: jobs admitted together share it
     batch_size: int  # how many sequences that step admitted
     added_at: float
@@ -63,9 +65,11 @@ class EngineStats:
     steps: int = 0
     running: int = 0
     waiting: int = 0
+    seq_steps: int = 0  # sequences computed, summed over steps
     prefill_tokens: int = 0
     decode_tokens: int = 0
-    busy_s: float = 0.0  # wall time spent inside step()
+    recompute_tokens: int = 0  # prefill of sequences preempted before
+    busy_s: float = 0.0  # wall time spent inside step(): the sum of every sequence's compute_s
     cache_queried_tokens: int = 0
     cache_hit_tokens: int = 0
     blocks_used: int = 0
@@ -98,6 +102,7 @@ class Engine(Protocol):
     steps. One thread owns an engine; nothing here does I/O."""
 
     model_name: str
+    device_class: str  # what compute rates are set for: "cpu", "cuda:<device name>"
     max_context: int  # prompt + max_tokens must fit
     max_num_seqs: int  # sequences computed at once
 
@@ -116,8 +121,9 @@ class Engine(Protocol):
         """One scheduling step and forward pass; the sequences that finished in it."""
         ...
 
-    def abort(self, seq_id: str) -> None:
-        """Drop a waiting or running sequence (unknown ids are ignored)."""
+    def abort(self, seq_id: str) -> float:
+        """Drop a waiting or running sequence; the compute seconds it had used (0.0 for an
+        unknown id)."""
         ...
 
     def stats(self) -> EngineStats: ...

@@ -19,6 +19,7 @@ from worker.engine.api import (
     run_to_completion,
 )
 from worker.engine.codec import TextCodec
+from worker.engine.counters import StepCounters
 from worker.engine.loading import pick_device
 from worker.engine.runner import DecodeInput, PagedRunner, PrefillInput
 from worker.engine.sampling import sample_next
@@ -52,6 +53,11 @@ class PagedEngine:
         self.model_name = model_name
         self.config = cfg = config or EngineConfig()
         self.device = pick_device(device)
+        self.device_class = (
+            f"cuda:{torch.cuda.get_device_name(self.device)}"
+            if self.device.type == "cuda"
+            else self.device.type
+        )
         num_blocks = -(-cfg.kv_cache_tokens // cfg.block_size)
         self.runner = PagedRunner(
             model_path,
@@ -71,10 +77,7 @@ class PagedEngine:
         )
         self.max_context = int(getattr(self.runner.model.config, "max_position_embeddings", 2048))
         self.max_num_seqs = cfg.max_num_seqs
-        self._steps = 0
-        self._prefill_tokens = 0
-        self._decode_tokens = 0
-        self._busy_s = 0.0
+        self.counters = StepCounters()
 
     @property
     def has_work(self) -> bool:
@@ -101,8 +104,10 @@ class PagedEngine:
         )
         self.scheduler.add(seq)
 
-    def abort(self, seq_id: str) -> None:
+    def abort(self, seq_id: str) -> float:
+        seq = self.scheduler.get(seq_id)
         self.scheduler.abort(seq_id)
+        return cast(EngineSequence, seq).compute_s if seq is not None else 0.0
 
     def step(self) -> list[EngineOutput]:
         """One scheduling step and one forward; returns the sequences that finished."""
@@ -110,34 +115,40 @@ class PagedEngine:
         plan = self.scheduler.schedule(started)
         if plan.empty:
             return []
-        self._steps += 1
+        counters = self.counters
         seqs = cast(list[EngineSequence], plan.seqs)  # prefills first, as the logits
         firsts = [s for s in seqs[: len(plan.prefills)] if not s.batch]
         now = time.time()
         for seq in firsts:
-            seq.admitted(self._steps, len(firsts), now)
+            seq.admitted(counters.steps + 1, len(firsts), now)
         logits = self.runner.forward(
             [PrefillInput(p.token_ids, p.start_pos, p.block_table) for p in plan.prefills],
             [DecodeInput(d.token_id, d.pos, d.block_table) for d in plan.decodes],
         )
         tokens = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
         sampled = dict(zip((s.seq_id for s in seqs), tokens.tolist(), strict=True))
-        done = self.scheduler.on_step(sampled)
-        self._prefill_tokens += sum(len(p.token_ids) for p in plan.prefills)
-        self._decode_tokens += len(plan.decodes)
-        outputs = [cast(EngineSequence, seq).output() for seq in done]
-        self._busy_s += time.perf_counter() - started
+        done = cast(list[EngineSequence], self.scheduler.on_step(sampled))
+        work: list[tuple[EngineSequence, int]] = []
+        for p in plan.prefills:
+            seq, n = cast(EngineSequence, p.seq), len(p.token_ids)
+            seq.prefill_computed += n
+            counters.recompute_tokens += n if seq.preemptions else 0
+            work.append((seq, n))
+        work += [(cast(EngineSequence, d.seq), 1) for d in plan.decodes]
+        counters.prefill_tokens += sum(n for _, n in work[: len(plan.prefills)])
+        counters.decode_tokens += len(plan.decodes)
+        outputs = [seq.output() for seq in done]
+        counters.charge(time.perf_counter() - started, work)
+        for seq, out in zip(done, outputs, strict=True):
+            out.compute_s = seq.compute_s
         return outputs
 
     def stats(self) -> EngineStats:
         kv = self.kv.stats()
         return EngineStats(
-            steps=self._steps,
             running=self.scheduler.num_running,
             waiting=self.scheduler.num_waiting,
-            prefill_tokens=self._prefill_tokens,
-            decode_tokens=self._decode_tokens,
-            busy_s=self._busy_s,
+            **self.counters.figures(),
             cache_queried_tokens=kv.queried_tokens,
             cache_hit_tokens=kv.hit_tokens,
             blocks_used=kv.num_used,

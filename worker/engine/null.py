@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from worker.engine.api import EngineOutput, EngineRequest, EngineStats, FinishReason
+from worker.engine.counters import StepCounters
 
 NULL_TOKEN = 32  # the token every null sequence generates (b" " in `ByteCodec`)
 
@@ -27,13 +28,11 @@ class NullEngine:
 
     def __init__(self, model_name: str = "null", max_num_seqs: int = 256) -> None:
         self.model_name = model_name
+        self.device_class = "cpu"
         self.max_context = 1 << 20
         self.max_num_seqs = max_num_seqs
         self._queued: dict[str, tuple[EngineRequest, float]] = {}
-        self._steps = 0
-        self._prefill_tokens = 0
-        self._decode_tokens = 0
-        self._busy_s = 0.0
+        self.counters = StepCounters()
 
     @property
     def has_work(self) -> bool:
@@ -53,22 +52,22 @@ class NullEngine:
             raise ValueError(f"seq {request.seq_id!r}: prompt + max_tokens > max_context")
         self._queued[request.seq_id] = (request, time.time())
 
-    def abort(self, seq_id: str) -> None:
+    def abort(self, seq_id: str) -> float:
         self._queued.pop(seq_id, None)
+        return 0.0  # nothing is computed before the step that finishes it
 
     def step(self) -> list[EngineOutput]:
         """Finish every queued sequence, in the order they were added."""
         started = time.perf_counter()
         if not self._queued:
             return []
-        self._steps += 1
         batch, self._queued = list(self._queued.values()), {}
-        now = time.time()
+        counters, now = self.counters, time.time()
         outputs = []
         for request, added_at in batch:
             prompt, n = len(request.prompt_ids), request.params.max_tokens
-            self._prefill_tokens += prompt
-            self._decode_tokens += n - 1
+            counters.prefill_tokens += prompt
+            counters.decode_tokens += n - 1
             outputs.append(
                 EngineOutput(
                     seq_id=request.seq_id,
@@ -78,7 +77,9 @@ class NullEngine:
                     prompt_tokens=prompt,
                     cached_tokens=0,
                     computed_tokens=prompt + n - 1,
-                    batch=self._steps,
+                    computed_prompt_tokens=prompt,
+                    compute_s=0.0,
+                    batch=counters.steps + 1,
                     batch_size=len(batch),
                     added_at=added_at,
                     admitted_at=now,
@@ -86,14 +87,8 @@ class NullEngine:
                     finished_at=now,
                 )
             )
-        self._busy_s += time.perf_counter() - started
+        counters.charge(time.perf_counter() - started, [(o, o.computed_tokens) for o in outputs])
         return outputs
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            steps=self._steps,
-            waiting=len(self._queued),
-            prefill_tokens=self._prefill_tokens,
-            decode_tokens=self._decode_tokens,
-            busy_s=self._busy_s,
-        )
+        return EngineStats(waiting=len(self._queued), **self.counters.figures())

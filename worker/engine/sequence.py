@@ -30,6 +30,8 @@ class EngineSequence(Sequence):
     admitted_at: float = 0.0
     first_token_at: float = 0.0
     finished_at: float = 0.0
+    compute_s: float = 0.0  # its share of the steps that computed it
+    prefill_computed: int = 0  # prefill tokens computed over its life (incl. recompute)
 
     @classmethod
     def start(
@@ -95,6 +97,8 @@ class EngineSequence(Sequence):
             prompt_tokens=self.num_prompt_tokens,
             cached_tokens=self.num_cached,
             computed_tokens=self.computed_tokens,
+            computed_prompt_tokens=self.prefill_computed,
+            compute_s=self.compute_s,
             batch=self.batch,
             batch_size=self.batch_size,
             added_at=self.added_at,

@@ -83,10 +83,12 @@ class WorkerService:
         self.engines, self.load_errors = load_engines(settings, engines or {})
         self.ledger = Ledger()
         self.metrics = Metrics()
+        devices = {name: engine.device_class for name, engine in self.engines.items()}
         self.sink = ResultSink(
-            self.repo, self.ledger, self.worker, self._acknowledge, self._abort, self.metrics
-        )
-        self.engine_loop = EngineLoop(self.engines, self.sink.put, self.metrics)
+            self.repo, self.ledger, self.worker, self._acknowledge, self._abort, self.metrics,
+            devices,
+        )  # fmt: skip
+        self.engine_loop = EngineLoop(self.engines, self.sink.put, self.metrics, self.worker)
         served = {n: Served(e.new_codec(), e.max_context) for n, e in self.engines.items()}
         room = 1 + settings.waiting_room  # the scheduler picks among these what to admit next
         prefetch = sum(round(e.max_num_seqs * room) for e in self.engines.values())

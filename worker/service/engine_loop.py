@@ -14,7 +14,8 @@ from inferq.logs import get_logger
 from worker.engine.api import Engine, run_to_completion
 from worker.service.jobs import LiveJob
 from worker.service.metrics import Metrics
-from worker.service.outcomes import Failed, Finished, Outcome
+from worker.service.outcomes import Dropped, Failed, Finished, Outcome
+from worker.service.usage import UsageMeter
 
 log = get_logger("inferq.engine_loop")
 IDLE_WAIT_S = 0.1
@@ -24,9 +25,13 @@ class EngineLoop:
     """Steps every engine that has work, round robin; `submit`/`abort` from any thread."""
 
     def __init__(
-        self, engines: dict[str, Engine], emit: Callable[[Outcome], None], metrics: Metrics
+        self,
+        engines: dict[str, Engine],
+        emit: Callable[[Outcome], None],
+        metrics: Metrics,
+        worker: str = "",
     ):
-        self.engines, self._emit, self.metrics = engines, emit, metrics
+        self.engines, self._emit, self.metrics, self.worker = engines, emit, metrics, worker
         self._computed = dict.fromkeys(engines, 0)  # tokens computed so far, per model
         self._deadlines: list[tuple[float, str, str]] = []  # heap: (epoch s, model, seq id)
         self._inbox: queue.SimpleQueue[LiveJob | uuid.UUID] = queue.SimpleQueue()
@@ -55,13 +60,18 @@ class EngineLoop:
         """Step the engines on the calling thread while `keep_going()`. On CPU, torch's bf16
         matmuls use both cores fully only on the main thread (measured: 1.99 vs 1.36 CPU
         seconds per second elsewhere), so `inferq worker` runs the loop there."""
+        meter = UsageMeter(self.worker, self.engines)
         while keep_going():
             busy = any(engine.has_work for engine in self.engines.values())
             self._take(wait=0.0 if busy else IDLE_WAIT_S)
-            self._expire(time.time())
+            now = time.time()
+            self._expire(now)
             for name, engine in self.engines.items():
                 if engine.has_work:
                     self._step(name, engine)
+            if meter.due(now):
+                self._emit(meter.take(now))
+        self._emit(meter.take(time.time()))
         for name, live in self._live.items():  # stopped: what is left goes back to the queue
             for seq_id in live:
                 self.engines[name].abort(seq_id)
@@ -101,13 +111,15 @@ class EngineLoop:
             _, model, seq_id = heapq.heappop(self._deadlines)
             job = self._live[model].pop(seq_id, None)
             if job is not None:
-                self.engines[model].abort(seq_id)
-                self._emit(Failed(job.id, "its deadline passed before it finished", model, True))
+                spent = self.engines[model].abort(seq_id)
+                error = "its deadline passed before it finished"
+                self._emit(Failed(job.id, error, model, expired=True, compute_s=spent))
 
     def _abort(self, seq_id: str) -> None:
         for name, live in self._live.items():
-            if live.pop(seq_id, None) is not None:
-                self.engines[name].abort(seq_id)
+            job = live.pop(seq_id, None)
+            if job is not None:
+                self._emit(Dropped(job.id, name, self.engines[name].abort(seq_id)))
 
     def _step(self, name: str, engine: Engine) -> None:
         try:
@@ -128,8 +140,7 @@ class EngineLoop:
         jobs = list(live.values())
         live.clear()
         log.warning("engine.step_crashed", model=name, live=len(jobs), error=repr(exc))
-        for job in jobs:
-            engine.abort(job.request.seq_id)
+        spent = {job.id: engine.abort(job.request.seq_id) for job in jobs}  # still billed
         todo = [jobs]
         while todo:
             group = todo.pop()
@@ -137,10 +148,13 @@ class EngineLoop:
                 outputs = run_to_completion(engine, [j.request for j in group])
             except Exception as err:
                 if len(group) == 1:
-                    self._emit(Failed(group[0].id, f"engine error: {err!r}", name))
+                    job = group[0]
+                    error = f"engine error: {err!r}"
+                    self._emit(Failed(job.id, error, name, compute_s=spent[job.id]))
                 else:
                     todo += [group[: len(group) // 2], group[len(group) // 2 :]]
                 continue
             stats = engine.stats()
             for job, out in zip(group, outputs, strict=True):
+                out.compute_s += spent[job.id]
                 self._emit(Finished(job, out, stats))

@@ -12,6 +12,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from api_client.schema import JobMessage
@@ -30,6 +31,7 @@ from worker.service.priority import as_helper_thread
 from worker.service.retry import Backoff
 from worker.service.sources import Received, Source, open_source
 
+ENQUEUE_LOOKBACK = timedelta(days=7)  # an older producer clock is taken as this old
 log = get_logger("inferq.intake")
 POLL_S = 0.05  # how long one wait for messages lasts (acks are sent between waits)
 FULL_WAIT_S = 1.0  # holding all it may: sleep this long at most between acknowledgements
@@ -155,8 +157,10 @@ class Intake:
             if isinstance(got, Refusal):
                 dead.append((message, got))
                 continue
-            if got.submitted_at > now:  # a producer's clock is not trusted past ours
-                got = got.model_copy(update={"submitted_at": now})
+            sent = got.submitted_at and as_utc(got.submitted_at)
+            if sent is not None:  # a producer's clock is trusted within bounds only
+                bounded = min(max(sent, now - ENQUEUE_LOOKBACK), now)
+                got = got.model_copy(update={"submitted_at": bounded})
             arrivals.append(self._prepare(message, got))
         states = self._store(arrivals, list(dead), stop)
         if states is None:
@@ -294,8 +298,9 @@ class Intake:
                               "(a worker died running it)", arrival.model))  # fmt: skip
             return True
         assert arrival.request is not None
+        sent = arrival.job.submitted_at
         job = LiveJob(
-            job_id, arrival.model, arrival.request, as_utc(arrival.job.submitted_at),
+            job_id, arrival.model, arrival.request, sent and as_utc(sent),
             arrival.job.expires_at,
         )  # fmt: skip
         self.ledger.add(job)

@@ -18,7 +18,7 @@ class LiveJob:
     id: uuid.UUID
     model: str
     request: EngineRequest
-    queued_at: datetime
+    enqueued_at: datetime | None = None  # the producer's clock, bounded; None: not sent
     expires_at: datetime | None = None  # past it, the job is dropped wherever it is
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from worker.engine.api import EngineOutput, EngineStats
 from worker.service.jobs import LiveJob
+from worker.service.usage import UsageReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,16 @@ class Failed:
     error: str
     model: str = ""
     expired: bool = False  # its deadline passed: status `expired`, not `failed`
+    compute_s: float = 0.0  # engine seconds it had used
 
 
-Outcome = Finished | Failed
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A running job aborted because it was cancelled: its compute is still billed."""
+
+    job_id: uuid.UUID
+    model: str
+    compute_s: float
+
+
+Outcome = Finished | Failed | Dropped | UsageReport

@@ -18,14 +18,14 @@ from datetime import UTC, datetime
 
 from inferq.logs import get_logger
 from storage.errors import is_transient
-from storage.records import BatchRecord, FinishedJob, JobStatus, MetricsRow, ResultRow
+from storage.records import BatchRecord, FinishedJob, JobStatus, JobUsage, ResultRow, utcnow
 from storage.repository import Repository
-from worker.engine.api import EngineOutput
 from worker.service.jobs import Ledger
 from worker.service.metrics import Metrics
-from worker.service.outcomes import Failed, Finished, Outcome
+from worker.service.outcomes import Dropped, Failed, Finished, Outcome
 from worker.service.priority import as_helper_thread
 from worker.service.retry import Backoff
+from worker.service.usage import UsageReport
 
 log = get_logger("inferq.sink")
 CANCEL_CHECK_S = 0.5
@@ -37,20 +37,17 @@ def _at(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
-def job_metrics(job_id: uuid.UUID, out: EngineOutput, queued_at: datetime) -> MetricsRow:
-    """Per-job timings: queue wait ends at admission, TTFT and total count from enqueue."""
-    queued = queued_at.timestamp()
-    decoded = max(len(out.token_ids) - 1, 0)
-    decode_s = out.finished_at - out.first_token_at
-    return MetricsRow(
-        job_id=job_id,
-        queue_wait_s=out.admitted_at - queued,
-        ttft_s=out.first_token_at - queued,
-        prefill_s=out.first_token_at - out.admitted_at,
-        decode_s=decode_s,
-        total_s=out.finished_at - queued,
-        decode_tokens_per_s=decoded / decode_s if decode_s > 0 else None,
-    )
+def job_usage(done: Finished, worker: str, device: str) -> JobUsage:
+    """What the engine measured for a finished job (times are the engine's wall clock)."""
+    out, job = done.output, done.job
+    return JobUsage(
+        job_id=job.id, model=job.model, worker=worker, device=device,
+        finished_at=_at(out.finished_at), compute_s=out.compute_s,
+        enqueued_at=job.enqueued_at, admitted_at=_at(out.admitted_at),
+        first_token_at=_at(out.first_token_at), prompt_tokens=out.prompt_tokens,
+        cached_prompt_tokens=out.cached_tokens, computed_prompt_tokens=out.computed_prompt_tokens,
+        completion_tokens=len(out.token_ids),
+    )  # fmt: skip
 
 
 class ResultSink:
@@ -64,8 +61,10 @@ class ResultSink:
         acknowledge: Callable[[list[uuid.UUID]], None],
         abort: Callable[[uuid.UUID], None],
         metrics: Metrics,
+        devices: dict[str, str] | None = None,
     ):
         self.repo, self.ledger, self.worker, self.metrics = repo, ledger, worker, metrics
+        self.devices = devices or {}  # device class per model, for compute rates
         self._acknowledge, self._abort = acknowledge, abort
         self._inbox: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._batches: OrderedDict[tuple[str, int], BatchRecord] = OrderedDict()
@@ -156,16 +155,25 @@ class ResultSink:
         alone instead of blocking every result behind it."""
         finished, failures = self._rows(pending)
         expired = [o.job_id for o in pending if isinstance(o, Failed) and o.expired]
+        charges = self._charges(pending)
+        usage = [d for o in pending if isinstance(o, UsageReport) for d in o.deltas]
         batches = [self._batches[k] for k in touched if k in self._batches]
         try:
             try:
-                self.repo.store_outcomes(finished, batches, failures, expired)
+                self.repo.store_outcomes(
+                    finished, batches, failures, expired, charges=charges, worker_usage=usage
+                )
             except Exception as exc:
                 if is_transient(exc):
                     raise
                 log.warning("sink.group_refused", error=type(exc).__name__)
                 self._write_apart(finished, batches, failures)
-                self._store_or(lambda: self.repo.store_outcomes([], expired=expired), "expired")
+                self._store_or(
+                    lambda: self.repo.store_outcomes(
+                        [], expired=expired, charges=charges, worker_usage=usage
+                    ),
+                    "expired, charges and usage",
+                )
         except Exception as exc:
             self.metrics.retries.labels("sink").inc()
             log.warning("sink.write_failed", outcomes=len(pending),
@@ -191,21 +199,31 @@ class ResultSink:
         for o in pending:
             if isinstance(o, Failed):
                 m.jobs.labels(o.model, "expired" if o.expired else "failed").inc()
+            if not isinstance(o, Finished):
                 continue
             model, out = o.job.model, o.output
             m.jobs.labels(model, "failed" if o.job.id in failures else "done").inc()
             m.output_tokens.labels(model).inc(len(out.token_ids))
-            row = job_metrics(o.job.id, out, o.job.queued_at)
-            for kind, value in (("queue_wait", row.queue_wait_s), ("ttft", row.ttft_s),
-                                ("total", row.total_s)):  # fmt: skip
-                m.latency.labels(model, kind).observe(value or 0.0)
+            facts = job_usage(o, self.worker, "").facts()
+            for kind in ("queue_wait", "ttft", "total"):
+                if facts[f"{kind}_s"] is not None:
+                    m.latency.labels(model, kind).observe(facts[f"{kind}_s"])
+
+    def _charges(self, pending: list[Outcome]) -> list[JobUsage]:
+        """The compute of jobs that ended without a result (cancelled, expired, failed)."""
+        return [
+            JobUsage(o.job_id, o.model, self.worker, self.devices.get(o.model, ""),
+                     utcnow(), o.compute_s, with_result=False)
+            for o in pending
+            if isinstance(o, Dropped | Failed) and o.compute_s > 0
+        ]  # fmt: skip
 
     def _rows(self, pending: list[Outcome]) -> tuple[list[FinishedJob], dict[uuid.UUID, str]]:
         finished, failures = [], {}
         for o in pending:
-            if isinstance(o, Failed):
-                if not o.expired:
-                    failures[o.job_id] = o.error
+            if isinstance(o, Failed) and not o.expired:
+                failures[o.job_id] = o.error
+            if not isinstance(o, Finished):
                 continue
             out, job = o.output, o.job
             batch = self._batches.get((job.model, out.batch))
@@ -213,9 +231,8 @@ class ResultSink:
                 job.id, out.text, out.finish_reason.value, out.prompt_tokens,
                 len(out.token_ids), out.cached_tokens,
             )  # fmt: skip
-            metrics = job_metrics(job.id, out, job.queued_at)
-            batch_id = batch.id if batch else None
-            finished.append(FinishedJob(result, metrics, batch_id, _at(out.finished_at)))
+            usage = job_usage(o, self.worker, self.devices.get(job.model, ""))
+            finished.append(FinishedJob(result, usage, batch.id if batch else None))
         return finished, failures
 
     def _write_apart(

@@ -1,0 +1,41 @@
+"""Step counters both engines keep, and the split of each step's wall time over the
+sequences it computed (the per-job `compute_s`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Charged(Protocol):
+    compute_s: float
+
+
+@dataclass
+class StepCounters:
+    """Totals since the engine was built; `busy_s` equals the sum of what `charge` split."""
+
+    steps: int = 0
+    seq_steps: int = 0  # sequences computed, summed over steps (one sampled token each)
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    recompute_tokens: int = 0  # prefill of sequences that were preempted before
+    busy_s: float = 0.0
+
+    def charge(self, elapsed: float, work: Sequence[tuple[Charged, int]]) -> None:
+        """Count one step of `elapsed` seconds: each sequence gets the share of it that its
+        computed tokens (a prefill segment, or one decode token) are of the step's."""
+        total = sum(tokens for _, tokens in work)
+        if total:
+            for seq, tokens in work:
+                seq.compute_s += elapsed * tokens / total
+        self.steps += 1
+        self.seq_steps += len(work)
+        self.busy_s += elapsed
+
+    def figures(self) -> dict[str, float | int]:
+        """The `EngineStats` fields these counters fill."""
+        return {"steps": self.steps, "seq_steps": self.seq_steps,
+                "prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens,
+                "recompute_tokens": self.recompute_tokens, "busy_s": self.busy_s}  # fmt: skip
