@@ -56,6 +56,24 @@ def demo_jobs(count: int, max_tokens: int) -> list[dict[str, Any]]:
     return jobs
 
 
+#: Example list prices (per million tokens) and an hourly CPU rate, set once so the demo's
+#: report shows costs; change them with `inferq prices set` / `inferq prices rate`.
+EXAMPLE_PRICES = {"prompt": "0.02", "cached_prompt": "0.01", "completion": "0.05"}
+EXAMPLE_CPU_RATE = "0.10"
+
+
+def _example_prices(engine, model: str) -> None:
+    from decimal import Decimal
+
+    from storage.prices import list_prices, set_price, set_rate
+
+    prices, rates = list_prices(engine)
+    if not any(p.model == model for p in prices):
+        set_price(engine, model, **{k: Decimal(v) for k, v in EXAMPLE_PRICES.items()})
+    if not any(r.target == "cpu" for r in rates):
+        set_rate(engine, "cpu", Decimal(EXAMPLE_CPU_RATE))
+
+
 def _print_results(views, jobs) -> None:
     for n, (view, job) in enumerate(zip(views, jobs, strict=True), 1):
         asked = job.get("prompt") or job["messages"][-1]["content"]
@@ -107,6 +125,7 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
         with prep_session(log_path, library_logs=False) as view:
             upgrade(settings.resolved_database_url)
             client = InferqClient(settings)
+            _example_prices(client.repo.engine, settings.model)
             with view.stage("load", f"{settings.model} (prepared if needed)"):
                 service = WorkerService(settings)
             with view.stage("serve", f"{len(workload)} jobs through the queue"):
