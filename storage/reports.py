@@ -157,13 +157,13 @@ def latency_statement(
     dialect: str, since: datetime, until: datetime, model: str | None = None, by: str = "day"
 ) -> sa.Select[Any]:
     """PostgreSQL: done jobs and their latency percentiles per bucket and model. SQLite:
-    the done jobs' latencies, ordered by bucket and model (`latency` aggregates them)."""
+    the done jobs' bucket, model and latencies (`latency` groups and sorts them)."""
     day = bucket(dialect, M.c.finished_at, by)
     where = [M.c.status == "done", *_in_window(M.c.finished_at, since, until)]
     where += _equal({M.c.model: model})
     if dialect != "postgresql":
         columns = (M.c[n] for n in LATENCIES)
-        return sa.select(day.label(by), M.c.model, *columns).where(*where).order_by(day, M.c.model)
+        return sa.select(day.label(by), M.c.model, *columns).where(*where)
     cuts = [
         sa.type_coerce(
             sa.func.percentile_cont(_lit(str(q / 100))).within_group(M.c[n]), sa.Float()
@@ -287,23 +287,18 @@ def latency(
     statement = latency_statement(dialect, since, until, model, by)
     if dialect == "postgresql":
         return _rows(engine, statement)
-    counts: dict[tuple[Any, Any], int] = {}
-    values: dict[tuple[Any, Any], list[list[float]]] = {}
+    groups: dict[tuple[Any, Any], list[Any]] = {}
     with engine.connect() as conn:
-        for day, name, *latencies in conn.execute(statement):
-            key = (day, name)
-            counts[key] = counts.get(key, 0) + 1
-            columns = values.setdefault(key, [[] for _ in LATENCIES])
-            for column, value in zip(columns, latencies, strict=True):
-                if value is not None:
-                    column.append(value)
+        for job in conn.execute(statement).tuples():
+            groups.setdefault(job[:2], []).append(job[2:])
     rows = []
-    for (day, name), columns in values.items():
-        row: Row = {by: day, "model": name, "jobs": counts[(day, name)]}
-        for column_name, column in zip(LATENCIES, columns, strict=True):
-            column.sort()
+    for day, name in sorted(groups, key=lambda k: (k[0], k[1] is None, k[1] or "")):
+        jobs = groups[(day, name)]  # PostgreSQL's order: bucket, then model (NULL last)
+        row: Row = {by: day, "model": name, "jobs": len(jobs)}
+        for column_name, column in zip(LATENCIES, zip(*jobs, strict=True), strict=True):
+            values = sorted(v for v in column if v is not None)
             for q in QUANTILES:
-                row[f"{column_name}_p{q}"] = percentile_cont(column, q / 100)
+                row[f"{column_name}_p{q}"] = percentile_cont(values, q / 100)
         rows.append(row)
     return rows
 
