@@ -1,4 +1,5 @@
-"""The `inferq` command: demo, model preparation, migrations, the worker and a small client."""
+"""The `inferq` command: demo, model preparation, migrations, the worker, a small client,
+reports and prices."""
 
 from __future__ import annotations
 
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_id")
     cancel.add_argument("--tenant", help="default: INFERQ_TENANT")
     cancel.set_defaults(func=_cmd_cancel)
+
+    from inferq.report_cli import add_parsers
+
+    add_parsers(verbs)  # report, prices
     return parser
 
 
