@@ -79,8 +79,15 @@ def _run(connection: Any) -> None:
         compare_type=True,
         render_item=_render_item,
     )
-    with context.begin_transaction():
-        context.run_migrations()
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:  # batch mode rebuilds tables: foreign keys on would cascade-delete child rows
+        connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        if sqlite:
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
 
 
 _configure_logging()

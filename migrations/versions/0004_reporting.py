@@ -184,7 +184,7 @@ def upgrade() -> None:
     # rows written before: their job's identity and tokens
     of_job = "(SELECT {0} FROM jobs j WHERE j.id = job_metrics.job_id)".format
     of_result = (
-        "(SELECT coalesce({0}, 0) FROM results r WHERE r.job_id = job_metrics.job_id)".format
+        "coalesce((SELECT {0} FROM results r WHERE r.job_id = job_metrics.job_id), 0)".format
     )
     pairs = {c: of_job(c) for c in ("tenant", "model", "status", "worker", "attempts",
                                       "finished_at")}  # fmt: skip

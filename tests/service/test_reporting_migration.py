@@ -7,18 +7,12 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import pytest
 import sqlalchemy as sa
 
 from storage import migrate, reports
 from storage.db import build_engine
 from storage.models import JSONType, UTCDateTime
 
-SQLITE_CASCADE = (
-    "known bug: on SQLite the downgrade's batch rebuild of `jobs` runs with foreign keys on, so "
-    "dropping the old table cascades into results and job_metrics (fix: PRAGMA foreign_keys=OFF "
-    "around the migrations in migrations/env.py); remove this mark when fixed"
-)
 FINISHED = datetime(2026, 3, 4, 5, 6, 7, 890_000, tzinfo=UTC)
 STARTED = FINISHED - timedelta(seconds=3)
 VIEWS = {"job_report", "usage_daily", "engine_hourly", "failures_daily"}
@@ -69,13 +63,9 @@ def _assert_backfilled(engine: sa.Engine, done: uuid.UUID) -> None:
 
 
 def test_0004_backfills_downgrades_and_upgrades_again(
-    empty_db_url: str, request: pytest.FixtureRequest
+    empty_db_url: str,
 ) -> None:
     url = empty_db_url
-    if url.startswith("sqlite"):
-        request.applymarker(
-            pytest.mark.xfail(strict=True, raises=sa.exc.NoResultFound, reason=SQLITE_CASCADE)
-        )
     migrate.upgrade(url, "0003")
     engine = build_engine(url)
     done, queued = uuid.uuid4(), uuid.uuid4()
