@@ -10,6 +10,7 @@ import itertools
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 QUESTIONS = [
@@ -129,6 +130,7 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
             with view.stage("load", f"{settings.model} (prepared if needed)"):
                 service = WorkerService(settings)
             with view.stage("serve", f"{len(workload)} jobs through the queue"):
+                run_from = datetime.now(UTC)
                 started = time.perf_counter()
                 ids, views = _serve(service, client, workload)
                 wall = time.perf_counter() - started
@@ -149,4 +151,15 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
         f"mean time to first token {summary['mean_ttft_s']:.2f}s, "
         f"mean batch size {summary['mean_batch_size']:.1f}"
     )
+    _print_usage(client.repo.engine, run_from)
     return 0 if done == len(ids) else 1
+
+
+def _print_usage(engine, since: datetime) -> None:
+    """This run's tokens and costs, as `inferq report usage` shows them."""
+    from inferq.report_cli import emit
+    from storage import reports
+
+    rows = reports.usage(engine, since, datetime.now(UTC) + timedelta(seconds=1))
+    title = "\nthis run's usage and cost (example prices; more: inferq report --help)"
+    emit(rows, "table", title, sys.stdout, totals=True)
