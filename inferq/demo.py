@@ -162,4 +162,7 @@ def _print_usage(engine, since: datetime) -> None:
 
     rows = reports.usage(engine, since, datetime.now(UTC) + timedelta(seconds=1))
     title = "\nthis run's usage and cost (example prices; more: inferq report --help)"
-    emit(rows, "table", title, sys.stdout, totals=True)
+    shown = ("tenant", "jobs", "done", "prompt_tokens", "cached_prompt_tokens",
+             "completion_tokens", "compute_s", "list_cost", "compute_cost",
+             "cache_savings")  # fmt: skip
+    emit(rows, "table", title, sys.stdout, shown=shown)
