@@ -48,8 +48,9 @@ def postgres(action: str) -> None:
 class ServiceEnv:
     """A throwaway database and a flushed Redis db, with a client and a raw producer."""
 
-    def __init__(self, tag: str, **settings: object):
+    def __init__(self, tag: str, keep: bool = False, **settings: object):
         self.db = f"inferq_bench_{tag}_{uuid.uuid4().hex[:8]}"
+        self.keep = keep  # leave the database for `inferq report`
         self.admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         self.url = sa.make_url(PG_ADMIN).set(database=self.db).render_as_string(False)
         self.settings_overrides = settings
@@ -69,8 +70,11 @@ class ServiceEnv:
 
     def __exit__(self, *exc: object) -> None:
         dispose_engines(self.url)
-        with self.admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+        if self.keep:
+            print(f"database kept: INFERQ_DATABASE_URL={self.url}", flush=True)
+        else:
+            with self.admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
         self.admin.dispose()
 
     def count_jobs(self) -> int:

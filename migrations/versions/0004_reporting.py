@@ -138,29 +138,24 @@ def _views() -> dict[str, str]:
     return views
 
 
+def _versioned(table: str, key: str, *money: str, unique: str) -> None:
+    """A table of versions: one row per (key, effective_from), amounts, currency."""
+    op.create_table(
+        table,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column(key, sa.String(256), nullable=False),
+        sa.Column("effective_from", TS, nullable=False),
+        *(sa.Column(name, MONEY, nullable=False) for name in money),
+        sa.Column("currency", sa.String(8), nullable=False, server_default="USD"),
+        sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
+        sa.UniqueConstraint(key, "effective_from", name=unique),
+    )
+
+
 def upgrade() -> None:
-    op.create_table(
-        "prices",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("model", sa.String(256), nullable=False),
-        sa.Column("effective_from", TS, nullable=False),
-        sa.Column("prompt_per_mtok", MONEY, nullable=False),
-        sa.Column("cached_prompt_per_mtok", MONEY, nullable=False),
-        sa.Column("completion_per_mtok", MONEY, nullable=False),
-        sa.Column("currency", sa.String(8), nullable=False, server_default="USD"),
-        sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
-        sa.UniqueConstraint("model", "effective_from", name="uq_prices_model_from"),
-    )
-    op.create_table(
-        "compute_rates",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("target", sa.String(256), nullable=False),
-        sa.Column("effective_from", TS, nullable=False),
-        sa.Column("per_hour", MONEY, nullable=False),
-        sa.Column("currency", sa.String(8), nullable=False, server_default="USD"),
-        sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
-        sa.UniqueConstraint("target", "effective_from", name="uq_compute_rates_target_from"),
-    )
+    _versioned("prices", "model", "prompt_per_mtok", "cached_prompt_per_mtok",
+               "completion_per_mtok", unique="uq_prices_model_from")  # fmt: skip
+    _versioned("compute_rates", "target", "per_hour", unique="uq_compute_rates_target_from")
     op.create_table(
         "worker_usage",
         sa.Column("worker", sa.String(256), primary_key=True),
