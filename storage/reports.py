@@ -117,7 +117,11 @@ def _equal(pairs: dict[sa.ColumnElement[Any], str | None]) -> list[Any]:
 
 
 def _rows(engine: sa.Engine, statement: Statement) -> list[Row]:
+    """Run a report. On PostgreSQL each run is planned for its own window: a reused prepared
+    statement's generic plan misjudges the day buckets (measured: 0.5 s -> 1.1-1.5 s)."""
     with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_custom_plan")
         return [dict(row) for row in conn.execute(statement).mappings()]
 
 

@@ -62,6 +62,17 @@ def _assert_backfilled(engine: sa.Engine, done: uuid.UUID) -> None:
     )  # fmt: skip
 
 
+def _report_statistics(engine: sa.Engine) -> int | None:
+    """How many of migration 0005's planner statistics exist (None: not PostgreSQL)."""
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as conn:
+        return conn.scalar(
+            sa.text("SELECT count(*) FROM pg_statistic_ext WHERE stxname = :n"),
+            {"n": "st_job_metrics_usage_day"},
+        )
+
+
 def test_0004_backfills_downgrades_and_upgrades_again(
     empty_db_url: str,
 ) -> None:
@@ -86,7 +97,8 @@ def test_0004_backfills_downgrades_and_upgrades_again(
             conn.execute(sa.insert(METRICS).values(job_id=done, queue_wait_s=0.25, ttft_s=0.5))
 
         migrate.upgrade(url)
-        assert migrate.current(url) == "0004"
+        assert migrate.current(url) == "0005"
+        assert _report_statistics(engine) in (1, None)
         inspector = sa.inspect(engine)
         made = set(inspector.get_view_names()) | set(inspector.get_table_names())
         assert made >= VIEWS | NEW_TABLES
@@ -96,6 +108,7 @@ def test_0004_backfills_downgrades_and_upgrades_again(
 
         migrate.downgrade(url, "0003")
         assert migrate.current(url) == "0003"
+        assert _report_statistics(engine) in (0, None)
         inspector = sa.inspect(engine)
         assert not VIEWS & set(inspector.get_view_names())
         assert not NEW_TABLES & set(inspector.get_table_names())
@@ -108,7 +121,7 @@ def test_0004_backfills_downgrades_and_upgrades_again(
         assert (kept.queue_wait_s, kept.ttft_s) == (0.25, 0.5)
 
         migrate.upgrade(url)
-        assert migrate.current(url) == "0004"
+        assert migrate.current(url) == "0005"
         _assert_backfilled(engine, done)
     finally:
         engine.dispose()
