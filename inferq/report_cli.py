@@ -280,8 +280,24 @@ def cmd_prices_list(args: argparse.Namespace) -> int:
 # -- parsers ---------------------------------------------------------------------------------
 
 
+def cmd_retention(args: argparse.Namespace) -> int:
+    """`inferq retention --older-than-days N`: delete old ended jobs and dead letters."""
+    import time
+    from datetime import UTC, timedelta
+
+    from storage.retention import purge
+
+    before = datetime.now(UTC) - timedelta(days=args.older_than_days)
+    started = time.perf_counter()
+    purged = purge(_engine(), before, args.batch)
+    print(f"deleted {purged.jobs} jobs (with their results and facts), {purged.batches} "
+          f"batches and {purged.dead_letters} dead letters older than {before:%Y-%m-%d %H:%M} "
+          f"UTC in {time.perf_counter() - started:.1f}s")  # fmt: skip
+    return 0
+
+
 def add_parsers(verbs: Any) -> None:
-    """Add the `report` and `prices` verbs to the `inferq` subparsers."""
+    """Add the `report`, `prices` and `retention` verbs to the `inferq` subparsers."""
     report = verbs.add_parser("report", help="usage, latency, engine, failure and job reports")
     report.add_argument("kind", nargs="?", default="usage", choices=REPORTS)
     report.add_argument("--tenant", help="usage, jobs: one tenant")
@@ -316,3 +332,8 @@ def add_parsers(verbs: Any) -> None:
     listing = prices_verbs.add_parser("list", help="every price and rate version")
     listing.add_argument("--format", choices=FORMATS, default="table")
     listing.set_defaults(func=_guarded(cmd_prices_list))
+
+    keep = verbs.add_parser("retention", help="delete ended jobs and dead letters past N days")
+    keep.add_argument("--older-than-days", type=float, required=True)
+    keep.add_argument("--batch", type=int, default=20_000, help="rows per transaction")
+    keep.set_defaults(func=_guarded(cmd_retention))
