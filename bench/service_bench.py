@@ -1,7 +1,7 @@
 """The service against the engine alone, on the engine benchmark's workload, in one run.
 
 Usage: .venv/bin/python bench/service_bench.py [--jobs 256] [--dtypes float32,bfloat16]
-       [--max-new 128] [--seed 0] [--out bench/out] [--keep-db]
+       [--max-new 128] [--seed 0] [--out bench/out] [--keep-db] [--example-prices]
 Per dtype, two rows with the same default settings (`Settings()`: max_num_seqs, KV size,
 prefix cache, ...) and the same seeded jobs (bench/engine_bench.py's build_workload):
 - engine alone: the engine the worker builds (`load_engine`), every job added at t=0 and run
@@ -30,6 +30,7 @@ from engine_bench import build_workload, shareable_tokens  # bench/, beside this
 from service_harness import ServiceEnv, start_worker, stop_worker
 from transformers import AutoTokenizer
 
+from inferq.demo import seed_example_prices
 from inferq.settings import FP_MODEL, get_settings
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
 from worker.engine.codec import TextCodec
@@ -105,8 +106,12 @@ def _wait_ready(log: Path, proc, timeout: float = 600) -> None:
     raise SystemExit(f"worker not ready after {timeout}s: see {log}")
 
 
-def service_row(name: str, dtype: str, jobs, messages, out: Path, keep: bool = False) -> Row:
+def service_row(
+    name: str, dtype: str, jobs, messages, out: Path, keep: bool = False, prices: bool = False
+) -> Row:
     with ServiceEnv("svc", keep=keep) as env:
+        if prices:  # the demo's example prices, so `inferq report` shows costs
+            seed_example_prices(env.db_engine, FP_MODEL)
         log = out / f"service_worker_{dtype}.log"
         extra = {"INFERQ_MODEL": FP_MODEL, "INFERQ_DTYPE": dtype, "INFERQ_ENGINE": "paged"}
         proc = start_worker(env, extra, log, loglevel="INFO")
@@ -147,6 +152,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--keep-db", action="store_true", help="keep the service's database")
+    parser.add_argument("--example-prices", action="store_true", help="bill at the demo's prices")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     settings = get_settings()
@@ -163,7 +169,8 @@ def main() -> None:
         tag = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
         alone = engine_row(f"engine alone {tag}", dtype, jobs)
         served = service_row(f"service (Redis + PostgreSQL) {tag}", dtype, jobs,
-                             codec.messages, args.out, args.keep_db)  # fmt: skip
+                             codec.messages, args.out, args.keep_db,
+                             args.example_prices)  # fmt: skip
         for row in (alone, served):
             lines.append("| " + " | ".join(row.cells(shareable)) + " |")
             print(lines[-1], flush=True)

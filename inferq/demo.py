@@ -63,7 +63,8 @@ EXAMPLE_PRICES = {"prompt": "0.02", "cached_prompt": "0.01", "completion": "0.05
 EXAMPLE_CPU_RATE = "0.10"
 
 
-def _example_prices(engine, model: str) -> None:
+def seed_example_prices(engine, model: str) -> None:
+    """Set the example prices and CPU rate unless the model / CPU has some already."""
     from decimal import Decimal
 
     from storage.prices import list_prices, set_price, set_rate
@@ -126,7 +127,7 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
         with prep_session(log_path, library_logs=False) as view:
             upgrade(settings.resolved_database_url)
             client = InferqClient(settings)
-            _example_prices(client.repo.engine, settings.model)
+            seed_example_prices(client.repo.engine, settings.model)
             with view.stage("load", f"{settings.model} (prepared if needed)"):
                 service = WorkerService(settings)
             with view.stage("serve", f"{len(workload)} jobs through the queue"):
