@@ -293,7 +293,7 @@ def latency(
         return _rows(engine, statement)
     groups: dict[tuple[Any, Any], list[Any]] = {}
     with engine.connect() as conn:
-        for job in conn.execute(statement).tuples():
+        for job in conn.execute(statement):
             groups.setdefault(job[:2], []).append(job[2:])
     rows = []
     for day, name in sorted(groups, key=lambda k: (k[0], k[1] is None, k[1] or "")):

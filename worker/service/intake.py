@@ -158,9 +158,9 @@ class Intake:
                 dead.append((message, got))
                 continue
             sent = got.submitted_at and as_utc(got.submitted_at)
-            if sent is not None:  # a producer's clock is trusted within bounds only
-                bounded = min(max(sent, now - ENQUEUE_LOOKBACK), now)
-                got = got.model_copy(update={"submitted_at": bounded})
+            if sent is not None and not now - ENQUEUE_LOOKBACK <= sent <= now:
+                bounded = min(max(sent, now - ENQUEUE_LOOKBACK), now)  # a producer's clock
+                got = got.model_copy(update={"submitted_at": bounded})  # within bounds only
             arrivals.append(self._prepare(message, got))
         states = self._store(arrivals, list(dead), stop)
         if states is None:
