@@ -81,6 +81,18 @@ class Settings(BaseSettings):
         description="keys per-tenant prefix-cache salts; random per process when unset",
     )
     worker_name: str | None = None
+    affinity: bool = Field(
+        True,
+        description="Redis broker, several workers: route jobs to the worker whose "
+        "prefix cache holds their leading blocks",
+    )
+    affinity_blocks: int = Field(8, ge=1, description="leading KV blocks a routing key covers")
+    affinity_load_factor: float = Field(
+        1.25, ge=1.0, description="a worker this much busier than the idlest one sheds new jobs"
+    )
+    affinity_dead_after_s: float = Field(
+        10.0, gt=0, description="a worker silent this long: its affinity queue is drained"
+    )
     tenant: str = Field("default", description="the tenant a client submits and reads as")
     tenant_key: str | None = Field(None, description="the client's tenant signing key")
     tenant_keys: str = Field(

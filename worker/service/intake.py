@@ -22,6 +22,7 @@ from storage.errors import is_transient
 from storage.records import JobState, JobStatus, as_utc, utcnow
 from storage.repository import Repository
 from worker.engine.api import Codec, EngineRequest, SamplingParams
+from worker.service.affinity import prefix_key
 from worker.service.engine_loop import EngineLoop
 from worker.service.jobs import Ledger, LiveJob
 from worker.service.messages import Refusal, dead_letter_payload, read_job
@@ -98,7 +99,7 @@ class Intake:
         backoff = Backoff()
         while not stop.is_set():
             try:
-                source = open_source(self.settings)
+                source = open_source(self.settings, self.worker, list(self.served))
             except Exception as exc:
                 log.warning("intake.broker_unavailable", error=repr(exc))
                 backoff.wait(stop)
@@ -119,6 +120,7 @@ class Intake:
     def _consume(self, source: Source, stop: threading.Event) -> None:
         while not stop.is_set():
             self._flush_acks(source)
+            source.tick(len(self._unacked))
             room = self.prefetch - len(self._unacked) if self.taking.is_set() else 0
             group = source.receive(min(room, MAX_GROUP), POLL_S) if room > 0 else []
             if group:
@@ -132,6 +134,7 @@ class Intake:
             source.requeue(held)
             log.info("intake.requeued", messages=len(held))
         self._unacked.clear()
+        source.retire()
 
     def _flush_acks(self, source: Source) -> None:
         handles, self._failed_acks = self._failed_acks, []
@@ -161,7 +164,9 @@ class Intake:
             if sent is not None and not now - ENQUEUE_LOOKBACK <= sent <= now:
                 bounded = min(max(sent, now - ENQUEUE_LOOKBACK), now)  # a producer's clock
                 got = got.model_copy(update={"submitted_at": bounded})  # within bounds only
-            arrivals.append(self._prepare(message, got))
+            arrival = self._prepare(message, got)
+            if not self._forwarded(arrival, source):
+                arrivals.append(arrival)
         states = self._store(arrivals, list(dead), stop)
         if states is None:
             return  # stopping while the database is away: the messages will come back
@@ -192,6 +197,17 @@ class Intake:
         )
         request = EngineRequest(str(job.job_id), prompt_ids, params, job.tenant, job.priority)
         return _Arrival(message, job, model, request, None)
+
+    def _forwarded(self, arrival: _Arrival, source: Source) -> bool:
+        """Hand a job taken from the shared queue to the worker whose prefix cache should
+        serve it (prefix affinity); False: it runs here."""
+        message, request = arrival.message, arrival.request
+        if request is None or message.routed:
+            return False
+        key = prefix_key(request.tenant, arrival.model, request.prompt_ids,
+                         blocks=self.settings.affinity_blocks)  # fmt: skip
+        owner = source.owner(key, arrival.model)
+        return owner is not None and owner != self.worker and source.forward(message, owner)
 
     def _model_error(self, model: str) -> str | None:
         if model in self.load_errors:

@@ -10,27 +10,34 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
 
 from api_client.wire import PRIORITY_STEPS, broker_options
+from inferq.logs import get_logger
 from inferq.settings import Settings
+from worker.service.affinity import Router
+from worker.service.registry import Registry, affinity_queue, held_key
 from worker.service.sources import Received, unwrap
 
+log = get_logger("inferq.redis_source")
+TICK_S = 1.0  # heartbeat, reaping and the router's view of its peers
 SEP = "\x06\x16"  # kombu's separator between a queue name and its priority step
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 RESTORE_EVERY_S = 2.0
 IDLE_SLEEP_S = (0.005, 0.25)  # between polls of an empty queue: doubling from, up to
 
-# KEYS: the queue's keys, most urgent first, then the unacked hash and index.
-# ARGV: how many to take, now. Returns item, tag pairs (tag "" when the item is no envelope).
+# KEYS: the queue's keys, most urgent first, then the unacked hash and index and the set of
+# tags this worker holds. ARGV: how many to take, now. Returns item, tag, key index triples
+# (tag "" when the item is no envelope).
 _TAKE = """
 local limit, now = tonumber(ARGV[1]), ARGV[2]
-local hkey, zkey = KEYS[#KEYS - 1], KEYS[#KEYS]
+local hkey, zkey, held = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
 local out = {}
-for i = 1, #KEYS - 2 do
-  while #out < 2 * limit do
+for i = 1, #KEYS - 3 do
+  while #out < 3 * limit do
     local item = redis.call('RPOP', KEYS[i])
     if not item then break end
     local tag = ''
@@ -43,13 +50,27 @@ for i = 1, #KEYS - 2 do
           ',' .. cjson.encode(p.delivery_info.routing_key or '') .. ']'
         redis.call('HSET', hkey, tag, entry)
         redis.call('ZADD', zkey, now, tag)
+        redis.call('SADD', held, tag)
       end
     end
     out[#out + 1] = item
     out[#out + 1] = tag
+    out[#out + 1] = i
   end
 end
 return out
+"""
+
+# KEYS: unacked hash, index, held set, target list. ARGV: tag, item. Hands a message this
+# worker took to another worker's queue, in one step (never lost, never in both places).
+_FORWARD = """
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('LPUSH', KEYS[4], ARGV[2])
+  return 1
+end
+return 0
 """
 
 # KEYS: unacked hash, index, target list. ARGV: tag, payload. Only one restorer wins a tag.
@@ -78,20 +99,37 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
 
 
 class RedisSource:
-    """Take, acknowledge and (after the visibility timeout) restore job messages."""
+    """Take, acknowledge and (after the visibility timeout) restore job messages; with
+    affinity, also consume this worker's own queue and hand jobs to the workers that own
+    their prefixes."""
 
     handles_outlive_connection = True  # a delivery tag names the message in Redis itself
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, worker: str = "", models: Iterable[str] = ()):
         self.client = redis.Redis.from_url(settings.resolved_broker_url)
         self.client.ping()
         self.queue = settings.queue
         self.visibility_s = broker_options(settings)["visibility_timeout"]
-        self._keys = [queue_key(self.queue, p) for p in PRIORITY_STEPS] + [UNACKED, UNACKED_INDEX]
         self._take = self.client.register_script(_TAKE)
         self._restore = self.client.register_script(_RESTORE)
-        self._next_restore = 0.0
+        self._forward = self.client.register_script(_FORWARD)
+        self._next_restore = self._next_tick = 0.0
         self._idle_s = IDLE_SLEEP_S[0]
+        self.registry: Registry | None = None
+        self.router = Router(settings.affinity_load_factor)
+        own = ""
+        if settings.affinity and worker:
+            self.registry = Registry(
+                self.client, self.queue, worker, models, settings.affinity_dead_after_s,
+                queue_key, self._push_back,
+            )  # fmt: skip
+            own = affinity_queue(self.queue, worker)
+        self._held = held_key(self.queue, worker)
+        lists = [[queue_key(own, p), queue_key(self.queue, p)] if own else
+                 [queue_key(self.queue, p)] for p in PRIORITY_STEPS]  # fmt: skip
+        self._lists = [key for pair in lists for key in pair]  # by urgency: own queue first
+        self._own = {key for key in self._lists if own and key.startswith(own)}
+        self._keys = [*self._lists, UNACKED, UNACKED_INDEX, self._held]
 
     def receive(self, limit: int, wait_s: float) -> list[Received]:
         deadline = time.monotonic() + wait_s
@@ -102,26 +140,56 @@ class RedisSource:
             if raw:
                 self._idle_s = IDLE_SLEEP_S[0]
                 return [
-                    self._received(item, tag) for item, tag in zip(raw[::2], raw[1::2], strict=True)
+                    self._received(item, tag, self._lists[int(i) - 1])
+                    for item, tag, i in zip(raw[::3], raw[1::3], raw[2::3], strict=True)
                 ]
             if time.monotonic() >= deadline:
                 return []
             time.sleep(self._idle_s)  # an idle queue is polled ever less often (to 0.25 s)
             self._idle_s = min(2 * self._idle_s, IDLE_SLEEP_S[1])
 
-    @staticmethod
-    def _received(item: bytes, tag: bytes) -> Received:
+    def _received(self, item: bytes, tag: bytes, origin: str) -> Received:
         handle = tag.decode() if tag else None
         try:
-            return unwrap(json.loads(item), handle)
+            got = unwrap(json.loads(item), handle)
         except (KeyError, TypeError, ValueError, AttributeError):  # not a kombu envelope
-            return Received(item, None, {}, handle)
+            got = Received(item, None, {}, handle)
+        got.raw, got.origin, got.routed = item, origin, origin in self._own
+        return got
 
     def ack(self, handles: list[Any]) -> None:
         tags = [h for h in handles if h]
         if tags:
             pipe = self.client.pipeline(transaction=False)
-            pipe.zrem(UNACKED_INDEX, *tags).hdel(UNACKED, *tags).execute()
+            pipe.zrem(UNACKED_INDEX, *tags).hdel(UNACKED, *tags).srem(self._held, *tags)
+            pipe.execute()
+
+    # -- affinity ----------------------------------------------------------------------------
+
+    def tick(self, held: int) -> None:
+        """About once a second: heartbeat, reap dead peers, refresh the router's view."""
+        if self.registry is None or time.monotonic() < self._next_tick:
+            return
+        self._next_tick = time.monotonic() + TICK_S
+        self.registry.beat(held)
+        live, dead = self.registry.peers()
+        if dead and self.registry.reap(dead):
+            log.info("affinity.reaped", workers=sorted(name for name, _ in dead))
+        self.router.refresh(live)
+
+    def owner(self, key: bytes | None, model: str) -> str | None:
+        """The worker that should run a job with this routing key (None: any, e.g. here)."""
+        if self.registry is None or key is None or len(self.router.peers) < 2:
+            return None
+        return self.router.owner(key, model)
+
+    def forward(self, message: Received, worker: str) -> bool:
+        """Hand a message taken from the shared queue to `worker`'s queue (at the same
+        priority); False if it was not ours to hand (then it is left alone)."""
+        assert message.origin is not None and message.handle
+        target = affinity_queue(self.queue, worker) + message.origin[len(self.queue) :]
+        keys = [UNACKED, UNACKED_INDEX, self._held, target]
+        return bool(self._forward(keys=keys, args=[message.handle, message.raw]))
 
     def restore_expired(self, limit: int = 256) -> int:
         """Push back messages unacknowledged for longer than the visibility timeout."""
@@ -149,6 +217,11 @@ class RedisSource:
             self.client.pipeline().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
             return 0
         return self._restore(keys=[UNACKED, UNACKED_INDEX, key], args=[tag, json.dumps(payload)])
+
+    def retire(self) -> None:
+        """A clean stop: leave the registry and hand back the own queue's waiting messages."""
+        if self.registry is not None:
+            self.registry.retire()
 
     def close(self) -> None:
         self.client.close()

@@ -23,6 +23,9 @@ class Received:
     content_type: str | None
     headers: dict[str, Any]
     handle: Any  # what `ack` needs
+    raw: bytes | None = None  # the message as the broker holds it (Redis: to forward it)
+    origin: str | None = None  # the list it came from (Redis)
+    routed: bool = False  # it came from this worker's own affinity queue
 
 
 class Source(Protocol):
@@ -38,15 +41,31 @@ class Source(Protocol):
         """Give messages back to the queue now (they were not finished here)."""
         ...
 
+    def tick(self, held: int) -> None:
+        """Periodic upkeep, called between receives (affinity: heartbeat and reaping)."""
+        ...
+
+    def owner(self, key: bytes | None, model: str) -> str | None:
+        """The worker that should run a job with this prefix key (None: whoever took it)."""
+        ...
+
+    def forward(self, message: Received, worker: str) -> bool:
+        """Hand a taken message to `worker`'s own queue; True when done."""
+        ...
+
+    def retire(self) -> None:
+        """A clean stop: stop being routed to; give back what waits for this worker."""
+        ...
+
     def close(self) -> None: ...
 
 
-def open_source(settings: Settings) -> Source:
+def open_source(settings: Settings, worker: str = "", models: list[str] | None = None) -> Source:
     url = settings.resolved_broker_url
     if url.startswith(("redis://", "rediss://")):
         from worker.service.redis_source import RedisSource
 
-        return RedisSource(settings)
+        return RedisSource(settings, worker, models or [])
     return KombuSource(settings)
 
 
@@ -101,6 +120,18 @@ class KombuSource:
     def requeue(self, handles: list[Any]) -> None:
         for message in handles:
             message.requeue()
+
+    def tick(self, held: int) -> None:
+        pass  # no affinity: every worker takes from the one queue
+
+    def owner(self, key: bytes | None, model: str) -> str | None:
+        return None
+
+    def forward(self, message: Received, worker: str) -> bool:
+        return False
+
+    def retire(self) -> None:
+        pass
 
     def close(self) -> None:
         self.conn.release()

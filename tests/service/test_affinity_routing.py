@@ -1,0 +1,101 @@
+"""Prefix-affinity routing through Redis with two workers in this process (null engines):
+jobs sharing a prefix meet on the worker that owns it, and a dead worker's queue is drained
+by the others."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import ExitStack
+
+import pytest
+import redis
+import sqlalchemy as sa
+from service_helpers import producer, running_worker, wait_for
+
+from api_client import InferqClient
+from worker.engine.null import NullEngine
+from worker.service.affinity import Peer, Router, prefix_key
+from worker.service.registry import affinity_queue
+
+pytestmark = pytest.mark.services
+
+
+def _settings(service_settings, name: str):
+    return service_settings.model_copy(
+        update={"model": "null", "worker_name": name, "affinity_dead_after_s": 3.0}
+    )
+
+
+def _wait_registered(settings, names: set[str], timeout: float = 10.0) -> None:
+    client = redis.Redis.from_url(settings.broker_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entries = {k.decode(): json.loads(v) for k, v in
+                   client.hgetall(f"inferq:workers:{settings.queue}").items()}  # fmt: skip
+        if names <= {n for n, e in entries.items() if time.time() - e["seen"] < 2}:
+            time.sleep(1.2)  # every router has refreshed its view once more
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"workers not registered: {names}")
+
+
+def _workers_of(repo, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    with repo.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT job_id, worker FROM job_metrics WHERE job_id = ANY(:ids)"),
+            {"ids": ids},
+        )
+        return dict(rows.all())
+
+
+def test_jobs_sharing_a_prefix_meet_on_the_worker_that_owns_it(service_settings) -> None:
+    names = ["aff-a", "aff-b"]
+    router = Router()
+    router.refresh({n: Peer(n, 0, frozenset({"null"})) for n in names})
+    prefixes: dict[str, str] = {}  # owner -> a 128+ byte prefix it owns
+    for i in range(50):
+        text = f"system prompt {i}: " + "you are a careful assistant. " * 5
+        owner = router.owner(prefix_key("default", "null", list(text.encode())), "null")
+        prefixes.setdefault(owner, text)
+        router.sent.clear()
+    assert set(prefixes) == set(names)
+    with ExitStack() as stack:
+        services = [
+            stack.enter_context(
+                running_worker(_settings(service_settings, n), {"null": NullEngine()})
+            )
+            for n in names
+        ]
+        _wait_registered(services[0].settings, set(names))
+        client = InferqClient(_settings(service_settings, "client"))
+        jobs = {owner: client.submit_many({"prompt": f"{text} question {q}?",
+                                           "params": {"max_tokens": 2}} for q in range(6))
+                for owner, text in prefixes.items()}  # fmt: skip
+        ids = [j for group in jobs.values() for j in group]
+        views = wait_for(services[0].repo, ids, timeout=60)
+        ran_on = _workers_of(services[0].repo, ids)
+    assert all(v.status == "done" for v in views.values())
+    for owner, group in jobs.items():
+        assert [ran_on[j] for j in group] == [owner] * len(group)
+
+
+def test_a_dead_workers_queue_is_drained_by_the_live_ones(service_settings) -> None:
+    settings = _settings(service_settings, "aff-live")
+    broker = redis.Redis.from_url(settings.broker_url)
+    registry = f"inferq:workers:{settings.queue}"
+    gone = {"seen": time.time() - 5, "held": 0, "models": ["null"]}
+    broker.hset(registry, "aff-ghost", json.dumps(gone))
+    stranded = uuid.uuid4()
+    producer(settings).send_task(
+        "inferq.generate", queue=affinity_queue(settings.queue, "aff-ghost"),
+        kwargs={"job_id": str(stranded), "prompt": "waiting for a dead worker", "model": "null"},
+    )  # fmt: skip
+    started = time.monotonic()
+    with running_worker(settings, {"null": NullEngine()}) as service:
+        view = wait_for(service.repo, [stranded], timeout=30)[stranded]
+        took = time.monotonic() - started
+    assert view.status == "done" and view.worker == "aff-live"
+    assert took < 10
+    assert broker.llen(affinity_queue(settings.queue, "aff-ghost")) == 0

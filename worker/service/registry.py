@@ -1,0 +1,129 @@
+"""The live-worker registry in Redis, for prefix-affinity routing.
+
+Each worker writes `{seen, held, models}` under its name in one hash per queue every second.
+A worker silent for `dead_after_s` is dead: any live worker moves the messages waiting in its
+affinity queue back to the shared queue and pushes back the messages it had taken but not
+acknowledged (the `held` set its takes recorded), so none waits on it; the entry is removed
+once it has been dead for a grace period with nothing left to move.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+
+import redis
+
+from api_client.wire import PRIORITY_STEPS
+from worker.service.affinity import Peer
+
+GRACE_S = 10.0  # a dead entry is kept (and drained) this long: late forwards still move on
+
+# KEYS: source lists, then as many target lists. Moves every item, keeping their order.
+_DRAIN = """
+local half, n = #KEYS / 2, 0
+for i = 1, half do
+  while true do
+    local item = redis.call('LPOP', KEYS[i])
+    if not item then break end
+    redis.call('RPUSH', KEYS[half + i], item)
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+def affinity_queue(queue: str, worker: str) -> str:
+    """The queue only `worker` consumes (beside the shared one)."""
+    return f"{queue}.w.{worker}"
+
+
+def held_key(queue: str, worker: str) -> str:
+    """The set of delivery tags `worker` has taken and not acknowledged."""
+    return f"inferq:held:{queue}:{worker}"
+
+
+class Registry:
+    """One worker's view: beat, list live peers, reap dead ones, retire itself."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        queue: str,
+        me: str,
+        models: Iterable[str],
+        dead_after_s: float,
+        queue_key: Callable[[str, int], str],
+        push_back: Callable[[bytes | str], int],
+    ) -> None:
+        self.client, self.queue, self.me = client, queue, me
+        self.models, self.dead_after_s = sorted(models), dead_after_s
+        self.key = f"inferq:workers:{queue}"
+        self._queue_key, self._push_back = queue_key, push_back
+        self._drain = client.register_script(_DRAIN)
+
+    def lists(self, worker: str) -> list[str]:
+        """A worker's affinity lists (one per priority step)."""
+        return [self._queue_key(affinity_queue(self.queue, worker), p) for p in PRIORITY_STEPS]
+
+    def beat(self, held: int) -> None:
+        entry = {"seen": time.time(), "held": held, "models": self.models}
+        self.client.hset(self.key, self.me, json.dumps(entry))
+
+    def _entries(self) -> dict[str, dict]:
+        out = {}
+        for name, raw in self.client.hgetall(self.key).items():
+            try:
+                out[name.decode()] = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                self.client.hdel(self.key, name)
+        return out
+
+    def peers(self) -> tuple[dict[str, Peer], list[tuple[str, float]]]:
+        """Live peers with their load (held + waiting in their affinity queue), and the dead
+        entries with when they were last seen."""
+        now, live, dead = time.time(), {}, []
+        entries = self._entries()
+        pipe = self.client.pipeline(transaction=False)
+        for name, entry in entries.items():
+            if now - float(entry.get("seen", 0)) <= self.dead_after_s:
+                for key in self.lists(name):
+                    pipe.llen(key)
+        waiting = iter(pipe.execute())
+        for name, entry in entries.items():
+            seen = float(entry.get("seen", 0))
+            if now - seen > self.dead_after_s:
+                dead.append((name, seen))
+                continue
+            queued = sum(next(waiting) for _ in PRIORITY_STEPS)
+            models = frozenset(entry.get("models") or ())
+            live[name] = Peer(name, int(entry.get("held", 0)) + queued, models)
+        return live, dead
+
+    def reap(self, dead: list[tuple[str, float]]) -> int:
+        """Give a dead worker's waiting and taken messages back to the shared queue; how many
+        moved. Several live workers may reap at once: every move is atomic."""
+        moved, now = 0, time.time()
+        for name, seen in dead:
+            moved_here = self.drain(name)
+            held = held_key(self.queue, name)
+            for tag in self.client.smembers(held):
+                moved_here += self._push_back(tag)
+            self.client.delete(held)
+            if moved_here == 0 and now - seen > self.dead_after_s + GRACE_S:
+                self.client.hdel(self.key, name)
+            moved += moved_here
+        return moved
+
+    def drain(self, worker: str) -> int:
+        """Move what waits in `worker`'s affinity queue to the shared queue, in order."""
+        shared = [self._queue_key(self.queue, p) for p in PRIORITY_STEPS]
+        return int(self._drain(keys=[*self.lists(worker), *shared]))
+
+    def retire(self) -> None:
+        """A clean stop: look dead at once (no new forwards) and hand back the own queue."""
+        gone = time.time() - self.dead_after_s - 1  # dead now; reaped through the grace period
+        self.client.hset(self.key, self.me, json.dumps({"seen": gone, "held": 0, "models": []}))
+        self.drain(self.me)
