@@ -338,6 +338,9 @@ def test_metrics_and_health_endpoints(service_settings, paged_engine) -> None:
         assert "inferq_kv_blocks" in text and "inferq_job_seconds_bucket" in text
         assert "inferq_queue_depth 0.0" in text
         assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
+        deadline = time.monotonic() + 10  # ready once a sweep has answered lately
+        while time.monotonic() < deadline and not worker.ready():
+            time.sleep(0.1)
         assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
     with pytest.raises(urllib.error.URLError):  # stopped: the endpoint is gone
         urllib.request.urlopen(f"{base}/healthz", timeout=2)
