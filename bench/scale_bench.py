@@ -13,9 +13,11 @@ Workloads (same seed, same user parts and max_tokens):
 - skewed: the same jobs with their system prompts re-assigned (seed + 1): a random half of the
   jobs get system prompt 0 (the hot one), the other half one of prompts 1..3 uniformly.
 Columns: jobs per worker (w0..), max/min of those; prefix hit = cached prompt tokens / shareable
-system-prompt tokens (service_bench's definition: all but one job's per system prompt) overall,
-and per worker over that worker's own jobs (min - max over workers); cached/prompt = cached
-prompt tokens / all prompt tokens; latency = job_metrics.total_s (enqueue -> finished) and
+system-prompt tokens (service_bench's definition: all but one job's system block per prompt);
+hit per worker = a worker's cached prompt tokens / the system-block tokens of its jobs (min -
+max over workers with jobs); cold prefixes = (worker, system prompt) pairs that occurred, each
+one a first miss (ideal: the number of system prompts); cached/prompt = cached prompt tokens /
+all prompt tokens; latency = job_metrics.total_s (enqueue -> finished) and
 TTFT = ttft_s, p50 / p95; wall = first enqueue (jobs.queued_at) to last finished_at; out tok/s
 = completion tokens / wall.
 --kill: affinity on, the bench workload, INFERQ_WORKER_DEAD_AFTER_S=10 and INFERQ_HEARTBEAT_S=2
@@ -38,6 +40,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,7 @@ class Row:
     jobs_per_worker: list[int]
     hit: float
     hit_worker: list[float | None]
+    cold: int
     cached_share: float
     latency: tuple[float, float]
     ttft: tuple[float, float]
@@ -93,14 +97,15 @@ class Row:
         return [
             self.config, " ".join(map(str, self.jobs_per_worker)),
             f"{hi / lo:.2f}" if lo else "inf", f"{self.hit:.1%}",
-            f"{min(hits):.1%} - {max(hits):.1%}" if hits else "-", f"{self.cached_share:.1%}",
+            f"{min(hits):.1%} - {max(hits):.1%}" if hits else "-", str(self.cold),
+            f"{self.cached_share:.1%}",
             "{:.1f} / {:.1f}".format(*self.latency), "{:.1f} / {:.1f}".format(*self.ttft),
             f"{self.out_tps:.1f}", f"{self.wall_s:.1f}",
         ]  # fmt: skip
 
 
 HEADER = ["workload/routing", "jobs per worker", "max/min", "prefix hit", "hit per worker",
-          "cached/prompt", "p50 / p95 latency s", "p50 / p95 TTFT s", "out tok/s",
+          "cold prefixes", "cached/prompt", "p50 / p95 latency s", "p50 / p95 TTFT s", "out tok/s",
           "wall s"]  # fmt: skip
 
 
@@ -198,15 +203,16 @@ def collect(
     per = {w: [r for r in facts if r["worker"] == w] for w in names}
     hit_worker: list[float | None] = []
     for rows in per.values():
-        own = shareable_tokens([Spec(system[r["job_id"]], [], 0) for r in rows], sys_lens)
+        blocks = sum(sys_lens[system[r["job_id"]]] for r in rows)
         cached = sum(r["cached_prompt_tokens"] for r in rows)
-        hit_worker.append(cached / own if own else None)
+        hit_worker.append(cached / blocks if blocks else None)
+    cold = len({(r["worker"], system[r["job_id"]]) for r in facts})
     cached = sum(r["cached_prompt_tokens"] for r in facts)
     t0 = min(r["queued_at"] for r in facts)
     wall = (max(r["finished_at"] for r in facts) - t0).total_seconds()
     return Row(
         config, [len(rows) for rows in per.values()],
-        cached / shareable_tokens(specs, sys_lens), hit_worker,
+        cached / shareable_tokens(specs, sys_lens), hit_worker, cold,
         cached / max(1, sum(r["prompt_tokens"] for r in facts)),
         pct([r["total_s"] for r in facts]), pct([r["ttft_s"] for r in facts]),
         sum(r["completion_tokens"] for r in facts) / wall, wall, len(facts),
@@ -252,7 +258,7 @@ def run_kill(args: argparse.Namespace, specs: list[Spec], sys_lens: list[int]) -
             raise SystemExit("no worker holds running jobs a third of the way: nothing to kill")
         victim = running[0][0]
         fl.procs[victim].send_signal(signal.SIGKILL)
-        t_kill = time.monotonic()
+        t_kill, killed_at = time.monotonic(), datetime.now(UTC)
         fl.procs[victim].wait()  # dead before its jobs are read: it writes nothing more
         held = [r[0] for r in scalar_rows(
             env, "SELECT id FROM jobs WHERE status='running' AND worker=:w", w=victim)]  # fmt: skip
@@ -272,6 +278,10 @@ def run_kill(args: argparse.Namespace, specs: list[Spec], sys_lens: list[int]) -
                 break
             time.sleep(1.0)
         row = collect(env, "bench/affinity+kill", ids, specs, sys_lens, args.workers)
+        requeued = scalar_rows(env, "SELECT min(requeued_at), max(requeued_at) FROM jobs "
+                                    "WHERE id = ANY(:ids)", ids=held)[0]  # fmt: skip
+        rerun = dict(scalar_rows(env, "SELECT worker, count(*) FROM job_metrics WHERE "
+                                      "job_id = ANY(:ids) GROUP BY worker", ids=held))  # fmt: skip
         lost, dupes = env.lost_and_duplicates(ids)
         multi = scalar_rows(env, "SELECT job_id, count(*) FROM results GROUP BY job_id "
                                  "HAVING count(*) > 1")  # fmt: skip
@@ -282,7 +292,8 @@ def run_kill(args: argparse.Namespace, specs: list[Spec], sys_lens: list[int]) -
             "victim": victim, "done_at_kill": done_at_kill, "running_at_kill": dict(running),
             "held": len(held), "recovery_s": recovery_s, "done": n - lost, "lost": lost,
             "duplicate_results": len(multi) + dupes, "attempts": attempts,
-            "redis_unacked_at_end": unacked,
+            "redis_unacked_at_end": unacked, "rerun_on": rerun,
+            "requeued_after_s": [(t - killed_at).total_seconds() if t else None for t in requeued],
         }  # fmt: skip
         return row
 
@@ -291,10 +302,12 @@ def recovery_line(row: Row) -> str:
     x = row.extra
     took = f"{x['recovery_s']:.1f} s" if x["recovery_s"] is not None else "NOT within timeout"
     ok = "ok" if x["recovery_s"] is not None and x["recovery_s"] <= 60 else "MISSED"
+    sent = " - ".join("-" if t is None else f"{t:.1f}" for t in x["requeued_after_s"])
     return (
         f"Recovery ({row.config}): SIGKILL {x['victim']} at {x['done_at_kill']} done, holding "
         f"{x['held']} running jobs (running per worker: {x['running_at_kill']}); all of them done "
-        f"{took} after the kill (target <= 60 s: {ok}); done {x['done']}, lost {x['lost']}, "
+        f"{took} after the kill (target <= 60 s: {ok}); sent again by a sweeper {sent} s after "
+        f"the kill, run again on {x['rerun_on']}; done {x['done']}, lost {x['lost']}, "
         f"duplicate results {x['duplicate_results']}, jobs.attempts {x['attempts']}, Redis "
         f"unacked messages left {x['redis_unacked_at_end']}."
     )
