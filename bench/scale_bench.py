@@ -36,6 +36,7 @@ import random
 import signal
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -370,4 +371,5 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up as on Ctrl-C
     main()
