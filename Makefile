@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test unit client-deps lint services model bench service-bench gptq-report \
-	report-scale clean
+	report-scale scale-bench clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,12 @@ bench: model
 service-bench: model services
 	$(PY) bench/service_bench.py
 	$(PY) bench/service_null.py --jobs 10000
+
+# Scale-out: 4 workers, round-robin vs prefix-affinity routing on the benchmark workload and a
+# skewed one, then a worker SIGKILLed mid-run (recovery time, lost, duplicates); table under
+# bench/out/. Several model loads and 5 runs: long on 2 cores (try --jobs 64 first).
+scale-bench: model services
+	$(PY) bench/scale_bench.py --workers 4 --jobs 256 --kill
 
 # GPTQ vs fp: perplexity, size, memory, speed (about 3 minutes); table under bench/out/.
 gptq-report: model
