@@ -8,6 +8,7 @@ at any moment loses nothing; what it held is pushed back once the visibility tim
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -23,7 +24,8 @@ from worker.service.registry import Registry, affinity_queue, held_key
 from worker.service.sources import Received, unwrap
 
 log = get_logger("inferq.redis_source")
-TICK_S = 1.0  # heartbeat, reaping and the router's view of its peers
+TICK_S = 1.0  # heartbeat and reaping
+VIEW_S = 0.2  # routing reads the peers' loads again when its view is older than this
 SEP = "\x06\x16"  # kombu's separator between a queue name and its priority step
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 RESTORE_EVERY_S = 2.0
@@ -113,7 +115,8 @@ class RedisSource:
         self._take = self.client.register_script(_TAKE)
         self._restore = self.client.register_script(_RESTORE)
         self._forward = self.client.register_script(_FORWARD)
-        self._next_restore = self._next_tick = 0.0
+        self._next_restore = self._next_tick = self._looked = 0.0
+        self._in_hand = 0  # messages of the last take not routed yet
         self._idle_s = IDLE_SLEEP_S[0]
         self.registry: Registry | None = None
         self.router = Router(settings.affinity_load_factor)
@@ -139,6 +142,7 @@ class RedisSource:
             raw = self._take(keys=self._keys, args=[limit, time.time()]) if limit > 0 else []
             if raw:
                 self._idle_s = IDLE_SLEEP_S[0]
+                self._in_hand = len(raw) // 3
                 return [
                     self._received(item, tag, self._lists[int(i) - 1])
                     for item, tag, i in zip(raw[::3], raw[1::3], raw[2::3], strict=True)
@@ -172,14 +176,29 @@ class RedisSource:
             return
         self._next_tick = time.monotonic() + TICK_S
         self.registry.beat(held)
-        live, dead = self.registry.peers()
+        dead = self._look()
         if dead and self.registry.reap(dead):
             log.info("affinity.reaped", workers=sorted(name for name, _ in dead))
+
+    def _look(self) -> list[tuple[str, float]]:
+        """Refresh the router's view of the live peers and their loads; the dead ones."""
+        assert self.registry is not None
+        live, dead = self.registry.peers()
+        me = live.get(self.registry.me)
+        if me is not None:  # what this worker took and has not routed yet is not its load
+            live[me.name] = dataclasses.replace(me, load=max(0, me.load - self._in_hand))
         self.router.refresh(live)
+        self._looked = time.monotonic()
+        return dead
 
     def owner(self, key: bytes | None, model: str) -> str | None:
         """The worker that should run a job with this routing key (None: any, e.g. here)."""
-        if self.registry is None or key is None or len(self.router.peers) < 2:
+        if self.registry is None or key is None:
+            return None
+        if time.monotonic() - self._looked > VIEW_S:  # a burst is routed on fresh loads
+            self._look()
+        self._in_hand = max(0, self._in_hand - 1)
+        if len(self.router.peers) < 2:
             return None
         return self.router.owner(key, model)
 

@@ -1,6 +1,7 @@
 """The live-worker registry in Redis, for prefix-affinity routing.
 
-Each worker writes `{seen, held, models}` under its name in one hash per queue every second.
+Each worker writes `{seen, held, models}` under its name in one hash per queue every second;
+its load is read fresh from Redis (the tags it holds, the messages waiting for it).
 A worker silent for `dead_after_s` is dead: any live worker moves the messages waiting in its
 affinity queue back to the shared queue and pushes back the messages it had taken but not
 acknowledged (the `held` set its takes recorded), so none waits on it; the entry is removed
@@ -76,30 +77,29 @@ class Registry:
         out = {}
         for name, raw in self.client.hgetall(self.key).items():
             try:
-                out[name.decode()] = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
+                out[name.decode()] = entry = json.loads(raw)
+                float(entry["seen"])
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError):
                 self.client.hdel(self.key, name)
         return out
 
     def peers(self) -> tuple[dict[str, Peer], list[tuple[str, float]]]:
-        """Live peers with their load (held + waiting in their affinity queue), and the dead
-        entries with when they were last seen."""
+        """Live peers with their load, read fresh (the messages they have taken and not
+        acknowledged, plus those waiting in their affinity queue), and the dead entries with
+        when they were last seen."""
         now, live, dead = time.time(), {}, []
         entries = self._entries()
+        alive = [n for n, e in entries.items() if now - float(e["seen"]) <= self.dead_after_s]
         pipe = self.client.pipeline(transaction=False)
-        for name, entry in entries.items():
-            if now - float(entry.get("seen", 0)) <= self.dead_after_s:
-                for key in self.lists(name):
-                    pipe.llen(key)
-        waiting = iter(pipe.execute())
-        for name, entry in entries.items():
-            seen = float(entry.get("seen", 0))
-            if now - seen > self.dead_after_s:
-                dead.append((name, seen))
-                continue
-            queued = sum(next(waiting) for _ in PRIORITY_STEPS)
-            models = frozenset(entry.get("models") or ())
-            live[name] = Peer(name, int(entry.get("held", 0)) + queued, models)
+        for name in alive:
+            pipe.scard(held_key(self.queue, name))
+            for key in self.lists(name):
+                pipe.llen(key)
+        counts = iter(pipe.execute())
+        for name in alive:
+            load = sum(next(counts) for _ in range(1 + len(PRIORITY_STEPS)))
+            live[name] = Peer(name, load, frozenset(entries[name].get("models") or ()))
+        dead = [(n, float(e["seen"])) for n, e in entries.items() if n not in live]
         return live, dead
 
     def reap(self, dead: list[tuple[str, float]]) -> int:
