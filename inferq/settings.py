@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     )
     affinity_blocks: int = Field(8, ge=1, description="leading KV blocks a routing key covers")
     affinity_load_factor: float = Field(
-        1.25, ge=1.0, description="a worker this much busier than the idlest one sheds new jobs"
+        1.2, ge=1.0, description="a worker this much busier than the idlest one sheds new jobs"
     )
     affinity_dead_after_s: float = Field(
         10.0, gt=0, description="a worker silent this long: its affinity queue is drained"

@@ -11,7 +11,7 @@ from worker.service.affinity import Peer, Router, prefix_key
 MODEL = "m"
 
 
-def _router(names: list[str], loads: dict[str, int] | None = None, factor: float = 1.25) -> Router:
+def _router(names: list[str], loads: dict[str, int] | None = None, factor: float = 1.2) -> Router:
     router = Router(factor)
     loads = loads or {}
     router.refresh({n: Peer(n, loads.get(n, 0), frozenset({MODEL})) for n in names})

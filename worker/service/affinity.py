@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from kv.hashing import block_hashes
 
-SLACK = 8  # jobs a worker may hold beyond `factor` x the idlest one's before it sheds
+SLACK = 6  # jobs a worker may hold beyond `factor` x the idlest one's before it sheds
 
 
 def prefix_key(
@@ -50,7 +50,7 @@ class Router:
     """Picks an owner per key among the live peers; `assign` counts what this worker sent
     since the last `refresh`, so a burst spreads before the registry shows it."""
 
-    factor: float = 1.25
+    factor: float = 1.2
     peers: dict[str, Peer] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)
 
