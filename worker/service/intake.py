@@ -120,7 +120,7 @@ class Intake:
     def _consume(self, source: Source, stop: threading.Event) -> None:
         while not stop.is_set():
             self._flush_acks(source)
-            source.tick(len(self._unacked))
+            source.tick()
             room = self.prefetch - len(self._unacked) if self.taking.is_set() else 0
             group = source.receive(min(room, MAX_GROUP), POLL_S) if room > 0 else []
             if group:

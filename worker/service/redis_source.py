@@ -8,8 +8,10 @@ at any moment loses nothing; what it held is pushed back once the visibility tim
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -117,6 +119,7 @@ class RedisSource:
         self._forward = self.client.register_script(_FORWARD)
         self._next_restore = self._next_tick = self._looked = 0.0
         self._in_hand = 0  # messages of the last take not routed yet
+        self._closed = threading.Event()
         self._idle_s = IDLE_SLEEP_S[0]
         self.registry: Registry | None = None
         self.router = Router(settings.affinity_load_factor)
@@ -127,6 +130,8 @@ class RedisSource:
                 queue_key, self._push_back,
             )  # fmt: skip
             own = affinity_queue(self.queue, worker)
+            self.registry.beat()
+            threading.Thread(target=self._beat, name="inferq-beat", daemon=True).start()
         self._held = held_key(self.queue, worker)
         lists = [[queue_key(own, p), queue_key(self.queue, p)] if own else
                  [queue_key(self.queue, p)] for p in PRIORITY_STEPS]  # fmt: skip
@@ -170,15 +175,21 @@ class RedisSource:
 
     # -- affinity ----------------------------------------------------------------------------
 
-    def tick(self, held: int) -> None:
-        """About once a second: heartbeat, reap dead peers, refresh the router's view."""
+    def tick(self) -> None:
+        """About once a second: reap dead peers (the heartbeat has a thread of its own, so a
+        worker busy retrying its database never looks dead)."""
         if self.registry is None or time.monotonic() < self._next_tick:
             return
         self._next_tick = time.monotonic() + TICK_S
-        self.registry.beat(held)
         dead = self._look()
         if dead and self.registry.reap(dead):
             log.info("affinity.reaped", workers=sorted(name for name, _ in dead))
+
+    def _beat(self) -> None:
+        assert self.registry is not None
+        while not self._closed.wait(TICK_S):
+            with contextlib.suppress(redis.RedisError):  # away: beats resume when it is back
+                self.registry.beat()
 
     def _look(self) -> list[tuple[str, float]]:
         """Refresh the router's view of the live peers and their loads; the dead ones."""
@@ -243,4 +254,5 @@ class RedisSource:
             self.registry.retire()
 
     def close(self) -> None:
+        self._closed.set()
         self.client.close()

@@ -1,6 +1,6 @@
 """The live-worker registry in Redis, for prefix-affinity routing.
 
-Each worker writes `{seen, held, models}` under its name in one hash per queue every second;
+Each worker writes `{seen, models}` under its name in one hash per queue every second;
 its load is read fresh from Redis (the tags it holds, the messages waiting for it).
 A worker silent for `dead_after_s` is dead: any live worker moves the messages waiting in its
 affinity queue back to the shared queue and pushes back the messages it had taken but not
@@ -69,8 +69,8 @@ class Registry:
         """A worker's affinity lists (one per priority step)."""
         return [self._queue_key(affinity_queue(self.queue, worker), p) for p in PRIORITY_STEPS]
 
-    def beat(self, held: int) -> None:
-        entry = {"seen": time.time(), "held": held, "models": self.models}
+    def beat(self) -> None:
+        entry = {"seen": time.time(), "models": self.models}
         self.client.hset(self.key, self.me, json.dumps(entry))
 
     def _entries(self) -> dict[str, dict]:
@@ -125,5 +125,5 @@ class Registry:
     def retire(self) -> None:
         """A clean stop: look dead at once (no new forwards) and hand back the own queue."""
         gone = time.time() - self.dead_after_s - 1  # dead now; reaped through the grace period
-        self.client.hset(self.key, self.me, json.dumps({"seen": gone, "held": 0, "models": []}))
+        self.client.hset(self.key, self.me, json.dumps({"seen": gone, "models": []}))
         self.drain(self.me)

@@ -41,8 +41,8 @@ class Source(Protocol):
         """Give messages back to the queue now (they were not finished here)."""
         ...
 
-    def tick(self, held: int) -> None:
-        """Periodic upkeep, called between receives (affinity: heartbeat and reaping)."""
+    def tick(self) -> None:
+        """Periodic upkeep, called between receives (affinity: reaping dead peers)."""
         ...
 
     def owner(self, key: bytes | None, model: str) -> str | None:
@@ -121,7 +121,7 @@ class KombuSource:
         for message in handles:
             message.requeue()
 
-    def tick(self, held: int) -> None:
+    def tick(self) -> None:
         pass  # no affinity: every worker takes from the one queue
 
     def owner(self, key: bytes | None, model: str) -> str | None:
