@@ -99,3 +99,25 @@ def test_a_dead_workers_queue_is_drained_by_the_live_ones(service_settings) -> N
     assert view.status == "done" and view.worker == "aff-live"
     assert took < 10
     assert broker.llen(affinity_queue(settings.queue, "aff-ghost")) == 0
+
+
+def test_messages_a_dead_worker_had_taken_come_back_within_seconds(service_settings) -> None:
+    """A worker that took a message and died (no ack, no heartbeat): the live ones push the
+    message back long before the visibility timeout, and it runs once."""
+    from worker.service.redis_source import RedisSource
+
+    settings = _settings(service_settings, "aff-live")
+    job = uuid.uuid4()
+    producer(settings).send_task(
+        "inferq.generate", queue=settings.queue,
+        kwargs={"job_id": str(job), "prompt": "taken by a worker that then died", "model": "null"},
+    )  # fmt: skip
+    ghost = RedisSource(_settings(service_settings, "aff-ghost"), "aff-ghost", ["null"])
+    assert len(ghost.receive(10, 2.0)) == 1  # taken, never acknowledged
+    ghost.close()  # its heartbeat stops: dead 3 s later (affinity_dead_after_s)
+    started = time.monotonic()
+    with running_worker(settings, {"null": NullEngine()}) as service:
+        view = wait_for(service.repo, [job], timeout=30)[job]
+        took = time.monotonic() - started
+    assert view.status == "done" and view.worker == "aff-live" and view.attempts == 1
+    assert took < 15  # the visibility timeout is 30 minutes
