@@ -12,6 +12,8 @@ Workloads (same seed, same user parts and max_tokens):
 - bench: bench/engine_bench.py's build_workload (4 system prompts, uniform over jobs).
 - skewed: the same jobs with their system prompts re-assigned (seed + 1): a random half of the
   jobs get system prompt 0 (the hot one), the other half one of prompts 1..3 uniformly.
+- many: the same jobs, each system prompt opened by one of 8 "Desk d of 8." lines at random:
+  32 prefixes of about 8 jobs each, where spreading a prefix over workers costs most.
 Columns: jobs per worker (w0..), max/min of those; prefix hit = cached prompt tokens / shareable
 system-prompt tokens (service_bench's definition: all but one job's system block per prompt);
 hit per worker = a worker's cached prompt tokens / the system-block tokens of its jobs (min -
@@ -57,7 +59,8 @@ from worker.engine.codec import TextCodec
 from worker.prep.models import resolve_model
 
 ROUTINGS = {"rr": "0", "affinity": "1"}
-WORKLOADS = ("bench", "skewed")
+WORKLOADS = ("bench", "skewed", "many")
+DESKS = 8  # the many-prefix workload: each system prompt in 8 variants (32 prefixes)
 CONFIGS = [f"{w}/{r}" for w in WORKLOADS for r in ROUTINGS]
 HOT = 0  # the skewed workload's hot system prompt
 KILL_ENV = {"INFERQ_WORKER_DEAD_AFTER_S": "10", "INFERQ_HEARTBEAT_S": "2"}
@@ -128,7 +131,16 @@ def build_specs(n: int, seed: int, max_new: int) -> tuple[dict[str, list[Spec]],
         k = HOT if i in hot else rng.choice(cold)
         system = {"role": "system", "content": systems[k]}
         skewed.append(Spec(k, [system, *s.messages[1:]], s.max_tokens))
-    return {"bench": bench, "skewed": skewed}, sys_lens
+    many, variants = [], {}  # (desk, prompt) -> system index, after the 4 originals
+    for s in bench:
+        text = f"Desk {rng.randrange(DESKS)} of {DESKS}. {systems[s.system]}"
+        index = variants.setdefault(text, len(sys_lens) + len(variants))
+        many.append(Spec(index, [{"role": "system", "content": text}, *s.messages[1:]],
+                         s.max_tokens))  # fmt: skip
+    for text in variants:  # in index order
+        block = tok.apply_chat_template([{"role": "system", "content": text}])
+        sys_lens.append(len(list(block["input_ids"])))
+    return {"bench": bench, "skewed": skewed, "many": many}, sys_lens
 
 
 class Fleet:
