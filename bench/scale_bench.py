@@ -63,7 +63,9 @@ WORKLOADS = ("bench", "skewed", "many")
 DESKS = 8  # the many-prefix workload: each system prompt in 8 variants (32 prefixes)
 CONFIGS = [f"{w}/{r}" for w in WORKLOADS for r in ROUTINGS]
 HOT = 0  # the skewed workload's hot system prompt
-KILL_ENV = {"INFERQ_WORKER_DEAD_AFTER_S": "10", "INFERQ_HEARTBEAT_S": "2"}
+# The kill run keeps the defaults: the affinity reaper hands a dead worker's messages back
+# after INFERQ_AFFINITY_DEAD_AFTER_S (10 s); the PostgreSQL sweeper (60 s) is the backstop.
+KILL_ENV: dict[str, str] = {}
 FACTS = sa.text(
     "SELECT m.job_id, m.worker, m.status, m.prompt_tokens, m.cached_prompt_tokens,"
     " m.completion_tokens, m.total_s, m.ttft_s, m.finished_at, j.queued_at"
@@ -319,8 +321,9 @@ def recovery_line(row: Row) -> str:
     return (
         f"Recovery ({row.config}): SIGKILL {x['victim']} at {x['done_at_kill']} done, holding "
         f"{x['held']} running jobs (running per worker: {x['running_at_kill']}); all of them done "
-        f"{took} after the kill (target <= 60 s: {ok}); sent again by a sweeper {sent} s after "
-        f"the kill, run again on {x['rerun_on']}; done {x['done']}, lost {x['lost']}, "
+        f"{took} after the kill (target <= 60 s: {ok}); sent again by the PostgreSQL sweeper "
+        f"{sent} s after the kill (-: never, the affinity reaper was first), run again on "
+        f"{x['rerun_on']}; done {x['done']}, lost {x['lost']}, "
         f"duplicate results {x['duplicate_results']}, jobs.attempts {x['attempts']}, Redis "
         f"unacked messages left {x['redis_unacked_at_end']}."
     )
