@@ -8,34 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
-from storage.db import dialect_insert
+from storage.db import chunks, dialect_insert
 from storage.models import job_metrics_table, jobs_table, worker_usage_table
 from storage.prices import Billing
-from storage.records import TERMINAL_STATUSES, JobUsage, UsageDelta
+from storage.records import TERMINAL_STATUSES, USAGE_FIGURES, JobUsage, UsageDelta
 
 J, M, W = jobs_table, job_metrics_table, worker_usage_table
-_CHUNK = 5000
 _FROM_JOB = ("tenant", "model", "status", "worker", "attempts", "enqueued_at", "first_seen_at",
              "finished_at")  # fmt: skip
-_USAGE_FIGURES = [f.name for f in dataclasses.fields(UsageDelta) if f.name not in
-                  ("worker", "model", "hour", "device")]  # fmt: skip
-
-
-def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
 
 
 def settle(conn: sa.Connection, job_ids: Iterable[uuid.UUID]) -> None:
     """Bring the facts rows of these jobs in line with their job rows, for those that ended
     (a row is created on first end; later ends update its status, worker and end time)."""
     ids = list(dict.fromkeys(job_ids))
-    for part in _chunks(ids):
+    for part in chunks(ids):
         chosen = sa.select(J.c.id, *(J.c[c] for c in _FROM_JOB)).where(
             J.c.id.in_(part), J.c.status.in_(TERMINAL_STATUSES)
         )
@@ -69,7 +61,7 @@ def add_worker_usage(conn: sa.Connection, deltas: Sequence[UsageDelta]) -> None:
     if not merged:
         return
     stmt = dialect_insert(conn, W)
-    added = {n: W.c[n] + stmt.excluded[n] for n in _USAGE_FIGURES}
+    added = {n: W.c[n] + stmt.excluded[n] for n in USAGE_FIGURES}
     stmt = stmt.on_conflict_do_update(
         index_elements=[W.c.worker, W.c.model, W.c.hour],
         set_={**added, "device": stmt.excluded.device},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -74,6 +75,15 @@ def _install_sqlite_hooks(engine: sa.Engine) -> None:
     def _on_begin(conn: sa.Connection) -> None:
         write = conn.get_execution_options().get(WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+CHUNK = 5000  # ids per IN list (SQLite caps bound parameters)
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    """`items` in slices of at most `size`, for IN lists."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def dialect_insert(conn: sa.Connection | sa.Engine, table: sa.Table) -> Any:

@@ -202,12 +202,15 @@ class UsageDelta:
     cache_hit_tokens: int = 0
 
     def __add__(self, other: UsageDelta) -> UsageDelta:
-        summed = {
-            f.name: getattr(self, f.name) + getattr(other, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ("worker", "model", "hour", "device")
-        }
+        summed = {n: getattr(self, n) + getattr(other, n) for n in USAGE_FIGURES}
         return dataclasses.replace(self, **summed)
+
+
+#: What a `UsageDelta` adds up: engine seconds, then counters (as `EngineStats` names them).
+USAGE_SECONDS = ("busy_s", "idle_s")
+USAGE_COUNTS = ("steps", "seq_steps", "prefill_tokens", "decode_tokens", "recompute_tokens",
+                "cache_queried_tokens", "cache_hit_tokens")  # fmt: skip
+USAGE_FIGURES = USAGE_SECONDS + USAGE_COUNTS
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from storage.models import (
     jobs_table,
     worker_usage_table,
 )
+from storage.records import USAGE_COUNTS, USAGE_SECONDS
 
 Row = dict[str, Any]
 Bucket = Literal["day", "hour"]
@@ -39,9 +40,7 @@ TOKENS = ("prompt_tokens", "cached_prompt_tokens", "computed_prompt_tokens", "co
 MONEY = ("list_cost", "compute_cost", "cache_savings")
 LATENCIES = ("queue_wait_s", "ttft_s", "total_s", "decode_tokens_per_s")
 QUANTILES = (50, 95, 99)
-ENGINE_SECONDS = ("busy_s", "idle_s")
-ENGINE_COUNTS = ("steps", "seq_steps", "prefill_tokens", "decode_tokens", "recompute_tokens",
-                 "cache_queried_tokens", "cache_hit_tokens")  # fmt: skip
+ENGINE_SECONDS, ENGINE_COUNTS = USAGE_SECONDS, USAGE_COUNTS
 JOB_REPORT_COLUMNS = (  # the job_report view's, in its order
     "job_id", "tenant", "model", "status", "priority", "attempts", "worker", "device", "error",
     "queued_at", "enqueued_at", "first_seen_at", "admitted_at", "first_token_at", "finished_at",

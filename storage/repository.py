@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage import accounting
-from storage.db import WRITE_OPTION, dialect_insert, make_engine
+from storage.db import WRITE_OPTION, chunks, dialect_insert, make_engine
 from storage.models import (
     JOB_STATUSES,
     batches_table,
@@ -54,15 +54,9 @@ __all__ = [
 
 J, B, R, M = jobs_table, batches_table, results_table, job_metrics_table
 EXPIRED_ERROR = "its deadline passed before it finished"
-_CHUNK = 5000  # ids per IN list on reads (SQLite caps bound parameters)
 _RESULT_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "job_id"]
 _METRIC_FIELDS = [f.name for f in dataclasses.fields(MetricsRow) if f.name != "job_id"]
 _JOB_FIELDS = [f.name for f in dataclasses.fields(JobView) if f.name not in ("result", "metrics")]
-
-
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _status_in(statuses: Iterable[str]) -> sa.ColumnElement[bool]:
@@ -99,13 +93,13 @@ class Repository:
         jobs = list(jobs)
         out: dict[uuid.UUID, uuid.UUID] = {}
         ids = list({j.id for j in jobs})
-        for part in _chunks(ids):
+        for part in chunks(ids):
             out.update((i, i) for i in conn.scalars(sa.select(J.c.id).where(J.c.id.in_(part))))
         keyed = [j for j in jobs if j.id not in out and j.idempotency_key is not None]
         pairs = list({(j.tenant, j.idempotency_key) for j in keyed})
         found: dict[tuple[str, str], uuid.UUID] = {}
         key_cols = sa.tuple_(J.c.tenant, J.c.idempotency_key)
-        for part in _chunks(pairs):
+        for part in chunks(pairs):
             rows = conn.execute(
                 sa.select(J.c.tenant, J.c.idempotency_key, J.c.id).where(key_cols.in_(part))
             )
@@ -185,13 +179,13 @@ class Repository:
             canonical = {j.id: j.id for j in unique if j.id in inserted}
             canonical.update(self._existing(conn, [j for j in unique if j.id not in inserted]))
             runnable = [j for j in canonical.values() if j not in refused]
-            for part in _chunks(runnable):  # past their deadline: expired, not run
+            for part in chunks(runnable):  # past their deadline: expired, not run
                 conn.execute(
                     sa.update(J)
                     .where(J.c.id.in_(part), J.c.status.in_(ACTIVE_STATUSES), J.c.expires_at <= now)
                     .values(status=JobStatus.EXPIRED, finished_at=now, error=EXPIRED_ERROR)
                 )
-            for part in _chunks(runnable):
+            for part in chunks(runnable):
                 conn.execute(
                     sa.update(J)
                     .where(J.c.id.in_(part), J.c.status.in_(ACTIVE_STATUSES))
@@ -201,7 +195,7 @@ class Repository:
             self._fail(conn, {j: refused[j] for j in canonical if j in refused}, final=True)
             accounting.settle(conn, canonical.values())
             states: dict[uuid.UUID, JobState] = {}
-            for part in _chunks(list(set(canonical.values()))):
+            for part in chunks(list(set(canonical.values()))):
                 rows = conn.execute(
                     sa.select(J.c.id, J.c.status, J.c.attempts).where(J.c.id.in_(part))
                 )
@@ -313,7 +307,7 @@ class Repository:
         joined = J.outerjoin(R, R.c.job_id == J.c.id).outerjoin(M, M.c.job_id == J.c.id)
         out: dict[uuid.UUID, JobView] = {}
         with self.engine.connect() as conn:
-            for part in _chunks(ids):
+            for part in chunks(ids):
                 stmt = sa.select(*columns).select_from(joined)
                 stmt = stmt.where(J.c.id.in_(part), _of(tenant))
                 for row in conn.execute(stmt).mappings():
@@ -330,7 +324,7 @@ class Repository:
         ids = list(dict.fromkeys(ids))
         out: dict[uuid.UUID, str] = {}
         with self.engine.connect() as conn:
-            for part in _chunks(ids):
+            for part in chunks(ids):
                 rows = conn.execute(sa.select(J.c.id, J.c.status).where(J.c.id.in_(part)))
                 out.update((i, s) for i, s in rows)
         return out

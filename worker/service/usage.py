@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from storage.records import UsageDelta
+from storage.records import USAGE_COUNTS, UsageDelta
 from worker.engine.api import Engine, EngineStats
 
 FLUSH_S = 10.0  # how often figures go to the result sink (and at every hour boundary)
@@ -42,17 +42,10 @@ class UsageMeter:
         for name, engine in self.engines.items():
             new, old = engine.stats(), self._last[name]
             busy = new.busy_s - old.busy_s
+            counts = {n: getattr(new, n) - getattr(old, n) for n in USAGE_COUNTS}
             deltas.append(
-                UsageDelta(
-                    self.worker, name, hour, engine.device_class,
-                    busy_s=busy, idle_s=max(wall - busy, 0.0),
-                    steps=new.steps - old.steps, seq_steps=new.seq_steps - old.seq_steps,
-                    prefill_tokens=new.prefill_tokens - old.prefill_tokens,
-                    decode_tokens=new.decode_tokens - old.decode_tokens,
-                    recompute_tokens=new.recompute_tokens - old.recompute_tokens,
-                    cache_queried_tokens=new.cache_queried_tokens - old.cache_queried_tokens,
-                    cache_hit_tokens=new.cache_hit_tokens - old.cache_hit_tokens,
-                )
+                UsageDelta(self.worker, name, hour, engine.device_class, busy_s=busy,
+                           idle_s=max(wall - busy, 0.0), **counts)
             )  # fmt: skip
             self._last[name] = new
         self._since = now
