@@ -3,6 +3,7 @@ sequences it computed (the per-job `compute_s`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,7 +36,5 @@ class StepCounters:
         self.busy_s += elapsed
 
     def figures(self) -> dict[str, float | int]:
-        """The `EngineStats` fields these counters fill."""
-        return {"steps": self.steps, "seq_steps": self.seq_steps,
-                "prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens,
-                "recompute_tokens": self.recompute_tokens, "busy_s": self.busy_s}  # fmt: skip
+        """The `EngineStats` fields these counters fill (the same names)."""
+        return dataclasses.asdict(self)

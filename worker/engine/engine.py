@@ -132,10 +132,10 @@ class PagedEngine:
         for p in plan.prefills:
             seq, n = cast(EngineSequence, p.seq), len(p.token_ids)
             seq.prefill_computed += n
+            counters.prefill_tokens += n
             counters.recompute_tokens += n if seq.preemptions else 0
             work.append((seq, n))
         work += [(cast(EngineSequence, d.seq), 1) for d in plan.decodes]
-        counters.prefill_tokens += sum(n for _, n in work[: len(plan.prefills)])
         counters.decode_tokens += len(plan.decodes)
         outputs = [seq.output() for seq in done]
         counters.charge(time.perf_counter() - started, work)
