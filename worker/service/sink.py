@@ -190,21 +190,22 @@ class ResultSink:
             log.warning("job.failed", job_id=str(job_id), error=error)
         for job_id in expired:
             log.info("job.expired", job_id=str(job_id))
-        self._count(pending, failures)
+        self._count(pending, finished, failures)
         self._acknowledge(done_ids)
         return True
 
-    def _count(self, pending: list[Outcome], failures: dict[uuid.UUID, str]) -> None:
+    def _count(
+        self, pending: list[Outcome], finished: list[FinishedJob], failures: dict[uuid.UUID, str]
+    ) -> None:
         m = self.metrics
         for o in pending:
             if isinstance(o, Failed):
                 m.jobs.labels(o.model, "expired" if o.expired else "failed").inc()
-            if not isinstance(o, Finished):
-                continue
-            model, out = o.job.model, o.output
-            m.jobs.labels(model, "failed" if o.job.id in failures else "done").inc()
-            m.output_tokens.labels(model).inc(len(out.token_ids))
-            facts = job_usage(o, self.worker, "").facts()
+        for f in finished:  # the rows just written: their timings are computed once
+            model = f.usage.model
+            m.jobs.labels(model, "failed" if f.usage.job_id in failures else "done").inc()
+            m.output_tokens.labels(model).inc(f.result.completion_tokens)
+            facts = f.usage.facts()
             for kind in ("queue_wait", "ttft", "total"):
                 if facts[f"{kind}_s"] is not None:
                     m.latency.labels(model, kind).observe(facts[f"{kind}_s"])
