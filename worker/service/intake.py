@@ -204,9 +204,11 @@ class Intake:
         message, request = arrival.message, arrival.request
         if request is None or message.routed:
             return False
-        key = prefix_key(request.tenant, arrival.model, request.prompt_ids,
-                         blocks=self.settings.affinity_blocks)  # fmt: skip
-        owner = source.owner(key, arrival.model)
+        blocks = self.settings.affinity_blocks
+        owner = source.owner(
+            lambda: prefix_key(request.tenant, arrival.model, request.prompt_ids, blocks=blocks),
+            arrival.model,
+        )
         return owner is not None and owner != self.worker and source.forward(message, owner)
 
     def _model_error(self, model: str) -> str | None:

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -65,23 +65,19 @@ end
 return out
 """
 
-# KEYS: unacked hash, index, held set, target list. ARGV: tag, item. Hands a message this
-# worker took to another worker's queue, in one step (never lost, never in both places).
-_FORWARD = """
+# KEYS: unacked hash, index, this worker's held set, target list. ARGV: tag, payload, and
+# "front" (a message going back: taken next) or "back" (handed to another worker's queue).
+# Moves an unacknowledged message in one step: never lost, never in two places, and only one
+# mover wins a tag.
+_MOVE = """
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('SREM', KEYS[3], ARGV[1])
-  redis.call('LPUSH', KEYS[4], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS: unacked hash, index, target list. ARGV: tag, payload. Only one restorer wins a tag.
-_RESTORE = """
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('RPUSH', KEYS[3], ARGV[2])
+  if ARGV[3] == 'front' then
+    redis.call('RPUSH', KEYS[4], ARGV[2])
+  else
+    redis.call('LPUSH', KEYS[4], ARGV[2])
+  end
   return 1
 end
 return 0
@@ -115,8 +111,7 @@ class RedisSource:
         self.queue = settings.queue
         self.visibility_s = broker_options(settings)["visibility_timeout"]
         self._take = self.client.register_script(_TAKE)
-        self._restore = self.client.register_script(_RESTORE)
-        self._forward = self.client.register_script(_FORWARD)
+        self._move = self.client.register_script(_MOVE)
         self._next_restore = self._next_tick = self._looked = 0.0
         self._in_hand = 0  # messages of the last take not routed yet
         self._closed = threading.Event()
@@ -202,16 +197,20 @@ class RedisSource:
         self._looked = time.monotonic()
         return dead
 
-    def owner(self, key: bytes | None, model: str) -> str | None:
-        """The worker that should run a job with this routing key (None: any, e.g. here)."""
-        if self.registry is None or key is None:
+    def owner(self, key: Callable[[], bytes | None], model: str) -> str | None:
+        """The worker that should run a job with the routing key `key()` gives (None: any,
+        e.g. here). The key is only computed when there is a peer to route to."""
+        if self.registry is None:
             return None
         if time.monotonic() - self._looked > VIEW_S:  # a burst is routed on fresh loads
             self._look()
-        self._in_hand = max(0, self._in_hand - 1)
         if len(self.router.peers) < 2:
             return None
-        return self.router.owner(key, model)
+        routing_key = key()
+        if routing_key is None:
+            return None
+        self._in_hand = max(0, self._in_hand - 1)
+        return self.router.owner(routing_key, model)
 
     def forward(self, message: Received, worker: str) -> bool:
         """Hand a message taken from the shared queue to `worker`'s queue (at the same
@@ -219,7 +218,7 @@ class RedisSource:
         assert message.origin is not None and message.handle
         target = affinity_queue(self.queue, worker) + message.origin[len(self.queue) :]
         keys = [UNACKED, UNACKED_INDEX, self._held, target]
-        return bool(self._forward(keys=keys, args=[message.handle, message.raw]))
+        return bool(self._move(keys=keys, args=[message.handle, message.raw, "back"]))
 
     def restore_expired(self, limit: int = 256) -> int:
         """Push back messages unacknowledged for longer than the visibility timeout."""
@@ -246,7 +245,8 @@ class RedisSource:
         except (KeyError, TypeError, ValueError):  # vanished, or not ours to read: drop it
             self.client.pipeline().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
             return 0
-        return self._restore(keys=[UNACKED, UNACKED_INDEX, key], args=[tag, json.dumps(payload)])
+        keys = [UNACKED, UNACKED_INDEX, self._held, key]
+        return self._move(keys=keys, args=[tag, json.dumps(payload), "front"])
 
     def retire(self) -> None:
         """A clean stop: leave the registry and hand back the own queue's waiting messages."""

@@ -87,7 +87,7 @@ class Registry:
         """Live peers with their load, read fresh (the messages they have taken and not
         acknowledged, plus those waiting in their affinity queue), and the dead entries with
         when they were last seen."""
-        now, live, dead = time.time(), {}, []
+        now, live = time.time(), {}
         entries = self._entries()
         alive = [n for n, e in entries.items() if now - float(e["seen"]) <= self.dead_after_s]
         pipe = self.client.pipeline(transaction=False)

@@ -8,6 +8,7 @@ back (Redis: once the visibility timeout has passed; kombu: when the connection 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,8 +46,9 @@ class Source(Protocol):
         """Periodic upkeep, called between receives (affinity: reaping dead peers)."""
         ...
 
-    def owner(self, key: bytes | None, model: str) -> str | None:
-        """The worker that should run a job with this prefix key (None: whoever took it)."""
+    def owner(self, key: Callable[[], bytes | None], model: str) -> str | None:
+        """The worker that should run a job with the prefix key `key()` gives (None: whoever
+        took it); `key` is called only when the job may be routed."""
         ...
 
     def forward(self, message: Received, worker: str) -> bool:
@@ -124,7 +126,7 @@ class KombuSource:
     def tick(self) -> None:
         pass  # no affinity: every worker takes from the one queue
 
-    def owner(self, key: bytes | None, model: str) -> str | None:
+    def owner(self, key: Callable[[], bytes | None], model: str) -> str | None:
         return None
 
     def forward(self, message: Received, worker: str) -> bool:
