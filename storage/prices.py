@@ -121,6 +121,12 @@ def _rate(row: Any) -> Rate:
                 Decimal(row["per_hour"]), row["currency"])  # fmt: skip
 
 
+def _add_version(engine: sa.Engine, table: sa.Table, row: dict[str, Any]) -> int:
+    """Insert one version row; its id."""
+    with engine.begin() as conn:
+        return int(conn.execute(sa.insert(table).values(row).returning(table.c.id)).scalar_one())
+
+
 def set_price(
     engine: sa.Engine,
     model: str,
@@ -134,8 +140,7 @@ def set_price(
     row = {"model": model, "effective_from": as_utc(effective_from or utcnow()),
            "prompt_per_mtok": prompt, "cached_prompt_per_mtok": cached_prompt,
            "completion_per_mtok": completion, "currency": currency}  # fmt: skip
-    with engine.begin() as conn:
-        return int(conn.execute(sa.insert(P).values(row).returning(P.c.id)).scalar_one())
+    return _add_version(engine, P, row)
 
 
 def set_rate(
@@ -148,8 +153,7 @@ def set_rate(
     """Add a compute rate version for a worker name or device class; returns its id."""
     row = {"target": target, "effective_from": as_utc(effective_from or utcnow()),
            "per_hour": per_hour, "currency": currency}  # fmt: skip
-    with engine.begin() as conn:
-        return int(conn.execute(sa.insert(C).values(row).returning(C.c.id)).scalar_one())
+    return _add_version(engine, C, row)
 
 
 def list_prices(engine: sa.Engine) -> tuple[list[Price], list[Rate]]:
