@@ -15,12 +15,14 @@ matmuls and SDPA consume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+
+from worker.engine import native
 
 ATTN_IMPLEMENTATION = "inferq_paged"
 
@@ -89,11 +91,22 @@ class DecodeGroup:
 
 
 @dataclass
+class TokenTables:
+    """The C kernel's view of a step: token t attends to the first `ctx_len[t]` positions of
+    the sequence whose block table is row `seq_of[t]` of `tables` (all int32)."""
+
+    tables: torch.Tensor  # [seqs, max_blocks]
+    seq_of: torch.Tensor  # [T]
+    ctx_len: torch.Tensor  # [T]
+
+
+@dataclass
 class StepLayout:
     kv: PagedKV
     write_rows: torch.Tensor  # [kv_heads, T] slot rows where each new token's K/V goes
-    prefills: list[Segment]
-    decodes: list[DecodeGroup]
+    prefills: list[Segment] = field(default_factory=list)
+    decodes: list[DecodeGroup] = field(default_factory=list)
+    tokens: TokenTables | None = None  # set when the C kernel runs the step
 
 
 def _gather(blocks: torch.Tensor, rows: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -114,10 +127,16 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     write = step.write_rows.flatten()
     k_cache.view(-1, dim).index_copy_(0, write, key[0].reshape(-1, dim))
     v_cache.view(-1, dim).index_copy_(0, write, value[0].reshape(-1, dim))
+    scale = scaling or dim**-0.5
+    if step.tokens is not None:
+        t = step.tokens
+        out = native.paged_attention(
+            query[0].transpose(0, 1), k_cache, v_cache, t.tables, t.seq_of, t.ctx_len, block, scale
+        )
+        return out[None], None
     k_cache, v_cache = k_cache.view(-1, block * dim), v_cache.view(-1, block * dim)
     q = query[0]  # [heads, T, d]
     out = torch.empty_like(q)
-    scale = scaling or dim**-0.5
     prefill = _prefill_fused if _fused_prefill_pays(q) else _prefill_matmul
     for seg in step.prefills:
         span = slice(seg.start, seg.start + seg.length)

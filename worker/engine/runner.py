@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine import native
 from worker.engine.attention import (
     ATTN_IMPLEMENTATION,
     DecodeGroup,
     PagedKV,
     Segment,
     StepLayout,
+    TokenTables,
 )
 from worker.engine.loading import load_causal_lm
 
@@ -63,6 +65,8 @@ class PagedRunner:
         self.device, self.dtype, self.block_size = device, loaded.dtype, block_size
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        self.native = native.supports(self.dtype, device, head_dim, group, block_size)
         self.kv = PagedKV.allocate(
             cfg.num_hidden_layers,
             num_blocks,
@@ -125,6 +129,27 @@ class PagedRunner:
         blocks = self._blocks(p.block_table[: -(-context // self.block_size)])
         return Segment(start, length, context, blocks)
 
+    def _token_tables(
+        self, prefills: list[PrefillInput], decodes: list[DecodeInput], order: list[int]
+    ) -> TokenTables:
+        """The C kernel's per-token view: prefills, then decodes in `order`."""
+        seqs = [p.block_table for p in prefills] + [decodes[i].block_table for i in order]
+        width = max(map(len, seqs))
+        seq_of: list[int] = []
+        ctx: list[int] = []
+        for k, p in enumerate(prefills):
+            seq_of += [k] * len(p.token_ids)
+            ctx += range(p.start_pos + 1, p.start_pos + len(p.token_ids) + 1)
+        seq_of += range(len(prefills), len(seqs))
+        ctx += [decodes[i].pos + 1 for i in order]
+
+        def int32(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32)
+
+        return TokenTables(
+            int32([t + [0] * (width - len(t)) for t in seqs]), int32(seq_of), int32(ctx)
+        )
+
     @torch.inference_mode()
     def forward(self, prefills: list[PrefillInput], decodes: list[DecodeInput]) -> torch.Tensor:
         """Logits [len(prefills) + len(decodes), vocab] at each sequence's last new token."""
@@ -134,16 +159,22 @@ class PagedRunner:
         segments: list[Segment] = []
         last: list[int] = []
         for p in prefills:
-            segments.append(self._segment(len(ids), p))
+            if not self.native:
+                segments.append(self._segment(len(ids), p))
             ids += p.token_ids
             positions += range(p.start_pos, p.start_pos + len(p.token_ids))
             write += [self._slot(p.block_table, pos) for pos in positions[-len(p.token_ids) :]]
             last.append(len(ids) - 1)
         decode_groups, decode_last = [], [0] * len(decodes)
-        for members, shared in self._group_decodes(decodes):
-            decode_groups.append(
-                self._decode_group(len(ids), [decodes[i] for i in members], shared)
-            )
+        if self.native:  # sequences sharing a prefix next to each other: it stays in cache
+            groups = [(sorted(range(len(decodes)), key=lambda i: decodes[i].block_table[0]), 0)]
+        else:
+            groups = self._group_decodes(decodes)
+        for members, shared in groups:
+            if not self.native:
+                decode_groups.append(
+                    self._decode_group(len(ids), [decodes[i] for i in members], shared)
+                )
             for i in members:
                 d = decodes[i]
                 ids.append(d.token_id)
@@ -153,6 +184,8 @@ class PagedRunner:
         last += decode_last
         write_rows = self.kv.slot_rows(torch.tensor(write, device=self.device))
         layout = StepLayout(self.kv, write_rows, segments, decode_groups)
+        if self.native:
+            layout.tokens = self._token_tables(prefills, decodes, groups[0][0])
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),

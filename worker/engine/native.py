@@ -1,0 +1,144 @@
+"""The engine's C kernels (csrc/), compiled on first use with the machine's C compiler and
+cached per source, compiler and CPU; called through ctypes on tensors' raw pointers.
+
+No torch C++ headers, no pybind: a build takes about a second. Without a compiler (or on
+any build failure) `library()` returns None and callers keep their torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+log = logging.getLogger(__name__)
+
+
+def _cache_dir() -> Path:
+    home = os.environ.get("INFERQ_HOME")
+    if not home:
+        home = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inferq")
+    return Path(home) / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(built, target)  # atomic: concurrent builders each install a whole file
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built or loaded here."""
+    if os.environ.get("INFERQ_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler: the engine uses its torch attention path")
+        return None
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()
+        ).hexdigest()[:16]
+        target = _cache_dir() / f"inferq_kernels_{key}.so"
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))  # torch is loaded first: one OpenMP runtime
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("C kernels unavailable (%s): the engine uses its torch attention path", exc)
+        return None
+    fn = lib.inferq_paged_attention
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr]
+    fn.argtypes += [i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    lib.inferq_paged_attention_supports.argtypes = [i64, i64, i64]
+    return lib
+
+
+def supports(
+    dtype: torch.dtype, device: torch.device, head_dim: int, group: int, block_size: int
+) -> bool:
+    """Whether the C attention kernel runs this dtype, device and attention shape (query
+    heads per kv head = `group`) here."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    lib = library()
+    return lib is not None and bool(
+        lib.inferq_paged_attention_supports(head_dim, group, block_size)
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_of: torch.Tensor,
+    ctx_len: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """q [T, heads, d] (any strides over T and heads, unit stride over d); k_cache, v_cache
+    [kv_heads, slots, d] contiguous; block_tables int32 [seqs, max_blocks]; seq_of, ctx_len
+    int32 [T]: token t attends to the first ctx_len[t] keys of sequence seq_of[t].
+    Returns [T, heads, d]."""
+    lib = library()
+    assert lib is not None, "C kernels unavailable"
+    tokens, heads, dim = q.shape
+    kv_heads, slots = k_cache.shape[0], k_cache.shape[1]
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.dtype == k_cache.dtype == v_cache.dtype and block_tables.is_contiguous()
+    out = torch.empty(tokens, heads, dim, dtype=q.dtype)
+    rc = lib.inferq_paged_attention(
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slots,
+        block_tables.data_ptr(),
+        block_tables.shape[1],
+        seq_of.data_ptr(),
+        ctx_len.data_ptr(),
+        out.data_ptr(),
+        tokens,
+        heads,
+        kv_heads,
+        dim,
+        block_size,
+        scale,
+        int(q.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise ValueError(f"attention shape past the C kernel's limits: {tuple(q.shape)}")
+    return out
