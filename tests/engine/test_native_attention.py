@@ -10,6 +10,17 @@ from worker.engine import native
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
 
 
+def i32(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def step(tables, seq_of, ctx_len, tiles=(), key_from=None) -> native.TokenTables:
+    """Tiles as (first token, rows, table row, keys)."""
+    key_from = key_from or [0] * len(seq_of)
+    cols = [i32([t[k] for t in tiles]) for k in range(4)]
+    return native.TokenTables(i32(tables), i32(seq_of), i32(ctx_len), i32(key_from), *cols)
+
+
 def reference(q, k_cache, v_cache, tables, seq_of, ctx_len, block_size, scale):
     """Each token's keys gathered through its block table, softmax in fp64."""
     tokens, heads, dim = q.shape
@@ -26,42 +37,62 @@ def reference(q, k_cache, v_cache, tables, seq_of, ctx_len, block_size, scale):
     return out
 
 
+# a prefill of 5 tokens at positions 80..84 of seq 0 (80 cached), decodes of seqs 1-3 (1 and
+# 2 share their first 2 blocks with seq 0), a one-token seq 4; tiles as the runner makes them
+TILED = {
+    "none": ((), None),
+    "prefix and group": (
+        [(0, 5, 0, 80), (5, 2, 1, 32)],
+        [80] * 5 + [32, 32, 0, 0],
+    ),
+}
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block"), [(9, 3, 64, 16), (4, 4, 32, 8)])
-def test_matches_dense_attention(dtype, tol, heads, kv_heads, dim, block):
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block"), [(9, 3, 64, 16), (4, 4, 32, 16)])
+@pytest.mark.parametrize("tiling", list(TILED))
+def test_matches_dense_attention(dtype, tol, heads, kv_heads, dim, block, tiling):
     gen = torch.Generator().manual_seed(0)
     blocks = 40
     k_cache = torch.randn(kv_heads, blocks * block, dim, generator=gen).to(dtype)
     v_cache = torch.randn(kv_heads, blocks * block, dim, generator=gen).to(dtype)
     # three sequences: a long one, one sharing its first blocks, a one-token one
-    tables = torch.tensor(
-        [
-            [5, 9, 2, 30, 31, 7, 8, 10, 13, 14, 15, 16],
-            [5, 9, 11, 12, 18, 19, 20, 21, 0, 0, 0, 0],
-            [17] + [0] * 11,
-        ],
-        dtype=torch.int32,
-    )
-    # a prefill of 5 tokens at positions 80..84 of seq 0, decodes of seq 1 and seq 2
-    seq_of = torch.tensor([0, 0, 0, 0, 0, 1, 2], dtype=torch.int32)
-    ctx_len = torch.tensor([81, 82, 83, 84, 85, 50, 1], dtype=torch.int32)
+    tables = [
+        [5, 9, 2, 30, 31, 7],
+        [5, 9, 11, 12, 0, 0],
+        [5, 9, 18, 0, 0, 0],
+        [21, 22, 23, 24, 0, 0],
+        [17] + [0] * 5,
+    ]
+    seq_of = [0, 0, 0, 0, 0, 1, 2, 3, 4]
+    ctx_len = [81, 82, 83, 84, 85, 50, 40, 63, 1]
     packed = torch.randn(len(seq_of), heads * dim, generator=gen).to(dtype)
     q = packed.view(len(seq_of), heads, dim)
     scale = dim**-0.5
-    got = native.paged_attention(q, k_cache, v_cache, tables, seq_of, ctx_len, block, scale)
+    layout = step(tables, seq_of, ctx_len, *TILED[tiling])
+    got = native.paged_attention(q, k_cache, v_cache, layout, block, scale)
+    tables, seq_of, ctx_len = layout.tables, layout.seq_of, layout.ctx_len
     want = reference(q, k_cache, v_cache, tables, seq_of, ctx_len, block, scale)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_tiles_past_the_row_limit_split():
+    """A tile of more than TILE_ROWS tokens is refused by the kernel (the runner splits)."""
+    k_cache = v_cache = torch.zeros(1, 64, 32)
+    n = native.TILE_ROWS + 1
+    layout = step([[0, 1]], [0] * n, [32] * n, [(0, n, 0, 16)], [16] * n)
+    with pytest.raises(ValueError, match="limits"):
+        native.paged_attention(torch.zeros(n, 1, 32), k_cache, v_cache, layout, 16, 1.0)
 
 
 def test_strided_queries():
     """Queries laid out [heads, T, d] in memory (a transposed view) give the same result."""
     gen = torch.Generator().manual_seed(1)
     k_cache, v_cache = torch.randn(2, 2, 64, 32, generator=gen).unbind(0)
-    tables = torch.tensor([[1, 3]], dtype=torch.int32)
-    seq_of, ctx_len = torch.zeros(3, dtype=torch.int32), torch.tensor([5, 6, 7], dtype=torch.int32)
+    layout = step([[1, 3]], [0, 0, 0], [5, 6, 7], [(0, 3, 0, 4)], [4, 4, 4])
     head_major = torch.randn(4, 3, 32, generator=gen)  # [heads, T, d]
-    args = (k_cache, v_cache, tables, seq_of, ctx_len, 8, 0.25)
+    args = (k_cache, v_cache, layout, 8, 0.25)
     strided = native.paged_attention(head_major.transpose(0, 1), *args)
     dense = native.paged_attention(head_major.transpose(0, 1).contiguous(), *args)
     assert torch.equal(strided, dense)

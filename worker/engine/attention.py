@@ -91,22 +91,12 @@ class DecodeGroup:
 
 
 @dataclass
-class TokenTables:
-    """The C kernel's view of a step: token t attends to the first `ctx_len[t]` positions of
-    the sequence whose block table is row `seq_of[t]` of `tables` (all int32)."""
-
-    tables: torch.Tensor  # [seqs, max_blocks]
-    seq_of: torch.Tensor  # [T]
-    ctx_len: torch.Tensor  # [T]
-
-
-@dataclass
 class StepLayout:
     kv: PagedKV
     write_rows: torch.Tensor  # [kv_heads, T] slot rows where each new token's K/V goes
     prefills: list[Segment] = field(default_factory=list)
     decodes: list[DecodeGroup] = field(default_factory=list)
-    tokens: TokenTables | None = None  # set when the C kernel runs the step
+    tokens: native.TokenTables | None = None  # set when the C kernel runs the step
 
 
 def _gather(blocks: torch.Tensor, rows: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -129,10 +119,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     v_cache.view(-1, dim).index_copy_(0, write, value[0].reshape(-1, dim))
     scale = scaling or dim**-0.5
     if step.tokens is not None:
-        t = step.tokens
-        out = native.paged_attention(
-            query[0].transpose(0, 1), k_cache, v_cache, t.tables, t.seq_of, t.ctx_len, block, scale
-        )
+        q = query[0].transpose(0, 1)  # [T, heads, d]
+        out = native.paged_attention(q, k_cache, v_cache, step.tokens, block, scale)
         return out[None], None
     k_cache, v_cache = k_cache.view(-1, block * dim), v_cache.view(-1, block * dim)
     q = query[0]  # [heads, T, d]

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,8 +78,8 @@ def library() -> ctypes.CDLL | None:
         return None
     fn = lib.inferq_paged_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr]
-    fn.argtypes += [i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr]
+    fn.argtypes += [ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     lib.inferq_paged_attention_supports.argtypes = [i64, i64, i64]
     return lib
@@ -97,26 +98,45 @@ def supports(
     )
 
 
+TILE_ROWS = 32  # most tokens in one tile (csrc/paged_attention.c)
+
+
+@dataclass
+class TokenTables:
+    """A step as the C kernel sees it (int32 tensors). Token t attends to the first
+    `ctx_len[t]` positions of the sequence whose block table is row `seq_of[t]` of `tables`.
+    Tile i: the `tile_rows[i]` tokens from `tile_first[i]` all see the first `tile_keys[i]`
+    keys of row `tile_seq[i]` and score them together; `key_from[t]` is where token t goes on
+    alone."""
+
+    tables: torch.Tensor  # [seqs, max_blocks]
+    seq_of: torch.Tensor  # [T]
+    ctx_len: torch.Tensor  # [T]
+    key_from: torch.Tensor  # [T]
+    tile_first: torch.Tensor  # [tiles]
+    tile_rows: torch.Tensor  # [tiles], each <= TILE_ROWS
+    tile_seq: torch.Tensor  # [tiles]
+    tile_keys: torch.Tensor  # [tiles]
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_of: torch.Tensor,
-    ctx_len: torch.Tensor,
+    step: TokenTables,
     block_size: int,
     scale: float,
 ) -> torch.Tensor:
     """q [T, heads, d] (any strides over T and heads, unit stride over d); k_cache, v_cache
-    [kv_heads, slots, d] contiguous; block_tables int32 [seqs, max_blocks]; seq_of, ctx_len
-    int32 [T]: token t attends to the first ctx_len[t] keys of sequence seq_of[t].
-    Returns [T, heads, d]."""
+    [kv_heads, slots, d] contiguous. Returns [T, heads, d]."""
     lib = library()
     assert lib is not None, "C kernels unavailable"
     tokens, heads, dim = q.shape
     kv_heads, slots = k_cache.shape[0], k_cache.shape[1]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert q.dtype == k_cache.dtype == v_cache.dtype and block_tables.is_contiguous()
+    assert q.dtype == k_cache.dtype == v_cache.dtype
+    tiles = step.tile_seq.shape[0]
+    state = torch.empty(tokens * heads * (dim + 2) if tiles else 0, dtype=torch.float32)
     out = torch.empty(tokens, heads, dim, dtype=q.dtype)
     rc = lib.inferq_paged_attention(
         q.data_ptr(),
@@ -125,10 +145,17 @@ def paged_attention(
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         slots,
-        block_tables.data_ptr(),
-        block_tables.shape[1],
-        seq_of.data_ptr(),
-        ctx_len.data_ptr(),
+        step.tables.data_ptr(),
+        step.tables.shape[1],
+        step.seq_of.data_ptr(),
+        step.ctx_len.data_ptr(),
+        step.key_from.data_ptr(),
+        tiles,
+        step.tile_first.data_ptr(),
+        step.tile_rows.data_ptr(),
+        step.tile_seq.data_ptr(),
+        step.tile_keys.data_ptr(),
+        state.data_ptr(),
         out.data_ptr(),
         tokens,
         heads,

@@ -17,7 +17,6 @@ from worker.engine.attention import (
     PagedKV,
     Segment,
     StepLayout,
-    TokenTables,
 )
 from worker.engine.loading import load_causal_lm
 
@@ -130,24 +129,52 @@ class PagedRunner:
         return Segment(start, length, context, blocks)
 
     def _token_tables(
-        self, prefills: list[PrefillInput], decodes: list[DecodeInput], order: list[int]
-    ) -> TokenTables:
-        """The C kernel's per-token view: prefills, then decodes in `order`."""
-        seqs = [p.block_table for p in prefills] + [decodes[i].block_table for i in order]
-        width = max(map(len, seqs))
+        self,
+        prefills: list[PrefillInput],
+        decodes: list[DecodeInput],
+        groups: list[tuple[list[int], int]],
+    ) -> native.TokenTables:
+        """The C kernel's view of a step packed as prefills, then decodes group by group. A
+        prefill's cached prefix and a decode group's shared blocks become tiles."""
+        seqs = [p.block_table for p in prefills]
         seq_of: list[int] = []
         ctx: list[int] = []
+        key_from: list[int] = []
+        tiles: list[tuple[int, int, int, int]] = []  # first token, rows, table row, keys
+
+        def add(row: int, rows: int, keys: int) -> None:  # the last `rows` tokens share `keys`
+            for first in range(len(ctx) - rows, len(ctx), native.TILE_ROWS):
+                tiles.append((first, min(native.TILE_ROWS, len(ctx) - first), row, keys))
+            key_from.extend([keys] * rows)
+
         for k, p in enumerate(prefills):
             seq_of += [k] * len(p.token_ids)
             ctx += range(p.start_pos + 1, p.start_pos + len(p.token_ids) + 1)
-        seq_of += range(len(prefills), len(seqs))
-        ctx += [decodes[i].pos + 1 for i in order]
+            if p.start_pos:
+                add(k, len(p.token_ids), p.start_pos)
+            else:
+                key_from += [0] * len(p.token_ids)
+        for members, shared in groups:
+            first_row = len(seqs)
+            for i in members:
+                seq_of.append(len(seqs))
+                seqs.append(decodes[i].block_table)
+                ctx.append(decodes[i].pos + 1)
+            if shared and len(members) > 1:
+                add(first_row, len(members), shared * self.block_size)
+            else:
+                key_from += [0] * len(members)
+        width = max(map(len, seqs))
 
         def int32(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int32)
 
-        return TokenTables(
-            int32([t + [0] * (width - len(t)) for t in seqs]), int32(seq_of), int32(ctx)
+        return native.TokenTables(
+            int32([t + [0] * (width - len(t)) for t in seqs]),
+            int32(seq_of),
+            int32(ctx),
+            int32(key_from),
+            *(int32([t[k] for t in tiles]) for k in range(4)),
         )
 
     @torch.inference_mode()
@@ -166,10 +193,7 @@ class PagedRunner:
             write += [self._slot(p.block_table, pos) for pos in positions[-len(p.token_ids) :]]
             last.append(len(ids) - 1)
         decode_groups, decode_last = [], [0] * len(decodes)
-        if self.native:  # sequences sharing a prefix next to each other: it stays in cache
-            groups = [(sorted(range(len(decodes)), key=lambda i: decodes[i].block_table[0]), 0)]
-        else:
-            groups = self._group_decodes(decodes)
+        groups = self._group_decodes(decodes)
         for members, shared in groups:
             if not self.native:
                 decode_groups.append(
@@ -185,7 +209,7 @@ class PagedRunner:
         write_rows = self.kv.slot_rows(torch.tensor(write, device=self.device))
         layout = StepLayout(self.kv, write_rows, segments, decode_groups)
         if self.native:
-            layout.tokens = self._token_tables(prefills, decodes, groups[0][0])
+            layout.tokens = self._token_tables(prefills, decodes, groups)
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),

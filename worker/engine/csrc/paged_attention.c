@@ -1,12 +1,16 @@
 /* Paged attention on CPU: every query token of a step attends to its own sequence's keys
  * 0..pos straight from the block-laid cache (no gather, no padding, no mask tensors).
  *
- * Work item = (query token, kv head): the G query heads sharing that kv head are scored
- * together, so each key and value row is read once per item. Keys are taken a block at a
- * time with an online softmax (running max and sum), accumulating in fp32. Decodes of
- * sequences sharing a cached prefix run next to each other, so the prefix stays in cache.
- * Rows are handled as 16-float vectors (GCC vector extensions: AVX-512 with -march=native
- * where the CPU has it); the common head sizes and group sizes get unrolled copies.
+ * Two passes, both over keys in chunks of up to 16 with an online softmax (running max and
+ * sum) accumulating in fp32, the G query heads that share a kv head scored together:
+ * 1. tiles: up to TILE_ROWS consecutive tokens that all see the same leading keys (a prefill
+ *    segment's cached prefix, or the system prompt a group of decodes shares) go over those
+ *    keys together: each chunk of keys is transposed once and serves every row of the tile.
+ *    The softmax state (max, sum, accumulator) is left in `state`.
+ * 2. tokens: each (token, kv head) continues from where its tile stopped (or from key 0) over
+ *    its own remaining keys, and writes the output.
+ * Rows are 16-float vectors (GCC vector extensions: AVX-512 with -march=native where the CPU
+ * has it); the common head sizes and group sizes get unrolled copies.
  *
  * Layouts (elements): q[t * q_st + h * q_sh + i]; cache[(kvh * slots + slot) * D + i] with
  * slot = block * block_size + offset; out[(t * heads + h) * D + i]. Built by
@@ -14,9 +18,11 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_BS 256
+#define TILE_ROWS 32
 #define NEG (-1e30f)
 
 typedef float vf __attribute__((vector_size(64)));
@@ -117,27 +123,53 @@ static inline vf vexp(vf x) {
     return p * scale;
 }
 
-/* One (token, kv head) item with NV vectors per head row and G query heads per kv head. */
+/* Chunk of up to 16 keys starting at key `start`: its first cache row and its length. */
+static inline int64_t chunk(const int32_t *table, int64_t head_base, int64_t start, int64_t end,
+                            int64_t bs, int64_t d, int64_t *first) {
+    int64_t off = start % bs, n = end - start < 16 ? end - start : 16;
+    *first = (head_base + (int64_t)table[start / bs] * bs + off) * d;
+    return n < bs - off ? n : bs - off;
+}
+
+static inline vi lanes_below(int64_t n) {
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    return lane < (int32_t)n;
+}
+
+/* Online softmax step for one query row over a chunk's scores `sc` (lanes past the chunk
+ * already masked): updates max and sum, returns the chunk's weights, rescales the
+ * accumulator's NV vectors by the correction. */
+static inline vf softmax_step(vf sc, float *m, float *l, vf *acc, int nv) {
+    float mx = hmax(sc);
+    mx = mx > *m ? mx : *m;
+    vf p = vexp(sc - mx);
+    float corr = expf(*m - mx);
+    *l = *l * corr + hsum16(p);
+    *m = mx;
+    for (int c = 0; c < nv; c++) acc[c] *= corr;
+    return p;
+}
+
+/* Pass 2: one (token, kv head) over keys [from, ctx), from the tile's state when from > 0. */
 #define ATTEND(NAME, NV, G)                                                                    \
     static void NAME(const void *q, const int64_t q_at[], const void *kc, const void *vc,       \
-                     int64_t head_base, const int32_t *table, int32_t ctx, void *out,          \
+                     int64_t head_base, const int32_t *table, int64_t from, int64_t ctx,       \
+                     const float *st, int64_t st_rows, int64_t st_at, void *out,               \
                      int64_t out_at, int64_t bs, float scale, int bf16) {                      \
         enum { D = 16 * (NV) };                                                                \
         vf qv[G][NV], acc[G][NV];                                                              \
-        float s[G][16], m[G], l[G];                                                        \
+        float s[G][16], m[G], l[G];                                                            \
         for (int j = 0; j < (G); j++) {                                                        \
+            m[j] = from ? st[st_at + j] : NEG;                                                 \
+            l[j] = from ? st[st_rows + st_at + j] : 0.0f;                                      \
             for (int c = 0; c < (NV); c++) {                                                   \
-                qv[j][c] = load_row(q, q_at[j] + 16 * c, bf16) * scale;                        \
-                acc[j][c] = (vf){0};                                                           \
+                qv[j][c] = load_row(q, q_at[j] + 16 * c, 0 + bf16) * scale;                    \
+                acc[j][c] = from ? load_row(st, 2 * st_rows + (st_at + j) * D + 16 * c, 0)      \
+                                 : (vf){0};                                                    \
             }                                                                                  \
-            m[j] = NEG;                                                                        \
-            l[j] = 0.0f;                                                                       \
         }                                                                                      \
-        for (int64_t start = 0, n; start < ctx; start += n) { /* chunks of <= 16 keys */      \
-            int64_t off = start % bs;                                                          \
-            n = ctx - start < 16 ? ctx - start : 16;                                           \
-            n = n < bs - off ? n : bs - off;                                                   \
-            int64_t first = ((head_base + (int64_t)table[start / bs] * bs) + off) * D;         \
+        for (int64_t start = from, n, first; start < ctx; start += n) {                        \
+            n = chunk(table, head_base, start, ctx, bs, D, &first);                            \
             vf t[G][16];                                                                       \
             for (int64_t x = 0; x < 16; x++) {                                                 \
                 vf k[NV];                                                                      \
@@ -148,17 +180,11 @@ static inline vf vexp(vf x) {
                     for (int c = 1; c < (NV); c++) t[j][x] += qv[j][c] * k[c];                 \
                 }                                                                              \
             }                                                                                  \
+            vi live = lanes_below(n);                                                          \
             for (int j = 0; j < (G); j++) {                                                    \
-                vf sc = sum16(t[j]);                                                           \
-                for (int64_t x = n; x < 16; x++) sc[x] = NEG;                                  \
-                float mx = hmax(sc);                                                           \
-                mx = mx > m[j] ? mx : m[j];                                                    \
-                vf p = vexp(sc - mx);                                                          \
-                float corr = vexp((vf){0} + (m[j] - mx))[0];                                   \
-                l[j] = l[j] * corr + hsum16(p);                                                \
-                m[j] = mx;                                                                     \
+                vf p = softmax_step(vsel(live, sum16(t[j]), (vf){0} + NEG), &m[j], &l[j],      \
+                                    acc[j], NV);                                               \
                 memcpy(s[j], &p, sizeof p);                                                    \
-                for (int c = 0; c < (NV); c++) acc[j][c] *= corr;                              \
             }                                                                                  \
             for (int64_t x = 0; x < n; x++) {                                                  \
                 vf v[NV];                                                                      \
@@ -169,62 +195,164 @@ static inline vf vexp(vf x) {
         }                                                                                      \
         for (int j = 0; j < (G); j++)                                                          \
             for (int c = 0; c < (NV); c++)                                                     \
-                store_row(out, out_at + j * D + 16 * c, acc[j][c] / l[j], bf16);              \
+                store_row(out, out_at + j * D + 16 * c, acc[j][c] / l[j], bf16);               \
+    }
+
+/* Pass 1: `rows` consecutive tokens from t0 (G heads each) over keys [0, keys) of one table,
+ * SUB chunks (up to 16 * SUB keys) per softmax step. Each chunk of keys is transposed
+ * (kT[s][i] = dimension i of chunk s's 16 keys) so a score vector is D multiply-adds of a
+ * query scalar by a vector, with no horizontal sums. */
+#define SUB 4
+#define TILE(NAME, NV, G)                                                                      \
+    static void NAME(const void *q, int64_t q_st, int64_t q_sh, int64_t t0, int64_t rows,       \
+                     int64_t kvh, const void *kc, const void *vc, int64_t head_base,           \
+                     const int32_t *table, int64_t keys, float *st, int64_t st_rows,           \
+                     int64_t heads, int64_t bs, float scale, int bf16) {                       \
+        enum { D = 16 * (NV) };                                                                \
+        float *qf = malloc(sizeof(float) * rows * (G) * D);                                    \
+        vf kT[SUB][D], v[SUB * 16][NV];                                                        \
+        for (int64_t r = 0; r < rows; r++)                                                     \
+            for (int j = 0; j < (G); j++) {                                                    \
+                int64_t at = (t0 + r) * heads + kvh * (G) + j;                                 \
+                st[at] = NEG;                                                                  \
+                st[st_rows + at] = 0.0f;                                                       \
+                memset(st + 2 * st_rows + at * D, 0, sizeof(float) * D);                      \
+                for (int c = 0; c < (NV); c++) {                                               \
+                    vf x = load_row(q, (t0 + r) * q_st + (kvh * (G) + j) * q_sh + 16 * c, bf16) \
+                           * scale;                                                            \
+                    memcpy(qf + (r * (G) + j) * D + 16 * c, &x, sizeof x);                     \
+                }                                                                              \
+            }                                                                                  \
+        for (int64_t start = 0; start < keys;) {                                               \
+            int64_t n[SUB], first = 0;                                                         \
+            vi live[SUB];                                                                      \
+            for (int u = 0; u < SUB; u++) {                                                    \
+                n[u] = start < keys ? chunk(table, head_base, start, keys, bs, D, &first) : 0; \
+                live[u] = lanes_below(n[u]);                                                   \
+                for (int64_t x = 0; x < 16; x++)                                               \
+                    for (int c = 0; c < (NV); c++) {                                           \
+                        int64_t at = first + x * D + 16 * c;                                   \
+                        vf k = x < n[u] ? load_row(kc, at, bf16) : (vf){0};                    \
+                        v[u * 16 + x][c] = x < n[u] ? load_row(vc, at, bf16) : (vf){0};        \
+                        for (int i = 0; i < 16; i++) kT[u][16 * c + i][x] = k[i];              \
+                    }                                                                          \
+                start += n[u];                                                                 \
+            }                                                                                  \
+            for (int64_t r = 0; r < rows; r++)                                                 \
+                for (int j = 0; j < (G); j++) {                                                \
+                    const float *qr = qf + (r * (G) + j) * D;                                  \
+                    vf sc[SUB];                                                                \
+                    for (int u = 0; u < SUB; u++) sc[u] = qr[0] * kT[u][0];                    \
+                    for (int i = 1; i < D; i++)                                                \
+                        for (int u = 0; u < SUB; u++) sc[u] += qr[i] * kT[u][i];               \
+                    vf top = (vf){0} + NEG;                                                    \
+                    for (int u = 0; u < SUB; u++) {                                            \
+                        sc[u] = vsel(live[u], sc[u], (vf){0} + NEG);                           \
+                        top = vsel(sc[u] > top, sc[u], top);                                   \
+                    }                                                                          \
+                    int64_t at = (t0 + r) * heads + kvh * (G) + j;                             \
+                    float *m = st + at, *l = st + st_rows + at, mx = hmax(top);                \
+                    mx = mx > *m ? mx : *m;                                                    \
+                    vf total = (vf){0};                                                        \
+                    for (int u = 0; u < SUB; u++) {                                            \
+                        sc[u] = vexp(sc[u] - mx);                                              \
+                        total += sc[u];                                                        \
+                    }                                                                          \
+                    vf acc[NV];                                                                \
+                    memcpy(acc, st + 2 * st_rows + at * D, sizeof acc);                        \
+                    if (mx != *m) {                                                            \
+                        float corr = expf(*m - mx);                                            \
+                        *l *= corr;                                                            \
+                        for (int c = 0; c < (NV); c++) acc[c] *= corr;                         \
+                    }                                                                          \
+                    *l += hsum16(total);                                                       \
+                    *m = mx;                                                                   \
+                    for (int u = 0; u < SUB; u++)                                              \
+                        for (int64_t x = 0; x < n[u]; x++)                                     \
+                            for (int c = 0; c < (NV); c++)                                     \
+                                acc[c] += sc[u][x] * v[u * 16 + x][c];                         \
+                    memcpy(st + 2 * st_rows + at * D, acc, sizeof acc);                        \
+                }                                                                              \
+        }                                                                                      \
+        free(qf);                                                                              \
     }
 
 typedef void attend_fn(const void *, const int64_t[], const void *, const void *, int64_t,
-                       const int32_t *, int32_t, void *, int64_t, int64_t, float, int);
+                       const int32_t *, int64_t, int64_t, const float *, int64_t, int64_t, void *,
+                       int64_t, int64_t, float, int);
+typedef void tile_fn(const void *, int64_t, int64_t, int64_t, int64_t, int64_t, const void *,
+                     const void *, int64_t, const int32_t *, int64_t, float *, int64_t, int64_t,
+                     int64_t, float, int);
 
+typedef struct {
+    attend_fn *attend;
+    tile_fn *tile;
+} kernels;
+
+#define PAIR(NV, G) ATTEND(attend_##NV##_##G, NV, G) TILE(tile_##NV##_##G, NV, G)
+#define ENTRY(NV, G) {attend_##NV##_##G, tile_##NV##_##G}
 #define FAMILY(NV)                                                                             \
-    ATTEND(attend_##NV##_1, NV, 1)                                                             \
-    ATTEND(attend_##NV##_2, NV, 2)                                                             \
-    ATTEND(attend_##NV##_3, NV, 3)                                                             \
-    ATTEND(attend_##NV##_4, NV, 4)                                                             \
-    ATTEND(attend_##NV##_5, NV, 5)                                                             \
-    ATTEND(attend_##NV##_6, NV, 6)                                                             \
-    ATTEND(attend_##NV##_7, NV, 7)                                                             \
-    ATTEND(attend_##NV##_8, NV, 8)                                                             \
-    static attend_fn *const attend_##NV[9] = {                                                 \
-        0, attend_##NV##_1, attend_##NV##_2, attend_##NV##_3, attend_##NV##_4,                 \
-        attend_##NV##_5, attend_##NV##_6, attend_##NV##_7, attend_##NV##_8};
+    PAIR(NV, 1) PAIR(NV, 2) PAIR(NV, 3) PAIR(NV, 4) PAIR(NV, 5) PAIR(NV, 6) PAIR(NV, 7)         \
+    PAIR(NV, 8) static const kernels family_##NV[9] = {                                        \
+        {0, 0},       ENTRY(NV, 1), ENTRY(NV, 2), ENTRY(NV, 3), ENTRY(NV, 4),                   \
+        ENTRY(NV, 5), ENTRY(NV, 6), ENTRY(NV, 7), ENTRY(NV, 8)};
 
-FAMILY(2)  /* head size 32 */
-FAMILY(4)  /* head size 64 */
-FAMILY(8)  /* head size 128 */
+FAMILY(2) /* head size 32 */
+FAMILY(4) /* head size 64 */
+FAMILY(8) /* head size 128 */
 
-/* The kernel for a head size and group size, or 0 where there is none (the caller then keeps
- * its torch path). */
-static attend_fn *pick(int64_t d, int64_t g) {
-    if (g < 1 || g > 8) return 0;
+/* The kernels for a head size and group size; {0, 0} where there are none. */
+static kernels pick(int64_t d, int64_t g) {
+    kernels none = {0, 0};
+    if (g < 1 || g > 8) return none;
     switch (d) {
-        case 32: return attend_2[g];
-        case 64: return attend_4[g];
-        case 128: return attend_8[g];
-        default: return 0;
+        case 32: return family_2[g];
+        case 64: return family_4[g];
+        case 128: return family_8[g];
+        default: return none;
     }
 }
 
 int inferq_paged_attention_supports(int64_t d, int64_t g, int64_t bs) {
-    return pick(d, g) != 0 && bs >= 1 && bs <= MAX_BS;
+    return pick(d, g).attend != 0 && bs >= 1 && bs <= MAX_BS;
 }
 
-/* Returns 0, or -1 for sizes `inferq_paged_attention_supports` refuses. */
+/* Returns 0, or -1 for sizes `inferq_paged_attention_supports` refuses. Tile i covers tokens
+ * [tile_first[i], tile_first[i] + tile_rows[i]) over keys [0, tile_keys[i]) of table row tile_seq[i];
+ * key_from[t] is where token t's own pass starts (its tile's keys, or 0). `state` holds
+ * tokens * heads * (D + 2) floats when there are tiles. */
 int inferq_paged_attention(const void *q, int64_t q_st, int64_t q_sh, const void *k_cache,
                            const void *v_cache, int64_t slots, const int32_t *block_tables,
                            int64_t max_blocks, const int32_t *seq_of, const int32_t *ctx_len,
+                           const int32_t *key_from, int64_t n_tiles, const int32_t *tile_first,
+                           const int32_t *tile_rows,
+                           const int32_t *tile_seq, const int32_t *tile_keys, float *state,
                            void *out, int64_t tokens, int64_t heads, int64_t kv_heads,
                            int64_t d, int64_t bs, float scale, int bf16, int threads) {
-    int64_t g = heads / kv_heads;
-    attend_fn *fn = pick(d, g);
-    if (fn == 0 || g * kv_heads != heads || bs < 1 || bs > MAX_BS) return -1;
-    int64_t items = tokens * kv_heads;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
-    for (int64_t it = 0; it < items; it++) {
-        int64_t t = it / kv_heads, kvh = it % kv_heads, q_at[8];
-        for (int64_t j = 0; j < g; j++) q_at[j] = t * q_st + (kvh * g + j) * q_sh;
-        const int32_t *table = block_tables + (int64_t)seq_of[t] * max_blocks;
-        fn(q, q_at, k_cache, v_cache, kvh * slots, table, ctx_len[t], out,
-           (t * heads + kvh * g) * d, bs, scale, bf16);
+    int64_t g = heads / kv_heads, st_rows = tokens * heads;
+    kernels fn = pick(d, g);
+    if (fn.attend == 0 || g * kv_heads != heads || bs < 1 || bs > MAX_BS) return -1;
+    for (int64_t i = 0; i < n_tiles; i++)
+        if (tile_rows[i] > TILE_ROWS || tile_rows[i] < 1) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < n_tiles * kv_heads; it++) {
+            int64_t i = it / kv_heads, kvh = it % kv_heads;
+            fn.tile(q, q_st, q_sh, tile_first[i], tile_rows[i], kvh,
+                    k_cache, v_cache, kvh * slots,
+                    block_tables + (int64_t)tile_seq[i] * max_blocks, tile_keys[i], state,
+                    st_rows, heads, bs, scale, bf16);
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t it = 0; it < tokens * kv_heads; it++) {
+            int64_t t = it / kv_heads, kvh = it % kv_heads, q_at[8];
+            for (int64_t j = 0; j < g; j++) q_at[j] = t * q_st + (kvh * g + j) * q_sh;
+            fn.attend(q, q_at, k_cache, v_cache, kvh * slots,
+                      block_tables + (int64_t)seq_of[t] * max_blocks, key_from[t], ctx_len[t],
+                      state, st_rows, t * heads + kvh * g, out, (t * heads + kvh * g) * d, bs,
+                      scale, bf16);
+        }
     }
     return 0;
 }
