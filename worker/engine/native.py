@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
+SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"],
             check=True,
             capture_output=True,
             timeout=120,
@@ -67,7 +67,9 @@ def library() -> ctypes.CDLL | None:
             [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
         ).stdout
         key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()
+            "\0".join(
+                [*(p.read_text() for p in SOURCES), " ".join(FLAGS), version, _cpu_flags()]
+            ).encode()
         ).hexdigest()[:16]
         target = _cache_dir() / f"inferq_kernels_{key}.so"
         if not target.exists():
@@ -82,6 +84,10 @@ def library() -> ctypes.CDLL | None:
     fn.argtypes += [ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     lib.inferq_paged_attention_supports.argtypes = [i64, i64, i64]
+    cint, f32 = ctypes.c_int, ctypes.c_float
+    lib.inferq_add_rmsnorm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, cint, cint]
+    lib.inferq_rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, cint, cint]
+    lib.inferq_silu_mul.argtypes = [ptr, ptr, i64, i64, cint, cint]
     return lib
 
 
@@ -168,4 +174,63 @@ def paged_attention(
     )
     if rc != 0:
         raise ValueError(f"attention shape past the C kernel's limits: {tuple(q.shape)}")
+    return out
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    assert lib is not None, "C kernels unavailable"
+    return lib
+
+
+def add_rmsnorm(
+    x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """residual += x (in place, when x is given); returns rmsnorm(residual) * weight. All
+    [T, width] contiguous of one dtype (weight [width])."""
+    out = torch.empty_like(residual)
+    rows, width = residual.shape
+    _lib().inferq_add_rmsnorm(
+        None if x is None else x.data_ptr(),
+        residual.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        rows,
+        width,
+        eps,
+        int(residual.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def rotary(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotary embedding, in place, on the first `heads` heads of each row of x [T, width]
+    (unit stride in a row); cos, sin [T, head_dim] contiguous, x's dtype."""
+    rows, dim = cos.shape
+    _lib().inferq_rotary(
+        x.data_ptr(),
+        x.stride(0),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        rows,
+        heads,
+        dim,
+        int(x.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused [T, 2 * I] gate/up projection: [T, I]."""
+    rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, width, dtype=gate_up.dtype)
+    _lib().inferq_silu_mul(
+        gate_up.data_ptr(),
+        out.data_ptr(),
+        rows,
+        width,
+        int(gate_up.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
     return out

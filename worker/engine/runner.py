@@ -18,6 +18,7 @@ from worker.engine.attention import (
     Segment,
     StepLayout,
 )
+from worker.engine.lean import LeanLlama
 from worker.engine.loading import load_causal_lm
 
 
@@ -66,6 +67,9 @@ class PagedRunner:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.native = native.supports(self.dtype, device, head_dim, group, block_size)
+        self.lean = (
+            LeanLlama(self.model) if self.native and LeanLlama.supports(self.model) else None
+        )
         self.kv = PagedKV.allocate(
             cfg.num_hidden_layers,
             num_blocks,
@@ -210,11 +214,16 @@ class PagedRunner:
         layout = StepLayout(self.kv, write_rows, segments, decode_groups)
         if self.native:
             layout.tokens = self._token_tables(prefills, decodes, groups)
+        ids_t = torch.tensor(ids, device=self.device)
+        positions_t = torch.tensor(positions, device=self.device)
+        last_t = torch.tensor(last, device=self.device)
+        if self.lean is not None and layout.tokens is not None:
+            return self.lean.forward(ids_t, positions_t, self.kv, write_rows, layout.tokens, last_t)
         out = self.model(
-            input_ids=torch.tensor([ids], device=self.device),
-            position_ids=torch.tensor([positions], device=self.device),
+            input_ids=ids_t[None],
+            position_ids=positions_t[None],
             use_cache=False,
-            logits_to_keep=torch.tensor(last, device=self.device),
+            logits_to_keep=last_t,
             inferq_step=layout,
         )
         return out.logits[0]
