@@ -209,36 +209,39 @@ def table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+SPEED_VARIANTS = (  # name, model, dtype, INFERQ_GPTQ_CROSSOVER
+    ("fp bf16", FP_MODEL, "bfloat16", "auto"),
+    ("GPTQ int4 only (before)", DEFAULT_MODEL, "auto", "off"),
+    ("GPTQ per-shape dispatch", DEFAULT_MODEL, "auto", "auto"),
+)
+
+
 def speed_rows(args: argparse.Namespace, jobs: list[eb.Job], shareable: int) -> list[str]:
-    """fp bf16 vs GPTQ engine speed only, variants alternated `args.rounds` times."""
-    cfg = EngineConfig(max_num_seqs=args.max_num_seqs)
-    lines = ["| round | variant | crossovers | engine out tok/s | engine batch-1 decode tok/s |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    ratios: dict[str, list[float]] = {"engine": [], "batch-1": []}
-    for rnd in range(args.rounds):
-        got = {}
-        for v in VARIANTS[1:]:
-            path = resolve_model(get_settings(), v.model)
-            row = eb.engine_row(v.name, path, args.device, jobs, cfg, shareable, v.dtype)
-            got[v.name] = (row.tps, engine_decode_tps(path, args.device, v.dtype, jobs))
-            crossovers = load_crossovers()
-            say(f"round {rnd}: {v.name} engine {row.tps:.1f} tok/s, batch-1 {got[v.name][1]:.1f}")
-            lines.append(f"| {rnd} | {v.name} | {crossovers} | {row.tps:.1f} | "
-                         f"{got[v.name][1]:.1f} |")  # fmt: skip
-        (fe, fb), (qe, qb) = got.values()
-        ratios["engine"].append(qe / fe)
-        ratios["batch-1"].append(qb / fb)
-    lines.append("")
-    lines += [f"- GPTQ / bf16 {k}: " + ", ".join(f"{r:.2f}x" for r in v) for k, v in ratios.items()]
-    return lines
-
-
-def load_crossovers() -> str:
-    """The dense-path crossovers the last GPTQ load chose (empty for a dense model)."""
+    """Engine speed only, SPEED_VARIANTS alternated `args.rounds` times; GPTQ / bf16 ratios."""
     from worker.engine import gptq_dispatch
 
-    found = dict(gptq_dispatch._crossovers)
-    return ", ".join(f"{k}->{n}: {c}" for (k, n, _), c in sorted(found.items())) or "-"
+    cfg = EngineConfig(max_num_seqs=args.max_num_seqs)
+    lines = ["| round | variant | engine out tok/s | engine batch-1 decode tok/s |",
+             "|---|---|---|---|"]  # fmt: skip
+    got: dict[str, list[tuple[float, float]]] = {v[0]: [] for v in SPEED_VARIANTS}
+    for rnd in range(args.rounds):
+        for name, model, dtype, crossover in SPEED_VARIANTS:
+            os.environ[gptq_dispatch.ENV] = crossover
+            path = resolve_model(get_settings(), model)
+            row = eb.engine_row(name, path, args.device, jobs, cfg, shareable, dtype)
+            got[name].append((row.tps, engine_decode_tps(path, args.device, dtype, jobs)))
+            say(f"round {rnd}: {name} engine {row.tps:.1f} tok/s, batch-1 {got[name][-1][1]:.1f}")
+            lines.append(f"| {rnd} | {name} | {row.tps:.1f} | {got[name][-1][1]:.1f} |")
+    lines.append("")
+    ref = got[SPEED_VARIANTS[0][0]]
+    for name, runs in list(got.items())[1:]:
+        for i, what in enumerate(("engine", "batch-1 decode")):
+            ratios = ", ".join(f"{q[i] / f[i]:.2f}x" for q, f in zip(runs, ref, strict=True))
+            lines.append(f"- {name} / bf16 {what}, per round: {ratios}")
+    found = sorted(gptq_dispatch._crossovers.items())
+    lines.append("- crossovers (rows from which dense): "
+                 + ", ".join(f"{k}->{n}: {c}" for (k, n, _), c in found))  # fmt: skip
+    return lines
 
 
 def main() -> None:
