@@ -83,7 +83,8 @@ def test_default_model_dense_path_matches_int4(gptq_engine: PagedEngine, name: s
         eye = torch.eye(layer.in_features, dtype=torch.bfloat16)
         assert torch.equal(layer.dense_weight(), layer.inner(eye))  # act-order undone exactly
         x = torch.randn(2, 96, layer.in_features, dtype=torch.bfloat16)
-        int4 = layer.inner(x)
+        int4 = layer.inner(x)  # gptqmodel's forward
+        assert torch.equal(layer.int4(x.view(-1, layer.in_features)).view_as(int4), int4)
         saved, layer.crossover = layer.crossover, 1
         try:
             dense = layer(x)
@@ -99,22 +100,42 @@ def test_routing_by_rows(gptq_engine: PagedEngine, monkeypatch: pytest.MonkeyPat
     layer = gptq_engine.runner.model.get_submodule("model.layers.0.mlp.gate_proj")
     calls: list[str] = []
     monkeypatch.setattr(layer, "crossover", 64)
-    dense_weight = layer.dense_weight
-    monkeypatch.setattr(layer, "dense_weight", lambda: calls.append("d") or dense_weight())
+    dense_weight, int4 = layer.dense_weight, layer.int4
+    monkeypatch.setattr(layer, "dense_weight", lambda: calls.append("dense") or dense_weight())
+    monkeypatch.setattr(layer, "int4", lambda x: calls.append(f"int4 {len(x)}") or int4(x))
     with torch.inference_mode():
         layer(torch.randn(1, layer.in_features, dtype=torch.bfloat16))
         layer(torch.randn(1, 63, layer.in_features, dtype=torch.bfloat16))
-        assert calls == []
-        layer(torch.randn(4, 16, layer.in_features, dtype=torch.bfloat16))
-        assert calls == ["d"]
+        assert calls == ["int4 1", "int4 63"]
+        out = layer(torch.randn(4, 16, layer.in_features, dtype=torch.bfloat16))
+        assert calls[2:] == ["dense"] and out.shape == (4, 16, layer.out_features)
 
 
 @pytest.mark.model
 def test_measured_crossover_is_int4_at_one_row(gptq_engine: PagedEngine) -> None:
-    """int4 wins at 1 row by 10x or more, dense at 512 by 2x; up to 3 tries on a shared CPU."""
+    """int4 wins at 1 row by 10x or more (whether dense wins at 512 by 2x, as it does on an
+    idle CPU, is left to the benchmark: an oversubscribed CPU slows the dense matmul most)."""
     layer = gptq_engine.runner.model.get_submodule("model.layers.0.self_attn.o_proj")
-    found = [measure_crossover(layer, ladder=(1, 512)) for _ in range(3)]
-    assert 512 in found, found
+    assert measure_crossover(layer, ladder=(1, 512)) > 1
+
+
+@pytest.mark.parametrize(
+    ("dense_wins", "crossover"),
+    [
+        ((False, False, True, True, True, True), 32),
+        ((False, False, True, False, True, True), 32),  # one noisy point does not decide
+        ((False, True, False, False, False, True), 256),
+        ((False, False, False, False, False, False), gptq_dispatch.NEVER),
+        ((True,) * 6, 8),
+    ],
+)
+def test_crossover_rule(
+    dense_wins: tuple[bool, ...], crossover: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wins = iter(dense_wins)
+    monkeypatch.setattr(gptq_dispatch, "_best_us", lambda fns: (1.0, 0.5 if next(wins) else 2.0))
+    layer = type("Fake", (), {"in_features": 8})()
+    assert measure_crossover(layer) == crossover
 
 
 def test_override_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,11 +13,11 @@ are, an integer N takes the dense path from N rows (1: always, a huge number: ne
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from worker.engine.gptq_dequant import BLOCK_N, dequantize
 
@@ -28,15 +28,17 @@ FALLBACK = 128  # when a measurement is impossible (e.g. its kernel fails)
 Shape = tuple[int, int, int]  # in, out, group
 
 _crossovers: dict[Shape, int] = {}
-_scratch: dict[tuple[int, int], torch.Tensor] = {}
+_local = threading.local()  # per thread: engines stepped on two threads must not share
 
 
 def scratch(k: int, n: int) -> torch.Tensor:
-    """The reused bf16 [k, n] buffer dense-path layers of that shape dequantize into."""
-    buf = _scratch.get((k, n))
+    """The reused bf16 [k, n] buffer this thread's dense-path layers of that shape
+    dequantize into."""
+    buffers: dict[tuple[int, int], torch.Tensor] = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get((k, n))
     if buf is None:
         with torch.inference_mode(False):  # a plain tensor, usable in and out of inference
-            buf = _scratch[(k, n)] = torch.empty(k, n, dtype=torch.bfloat16)
+            buf = buffers[(k, n)] = torch.empty(k, n, dtype=torch.bfloat16)
     return buf
 
 
@@ -51,14 +53,30 @@ class DispatchLinear(torch.nn.Module):
         self.in_features, self.out_features = inner.in_features, inner.out_features
         ret_idx = inner.ret_idx.to(torch.int32)
         identity = torch.equal(ret_idx, torch.arange(len(ret_idx), dtype=torch.int32))
-        # act-order: packed row j is input column ret_idx[j]; the dequantizer scatters it back
+        # act-order: packed row j is input column ret_idx[j]; the int4 kernel wants the input
+        # columns gathered in that order, the dequantizer scatters rows back instead
         self.rowmap = None if identity else ret_idx.contiguous()
+        self.gather = None if identity else ret_idx.long()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or x.requires_grad:
+            return self.inner(x)  # gptqmodel's own path handles the rest
         rows = x.numel() // self.in_features
-        if rows < self.crossover or x.dtype != torch.bfloat16 or x.requires_grad:
-            return self.inner(x)
-        return F.linear(x, self.dense_weight().t(), self.inner.bias)
+        if rows < self.crossover:
+            out = self.int4(x.reshape(rows, self.in_features))
+        else:
+            out = x.reshape(rows, self.in_features) @ self.dense_weight()
+        if self.inner.bias is not None:
+            out += self.inner.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def int4(self, x: torch.Tensor) -> torch.Tensor:
+        """The int4 kernel on bf16 [rows, in] (what gptqmodel's forward runs, minus its checks)."""
+        q = self.inner
+        x = x if self.gather is None else x.index_select(1, self.gather)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, q.qweight, q.group_size, q.scales_and_zeros
+        )
 
     def dense_weight(self) -> torch.Tensor:
         """W^T, bf16 [in, out], in the shared scratch buffer (valid until the next call)."""
@@ -89,33 +107,33 @@ def eligible(module: torch.nn.Module) -> bool:
     )
 
 
-def _best_us(fn: Callable[[], object], repeat: int = 5) -> float:
-    """The fastest of `repeat` calls after a warm-up (the minimum shrugs off a shared CPU)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
+def _best_us(fns: tuple[Callable[[], object], ...], repeat: int = 5) -> list[float]:
+    """The fastest of `repeat` calls of each of `fns` after a warm-up, calls interleaved so
+    that all see the same load on a shared CPU (the minimum shrugs off preemptions)."""
+    best = [float("inf")] * len(fns)
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - started)
-    return best * 1e6
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            started = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - started)
+    return [b * 1e6 for b in best]
 
 
 @torch.inference_mode()
 def measure_crossover(layer: DispatchLinear, ladder: tuple[int, ...] = LADDER) -> int:
-    """The smallest ladder row count from which dequantize + dense beats int4 at every larger
-    ladder count; NEVER when int4 wins at the largest."""
+    """The smallest ladder row count where dequantize + dense beats int4, there and at most
+    of the larger counts (one noisy point does not decide); NEVER when there is none."""
     wins = []
     for rows in ladder:
         x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
-        int4 = _best_us(lambda x=x: layer.inner(x))
-        dense = _best_us(lambda x=x: F.linear(x, layer.dense_weight().t()))
+        int4, dense = _best_us((lambda x=x: layer.int4(x), lambda x=x: x @ layer.dense_weight()))
         wins.append(dense < int4)
-    crossover = NEVER
-    for rows, win in zip(reversed(ladder), reversed(wins), strict=True):
-        if not win:
-            break
-        crossover = rows
-    return crossover
+    for i, rows in enumerate(ladder):
+        if wins[i] and 2 * sum(wins[i:]) > len(wins) - i:
+            return rows
+    return NEVER
 
 
 def crossover_for(layer: DispatchLinear) -> int:
