@@ -1,6 +1,7 @@
 """GPTQ 4-bit vs the fp model it came from: quality, size, memory and speed in one table.
 
 Usage: .venv/bin/python bench/gptq_report.py [--jobs 128] [--quick] [--out bench/out]
+       .venv/bin/python bench/gptq_report.py --speed [--jobs 256] [--rounds 2]
 Variants: fp32 (FP_MODEL, float32), fp bf16 (FP_MODEL, bfloat16: the fair speed reference on
 a CPU with avx512_bf16) and GPTQ 4-bit (DEFAULT_MODEL, dtype auto: bf16 activations on CPU,
 kernel chosen by worker.engine.loading). Every model is loaded through `load_causal_lm`.
@@ -13,7 +14,11 @@ kernel chosen by worker.engine.loading). Every model is loaded through `load_cau
   loads the model and generates 8 tokens; also its RSS after that generate.
 - engine: engine_bench's seeded workload on the paged engine with the prefix cache.
 - batch-1 decode: HF generate, the workload's first prompt, 64 new tokens (min_new_tokens=64),
-  greedy; decode tok/s = 63 / (last step - first step).
+  greedy; decode tok/s = 63 / (last step - first step). Engine batch-1: the paged engine, the
+  workload's first 4 prompts one at a time (max_tokens 64), decode tokens after the first over
+  the time from first token to finish.
+`--speed` measures only the last two (fp bf16 vs GPTQ), alternating variants `--rounds` times
+on the shared CPU: the engine rows and engine batch-1 decode.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from transformers import AutoTokenizer, GenerationConfig, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from inferq.settings import DEFAULT_MODEL, FP_MODEL, get_settings
+from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
 from worker.engine.codec import TextCodec
-from worker.engine.engine import EngineConfig
+from worker.engine.engine import EngineConfig, PagedEngine
 from worker.engine.loading import load_causal_lm, pick_device
 from worker.prep.models import resolve_model
 
@@ -51,7 +57,7 @@ RSS_TAG = "RSS-JSON "
 HEAD = (
     "variant|kernel|activations|perplexity|Δ ppl vs fp32|disk MB|linear MB|rest MB|"
     "loaded weights MB|peak RSS MB|RSS after gen MB|engine out tok/s|p50 lat s|p50 TTFT s|"
-    "batch-1 decode tok/s"
+    "batch-1 decode tok/s|engine batch-1 decode tok/s"
 )
 STARTED = time.perf_counter()
 
@@ -124,6 +130,21 @@ def decode_tps(model: torch.nn.Module, prompt: list[int], pad_id: int, new: int 
     return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
+def engine_decode_tps(path: str, device: str, dtype: str, jobs: list[eb.Job]) -> float:
+    """Batch-1 decode rate through the paged engine: the first 4 jobs, one at a time."""
+    engine = PagedEngine(path, "bench", device=device, dtype=dtype)
+    engine.warm_up()
+    tokens, seconds = 0, 0.0
+    for job in jobs[:4]:
+        req = EngineRequest(job.seq_id, job.prompt_ids, SamplingParams(max_tokens=64), "t")
+        (out,) = run_to_completion(engine, [req])
+        tokens += len(out.token_ids) - 1
+        seconds += out.finished_at - out.first_token_at
+    del engine
+    gc.collect()
+    return tokens / seconds
+
+
 def measure_rss(path: str, dtype: str, device: str) -> None:
     """Child side of `--measure-rss`: load, generate 8 tokens, print RSS as JSON."""
     loaded = load_causal_lm(path, pick_device(device), dtype)
@@ -162,6 +183,7 @@ def run_variant(v: Variant, args: argparse.Namespace, jobs: list[eb.Job], sharea
     say(f"{v.name}: {res['b1']:.1f} decode tok/s; paged engine on {len(jobs)} jobs")
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs)
     res["row"] = eb.engine_row(v.name, path, args.device, jobs, cfg, shareable, v.dtype)
+    res["eb1"] = engine_decode_tps(path, args.device, v.dtype, jobs)
     say(f"{v.name}: engine done in {res['row'].wall_s:.1f}s; peak RSS in a fresh subprocess")
     res["rss"] = rss_in_child(path, v.dtype, args.device)
     gc.collect()
@@ -182,8 +204,43 @@ def table(results: dict[str, dict]) -> list[str]:
         cells = [name, r["kernel"], r["act"], f"{r['ppl']:.3f}", f"{delta:+.2f}%"]
         cells += [f"{x:.1f}" for x in (*r["disk"], r["loaded"], r["rss"]["peak"], r["rss"]["now"])]
         cells += [f"{out_tps(r):.1f}", f"{np.percentile(row.latency, 50):.2f}"]
-        cells += [f"{np.percentile(row.ttft, 50):.2f}", f"{r['b1']:.1f}"]
+        cells += [f"{np.percentile(row.ttft, 50):.2f}", f"{r['b1']:.1f}", f"{r['eb1']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+SPEED_VARIANTS = (  # name, model, dtype, INFERQ_GPTQ_CROSSOVER
+    ("fp bf16", FP_MODEL, "bfloat16", "auto"),
+    ("GPTQ int4 only (before)", DEFAULT_MODEL, "auto", "off"),
+    ("GPTQ per-shape dispatch", DEFAULT_MODEL, "auto", "auto"),
+)
+
+
+def speed_rows(args: argparse.Namespace, jobs: list[eb.Job], shareable: int) -> list[str]:
+    """Engine speed only, SPEED_VARIANTS alternated `args.rounds` times; GPTQ / bf16 ratios."""
+    from worker.engine import gptq_dispatch
+
+    cfg = EngineConfig(max_num_seqs=args.max_num_seqs)
+    lines = ["| round | variant | engine out tok/s | engine batch-1 decode tok/s |",
+             "|---|---|---|---|"]  # fmt: skip
+    got: dict[str, list[tuple[float, float]]] = {v[0]: [] for v in SPEED_VARIANTS}
+    for rnd in range(args.rounds):
+        for name, model, dtype, crossover in SPEED_VARIANTS:
+            os.environ[gptq_dispatch.ENV] = crossover
+            path = resolve_model(get_settings(), model)
+            row = eb.engine_row(name, path, args.device, jobs, cfg, shareable, dtype)
+            got[name].append((row.tps, engine_decode_tps(path, args.device, dtype, jobs)))
+            say(f"round {rnd}: {name} engine {row.tps:.1f} tok/s, batch-1 {got[name][-1][1]:.1f}")
+            lines.append(f"| {rnd} | {name} | {row.tps:.1f} | {got[name][-1][1]:.1f} |")
+    lines.append("")
+    ref = got[SPEED_VARIANTS[0][0]]
+    for name, runs in list(got.items())[1:]:
+        for i, what in enumerate(("engine", "batch-1 decode")):
+            ratios = ", ".join(f"{q[i] / f[i]:.2f}x" for q, f in zip(runs, ref, strict=True))
+            lines.append(f"- {name} / bf16 {what}, per round: {ratios}")
+    found = sorted(gptq_dispatch._crossovers.items())
+    lines.append("- crossovers (rows from which dense): "
+                 + ", ".join(f"{k}->{n}: {c}" for (k, n, _), c in found))  # fmt: skip
     return lines
 
 
@@ -195,6 +252,8 @@ def main() -> None:
         ap.add_argument(f"--{flag}", type=int, default=default)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    ap.add_argument("--speed", action="store_true", help="engine speed only, bf16 vs GPTQ")
+    ap.add_argument("--rounds", type=int, default=2, help="--speed: alternations")
     ap.add_argument("--measure-rss", nargs=2, metavar=("PATH", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
@@ -213,6 +272,10 @@ def main() -> None:
     shareable = eb.shareable_tokens(jobs, sys_lens)
     peak = matmul_peak_gflops(torch.device(args.device), torch.float32)
     say(f"{len(jobs)} jobs, system blocks {sys_lens}; fp32 matmul peak {peak:.1f} GFLOP/s")
+    if args.speed:
+        text = "\n".join([*speed_rows(args, jobs, shareable), f"- command: `{command}`"])
+        print(text)
+        return
     results = {v.name: run_variant(v, args, jobs, shareable) for v in VARIANTS}
     assert len({r["ntok"] for r in results.values()}) == 1, "the tokenizers differ"
 
@@ -220,7 +283,8 @@ def main() -> None:
     lines = [*table(results), ""]
     for name, r in list(results.items())[:2]:
         speed = f"engine out tok/s {out_tps(q) / out_tps(r):.2f}x"
-        lines.append(f"- {VARIANTS[2].name} vs {name}: {speed}, decode {q['b1'] / r['b1']:.2f}x")
+        decode = f"decode {q['b1'] / r['b1']:.2f}x (engine {q['eb1'] / r['eb1']:.2f}x)"
+        lines.append(f"- {VARIANTS[2].name} vs {name}: {speed}, {decode}")
     ref = fp32["row"].outputs
     for name, r in list(results.items())[1:]:
         same = sum(r["row"].outputs.get(s) == t for s, t in ref.items())

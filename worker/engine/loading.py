@@ -1,5 +1,7 @@
 """Device, dtype and weights for a causal LM: plain Hugging Face directories (or hub ids)
 through transformers, GPTQ checkpoints (checked first) through gptqmodel's fastest kernel.
+On CPU its int4 linears are then wrapped to pick int4 or dequantize + dense per row count
+(worker.engine.gptq_dispatch); on CUDA gptqmodel's kernel runs as loaded.
 
 gptqmodel is imported lazily: it prints a banner and takes seconds to import.
 """
@@ -10,7 +12,7 @@ import contextlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -44,6 +46,8 @@ class LoadedModel:
     model: torch.nn.Module
     dtype: torch.dtype
     kernel: str  # "dense" or the GPTQ backend that loaded it
+    crossovers: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    # (in, out, group) -> rows from which a CPU GPTQ linear dequantizes and runs dense
 
 
 def load_causal_lm(
@@ -61,6 +65,12 @@ def load_causal_lm(
         model, kernel = load_gptq(path, device, torch_dtype, gptq_backend)
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
+        if device.type == "cpu":
+            from worker.engine.gptq_dispatch import install
+
+            crossovers = install(model)
+            print(f"GPTQ dense-path crossovers (rows): {crossovers}", file=sys.stderr)
+            return LoadedModel(model.eval(), torch_dtype, kernel, crossovers)
     else:
         torch_dtype, kernel = pick_dtype(dtype, device), "dense"
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}

@@ -1,0 +1,147 @@
+"""GPTQ per-shape kernel choice on CPU: the dequantizer reproduces the int4 kernel's weights
+exactly (compiled and torch fallback, with act-order), and the dispatching linear routes few
+rows to int4 and many to dequantize + dense with matching outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.engine import gptq_dequant, gptq_dispatch
+from worker.engine.engine import PagedEngine
+from worker.engine.gptq_dispatch import DispatchLinear, measure_crossover
+
+GROUP = 32
+
+
+def _packed(k: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random codes packed for the CPU int4 kernel, its (scale, offset) pairs and W^T as that
+    kernel computes it (bf16 [k, n], from an identity input)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scales = torch.rand(k // GROUP, n, generator=gen) * 0.02
+    offsets = (torch.rand(k // GROUP, n, generator=gen) - 0.5) * 0.02
+    sz = torch.stack([scales, offsets], -1).to(torch.bfloat16).contiguous()
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    return packed, sz, torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, GROUP, sz)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize(("k", "n"), [(64, 64), (96, 192), (576, 1536), (1536, 576)])
+def test_dequantize_is_exactly_the_int4_kernels_weight(
+    compiled: bool, k: int, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if compiled:
+        assert gptq_dequant.c_kernel() is not None, "no C compiler: the fallback would run"
+    else:
+        monkeypatch.setattr(gptq_dequant, "c_kernel", lambda: None)
+    packed, sz, want = _packed(k, n)
+    out = torch.full((k, n), float("nan"), dtype=torch.bfloat16)
+    assert torch.equal(gptq_dequant.dequantize(packed, sz, GROUP, out), want)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    scattered = gptq_dequant.dequantize(packed, sz, GROUP, torch.empty_like(out), perm)
+    assert torch.equal(scattered[perm.long()], want)  # packed row j lands at row perm[j]
+    blocks = (1, n // 64)
+    part = torch.empty(k, n - 64, dtype=torch.bfloat16)
+    assert torch.equal(
+        gptq_dequant.dequantize(packed, sz, GROUP, part, blocks=blocks), want[:, 64:]
+    )
+
+
+def test_cache_dir_follows_inferq_home(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("INFERQ_HOME", str(tmp_path / "home"))
+    assert gptq_dequant.cache_dir() == tmp_path / "home" / "kernels"
+    monkeypatch.delenv("INFERQ_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert gptq_dequant.cache_dir() == tmp_path / "xdg" / "inferq" / "kernels"
+
+
+# -- the default model, as the engine loads it ---------------------------------------------
+
+
+def _layers(engine: PagedEngine) -> list[DispatchLinear]:
+    return [m for m in engine.runner.model.modules() if isinstance(m, DispatchLinear)]
+
+
+@pytest.mark.model
+def test_default_model_linears_all_dispatch(gptq_engine: PagedEngine) -> None:
+    layers = _layers(gptq_engine)
+    config = gptq_engine.runner.model.config
+    assert len(layers) == 7 * config.num_hidden_layers
+    assert {type(m.inner).__name__ for m in layers} == {"TorchAtenLinear"}
+    assert all(m.crossover > 1 for m in layers)  # one row always takes the int4 kernel
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj",
+                                  "mlp.down_proj"])  # fmt: skip
+def test_default_model_dense_path_matches_int4(gptq_engine: PagedEngine, name: str) -> None:
+    layer = gptq_engine.runner.model.get_submodule(f"model.layers.3.{name}")
+    assert isinstance(layer, DispatchLinear)
+    with torch.inference_mode():
+        eye = torch.eye(layer.in_features, dtype=torch.bfloat16)
+        assert torch.equal(layer.dense_weight(), layer.inner(eye))  # act-order undone exactly
+        x = torch.randn(2, 96, layer.in_features, dtype=torch.bfloat16)
+        int4 = layer.inner(x)  # gptqmodel's forward
+        assert torch.equal(layer.int4(x.view(-1, layer.in_features)).view_as(int4), int4)
+        saved, layer.crossover = layer.crossover, 1
+        try:
+            dense = layer(x)
+        finally:
+            layer.crossover = saved
+    assert dense.shape == int4.shape == (2, 96, layer.out_features)
+    gap = (dense.float() - int4.float()).abs().max()
+    assert gap <= 2**-6 * int4.float().abs().max()  # bf16 rounding of sums in another order
+
+
+@pytest.mark.model
+def test_routing_by_rows(gptq_engine: PagedEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = gptq_engine.runner.model.get_submodule("model.layers.0.mlp.gate_proj")
+    calls: list[str] = []
+    monkeypatch.setattr(layer, "crossover", 64)
+    dense_weight, int4 = layer.dense_weight, layer.int4
+    monkeypatch.setattr(layer, "dense_weight", lambda: calls.append("dense") or dense_weight())
+    monkeypatch.setattr(layer, "int4", lambda x: calls.append(f"int4 {len(x)}") or int4(x))
+    with torch.inference_mode():
+        layer(torch.randn(1, layer.in_features, dtype=torch.bfloat16))
+        layer(torch.randn(1, 63, layer.in_features, dtype=torch.bfloat16))
+        assert calls == ["int4 1", "int4 63"]
+        out = layer(torch.randn(4, 16, layer.in_features, dtype=torch.bfloat16))
+        assert calls[2:] == ["dense"] and out.shape == (4, 16, layer.out_features)
+
+
+@pytest.mark.model
+def test_measured_crossover_is_int4_at_one_row(gptq_engine: PagedEngine) -> None:
+    """int4 wins at 1 row by 10x or more (whether dense wins at 512 by 2x, as it does on an
+    idle CPU, is left to the benchmark: an oversubscribed CPU slows the dense matmul most)."""
+    layer = gptq_engine.runner.model.get_submodule("model.layers.0.self_attn.o_proj")
+    assert measure_crossover(layer, ladder=(1, 512)) > 1
+
+
+@pytest.mark.parametrize(
+    ("dense_wins", "crossover"),
+    [
+        ((False, False, True, True, True, True), 32),
+        ((False, False, True, False, True, True), 32),  # one noisy point does not decide
+        ((False, True, False, False, False, True), 256),
+        ((False, False, False, False, False, False), gptq_dispatch.NEVER),
+        ((True,) * 6, 8),
+    ],
+)
+def test_crossover_rule(
+    dense_wins: tuple[bool, ...], crossover: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wins = iter(dense_wins)
+    monkeypatch.setattr(gptq_dispatch, "_best_us", lambda fns: (1.0, 0.5 if next(wins) else 2.0))
+    layer = type("Fake", (), {"in_features": 8})()
+    assert measure_crossover(layer) == crossover
+
+
+def test_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Fake:
+        in_features, out_features = 8, 64
+        inner = type("Inner", (), {"group_size": 32})()
+
+    monkeypatch.setenv(gptq_dispatch.ENV, "40")
+    assert gptq_dispatch.crossover_for(Fake()) == 40
