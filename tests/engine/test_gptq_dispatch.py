@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.engine import gptq_dequant, gptq_dispatch
+from worker.engine import gptq_dequant, gptq_dispatch, native
 from worker.engine.engine import PagedEngine
 from worker.engine.gptq_dispatch import DispatchLinear, measure_crossover
 
@@ -51,10 +51,10 @@ def test_dequantize_is_exactly_the_int4_kernels_weight(
 
 def test_cache_dir_follows_inferq_home(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("INFERQ_HOME", str(tmp_path / "home"))
-    assert gptq_dequant.cache_dir() == tmp_path / "home" / "kernels"
+    assert native.cache_dir() == tmp_path / "home" / "kernels"
     monkeypatch.delenv("INFERQ_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert gptq_dequant.cache_dir() == tmp_path / "xdg" / "inferq" / "kernels"
+    assert native.cache_dir() == tmp_path / "xdg" / "inferq" / "kernels"
 
 
 # -- the default model, as the engine loads it ---------------------------------------------

@@ -25,11 +25,13 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 log = logging.getLogger(__name__)
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """INFERQ_HOME/kernels, else XDG_CACHE_HOME (or ~/.cache)/inferq/kernels: the same home
+    as inferq.settings, which the engine may not import."""
     home = os.environ.get("INFERQ_HOME")
     if not home:
         home = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inferq")
-    return Path(home) / "native"
+    return Path(home) / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -71,7 +73,7 @@ def library() -> ctypes.CDLL | None:
                 [*(p.read_text() for p in SOURCES), " ".join(FLAGS), version, _cpu_flags()]
             ).encode()
         ).hexdigest()[:16]
-        target = _cache_dir() / f"inferq_kernels_{key}.so"
+        target = cache_dir() / f"inferq_kernels_{key}.so"
         if not target.exists():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))  # torch is loaded first: one OpenMP runtime
@@ -88,6 +90,8 @@ def library() -> ctypes.CDLL | None:
     lib.inferq_add_rmsnorm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, cint, cint]
     lib.inferq_rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, cint, cint]
     lib.inferq_silu_mul.argtypes = [ptr, ptr, i64, i64, cint, cint]
+    lib.inferq_dequant_int4.argtypes = [ptr] * 4 + [i64] * 6
+    lib.inferq_dequant_int4.restype = None
     return lib
 
 
