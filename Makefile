@@ -40,7 +40,8 @@ unit: install
 client-deps: install
 	PY=$(PY) bash .ci/client-deps
 
-# The engine benchmark (8-13 minutes on 2 CPU cores); table + PNG under bench/out/.
+# The engine benchmark (8-13 minutes on 2 CPU cores, more with the GPTQ row and, once `make peers`
+# has installed them, the vLLM and llama-server rows); table + PNG under bench/out/.
 bench: model
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) bench/engine_bench.py --jobs 256 --baseline-jobs 32 --max-num-seqs 128
