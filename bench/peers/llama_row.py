@@ -35,9 +35,12 @@ def free_port() -> int:
 
 
 def post(port: int, path: str, body: dict | None = None) -> http.client.HTTPResponse:
+    """POST `body` as JSON to the local server, or GET `path` when there is no body."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
-    conn.request("POST" if body is not None else "GET", path, json.dumps(body or {}),
-                 {"Content-Type": "application/json"})  # fmt: skip
+    if body is None:
+        conn.request("GET", path)
+    else:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     return conn.getresponse()
 
 

@@ -10,6 +10,7 @@ verdict lines and leaves no row; its log is under `<out>/peers/`.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -115,6 +116,7 @@ def peer_rows(
     work = out / f"workload-{tag}.json"
     write_workload(work, setup["model"], setup["eos_ids"], setup["threads"],
                    [PeerJob(j.seq_id, j.prompt_ids, j.max_tokens) for j in jobs])  # fmt: skip
+    env = {"HF_HUB_OFFLINE": "1", **os.environ}  # local model dir: nothing to fetch
     rows = []
     for run in peer_runs(peers, dtype, tag, work):
         print(f"peer {run.name}: {' '.join(run.cmd)} (log {run.log})", flush=True)
@@ -122,7 +124,7 @@ def peer_rows(
         try:
             with run.log.open("w") as f:
                 subprocess.run(run.cmd, stdout=f, stderr=subprocess.STDOUT, check=True,
-                               timeout=TIMEOUT_S)  # fmt: skip
+                               timeout=TIMEOUT_S, env=env)  # fmt: skip
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             notes.append(f"- {run.name}: no row ({type(e).__name__}; log {run.log})")
             continue
