@@ -4,13 +4,13 @@ JSON through it with concurrent clients, write a result JSON (bench/peers/peerio
 Usage: python bench/peers/llama_row.py WORKLOAD.json RESULT.json --server .peers/bin/llama-server
        --gguf .peers/gguf/model-f32.gguf [--slots 16]
 Server: `-t n -tb n -np SLOTS -c SLOTS*1024` (n = the workload's threads; 1024 tokens per
-slot), on a free local port. After /health answers, a warm-up on two prompts, then every slot's
-cache is erased. Then SLOTS client threads take the jobs in arrival order, each posting
-/completion with the prompt's token ids, `n_predict` = max_tokens, `temperature` 0,
-`cache_prompt`, `return_tokens`, streamed, so TTFT is the arrival of the first token; cached =
-the answer's `timings.cache_n`. All jobs count as arriving at t=0 (the clients' start), so a
-job's latency includes its wait for a free client. Stdlib only; the server's log goes beside
-RESULT.json; the server is stopped at the end.
+slot), on a free local port (`--slot-save-path` only so that slots can be erased). After
+/health answers, a warm-up on two prompts, then every slot's cache is erased. Then SLOTS client
+threads take the jobs in arrival order, each posting /completion with the prompt's token ids,
+`n_predict` = max_tokens, `temperature` 0, `cache_prompt`, `return_tokens`, streamed, so TTFT
+is the arrival of the first token; cached = the answer's `timings.cache_n`. All jobs count as
+arriving at t=0 (the clients' start), so a job's latency includes its wait for a free client.
+Stdlib only; the server's log goes beside RESULT.json; the server is stopped at the end.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def main() -> None:
     eos, n, port = set(settings["eos_ids"]), str(settings["threads"]), free_port()
     log = args.result.with_suffix(".server.log")
     cmd = [str(args.server), "-m", str(args.gguf), "-t", n, "-tb", n, "-np", str(args.slots),
-           "-c", str(args.slots * 1024), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+           "-c", str(args.slots * 1024), "--host", "127.0.0.1", "--port", str(port),
+           "--slot-save-path", str(args.result.parent)]  # fmt: skip  (needed to erase slots)
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
