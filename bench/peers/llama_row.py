@@ -127,7 +127,7 @@ def main() -> None:
     log = args.result.with_suffix(".server.log")
     cmd = [str(args.server), "-m", str(args.gguf), "-t", n, "-tb", n, "-np", str(args.slots),
            "-c", str(args.slots * 1024), "--host", "127.0.0.1", "--port", str(port),
-           "--slot-save-path", str(args.result.parent)]  # fmt: skip  (needed to erase slots)
+           "--slot-save-path", str(args.result.parent)]  # fmt: skip
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
