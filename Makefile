@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test unit client-deps lint services model bench service-bench gptq-report \
-	report-scale scale-bench clean
+	report-scale scale-bench peers clean
 
 install: $(VENV)/.installed
 
@@ -40,10 +40,17 @@ unit: install
 client-deps: install
 	PY=$(PY) bash .ci/client-deps
 
-# The engine benchmark (8-13 minutes on 2 CPU cores); table + PNG under bench/out/.
+# The engine benchmark (8-13 minutes on 2 CPU cores, more with the GPTQ row and, once `make peers`
+# has installed them, the vLLM and llama-server rows); table + PNG under bench/out/.
 bench: model
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) bench/engine_bench.py --jobs 256 --baseline-jobs 32 --max-num-seqs 128
+
+# Peer engines for `make bench` (gitignored under .peers/, idempotent): vLLM CPU 0.32.0 in its
+# own venv, llama.cpp's llama-server built from source, the fp model as F32/BF16 GGUF.
+peers: model
+	bash bench/peers/install.sh "$$($(PY) -c 'from inferq.settings import FP_MODEL, get_settings; \
+	from worker.prep.models import resolve_model; print(resolve_model(get_settings(), FP_MODEL))')"
 
 # The service beside the engine alone (fp32 and bf16, ~15 min), then the null-engine run.
 service-bench: model services

@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python bench/engine_bench.py [--jobs 256] [--baseline-jobs 48] [--seed 0]
        [--max-num-seqs 128] [--max-new 128] [--dtypes float32,bfloat16] [--out bench/out]
+       [--peers auto|none|vllm,llama] [--no-gptq]
 Workload: `--jobs` chat jobs over 4 system prompts of 200-400 tokens, user parts of 10-120
 tokens, max_tokens uniform in [16, --max-new], greedy, shuffled. A row's jobs all arrive at its
 t=0; the slow HF baselines run only the first `--baseline-jobs` of the arrival order.
@@ -25,6 +26,13 @@ Ceiling per dtype: the engine row's computed positions and output tokens priced 
 the model's own linear-layer shapes (and the LM head, per output token) take in steps of
 `--max-num-seqs` rows on random weights: what the engine could reach if attention, norms and
 sampling cost nothing.
+Peers (`make peers`; `--peers auto`, the default, runs those installed): per dtype, after the
+engine rows, the same jobs (prompt ids, max_tokens, all at t=0) through vLLM CPU with automatic
+prefix caching (`vllm-cpu-apc`, its own venv) and llama.cpp's llama-server with 16 slots and 16
+clients (F32 GGUF for fp32, BF16 GGUF for bf16): bench/peers/. Their output tokens exclude EOS
+like the engine's; prefix hit = their cached prompt tokens / shareable; computed positions
+unknown ("-"). GPTQ row (`--no-gptq` skips it): the engine with prefix cache on the default
+GPTQ 4-bit model (bf16 activations on CPU), same jobs, after the bf16 rows.
 Correctness guard: the fp32 engine rows' greedy tokens must equal HF one-at-a-time fp32's on
 the baseline subset (asserted after the table is written). bf16 rows report their agreement
 with HF bf16 (bf16 rounding differs with batch shape, so near-ties may flip).
@@ -34,20 +42,21 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import random
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+from benchrow import Job, Row, table_lines  # bench/benchrow.py, beside this script
 from limits import Ceiling, matmul_peak_gflops  # bench/limits.py, beside this script
+from peers.rows import parse_peers, peer_rows, peer_verdicts  # bench/peers/rows.py
 from plot import plot_table  # bench/plot.py, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
-from inferq.settings import FP_MODEL, get_settings
+from inferq.settings import DEFAULT_MODEL, FP_MODEL, get_settings
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
 from worker.engine.codec import TextCodec
 from worker.engine.engine import EngineConfig, PagedEngine
@@ -76,45 +85,6 @@ ASKS = re.split(r"(?<=[.?!])\s+", " ".join(QUESTIONS.split()))
 PERSONAS = ["a careful librarian", "a billing clerk", "a travel desk agent", "a science tutor"]
 BATCH = 16
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-HEAD = (
-    "row|jobs measured|out tok|wall s|out tok/s|p50 lat s|p95 lat s|p50 TTFT s|p95 TTFT s|"
-    "computed/needed pos|waste|prefix hit|engine hit/queried|share of peak"
-)
-
-
-@dataclass
-class Job:
-    seq_id: str
-    system: int
-    prompt_ids: list[int]
-    max_tokens: int
-
-
-@dataclass
-class Row:
-    name: str
-    jobs: int
-    wall_s: float = 0.0
-    computed: int = 0  # token positions the model computed (padding, recompute included)
-    needed: int = 0  # positions the jobs needed: prompt + fed-back tokens - prefix-cache hits
-    hit: float | None = None  # prefix-cache hit tokens / shareable prefix tokens
-    engine_hit: str = "-"
-    latency: list[float] = field(default_factory=list)
-    ttft: list[float] = field(default_factory=list)
-    outputs: dict[str, list[int]] = field(default_factory=dict)
-
-    @property
-    def out_tokens(self) -> int:
-        return sum(map(len, self.outputs.values()))
-
-    @property
-    def tps(self) -> float:
-        return self.out_tokens / self.wall_s
-
-    def add(self, seq_id: str, tokens: list[int], latency: float, ttft: float) -> None:
-        self.outputs[seq_id] = list(tokens)
-        self.latency.append(latency)
-        self.ttft.append(ttft)
 
 
 def build_workload(
@@ -229,8 +199,11 @@ def engine_row(
     return row
 
 
-def dtype_rows(args, path: str, tok, jobs: list[Job], shareable: int, dtype: str) -> list[Row]:
-    """The four rows of one dtype: HF one at a time, HF static 16, engine without/with cache."""
+def dtype_rows(
+    args, path: str, tok, jobs: list[Job], shareable: int, dtype: str, notes: list[str]
+) -> list[Row]:
+    """The rows of one dtype: HF one at a time, HF static 16, engine without/with cache, then
+    the peers'."""
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), attn_implementation="sdpa"
     ).to(args.device)
@@ -245,20 +218,27 @@ def dtype_rows(args, path: str, tok, jobs: list[Job], shareable: int, dtype: str
         cfg = EngineConfig(prefix_cache=cache, max_num_seqs=args.max_num_seqs)
         name = f"engine-{'prefix-cache' if cache else 'no-prefix-cache'} {tag}"
         rows.append(engine_row(name, path, args.device, jobs, cfg, shareable, dtype))
-    return rows
+    threads = len(os.sched_getaffinity(0))
+    setup = {"model": path, "eos_ids": sorted(codec.eos_ids), "threads": threads}
+    peers = args.out / "peers"
+    return rows + peer_rows(args.peers, dtype, tag, jobs, shareable, setup, peers, notes)
 
 
-def table_lines(rows: list[Row], dense: int, peaks: dict[str, float]) -> list[str]:
-    lines = ["| " + HEAD.replace("|", " | ") + " |", "|" + "---|" * (HEAD.count("|") + 1)]
-    for r in rows:
-        pct = [f"{np.percentile(v, q):.2f}" for v in (r.latency, r.ttft) for q in (50, 95)]
-        share = 2 * dense * r.computed / r.wall_s / 1e9 / peaks[r.name.split()[-1]]
-        hit = "-" if r.hit is None else f"{r.hit:.1%}"
-        cells = [r.name, str(r.jobs), str(r.out_tokens), f"{r.wall_s:.1f}", f"{r.tps:.1f}", *pct]
-        cells += [f"{r.computed}/{r.needed}", f"{1 - r.needed / r.computed:.1%}", hit]
-        cells += [r.engine_hit, f"{share:.1%}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+def gptq_row(args, jobs: list[Job], shareable: int) -> Row:
+    """The engine with prefix cache on the default GPTQ model, dtype auto (bf16 on CPU)."""
+    path = str(resolve_model(get_settings(), DEFAULT_MODEL))
+    cfg = EngineConfig(prefix_cache=True, max_num_seqs=args.max_num_seqs)
+    return engine_row("engine-prefix-cache gptq", path, args.device, jobs, cfg, shareable, "auto")
+
+
+def gptq_verdicts(rows: dict[str, Row]) -> list[str]:
+    gptq, bf16 = rows.get("engine-prefix-cache gptq"), rows.get("engine-prefix-cache bf16")
+    if gptq is None or bf16 is None:
+        return []
+    x, ok = gptq.tps / bf16.tps, gptq.tps >= bf16.tps
+    same = sum(gptq.outputs.get(s) == t for s, t in bf16.outputs.items())
+    return [f"- {gptq.name} vs {bf16.name}: {x:.2f}x (target ≥1.0x: {'MET' if ok else 'NOT MET'})"
+            f"; greedy tokens equal {same}/{len(bf16.outputs)}"]  # fmt: skip
 
 
 def verdict_lines(
@@ -306,7 +286,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated, fp32 first")
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    ap.add_argument("--peers", default="auto", help="auto (installed ones), none, or vllm,llama")
+    ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
+    args.peers = parse_peers(args.peers)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     path = str(resolve_model(get_settings(), FP_MODEL))
@@ -330,8 +313,13 @@ def main() -> None:
     lens = sorted(len(j.prompt_ids) for j in jobs)
     print(f"{len(jobs)} jobs; system blocks {sys_lens}; prompts {lens[0]}-{lens[-1]} tokens")
 
-    rows = [r for d in dtypes for r in dtype_rows(args, path, tok, jobs, shareable, d)]
-    verdicts, wrong = verdict_lines({r.name: r for r in rows}, ceilings, args.max_num_seqs)
+    notes: list[str] = []
+    rows = [r for d in dtypes for r in dtype_rows(args, path, tok, jobs, shareable, d, notes)]
+    if args.gptq:
+        rows.append(gptq_row(args, jobs, shareable))
+    by_name = {r.name: r for r in rows}
+    verdicts, wrong = verdict_lines(by_name, ceilings, args.max_num_seqs)
+    verdicts += peer_verdicts(by_name, list(ceilings)) + gptq_verdicts(by_name) + notes
     peak_text = ", ".join(f"{t} {g:.1f}" for t, g in peaks.items())
     lines = table_lines(rows, dense, peaks) + verdicts
     lines.append(
