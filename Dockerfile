@@ -13,6 +13,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     INFERQ_HOME=/data \
     HF_HOME=/data/hf
 
+# a C compiler: the engine builds its CPU kernels (worker/engine/csrc) on first use
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch first, from the chosen index, so the project install below finds it satisfied
 # (constraints.txt pins torch==2.13.0, which a +cpu / +cuXXX local version also matches).
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from worker.engine import native
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
 from worker.engine.engine import EngineConfig, PagedEngine
 
@@ -93,6 +94,21 @@ def test_fifty_prompts_cold_then_warm_cache(paged, references) -> None:
     assert [o.token_ids for o in warm] == references
     assert all(o.cached_tokens >= 16 for o in warm[:48])
     assert paged.stats().blocks_used == 0  # every block released once all jobs finished
+
+
+def test_cpu_fast_path_is_taken_and_the_torch_path_matches_too(
+    paged, references, model_path
+) -> None:
+    """The default engine runs the lean forward on the C kernels; the transformers-modules
+    path (CUDA, other models, no compiler) gives the same greedy tokens."""
+    if native.library() is not None:
+        assert paged.runner.lean is not None and paged.runner.native
+    plain = PagedEngine(
+        model_path, "plain", device="cpu", dtype="float32", config=EngineConfig(native=False)
+    )
+    assert plain.runner.lean is None and not plain.runner.native
+    out = run_to_completion(plain, _requests(_prompts(plain), "plain"))
+    assert [o.token_ids for o in out] == references
 
 
 def test_shuffled_small_batches_and_other_tenant(paged, references) -> None:

@@ -36,6 +36,7 @@ class EngineConfig:
     prefix_cache: bool = True
     cache_secret: str = "inferq"  # keys the per-tenant salts; set from the environment
     gptq_backend: str = "auto"  # GPTQ kernel: auto picks the fastest that loads here
+    native: bool = True  # CPU: the lean forward on C kernels where they build; False: torch
 
 
 class PagedEngine:
@@ -66,6 +67,7 @@ class PagedEngine:
             num_blocks=num_blocks,
             block_size=cfg.block_size,
             gptq_backend=cfg.gptq_backend,
+            use_native=cfg.native,
         )
         self.codec = TextCodec.from_model_dir(model_path)
         self.kv = KVCacheManager(num_blocks, cfg.block_size, model_id=model_name)

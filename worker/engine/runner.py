@@ -53,6 +53,7 @@ class PagedRunner:
         num_blocks: int,
         block_size: int,
         gptq_backend: str = "auto",
+        use_native: bool = True,
     ):
         loaded = load_causal_lm(
             model_path,
@@ -66,7 +67,9 @@ class PagedRunner:
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         group = cfg.num_attention_heads // cfg.num_key_value_heads
-        self.native = native.supports(self.dtype, device, head_dim, group, block_size)
+        self.native = use_native and native.supports(
+            self.dtype, device, head_dim, group, block_size
+        )
         self.lean = (
             LeanLlama(self.model) if self.native and LeanLlama.supports(self.model) else None
         )
