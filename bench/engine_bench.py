@@ -173,13 +173,13 @@ def engine_row(
     cfg: EngineConfig,
     shareable: int,
     dtype: str = "float32",
+    ignore_eos: bool = False,
 ) -> Row:
+    """`ignore_eos`: every job runs to its max_tokens (equal work across models)."""
     engine = PagedEngine(path, "bench", device=device, dtype=dtype, config=cfg)
     engine.warm_up()
-    reqs = [
-        EngineRequest(j.seq_id, j.prompt_ids, SamplingParams(max_tokens=j.max_tokens), "tenant-a")
-        for j in jobs
-    ]
+    params = {j.max_tokens: SamplingParams(j.max_tokens, ignore_eos=ignore_eos) for j in jobs}
+    reqs = [EngineRequest(j.seq_id, j.prompt_ids, params[j.max_tokens], "tenant-a") for j in jobs]
     s0, start, t0 = engine.stats(), time.perf_counter(), time.time()
     outs = run_to_completion(engine, reqs)
     wall = time.perf_counter() - start

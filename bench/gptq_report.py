@@ -228,7 +228,9 @@ def speed_rows(args: argparse.Namespace, jobs: list[eb.Job], shareable: int) -> 
         for name, model, dtype, crossover in SPEED_VARIANTS:
             os.environ[gptq_dispatch.ENV] = crossover
             path = resolve_model(get_settings(), model)
-            row = eb.engine_row(name, path, args.device, jobs, cfg, shareable, dtype)
+            row = eb.engine_row(
+                name, path, args.device, jobs, cfg, shareable, dtype, ignore_eos=args.no_eos
+            )
             got[name].append((row.tps, engine_decode_tps(path, args.device, dtype, jobs)))
             say(f"round {rnd}: {name} engine {row.tps:.1f} tok/s, batch-1 {got[name][-1][1]:.1f}")
             lines.append(f"| {rnd} | {name} | {row.tps:.1f} | {got[name][-1][1]:.1f} |")
@@ -254,6 +256,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
     ap.add_argument("--speed", action="store_true", help="engine speed only, bf16 vs GPTQ")
     ap.add_argument("--rounds", type=int, default=2, help="--speed: alternations")
+    ap.add_argument("--no-eos", action="store_true", help="--speed: every job to max_tokens")
     ap.add_argument("--measure-rss", nargs=2, metavar=("PATH", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     hf_logging.set_verbosity_error()

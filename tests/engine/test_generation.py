@@ -194,6 +194,16 @@ def test_finish_reason_length_and_eos(engine, refs) -> None:
     assert outputs[1].token_ids == ref.tokens[:short]
 
 
+def test_ignore_eos_runs_to_max_tokens(engine, refs) -> None:
+    """Equal-work benchmarks: the sampled EOS is kept and generation goes on."""
+    ref = refs[next(i for i, r in enumerate(refs) if r.hit_eos)]
+    room = len(ref.tokens) + 4
+    (out,) = generate(engine, [_req("no-eos", ref.prompt_ids, max_tokens=room, ignore_eos=True)])
+    assert out.finish_reason == FinishReason.LENGTH and len(out.token_ids) == room
+    assert out.token_ids[: len(ref.tokens)] == ref.tokens
+    assert out.token_ids[len(ref.tokens)] in engine.codec.eos_ids
+
+
 def test_stop_strings_truncate_before_the_earliest_stop(engine, refs) -> None:
     ref = refs[FOX]
     decode = engine.codec.decode

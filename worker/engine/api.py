@@ -26,6 +26,7 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_tokens whatever is sampled (equal-work benchmarks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,7 @@ class EngineSequence(Sequence):
         now = time.time()
         self.first_token_at = self.first_token_at or now
         assert self.codec is not None
-        if token in self.codec.eos_ids:
+        if token in self.codec.eos_ids and not self.params.ignore_eos:
             self.finish_reason = FinishReason.STOP
         else:
             at_limit = super().append(token)
