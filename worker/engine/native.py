@@ -108,7 +108,7 @@ def supports(
     )
 
 
-TILE_ROWS = 32  # most tokens in one tile (csrc/paged_attention.c)
+TILE_ROWS = 64  # most tokens in one tile (csrc/paged_attention.c)
 
 
 @dataclass

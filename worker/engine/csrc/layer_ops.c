@@ -25,6 +25,15 @@ static inline void put(void *p, int64_t i, float f, int bf16) {
     ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
 }
 
+/* f rounded to bf16 precision (round to nearest even), kept as a float. */
+static inline float round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* residual += x (when x is given), then out = rmsnorm(residual) * weight. As transformers'
  * LlamaRMSNorm: the normalized row is rounded to the row dtype before the weight multiplies
  * it, and that product rounded again. */
@@ -45,42 +54,47 @@ void inferq_add_rmsnorm(const void *x, void *residual, const void *weight, void 
         }
         float inv = 1.0f / sqrtf(ss / (float)width + eps);
         for (int64_t i = 0; i < width; i++) {
-            put(out, base + i, get(residual, base + i, bf16) * inv, bf16);
-            put(out, base + i, get(weight, i, bf16) * get(out, base + i, bf16), bf16);
+            float normed = get(residual, base + i, bf16) * inv;
+            if (bf16) normed = round_bf16(normed);
+            put(out, base + i, get(weight, i, bf16) * normed, bf16);
         }
     }
 }
 
 /* Rotary embedding in place on `heads` heads of size d at the start of each row of `x` (row
- * stride `stride`), rotate-half convention: cos and sin are [rows, d]. */
+ * stride `stride`), rotate-half convention: cos and sin are [rows, d]. As torch: in bf16 each
+ * product is rounded to bf16 before the sum. */
 void inferq_rotary(void *x, int64_t stride, const void *cos, const void *sin, int64_t rows,
                    int64_t heads, int64_t d, int bf16, int threads) {
     int64_t half = d / 2;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; r++)
+    for (int64_t r = 0; r < rows; r++) {
+        float c[512], s[512];
+        for (int64_t i = 0; i < d; i++) {
+            c[i] = get(cos, r * d + i, bf16);
+            s[i] = get(sin, r * d + i, bf16);
+        }
         for (int64_t h = 0; h < heads; h++) {
             int64_t at = r * stride + h * d;
+            float lo[256], hi[256];
             for (int64_t i = 0; i < half; i++) {
                 float a = get(x, at + i, bf16), b = get(x, at + half + i, bf16);
-                float c1 = get(cos, r * d + i, bf16), s1 = get(sin, r * d + i, bf16);
-                float c2 = get(cos, r * d + half + i, bf16), s2 = get(sin, r * d + half + i, bf16);
-                /* as torch: each product rounded to the dtype, then the sum */
-                float lo_c = a * c1, lo_s = -b * s1, hi_c = b * c2, hi_s = a * s2;
+                float lc = a * c[i], ls = -b * s[i], hc = b * c[half + i], hs = a * s[half + i];
                 if (bf16) {
-                    uint16_t t[4];
-                    put(t, 0, lo_c, 1);
-                    put(t, 1, lo_s, 1);
-                    put(t, 2, hi_c, 1);
-                    put(t, 3, hi_s, 1);
-                    lo_c = get(t, 0, 1);
-                    lo_s = get(t, 1, 1);
-                    hi_c = get(t, 2, 1);
-                    hi_s = get(t, 3, 1);
+                    lc = round_bf16(lc);
+                    ls = round_bf16(ls);
+                    hc = round_bf16(hc);
+                    hs = round_bf16(hs);
                 }
-                put(x, at + i, lo_c + lo_s, bf16);
-                put(x, at + half + i, hi_c + hi_s, bf16);
+                lo[i] = lc + ls;
+                hi[i] = hc + hs;
+            }
+            for (int64_t i = 0; i < half; i++) {
+                put(x, at + i, lo[i], bf16);
+                put(x, at + half + i, hi[i], bf16);
             }
         }
+    }
 }
 
 /* out[r, i] = silu(gu[r, i]) * gu[r, width + i]: the fused gate/up projection's halves. */
@@ -91,11 +105,7 @@ void inferq_silu_mul(const void *gu, void *out, int64_t rows, int64_t width, int
         for (int64_t i = 0; i < width; i++) {
             float g = get(gu, r * 2 * width + i, bf16), u = get(gu, r * 2 * width + width + i, bf16);
             float act = g / (1.0f + expf(-g));
-            if (bf16) { /* torch rounds silu's result before the product */
-                uint16_t t;
-                put(&t, 0, act, 1);
-                act = get(&t, 0, 1);
-            }
+            if (bf16) act = round_bf16(act); /* torch rounds silu's result before the product */
             put(out, r * width + i, act * u, bf16);
         }
 }

@@ -22,7 +22,7 @@
 #include <string.h>
 
 #define MAX_BS 256
-#define TILE_ROWS 32
+#define TILE_ROWS 64
 #define NEG (-1e30f)
 
 typedef float vf __attribute__((vector_size(64)));
