@@ -26,7 +26,11 @@ from worker.prep.quantize import (
 )
 
 model = pytest.mark.model
-TIE_GAP = 0.25  # logits: two bf16 steps at SmolLM2's top logits (16-32)
+# logits: four bf16 steps at SmolLM2's top logits (16-32). Batched steps run the weights
+# dequantized through a dense bf16 matmul (gptq_dispatch), whose sums go in another order
+# than gptqmodel's int4 kernel: one of the 22 prompts then flips at a gap of 3 steps (0.375);
+# with the int4 kernel everywhere (INFERQ_GPTQ_CROSSOVER=off) all flips are within 2.
+TIE_GAP = 0.5
 TINY_PROMPTS = ["Hello there", "The capital of France is", "1 2 3 4", "def f(x):", "Q: why? A:"]
 SYSTEM = (
     "You are a helpful assistant. Answer clearly and briefly, in plain English, and do not "
