@@ -15,7 +15,7 @@ matmuls and SDPA consume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +94,8 @@ class DecodeGroup:
 class StepLayout:
     kv: PagedKV
     write_rows: torch.Tensor  # [kv_heads, T] slot rows where each new token's K/V goes
-    prefills: list[Segment] = field(default_factory=list)
-    decodes: list[DecodeGroup] = field(default_factory=list)
+    prefills: list[Segment]  # empty when the C kernel runs the step
+    decodes: list[DecodeGroup]
     tokens: native.TokenTables | None = None  # set when the C kernel runs the step
 
 

@@ -108,6 +108,12 @@ def supports(
     )
 
 
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    assert lib is not None, "C kernels unavailable"
+    return lib
+
+
 TILE_ROWS = 64  # most tokens in one tile (csrc/paged_attention.c)
 
 
@@ -139,8 +145,6 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, heads, d] (any strides over T and heads, unit stride over d); k_cache, v_cache
     [kv_heads, slots, d] contiguous. Returns [T, heads, d]."""
-    lib = library()
-    assert lib is not None, "C kernels unavailable"
     tokens, heads, dim = q.shape
     kv_heads, slots = k_cache.shape[0], k_cache.shape[1]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -148,7 +152,7 @@ def paged_attention(
     tiles = step.tile_seq.shape[0]
     state = torch.empty(tokens * heads * (dim + 2) if tiles else 0, dtype=torch.float32)
     out = torch.empty(tokens, heads, dim, dtype=q.dtype)
-    rc = lib.inferq_paged_attention(
+    rc = _lib().inferq_paged_attention(
         q.data_ptr(),
         q.stride(0),
         q.stride(1),
@@ -179,12 +183,6 @@ def paged_attention(
     if rc != 0:
         raise ValueError(f"attention shape past the C kernel's limits: {tuple(q.shape)}")
     return out
-
-
-def _lib() -> ctypes.CDLL:
-    lib = library()
-    assert lib is not None, "C kernels unavailable"
-    return lib
 
 
 def add_rmsnorm(
