@@ -9,7 +9,7 @@ import torch
 
 from worker.engine import gptq_dequant, gptq_dispatch, native
 from worker.engine.engine import PagedEngine
-from worker.engine.gptq_dispatch import DispatchLinear, measure_crossover
+from worker.engine.gptq_dispatch import NEVER, DispatchLinear, FusedDispatch, measure_crossover
 
 GROUP = 32
 
@@ -27,26 +27,42 @@ def _packed(k: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
     return packed, sz, torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, GROUP, sz)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize(("k", "n"), [(64, 64), (96, 192), (576, 1536), (1536, 576)])
 def test_dequantize_is_exactly_the_int4_kernels_weight(
-    compiled: bool, k: int, n: int, monkeypatch: pytest.MonkeyPatch
+    compiled: bool, k: int, n: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """bf16: the int4 kernel's own weights bit for bit; fp32: the same before rounding. (Where
+    the kernel packs 32-row blocks, AVX2, it rounds scale * code before adding the offset, and
+    a weight next to zero may differ by one fp32 rounding of that product.)"""
     if compiled:
         assert gptq_dequant.c_kernel() is not None, "no C compiler: the fallback would run"
     else:
         monkeypatch.setattr(gptq_dequant, "c_kernel", lambda: None)
     packed, sz, want = _packed(k, n)
-    out = torch.full((k, n), float("nan"), dtype=torch.bfloat16)
-    assert torch.equal(gptq_dequant.dequantize(packed, sz, GROUP, out), want)
+    bn = gptq_dequant.block_n()
+    assert bn in (32, 64), "the int4 kernel's packed layout is none the dequantizer knows"
+
+    def same(got: torch.Tensor, expected: torch.Tensor) -> bool:
+        got = got.to(torch.bfloat16)
+        if bn == 32:  # one fp32 rounding of a product of at most 0.02 x 8
+            return (got.float() - expected.float()).abs().max().item() <= 2**-24 * 0.16
+        return torch.equal(got, expected)
+
+    assert dtype in (torch.bfloat16, torch.float32)
+
+    out = torch.full((k, n), float("nan"), dtype=dtype)
+    assert same(gptq_dequant.dequantize(packed, sz, GROUP, out), want) and out.dtype == dtype
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(1)).to(torch.int32)
     scattered = gptq_dequant.dequantize(packed, sz, GROUP, torch.empty_like(out), perm)
-    assert torch.equal(scattered[perm.long()], want)  # packed row j lands at row perm[j]
-    blocks = (1, n // 64)
-    part = torch.empty(k, n - 64, dtype=torch.bfloat16)
-    assert torch.equal(
-        gptq_dequant.dequantize(packed, sz, GROUP, part, blocks=blocks), want[:, 64:]
-    )
+    assert same(scattered[perm.long()], want)  # packed row j lands at row perm[j]
+    part = torch.empty(k, n - bn, dtype=dtype)
+    assert same(gptq_dequant.dequantize(packed, sz, GROUP, part, blocks=(1, n // bn)), want[:, bn:])
+    wide = torch.full((k, n + 128), float("nan"), dtype=dtype)  # a column slice: strided rows
+    gptq_dequant.dequantize(packed, sz, GROUP, wide[:, 64 : 64 + n], perm)
+    assert same(wide[:, 64 : 64 + n][perm.long()], want)
+    assert wide[:, :64].isnan().all() and wide[:, 64 + n :].isnan().all()
 
 
 def test_cache_dir_follows_inferq_home(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -81,7 +97,8 @@ def test_default_model_dense_path_matches_int4(gptq_engine: PagedEngine, name: s
     assert isinstance(layer, DispatchLinear)
     with torch.inference_mode():
         eye = torch.eye(layer.in_features, dtype=torch.bfloat16)
-        assert torch.equal(layer.dense_weight(), layer.inner(eye))  # act-order undone exactly
+        dense_weight = layer.dense_weight().to(torch.bfloat16)
+        assert torch.equal(dense_weight, layer.inner(eye))  # act-order undone exactly
         x = torch.randn(2, 96, layer.in_features, dtype=torch.bfloat16)
         int4 = layer.inner(x)  # gptqmodel's forward
         assert torch.equal(layer.int4(x.view(-1, layer.in_features)).view_as(int4), int4)
@@ -145,3 +162,32 @@ def test_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv(gptq_dispatch.ENV, "40")
     assert gptq_dispatch.crossover_for(Fake()) == 40
+
+
+@pytest.mark.model
+def test_fused_projection_is_its_layers_side_by_side(
+    gptq_engine: PagedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """q/k/v as one FusedDispatch: its dense weight is the layers' weights side by side, and
+    both paths give the concatenated outputs of the layers' own forwards (up to bf16 rounding
+    of sums in another order, dense)."""
+    attn = gptq_engine.runner.model.get_submodule("model.layers.2.self_attn")
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    assert FusedDispatch.fusable(layers) and not FusedDispatch.fusable(layers[:1])
+    fused = FusedDispatch(layers, None)
+    assert fused.out_features == sum(m.out_features for m in layers)
+    assert fused.crossover > 1
+    with torch.inference_mode():
+        side_by_side = torch.cat([m.dense_weight().clone() for m in layers], dim=1)
+        assert torch.equal(fused.dense_weight(), side_by_side)
+        for rows in (3, 200):
+            x = torch.randn(rows, fused.in_features, dtype=torch.bfloat16)
+            for crossover in (1, NEVER):  # dense, then int4
+                for m in [fused, *layers]:
+                    monkeypatch.setattr(m, "crossover", crossover)
+                want, got = torch.cat([m(x) for m in layers], dim=-1), fused(x)
+                if crossover == NEVER:
+                    assert torch.equal(got, want)  # the same int4 calls
+                else:  # one matmul over the side-by-side weights may block its sums otherwise
+                    gap = (got.float() - want.float()).abs().max()
+                    assert gap <= 2**-6 * want.float().abs().max()

@@ -4,7 +4,9 @@ shape at load time.
 
 Wraps gptqmodel's `TorchAtenLinear` (after its CPU transform): its packed int4 weights,
 scales and offsets stay the only copy of the weights (4 bits each); the dense path
-dequantizes them per call into a scratch buffer shared by every layer of that shape.
+dequantizes them per call into a scratch buffer shared by every layer of that shape, in bf16
+where oneDNN has native bf16 matmuls, else in fp32. `FusedDispatch` runs the linears of one
+input (q/k/v, gate/up) as one projection: one scratch buffer, one matmul.
 
 INFERQ_GPTQ_CROSSOVER overrides the measurement: `off` keeps gptqmodel's modules as they
 are, an integer N takes the dense path from N rows (1: always, a huge number: never).
@@ -19,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from worker.engine.gptq_dequant import BLOCK_N, dequantize
+from worker.engine.gptq_dequant import block_n, dequantize
 
 ENV = "INFERQ_GPTQ_CROSSOVER"
 LADDER = (8, 16, 32, 64, 128, 256)  # rows tried at load; dense also wins beyond the last win
@@ -31,26 +33,49 @@ _crossovers: dict[Shape, int] = {}
 _local = threading.local()  # per thread: engines stepped on two threads must not share
 
 
-def scratch(k: int, n: int) -> torch.Tensor:
-    """The reused bf16 [k, n] buffer this thread's dense-path layers of that shape
-    dequantize into."""
-    buffers: dict[tuple[int, int], torch.Tensor] = _local.__dict__.setdefault("buffers", {})
-    buf = buffers.get((k, n))
+def dense_dtype() -> torch.dtype:
+    """The dense path's dtype: bf16 where oneDNN runs bf16 matmuls natively (AVX-512), else
+    fp32 (torch's bf16 matmul on AVX2 runs 4-7x slower than its fp32 one)."""
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def scratch(k: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The reused [k, n] buffer this thread's dense-path layers of that shape dequantize into."""
+    buffers: dict[tuple, torch.Tensor] = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get((k, n, dtype))
     if buf is None:
         with torch.inference_mode(False):  # a plain tensor, usable in and out of inference
-            buf = buffers[(k, n)] = torch.empty(k, n, dtype=torch.bfloat16)
+            buf = buffers[(k, n, dtype)] = torch.empty(k, n, dtype=dtype)
     return buf
+
+
+def _dispatch(layer: DispatchLinear | FusedDispatch, x: torch.Tensor) -> torch.Tensor:
+    """`layer` on bf16 x [..., in]: its int4 kernel below its crossover, else dense."""
+    rows = x.numel() // layer.in_features
+    flat = x.reshape(rows, layer.in_features)
+    out = layer.int4(flat) if rows < layer.crossover else _dense(layer, flat)
+    if layer.bias is not None:
+        out += layer.bias
+    return out.view(*x.shape[:-1], layer.out_features)
+
+
+def _dense(layer: DispatchLinear | FusedDispatch, x: torch.Tensor) -> torch.Tensor:
+    """Dequantize, then one dense matmul in the dense path's dtype; bf16 [rows, out]."""
+    weight = layer.dense_weight()
+    return (x.to(weight.dtype) @ weight).to(x.dtype)
 
 
 class DispatchLinear(torch.nn.Module):
     """A GPTQ linear choosing its kernel by row count: int4 below `crossover`, else
-    dequantize (into the shared scratch buffer) then a dense bf16 matmul."""
+    dequantize (into the shared scratch buffer) then a dense matmul."""
 
     def __init__(self, inner: torch.nn.Module, crossover: int) -> None:
         super().__init__()
         self.inner = inner
         self.crossover = crossover
         self.in_features, self.out_features = inner.in_features, inner.out_features
+        self.group_size, self.bias = inner.group_size, inner.bias
+        self.dense_dtype = dense_dtype()
         ret_idx = inner.ret_idx.to(torch.int32)
         identity = torch.equal(ret_idx, torch.arange(len(ret_idx), dtype=torch.int32))
         # act-order: packed row j is input column ret_idx[j]; the int4 kernel wants the input
@@ -61,14 +86,7 @@ class DispatchLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16 or x.requires_grad:
             return self.inner(x)  # gptqmodel's own path handles the rest
-        rows = x.numel() // self.in_features
-        if rows < self.crossover:
-            out = self.int4(x.reshape(rows, self.in_features))
-        else:
-            out = x.reshape(rows, self.in_features) @ self.dense_weight()
-        if self.inner.bias is not None:
-            out += self.inner.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return _dispatch(self, x)
 
     def int4(self, x: torch.Tensor) -> torch.Tensor:
         """The int4 kernel on bf16 [rows, in] (what gptqmodel's forward runs, minus its checks)."""
@@ -79,13 +97,54 @@ class DispatchLinear(torch.nn.Module):
         )
 
     def dense_weight(self) -> torch.Tensor:
-        """W^T, bf16 [in, out], in the shared scratch buffer (valid until the next call)."""
+        """W^T [in, out] in the shared scratch buffer (valid until the next call)."""
+        out = scratch(self.in_features, self.out_features, self.dense_dtype)
+        return self.dequantize_into(out)
+
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """W^T written into `out` ([in, out] with unit column stride: may be a column slice)."""
         q = self.inner
-        out = scratch(self.in_features, self.out_features)
         return dequantize(q.qweight, q.scales_and_zeros, q.group_size, out, self.rowmap)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, crossover={self.crossover}"
+
+
+class FusedDispatch:
+    """GPTQ linears of one input (q/k/v; gate/up) as one [rows, sum of outputs] projection:
+    below its crossover each runs its int4 kernel, from there all dequantize side by side into
+    one scratch buffer for one dense matmul."""
+
+    def __init__(self, layers: list[DispatchLinear], bias: torch.Tensor | None) -> None:
+        self.layers, self.bias = layers, bias
+        self.in_features = layers[0].in_features
+        self.out_features = sum(m.out_features for m in layers)
+        self.group_size, self.dense_dtype = layers[0].group_size, layers[0].dense_dtype
+        self.crossover = NEVER
+        self.crossover = crossover_for(self)
+
+    @staticmethod
+    def fusable(layers: list[torch.nn.Module]) -> bool:
+        """Two or more dispatching GPTQ linears of one input size and group."""
+        return (
+            len(layers) > 1
+            and all(isinstance(m, DispatchLinear) for m in layers)
+            and len({(m.in_features, m.group_size, m.dense_dtype) for m in layers}) == 1
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _dispatch(self, x)
+
+    def int4(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.int4(x) for m in self.layers], dim=-1)
+
+    def dense_weight(self) -> torch.Tensor:
+        out = scratch(self.in_features, self.out_features, self.dense_dtype)
+        at = 0
+        for m in self.layers:
+            m.dequantize_into(out[:, at : at + m.out_features])
+            at += m.out_features
+        return out
 
 
 def eligible(module: torch.nn.Module) -> bool:
@@ -96,7 +155,8 @@ def eligible(module: torch.nn.Module) -> bool:
     packed, sz = module.qweight, getattr(module, "scales_and_zeros", None)
     return (
         module.bits == 4
-        and n % BLOCK_N == 0
+        and block_n() is not None
+        and n % block_n() == 0
         and k % module.group_size == 0
         and packed.dtype == torch.uint8
         and tuple(packed.shape) == (n, k // 2)
@@ -122,13 +182,15 @@ def _best_us(fns: tuple[Callable[[], object], ...], repeat: int = 5) -> list[flo
 
 
 @torch.inference_mode()
-def measure_crossover(layer: DispatchLinear, ladder: tuple[int, ...] = LADDER) -> int:
+def measure_crossover(
+    layer: DispatchLinear | FusedDispatch, ladder: tuple[int, ...] = LADDER
+) -> int:
     """The smallest ladder row count where dequantize + dense beats int4, there and at most
     of the larger counts (one noisy point does not decide); NEVER when there is none."""
     wins = []
     for rows in ladder:
         x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
-        int4, dense = _best_us((lambda x=x: layer.int4(x), lambda x=x: x @ layer.dense_weight()))
+        int4, dense = _best_us((lambda x=x: layer.int4(x), lambda x=x: _dense(layer, x)))
         wins.append(dense < int4)
     for i, rows in enumerate(ladder):
         if wins[i] and 2 * sum(wins[i:]) > len(wins) - i:
@@ -136,12 +198,12 @@ def measure_crossover(layer: DispatchLinear, ladder: tuple[int, ...] = LADDER) -
     return NEVER
 
 
-def crossover_for(layer: DispatchLinear) -> int:
+def crossover_for(layer: DispatchLinear | FusedDispatch) -> int:
     """The override, else the measured crossover of this layer's shape (once per process)."""
     override = os.environ.get(ENV, "auto").strip().lower()
     if override not in ("", "auto"):
         return int(override)
-    shape = (layer.in_features, layer.out_features, layer.inner.group_size)
+    shape = (layer.in_features, layer.out_features, layer.group_size)
     if shape not in _crossovers:
         try:
             _crossovers[shape] = measure_crossover(layer)

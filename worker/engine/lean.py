@@ -1,10 +1,10 @@
 """A lean forward for Llama-family decoders on CPU: the transformers model's own weights, run
 as a few big matmuls and the C kernels (native.py) instead of ~40 small torch ops per layer.
 
-Per layer: one fused q/k/v projection (dense models; GPTQ layers keep their own modules and
-are concatenated), rotary in place, K/V written to the paged cache, paged attention, o_proj;
-RMSNorm fused with the residual add; one fused gate/up projection and SiLU(gate) * up. Dense
-weights are fused and prepacked in oneDNN's layout once, at load, and become the only copy
+Per layer: one fused q/k/v projection, rotary in place, K/V written to the paged cache, paged
+attention, o_proj; RMSNorm fused with the residual add; one fused gate/up projection and
+SiLU(gate) * up (GPTQ layers fuse as gptq_dispatch.FusedDispatch). Dense weights are fused and
+prepacked in oneDNN's layout once, at load, and become the only copy
 (the modules' own weights are released; a tied embedding keeps its own).
 """
 
@@ -16,9 +16,22 @@ from torch import nn
 
 from worker.engine import native
 from worker.engine.attention import PagedKV
+from worker.engine.gptq_dispatch import FusedDispatch
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 PACK_ROWS = 128  # oneDNN's row-count hint for prepacked weights (any count runs)
+
+
+def _fused_bias(linears: list[nn.Module], dtype: torch.dtype) -> torch.Tensor | None:
+    """The biases of linears side by side (zeros for those without); None when none has one."""
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat(
+        [
+            torch.zeros(m.out_features, dtype=dtype) if m.bias is None else m.bias.data
+            for m in linears
+        ]
+    )
 
 
 def _fuse(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -27,13 +40,18 @@ def _fuse(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] 
     if not all(type(m) is nn.Linear for m in linears):
         return None
     weight = torch.cat([m.weight.data for m in linears])
-    bias = None
-    if any(m.bias is not None for m in linears):
-        zeros = [torch.zeros(m.out_features, dtype=weight.dtype) for m in linears]
-        bias = torch.cat(
-            [z if m.bias is None else m.bias.data for m, z in zip(linears, zeros, strict=True)]
-        )
-    return weight, bias
+    return weight, _fused_bias(linears, weight.dtype)
+
+
+def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` in oneDNN's blocked layout for its linear; None where oneDNN cannot take this
+    dtype on this CPU (bf16 without AVX-512 or AVX-NE-CONVERT, for one)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+    except RuntimeError:
+        return None
 
 
 class _Projection:
@@ -41,24 +59,43 @@ class _Projection:
     fused into one weight, prepacked in oneDNN's blocked layout where oneDNN is present (15-40 %
     faster than F.linear in fp32 on CPU, 5-40 % in bf16: no per-call weight packing), and the
     modules' own weights are then released (`keep`: a weight still used elsewhere, the tied
-    embedding); GPTQ ones run their own modules."""
+    embedding); GPTQ ones run as one `FusedDispatch` where they can, else their own modules.
+
+    Half-precision weights oneDNN cannot pack on this CPU (bf16 on AVX2: torch's bf16 matmul
+    there runs 4-7x slower than fp32) are widened to fp32 once (exact) and packed: the matmul
+    runs in fp32 and its result is rounded back to the activations' dtype, as a half-precision
+    matmul with fp32 accumulation would, at twice the weights' memory."""
 
     def __init__(self, linears: list[nn.Module], keep: bool = False):
         self.linears = linears
         self.weight, self.bias = _fuse(linears) or (None, None)
-        self.packed = self.weight is not None and torch.backends.mkldnn.is_available()
-        if self.packed:
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_ROWS)
+        self.compute: torch.dtype | None = None  # the matmul's dtype when packed
+        self.gptq = None
+        if FusedDispatch.fusable(linears):
+            self.gptq = FusedDispatch(linears, _fused_bias(linears, torch.bfloat16))
+        if self.weight is None:
+            return
+        packed = _prepack(self.weight)
+        if packed is None and self.weight.dtype in (torch.bfloat16, torch.float16):
+            packed = _prepack(self.weight.float())
+            self.bias = None if self.bias is None else self.bias.float()
+        if packed is not None:
+            self.weight, self.compute = packed, packed.dtype
             if not keep:
                 for m in linears:
                     m.weight.data = torch.empty(0, dtype=m.weight.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gptq is not None:
+            return self.gptq(x)
         if self.weight is None:
             return torch.cat([m(x) for m in self.linears], dim=-1)
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if self.compute is None:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.to(self.compute), self.weight, self.bias, "none", [], ""
+        )
+        return y.to(x.dtype)
 
 
 class LeanLlama:

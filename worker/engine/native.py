@@ -90,7 +90,7 @@ def library() -> ctypes.CDLL | None:
     lib.inferq_add_rmsnorm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, cint, cint]
     lib.inferq_rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, cint, cint]
     lib.inferq_silu_mul.argtypes = [ptr, ptr, i64, i64, cint, cint]
-    lib.inferq_dequant_int4.argtypes = [ptr] * 4 + [i64] * 6
+    lib.inferq_dequant_int4.argtypes = [ptr] * 4 + [i64] * 8
     lib.inferq_dequant_int4.restype = None
     return lib
 

@@ -1,5 +1,5 @@
 /* Dequantize int4 GPTQ weights from the int4 kernel's packed layout (worker/engine/
- * gptq_dequant.py describes it) to a dense bf16 transposed weight. */
+ * gptq_dequant.py describes it) to a dense bf16 or fp32 transposed weight. */
 #include <stdint.h>
 #include <string.h>
 
@@ -31,27 +31,52 @@ static inline void block64(const uint8_t *p, const uint32_t *so, uint16_t *o) {
         _mm512_storeu_si512((void *)(o + 32 * h), (__m512i)_mm512_cvtne2ps_pbh(r[1], r[0]));
     }
 }
-#else
-static inline void block64(const uint8_t *p, const uint32_t *so, uint16_t *o) {
-    for (int j = 0; j < 32; j++) {
-        uint32_t lo = so[j], hi = so[j + 32];
-        float c0 = (float)(p[j] & 15) - 8.0f, c1 = (float)(p[j] >> 4) - 8.0f;
-        o[j] = f_bf16(bits_f(lo << 16) * c0 + bits_f(lo & 0xffff0000u));
-        o[j + 32] = f_bf16(bits_f(hi << 16) * c1 + bits_f(hi & 0xffff0000u));
-    }
-}
+#define HAVE_BLOCK64 1
 #endif
 
-/* out[rowmap[k] or k][64 (b - b0) + j], b in [b0, b1), from packed [N/64][K][32] and the
-   (scale, offset) bf16 pairs of sz [K/group][N] read as uint32 (scale in the low half). */
+/* One weight: the (scale, offset) pair `so` applied to a code. */
+static inline float weight(uint32_t so, unsigned code) {
+    return bits_f(so << 16) * ((float)code - 8.0f) + bits_f(so & 0xffff0000u);
+}
+
+/* The 2 half weights of one input row in one block: half packed bytes, 2 half pairs. */
+static inline void block_bf16(const uint8_t *p, const uint32_t *so, uint16_t *o, int64_t half) {
+    for (int64_t j = 0; j < half; j++) {
+        o[j] = f_bf16(weight(so[j], p[j] & 15));
+        o[j + half] = f_bf16(weight(so[j + half], p[j] >> 4));
+    }
+}
+
+/* The same weights unrounded, as fp32 (for CPUs whose bf16 matmul is slow). */
+static inline void block_f32(const uint8_t *p, const uint32_t *so, float *o, int64_t half) {
+    for (int64_t j = 0; j < half; j++) {
+        o[j] = weight(so[j], p[j] & 15);
+        o[j + half] = weight(so[j + half], p[j] >> 4);
+    }
+}
+
+/* out[rowmap[k] or k][bn (b - b0) + j], b in [b0, b1), from packed [N/bn][K][bn/2] and the
+   (scale, offset) bf16 pairs of sz [K/group][N] read as uint32 (scale in the low half);
+   out is bf16 (uint16) or, with f32, float, ldo elements a row. */
 void inferq_dequant_int4(const uint8_t *packed, const uint32_t *sz, const int32_t *rowmap,
-                         uint16_t *out, int64_t K, int64_t N, int64_t group, int64_t ldo,
-                         int64_t b0, int64_t b1) {
+                         void *out, int64_t K, int64_t N, int64_t group, int64_t ldo,
+                         int64_t b0, int64_t b1, int64_t bn, int64_t f32) {
+    const int64_t half = bn / 2;
     #pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < K; k++) {
         const uint32_t *so = sz + (k / group) * N;
-        uint16_t *o = out + (rowmap ? rowmap[k] : k) * ldo;
-        for (int64_t b = b0; b < b1; b++)
-            block64(packed + (b * K + k) * 32, so + b * 64, o + (b - b0) * 64);
+        int64_t row = (rowmap ? rowmap[k] : k) * ldo;
+        for (int64_t b = b0; b < b1; b++) {
+            const uint8_t *p = packed + (b * K + k) * half;
+            int64_t at = row + (b - b0) * bn;
+            if (f32)
+                block_f32(p, so + b * bn, (float *)out + at, half);
+#ifdef HAVE_BLOCK64
+            else if (bn == 64)
+                block64(p, so + b * bn, (uint16_t *)out + at);
+#endif
+            else
+                block_bf16(p, so + b * bn, (uint16_t *)out + at, half);
+        }
     }
 }
