@@ -1,7 +1,7 @@
 /* Paged attention on CPU: every query token of a step attends to its own sequence's keys
  * 0..pos straight from the block-laid cache (no gather, no padding, no mask tensors).
  *
- * Two passes, both over keys in chunks of up to 16 with an online softmax (running max and
+ * Two passes, both over keys in chunks of up to VL with an online softmax (running max and
  * sum) accumulating in fp32, the G query heads that share a kv head scored together:
  * 1. tiles: up to TILE_ROWS consecutive tokens that all see the same leading keys (a prefill
  *    segment's cached prefix, or the system prompt a group of decodes shares) go over those
@@ -9,8 +9,9 @@
  *    The softmax state (max, sum, accumulator) is left in `state`.
  * 2. tokens: each (token, kv head) continues from where its tile stopped (or from key 0) over
  *    its own remaining keys, and writes the output.
- * Rows are 16-float vectors (GCC vector extensions: AVX-512 with -march=native where the CPU
- * has it); the common head sizes and group sizes get unrolled copies.
+ * Rows are VL-float vectors, VL the machine's register width (GCC vector extensions with
+ * -march=native: 16 with AVX-512, else 8; GCC splits wider vectors badly, through the stack);
+ * the common head sizes and group sizes get unrolled copies.
  *
  * Layouts (elements): q[t * q_st + h * q_sh + i]; cache[(kvh * slots + slot) * D + i] with
  * slot = block * block_size + offset; out[(t * heads + h) * D + i]. Built by
@@ -24,10 +25,16 @@
 #define MAX_BS 256
 #define TILE_ROWS 64
 #define NEG (-1e30f)
+#if defined(__AVX512F__)
+#define VL 16
+#else
+#define VL 8
+#endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef uint32_t vu __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef uint16_t vh __attribute__((vector_size(2 * VL)));
+typedef uint32_t vu __attribute__((vector_size(4 * VL)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
 
 static inline vf load_row(const void *base, int64_t at, int bf16) {
     vf x;
@@ -56,8 +63,18 @@ static inline void store_row(void *base, int64_t at, vf x, int bf16) {
 
 #define SHUF __builtin_shufflevector
 
-/* [sum(t[0]), ..., sum(t[15])]: sixteen horizontal sums in four shuffle-and-add levels. */
-static inline vf sum16(const vf t[16]) {
+/* [sum(t[0]), ..., sum(t[VL - 1])]: VL horizontal sums in log2(VL) shuffle-and-add levels. */
+static inline vf sumv(const vf t[VL]) {
+#if VL == 8
+    vf a[4], b[2];
+    for (int i = 0; i < 4; i++)
+        a[i] = SHUF(t[2 * i], t[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+               SHUF(t[2 * i], t[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int i = 0; i < 2; i++)
+        b[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+               SHUF(a[2 * i], a[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    return SHUF(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) + SHUF(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#else
     vf a[8], b[4], c[2];
     for (int i = 0; i < 8; i++)
         a[i] = SHUF(t[2 * i], t[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -75,21 +92,20 @@ static inline vf sum16(const vf t[16]) {
                     31);
     return SHUF(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
            SHUF(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#endif
 }
 
-static inline float hsum16(vf x) {
+static inline float hsum(vf x) {
     float s = 0.0f;
-    for (int i = 0; i < 16; i++) s += x[i];
+    for (int i = 0; i < VL; i++) s += x[i];
     return s;
 }
 
 static inline float hmax(vf x) {
     float m = x[0];
-    for (int i = 1; i < 16; i++) m = x[i] > m ? x[i] : m;
+    for (int i = 1; i < VL; i++) m = x[i] > m ? x[i] : m;
     return m;
 }
-
-typedef int32_t vi __attribute__((vector_size(64)));
 
 static inline vf vsel(vi mask, vf a, vf b) { /* a where mask, else b */
     vi ia, ib;
@@ -101,7 +117,7 @@ static inline vf vsel(vi mask, vf a, vf b) { /* a where mask, else b */
     return out;
 }
 
-/* exp on 16 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (about 2 ulp; the Cephes
+/* exp on VL lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (about 2 ulp; the Cephes
  * expf polynomial). Lanes at or below -87 give about 1e-38, never inf or NaN. */
 static inline vf vexp(vf x) {
     const vf lo = (vf){0} - 87.0f, hi = (vf){0} + 88.0f;
@@ -123,16 +139,17 @@ static inline vf vexp(vf x) {
     return p * scale;
 }
 
-/* Chunk of up to 16 keys starting at key `start`: its first cache row and its length. */
+/* Chunk of up to VL keys starting at key `start`: its first cache row and its length. */
 static inline int64_t chunk(const int32_t *table, int64_t head_base, int64_t start, int64_t end,
                             int64_t bs, int64_t d, int64_t *first) {
-    int64_t off = start % bs, n = end - start < 16 ? end - start : 16;
+    int64_t off = start % bs, n = end - start < VL ? end - start : VL;
     *first = (head_base + (int64_t)table[start / bs] * bs + off) * d;
     return n < bs - off ? n : bs - off;
 }
 
 static inline vi lanes_below(int64_t n) {
-    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vi lane;
+    for (int i = 0; i < VL; i++) lane[i] = i;
     return lane < (int32_t)n;
 }
 
@@ -144,7 +161,7 @@ static inline vf softmax_step(vf sc, float *m, float *l, vf *acc, int nv) {
     mx = mx > *m ? mx : *m;
     vf p = vexp(sc - mx);
     float corr = expf(*m - mx);
-    *l = *l * corr + hsum16(p);
+    *l = *l * corr + hsum(p);
     *m = mx;
     for (int c = 0; c < nv; c++) acc[c] *= corr;
     return p;
@@ -156,25 +173,25 @@ static inline vf softmax_step(vf sc, float *m, float *l, vf *acc, int nv) {
                      int64_t head_base, const int32_t *table, int64_t from, int64_t ctx,       \
                      const float *st, int64_t st_rows, int64_t st_at, void *out,               \
                      int64_t out_at, int64_t bs, float scale, int bf16) {                      \
-        enum { D = 16 * (NV) };                                                                \
+        enum { D = VL * (NV) };                                                                \
         vf qv[G][NV], acc[G][NV];                                                              \
-        float s[G][16], m[G], l[G];                                                            \
+        float s[G][VL], m[G], l[G];                                                            \
         for (int j = 0; j < (G); j++) {                                                        \
             m[j] = from ? st[st_at + j] : NEG;                                                 \
             l[j] = from ? st[st_rows + st_at + j] : 0.0f;                                      \
             for (int c = 0; c < (NV); c++) {                                                   \
-                qv[j][c] = load_row(q, q_at[j] + 16 * c, 0 + bf16) * scale;                    \
-                acc[j][c] = from ? load_row(st, 2 * st_rows + (st_at + j) * D + 16 * c, 0)      \
+                qv[j][c] = load_row(q, q_at[j] + VL * c, 0 + bf16) * scale;                    \
+                acc[j][c] = from ? load_row(st, 2 * st_rows + (st_at + j) * D + VL * c, 0)      \
                                  : (vf){0};                                                    \
             }                                                                                  \
         }                                                                                      \
         for (int64_t start = from, n, first; start < ctx; start += n) {                        \
             n = chunk(table, head_base, start, ctx, bs, D, &first);                            \
-            vf t[G][16];                                                                       \
-            for (int64_t x = 0; x < 16; x++) {                                                 \
+            vf t[G][VL];                                                                       \
+            for (int64_t x = 0; x < VL; x++) {                                                 \
                 vf k[NV];                                                                      \
                 for (int c = 0; c < (NV); c++)                                                 \
-                    k[c] = x < n ? load_row(kc, first + x * D + 16 * c, bf16) : (vf){0};       \
+                    k[c] = x < n ? load_row(kc, first + x * D + VL * c, bf16) : (vf){0};       \
                 for (int j = 0; j < (G); j++) {                                                \
                     t[j][x] = qv[j][0] * k[0];                                                 \
                     for (int c = 1; c < (NV); c++) t[j][x] += qv[j][c] * k[c];                 \
@@ -182,35 +199,42 @@ static inline vf softmax_step(vf sc, float *m, float *l, vf *acc, int nv) {
             }                                                                                  \
             vi live = lanes_below(n);                                                          \
             for (int j = 0; j < (G); j++) {                                                    \
-                vf p = softmax_step(vsel(live, sum16(t[j]), (vf){0} + NEG), &m[j], &l[j],      \
+                vf p = softmax_step(vsel(live, sumv(t[j]), (vf){0} + NEG), &m[j], &l[j],      \
                                     acc[j], NV);                                               \
                 memcpy(s[j], &p, sizeof p);                                                    \
             }                                                                                  \
             for (int64_t x = 0; x < n; x++) {                                                  \
                 vf v[NV];                                                                      \
-                for (int c = 0; c < (NV); c++) v[c] = load_row(vc, first + x * D + 16 * c, bf16); \
+                for (int c = 0; c < (NV); c++) v[c] = load_row(vc, first + x * D + VL * c, bf16); \
                 for (int j = 0; j < (G); j++)                                                  \
                     for (int c = 0; c < (NV); c++) acc[j][c] += s[j][x] * v[c];                \
             }                                                                                  \
         }                                                                                      \
         for (int j = 0; j < (G); j++)                                                          \
             for (int c = 0; c < (NV); c++)                                                     \
-                store_row(out, out_at + j * D + 16 * c, acc[j][c] / l[j], bf16);               \
+                store_row(out, out_at + j * D + VL * c, acc[j][c] / l[j], bf16);               \
     }
 
 /* Pass 1: `rows` consecutive tokens from t0 (G heads each) over keys [0, keys) of one table,
- * SUB chunks (up to 16 * SUB keys) per softmax step. Each chunk of keys is transposed
- * (kT[s][i] = dimension i of chunk s's 16 keys) so a score vector is D multiply-adds of a
+ * SUB chunks (up to VL * SUB = 64 keys) per softmax step. Each chunk of keys is transposed
+ * (kT[s][i] = dimension i of chunk s's VL keys) so a score vector is D multiply-adds of a
  * query scalar by a vector, with no horizontal sums. */
-#define SUB 4
+#define SUB (64 / VL)
+
+static inline vf krow(const float *x) { /* one transposed key row (VL keys' dimension i) */
+    vf r;
+    memcpy(&r, x, sizeof r);
+    return r;
+}
 #define TILE(NAME, NV, G)                                                                      \
     static void NAME(const void *q, int64_t q_st, int64_t q_sh, int64_t t0, int64_t rows,       \
                      int64_t kvh, const void *kc, const void *vc, int64_t head_base,           \
                      const int32_t *table, int64_t keys, float *st, int64_t st_rows,           \
                      int64_t heads, int64_t bs, float scale, int bf16) {                       \
-        enum { D = 16 * (NV) };                                                                \
+        enum { D = VL * (NV) };                                                                \
         float *qf = malloc(sizeof(float) * rows * (G) * D);                                    \
-        vf kT[SUB][D], v[SUB * 16][NV];                                                        \
+        float kT[SUB][D][VL], pr[SUB * VL];                                                   \
+        vf v[SUB * VL][NV];                                                                    \
         for (int64_t r = 0; r < rows; r++)                                                     \
             for (int j = 0; j < (G); j++) {                                                    \
                 int64_t at = (t0 + r) * heads + kvh * (G) + j;                                 \
@@ -218,9 +242,9 @@ static inline vf softmax_step(vf sc, float *m, float *l, vf *acc, int nv) {
                 st[st_rows + at] = 0.0f;                                                       \
                 memset(st + 2 * st_rows + at * D, 0, sizeof(float) * D);                      \
                 for (int c = 0; c < (NV); c++) {                                               \
-                    vf x = load_row(q, (t0 + r) * q_st + (kvh * (G) + j) * q_sh + 16 * c, bf16) \
+                    vf x = load_row(q, (t0 + r) * q_st + (kvh * (G) + j) * q_sh + VL * c, bf16) \
                            * scale;                                                            \
-                    memcpy(qf + (r * (G) + j) * D + 16 * c, &x, sizeof x);                     \
+                    memcpy(qf + (r * (G) + j) * D + VL * c, &x, sizeof x);                     \
                 }                                                                              \
             }                                                                                  \
         for (int64_t start = 0; start < keys;) {                                               \
@@ -229,12 +253,12 @@ static inline vf softmax_step(vf sc, float *m, float *l, vf *acc, int nv) {
             for (int u = 0; u < SUB; u++) {                                                    \
                 n[u] = start < keys ? chunk(table, head_base, start, keys, bs, D, &first) : 0; \
                 live[u] = lanes_below(n[u]);                                                   \
-                for (int64_t x = 0; x < 16; x++)                                               \
+                for (int64_t x = 0; x < VL; x++)                                               \
                     for (int c = 0; c < (NV); c++) {                                           \
-                        int64_t at = first + x * D + 16 * c;                                   \
+                        int64_t at = first + x * D + VL * c;                                   \
                         vf k = x < n[u] ? load_row(kc, at, bf16) : (vf){0};                    \
-                        v[u * 16 + x][c] = x < n[u] ? load_row(vc, at, bf16) : (vf){0};        \
-                        for (int i = 0; i < 16; i++) kT[u][16 * c + i][x] = k[i];              \
+                        v[u * VL + x][c] = x < n[u] ? load_row(vc, at, bf16) : (vf){0};        \
+                        for (int i = 0; i < VL; i++) kT[u][VL * c + i][x] = k[i];              \
                     }                                                                          \
                 start += n[u];                                                                 \
             }                                                                                  \
@@ -242,9 +266,9 @@ static inline vf softmax_step(vf sc, float *m, float *l, vf *acc, int nv) {
                 for (int j = 0; j < (G); j++) {                                                \
                     const float *qr = qf + (r * (G) + j) * D;                                  \
                     vf sc[SUB];                                                                \
-                    for (int u = 0; u < SUB; u++) sc[u] = qr[0] * kT[u][0];                    \
+                    for (int u = 0; u < SUB; u++) sc[u] = qr[0] * krow(kT[u][0]);              \
                     for (int i = 1; i < D; i++)                                                \
-                        for (int u = 0; u < SUB; u++) sc[u] += qr[i] * kT[u][i];               \
+                        for (int u = 0; u < SUB; u++) sc[u] += qr[i] * krow(kT[u][i]);         \
                     vf top = (vf){0} + NEG;                                                    \
                     for (int u = 0; u < SUB; u++) {                                            \
                         sc[u] = vsel(live[u], sc[u], (vf){0} + NEG);                           \
@@ -265,12 +289,13 @@ static inline vf softmax_step(vf sc, float *m, float *l, vf *acc, int nv) {
                         *l *= corr;                                                            \
                         for (int c = 0; c < (NV); c++) acc[c] *= corr;                         \
                     }                                                                          \
-                    *l += hsum16(total);                                                       \
+                    *l += hsum(total);                                                       \
                     *m = mx;                                                                   \
+                    memcpy(pr, sc, sizeof pr); /* scalars to broadcast, not lanes to extract */ \
                     for (int u = 0; u < SUB; u++)                                              \
                         for (int64_t x = 0; x < n[u]; x++)                                     \
                             for (int c = 0; c < (NV); c++)                                     \
-                                acc[c] += sc[u][x] * v[u * 16 + x][c];                         \
+                                acc[c] += pr[u * VL + x] * v[u * VL + x][c];                   \
                     memcpy(st + 2 * st_rows + at * D, acc, sizeof acc);                        \
                 }                                                                              \
         }                                                                                      \
@@ -297,18 +322,26 @@ typedef struct {
         {0, 0},       ENTRY(NV, 1), ENTRY(NV, 2), ENTRY(NV, 3), ENTRY(NV, 4),                   \
         ENTRY(NV, 5), ENTRY(NV, 6), ENTRY(NV, 7), ENTRY(NV, 8)};
 
-FAMILY(2) /* head size 32 */
-FAMILY(4) /* head size 64 */
-FAMILY(8) /* head size 128 */
+#if VL == 16 /* head sizes 32, 64 and 128 */
+FAMILY(2) FAMILY(4) FAMILY(8)
+#define HEADS_32 family_2
+#define HEADS_64 family_4
+#define HEADS_128 family_8
+#else
+FAMILY(4) FAMILY(8) FAMILY(16)
+#define HEADS_32 family_4
+#define HEADS_64 family_8
+#define HEADS_128 family_16
+#endif
 
 /* The kernels for a head size and group size; {0, 0} where there are none. */
 static kernels pick(int64_t d, int64_t g) {
     kernels none = {0, 0};
     if (g < 1 || g > 8) return none;
     switch (d) {
-        case 32: return family_2[g];
-        case 64: return family_4[g];
-        case 128: return family_8[g];
+        case 32: return HEADS_32[g];
+        case 64: return HEADS_64[g];
+        case 128: return HEADS_128[g];
         default: return none;
     }
 }
