@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 from benchrow import Job, Row, table_lines  # bench/benchrow.py, beside this script
-from limits import Ceiling, matmul_peak_gflops  # bench/limits.py, beside this script
+from limits import Ceiling, matmul_dtype, matmul_peak_gflops  # bench/limits.py, beside this script
 from peers.rows import parse_peers, peer_rows, peer_verdicts  # bench/peers/rows.py
 from plot import plot_table  # bench/plot.py, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
@@ -313,11 +313,10 @@ def main() -> None:
     dense = sum(p.numel() for p in model.parameters() if id(p) not in embeds)
     dtypes = args.dtypes.split(",")
     device = torch.device(args.device)
-    peaks = {SHORT[d]: matmul_peak_gflops(device, getattr(torch, d)) for d in dtypes}
-    ceilings = {
-        SHORT[d]: Ceiling.measure(model, args.max_num_seqs, device, getattr(torch, d))
-        for d in dtypes
-    }
+    runs_as = {SHORT[d]: matmul_dtype(getattr(torch, d), device) for d in dtypes}
+    peaks = {tag: matmul_peak_gflops(device, dt) for tag, dt in runs_as.items()}
+    ceilings = {tag: Ceiling.measure(model, args.max_num_seqs, device, dt)
+                for tag, dt in runs_as.items()}  # fmt: skip
     del model
     lens = sorted(len(j.prompt_ids) for j in jobs)
     print(f"{len(jobs)} jobs; system blocks {sys_lens}; prompts {lens[0]}-{lens[-1]} tokens")
@@ -330,6 +329,10 @@ def main() -> None:
     verdicts, wrong = verdict_lines(by_name, ceilings, args.max_num_seqs)
     verdicts += peer_verdicts(by_name, list(ceilings)) + gptq_verdicts(by_name) + notes
     peak_text = ", ".join(f"{t} {g:.1f}" for t, g in peaks.items())
+    widened = [t for t, dt in runs_as.items() if SHORT[str(dt).removeprefix("torch.")] != t]
+    if widened:
+        peak_text += (f" ({', '.join(widened)}: the engine's matmuls run in fp32 on this CPU, "
+                      "no bf16 matmul in oneDNN here; peak and ceiling are fp32's)")  # fmt: skip
     lines = table_lines(rows, dense, peaks) + verdicts
     lines.append(
         f"- baselines ran the first {args.baseline_jobs} of {len(jobs)} jobs (arrival order); "

@@ -22,6 +22,14 @@ def best_seconds(fn, device: torch.device, reps: int = 5) -> float:
     return best
 
 
+def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the engine's dense matmuls run in for `dtype`: fp32 for bf16 on a CPU where
+    oneDNN has no bf16 matmul (AVX2; worker/engine/lean.py widens such weights once)."""
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return dtype if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return dtype
+
+
 def matmul_peak_gflops(
     device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5
 ) -> float:

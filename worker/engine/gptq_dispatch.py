@@ -120,7 +120,6 @@ class FusedDispatch:
         self.in_features = layers[0].in_features
         self.out_features = sum(m.out_features for m in layers)
         self.group_size, self.dense_dtype = layers[0].group_size, layers[0].dense_dtype
-        self.crossover = NEVER
         self.crossover = crossover_for(self)
 
     @staticmethod
