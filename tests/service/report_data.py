@@ -105,11 +105,27 @@ def _metrics(ds: Dataset, tenant: str, model: str, status: str, at: datetime,
     return row
 
 
+def _free_base(url: str) -> datetime:
+    """Day 0 of a window in the past (1900-1982: tests that look at "since now" never see it)
+    that no earlier dataset in this database uses (windows are drawn at random, and the
+    datasets of earlier runs stay), a day either side included."""
+    windows = [(jobs_table, jobs_table.c.finished_at),
+               (dead_letters_table, dead_letters_table.c.received_at),
+               (worker_usage_table, worker_usage_table.c.hour)]  # fmt: skip
+    with make_engine(url).connect() as conn:
+        while True:
+            base = datetime(1900, 1, 1, tzinfo=UTC) + 3 * DAY * (uuid.uuid4().int % 10_000)
+            lo, hi = base - DAY, base + 3 * DAY
+            used = [sa.select(sa.literal(1)).select_from(t).where(at >= lo, at < hi).limit(1)
+                    for t, at in windows]  # fmt: skip
+            if not any(conn.execute(q).first() for q in used):
+                return base
+
+
 def build(url: str) -> Dataset:
     """Write the dataset into the migrated database at `url`."""
     tag = uuid.uuid4().hex[:8]
-    # in the past (1900-1982), a window of its own: tests that look at "since now" never see it
-    base = datetime(1900, 1, 1, tzinfo=UTC) + 3 * DAY * (uuid.uuid4().int % 10_000)
+    base = _free_base(url)
     names = {k: f"{k}-{tag}" for k in ("a", "b", "x", "y", "w1", "w2")}
     ds = Dataset(url, base, names)
     minute = timedelta(minutes=1)
