@@ -16,15 +16,15 @@ from service_helpers import producer, running_worker, wait_for
 
 from api_client import InferqClient
 from worker.engine.null import NullEngine
-from worker.service.affinity import Peer, Router, prefix_key
+from worker.service.affinity import SLACK, Peer, Router, prefix_key
 from worker.service.registry import affinity_queue
 
 pytestmark = pytest.mark.services
 
 
-def _settings(service_settings, name: str):
+def _settings(service_settings, name: str, dead_after_s: float = 3.0):
     return service_settings.model_copy(
-        update={"model": "null", "worker_name": name, "affinity_dead_after_s": 3.0}
+        update={"model": "null", "worker_name": name, "affinity_dead_after_s": dead_after_s}
     )
 
 
@@ -51,6 +51,8 @@ def _workers_of(repo, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
 
 
 def test_jobs_sharing_a_prefix_meet_on_the_worker_that_owns_it(service_settings) -> None:
+    """Fewer jobs a prefix than the load bound sheds at (an idle peer caps the owner at SLACK),
+    and a dead-after long enough that a heartbeat late on a busy CPU is not a death."""
     names = ["aff-a", "aff-b"]
     router = Router()
     router.refresh({n: Peer(n, 0, frozenset({"null"})) for n in names})
@@ -64,14 +66,14 @@ def test_jobs_sharing_a_prefix_meet_on_the_worker_that_owns_it(service_settings)
     with ExitStack() as stack:
         services = [
             stack.enter_context(
-                running_worker(_settings(service_settings, n), {"null": NullEngine()})
+                running_worker(_settings(service_settings, n, 10.0), {"null": NullEngine()})
             )
             for n in names
         ]
         _wait_registered(services[0].settings, set(names))
         client = InferqClient(_settings(service_settings, "client"))
         jobs = {owner: client.submit_many({"prompt": f"{text} question {q}?",
-                                           "params": {"max_tokens": 2}} for q in range(6))
+                                           "params": {"max_tokens": 2}} for q in range(SLACK - 1))
                 for owner, text in prefixes.items()}  # fmt: skip
         ids = [j for group in jobs.values() for j in group]
         views = wait_for(services[0].repo, ids, timeout=60)
