@@ -329,7 +329,7 @@ def main() -> None:
     verdicts, wrong = verdict_lines(by_name, ceilings, args.max_num_seqs)
     verdicts += peer_verdicts(by_name, list(ceilings)) + gptq_verdicts(by_name) + notes
     peak_text = ", ".join(f"{t} {g:.1f}" for t, g in peaks.items())
-    widened = [t for t, dt in runs_as.items() if SHORT[str(dt).removeprefix("torch.")] != t]
+    widened = [SHORT[d] for d in dtypes if runs_as[SHORT[d]] != getattr(torch, d)]
     if widened:
         peak_text += (f" ({', '.join(widened)}: the engine's matmuls run in fp32 on this CPU, "
                       "no bf16 matmul in oneDNN here; peak and ceiling are fp32's)")  # fmt: skip

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine.gptq_dispatch import dense_dtype
+
 
 def best_seconds(fn, device: torch.device, reps: int = 5) -> float:
     """Best wall time of `fn()` over `reps` runs, after one warm-up run."""
@@ -25,9 +27,7 @@ def best_seconds(fn, device: torch.device, reps: int = 5) -> float:
 def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype the engine's dense matmuls run in for `dtype`: fp32 for bf16 on a CPU where
     oneDNN has no bf16 matmul (AVX2; worker/engine/lean.py widens such weights once)."""
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return dtype if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    return dtype
+    return dense_dtype() if device.type == "cpu" and dtype == torch.bfloat16 else dtype
 
 
 def matmul_peak_gflops(

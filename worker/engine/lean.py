@@ -62,7 +62,7 @@ class _Projection:
     embedding); GPTQ ones run as one `FusedDispatch` where they can, else their own modules.
 
     Half-precision weights oneDNN cannot pack on this CPU (bf16 on AVX2: torch's bf16 matmul
-    there runs 4-7x slower than fp32) are widened to fp32 once (exact) and packed: the matmul
+    there runs 6-370x slower than fp32) are widened to fp32 once (exact) and packed: the matmul
     runs in fp32 and its result is rounded back to the activations' dtype, as a half-precision
     matmul with fp32 accumulation would, at twice the weights' memory."""
 
