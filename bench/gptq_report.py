@@ -241,8 +241,9 @@ def speed_rows(args: argparse.Namespace, jobs: list[eb.Job], shareable: int) -> 
             ratios = ", ".join(f"{q[i] / f[i]:.2f}x" for q, f in zip(runs, ref, strict=True))
             lines.append(f"- {name} / bf16 {what}, per round: {ratios}")
     found = sorted(gptq_dispatch._crossovers.items())
-    lines.append("- crossovers (rows from which dense): "
-                 + ", ".join(f"{k}->{n}: {c}" for (k, n, _), c in found))  # fmt: skip
+    lines.append("- many-row path (rows from which it runs): "
+                 + ", ".join(f"{k}->{n}: {'fused' if f else 'dense'} {c}"
+                             for ((k, n, _), f), c in found))  # fmt: skip
     return lines
 
 

@@ -1,13 +1,14 @@
 """GPTQ per-shape kernel choice on CPU: the dequantizer reproduces the int4 kernel's weights
-exactly (compiled and torch fallback, with act-order), and the dispatching linear routes few
-rows to int4 and many to dequantize + dense with matching outputs."""
+exactly (compiled and torch fallback, with act-order), the fused int4 GEMM multiplies by them,
+and the dispatching linear routes few rows to int4 and many to the fused GEMM or dequantize +
+dense with matching outputs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from worker.engine import gptq_dequant, gptq_dispatch, native
+from worker.engine import gptq_dequant, gptq_dispatch, gptq_gemm, native
 from worker.engine.engine import PagedEngine
 from worker.engine.gptq_dispatch import NEVER, DispatchLinear, FusedDispatch, measure_crossover
 
@@ -65,6 +66,28 @@ def test_dequantize_is_exactly_the_int4_kernels_weight(
     assert wide[:, :64].isnan().all() and wide[:, 64 + n :].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("k", "n"), [(64, 64), (96, 192), (576, 1536), (1536, 576)])
+def test_fused_gemm_multiplies_by_the_int4_kernels_weight(
+    k: int, n: int, dtype: torch.dtype
+) -> None:
+    """x @ W^T with W the int4 kernel's weights, for row counts on and off the micro-kernel's
+    blocking, into a column slice of a wider buffer: fp32 sums in another order (fp32 out), then
+    one bf16 rounding (bf16 out). (On AVX2 a weight may round to the next bf16: see above.)"""
+    assert gptq_gemm.available(), "no C compiler, or a packed layout the kernel does not run"
+    packed, sz, want = _packed(k, n)
+    gen = torch.Generator().manual_seed(2)
+    for rows in (1, 5, 13, 128):
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        exact = x.double() @ want.double()
+        wide = torch.full((rows, n + 96), float("nan"), dtype=dtype)
+        got = gptq_gemm.gemm(x, packed, sz, GROUP, wide[:, 32 : 32 + n])
+        assert wide[:, :32].isnan().all() and wide[:, 32 + n :].isnan().all()
+        bound = x.double().abs() @ want.double().abs()  # error scale of a sum of products
+        slack = 2**-8 * exact.abs() if dtype == torch.bfloat16 else 0
+        assert ((got.double() - exact).abs() <= bound * 2**-12 + slack).all()
+
+
 def test_cache_dir_follows_inferq_home(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("INFERQ_HOME", str(tmp_path / "home"))
     assert native.cache_dir() == tmp_path / "home" / "kernels"
@@ -90,9 +113,12 @@ def test_default_model_linears_all_dispatch(gptq_engine: PagedEngine) -> None:
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("name", ["self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj",
                                   "mlp.down_proj"])  # fmt: skip
-def test_default_model_dense_path_matches_int4(gptq_engine: PagedEngine, name: str) -> None:
+def test_default_model_many_row_path_matches_int4(
+    gptq_engine: PagedEngine, name: str, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     layer = gptq_engine.runner.model.get_submodule(f"model.layers.3.{name}")
     assert isinstance(layer, DispatchLinear)
     with torch.inference_mode():
@@ -102,30 +128,34 @@ def test_default_model_dense_path_matches_int4(gptq_engine: PagedEngine, name: s
         x = torch.randn(2, 96, layer.in_features, dtype=torch.bfloat16)
         int4 = layer.inner(x)  # gptqmodel's forward
         assert torch.equal(layer.int4(x.view(-1, layer.in_features)).view_as(int4), int4)
-        saved, layer.crossover = layer.crossover, 1
-        try:
-            dense = layer(x)
-        finally:
-            layer.crossover = saved
+        monkeypatch.setattr(layer, "crossover", 1)
+        monkeypatch.setattr(layer, "fused", fused)
+        dense = layer(x)
     assert dense.shape == int4.shape == (2, 96, layer.out_features)
     gap = (dense.float() - int4.float()).abs().max()
     assert gap <= 2**-6 * int4.float().abs().max()  # bf16 rounding of sums in another order
 
 
 @pytest.mark.model
-def test_routing_by_rows(gptq_engine: PagedEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_routing_by_rows(
+    gptq_engine: PagedEngine, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     layer = gptq_engine.runner.model.get_submodule("model.layers.0.mlp.gate_proj")
     calls: list[str] = []
     monkeypatch.setattr(layer, "crossover", 64)
-    dense_weight, int4 = layer.dense_weight, layer.int4
+    monkeypatch.setattr(layer, "fused", fused)
+    dense_weight, gemm, int4 = layer.dense_weight, layer.gemm, layer.int4
     monkeypatch.setattr(layer, "dense_weight", lambda: calls.append("dense") or dense_weight())
+    monkeypatch.setattr(layer, "gemm", lambda x, out: calls.append("fused") or gemm(x, out))
     monkeypatch.setattr(layer, "int4", lambda x: calls.append(f"int4 {len(x)}") or int4(x))
     with torch.inference_mode():
         layer(torch.randn(1, layer.in_features, dtype=torch.bfloat16))
         layer(torch.randn(1, 63, layer.in_features, dtype=torch.bfloat16))
         assert calls == ["int4 1", "int4 63"]
         out = layer(torch.randn(4, 16, layer.in_features, dtype=torch.bfloat16))
-        assert calls[2:] == ["dense"] and out.shape == (4, 16, layer.out_features)
+        assert calls[2:] == ["fused" if fused else "dense"]
+        assert out.shape == (4, 16, layer.out_features)
 
 
 @pytest.mark.model
@@ -156,12 +186,17 @@ def test_crossover_rule(
 
 
 def test_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both overrides apply without measuring (the fake has no kernels to measure)."""
+
     class Fake:
-        in_features, out_features = 8, 64
-        inner = type("Inner", (), {"group_size": 32})()
+        in_features, out_features, group_size = 8, 64, 32
+        crossover, fused = NEVER, True
 
     monkeypatch.setenv(gptq_dispatch.ENV, "40")
-    assert gptq_dispatch.crossover_for(Fake()) == 40
+    monkeypatch.setenv(gptq_dispatch.MANY_ENV, "dense")
+    layer = Fake()
+    gptq_dispatch.plan(layer)
+    assert (layer.crossover, layer.fused) == (40, False)
 
 
 @pytest.mark.model
@@ -169,8 +204,8 @@ def test_fused_projection_is_its_layers_side_by_side(
     gptq_engine: PagedEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """q/k/v as one FusedDispatch: its dense weight is the layers' weights side by side, and
-    both paths give the concatenated outputs of the layers' own forwards (up to bf16 rounding
-    of sums in another order, dense)."""
+    every path gives the concatenated outputs of the layers' own forwards (up to bf16 rounding
+    of sums in another order on the many-row paths)."""
     attn = gptq_engine.runner.model.get_submodule("model.layers.2.self_attn")
     layers = [attn.q_proj, attn.k_proj, attn.v_proj]
     assert FusedDispatch.fusable(layers) and not FusedDispatch.fusable(layers[:1])
@@ -180,11 +215,12 @@ def test_fused_projection_is_its_layers_side_by_side(
     with torch.inference_mode():
         side_by_side = torch.cat([m.dense_weight().clone() for m in layers], dim=1)
         assert torch.equal(fused.dense_weight(), side_by_side)
-        for rows in (3, 200):
+        for rows, path in ((3, True), (200, True), (200, False)):
             x = torch.randn(rows, fused.in_features, dtype=torch.bfloat16)
-            for crossover in (1, NEVER):  # dense, then int4
+            for crossover in (1, NEVER):  # the many-row path (fused GEMM or dense), then int4
                 for m in [fused, *layers]:
                     monkeypatch.setattr(m, "crossover", crossover)
+                    monkeypatch.setattr(m, "fused", path)
                 want, got = torch.cat([m(x) for m in layers], dim=-1), fused(x)
                 if crossover == NEVER:
                     assert torch.equal(got, want)  # the same int4 calls

@@ -1,15 +1,18 @@
-"""Per-shape GPTQ kernel choice on CPU: the int4 kernel for few rows (decode at low
-concurrency), dequantize-then-dense for many, switching at a row count measured per matmul
-shape at load time.
+"""Per-shape GPTQ kernel choice on CPU: torch's int4 kernel for few rows (decode at low
+concurrency), a many-row path from a row count measured per matmul shape at load time.
+
+The many-row path is the fused int4 GEMM (gptq_gemm.py: dequantizes tile by tile in cache)
+where it runs here and measures faster at PROBE_ROWS, else dequantize-then-dense: the weights
+into a scratch buffer shared by every layer of that shape, then a dense matmul, in bf16 where
+oneDNN has native bf16 matmuls, else in fp32 (oneDNN with AMX may beat the fused kernel).
 
 Wraps gptqmodel's `TorchAtenLinear` (after its CPU transform): its packed int4 weights,
-scales and offsets stay the only copy of the weights (4 bits each); the dense path
-dequantizes them per call into a scratch buffer shared by every layer of that shape, in bf16
-where oneDNN has native bf16 matmuls, else in fp32. `FusedDispatch` runs the linears of one
-input (q/k/v, gate/up) as one projection: one scratch buffer, one matmul.
+scales and offsets stay the only copy of the weights (4 bits each). `FusedDispatch` runs the
+linears of one input (q/k/v, gate/up) as one projection with one output buffer.
 
-INFERQ_GPTQ_CROSSOVER overrides the measurement: `off` keeps gptqmodel's modules as they
-are, an integer N takes the dense path from N rows (1: always, a huge number: never).
+INFERQ_GPTQ_CROSSOVER overrides the crossover: `off` keeps gptqmodel's modules as they are,
+an integer N takes the many-row path from N rows (1: always, a huge number: never).
+INFERQ_GPTQ_MANY picks the many-row path: `fused`, `dense` or `auto` (measured).
 """
 
 from __future__ import annotations
@@ -21,15 +24,19 @@ from collections.abc import Callable
 
 import torch
 
+from worker.engine import gptq_gemm
 from worker.engine.gptq_dequant import block_n, dequantize
 
 ENV = "INFERQ_GPTQ_CROSSOVER"
+MANY_ENV = "INFERQ_GPTQ_MANY"
+PROBE_ROWS = 128  # where the fused GEMM and dequantize-then-dense are compared
 LADDER = (8, 16, 32, 64, 128, 256)  # rows tried at load; dense also wins beyond the last win
 NEVER = 1 << 62  # a crossover no step reaches: the int4 kernel always
 FALLBACK = 128  # when a measurement is impossible (e.g. its kernel fails)
 Shape = tuple[int, int, int]  # in, out, group
 
-_crossovers: dict[Shape, int] = {}
+_crossovers: dict[tuple[Shape, bool], int] = {}  # by shape and many-row path
+_fused: dict[tuple[Shape, str], bool] = {}  # by shape and INFERQ_GPTQ_MANY
 _local = threading.local()  # per thread: engines stepped on two threads must not share
 
 
@@ -54,10 +61,17 @@ def _dispatch(layer: DispatchLinear | FusedDispatch, x: torch.Tensor) -> torch.T
     """`layer` on bf16 x [..., in]: its int4 kernel below its crossover, else dense."""
     rows = x.numel() // layer.in_features
     flat = x.reshape(rows, layer.in_features)
-    out = layer.int4(flat) if rows < layer.crossover else _dense(layer, flat)
+    out = layer.int4(flat) if rows < layer.crossover else _many(layer, flat)
     if layer.bias is not None:
         out += layer.bias
     return out.view(*x.shape[:-1], layer.out_features)
+
+
+def _many(layer: DispatchLinear | FusedDispatch, x: torch.Tensor) -> torch.Tensor:
+    """The many-row path on bf16 x [rows, in]: the fused GEMM or dequantize-then-dense."""
+    if layer.fused:
+        return layer.gemm(x, torch.empty(len(x), layer.out_features, dtype=torch.bfloat16))
+    return _dense(layer, x)
 
 
 def _dense(layer: DispatchLinear | FusedDispatch, x: torch.Tensor) -> torch.Tensor:
@@ -67,35 +81,46 @@ def _dense(layer: DispatchLinear | FusedDispatch, x: torch.Tensor) -> torch.Tens
 
 
 class DispatchLinear(torch.nn.Module):
-    """A GPTQ linear choosing its kernel by row count: int4 below `crossover`, else
-    dequantize (into the shared scratch buffer) then a dense matmul."""
+    """A GPTQ linear choosing its kernel by row count: int4 below `crossover`, else the fused
+    GEMM (`fused`) or dequantize (into the shared scratch buffer) then a dense matmul."""
 
-    def __init__(self, inner: torch.nn.Module, crossover: int) -> None:
+    def __init__(self, inner: torch.nn.Module, crossover: int, fused: bool = False) -> None:
         super().__init__()
         self.inner = inner
-        self.crossover = crossover
+        self.crossover, self.fused = crossover, fused
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.group_size, self.bias = inner.group_size, inner.bias
         self.dense_dtype = dense_dtype()
         ret_idx = inner.ret_idx.to(torch.int32)
         identity = torch.equal(ret_idx, torch.arange(len(ret_idx), dtype=torch.int32))
-        # act-order: packed row j is input column ret_idx[j]; the int4 kernel wants the input
-        # columns gathered in that order, the dequantizer scatters rows back instead
+        # act-order: packed row j is input column ret_idx[j]; the int4 kernel and the fused
+        # GEMM want the input columns gathered in that order, the dequantizer scatters rows back
         self.rowmap = None if identity else ret_idx.contiguous()
-        self.gather = None if identity else ret_idx.long()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16 or x.requires_grad:
             return self.inner(x)  # gptqmodel's own path handles the rest
         return _dispatch(self, x)
 
-    def int4(self, x: torch.Tensor) -> torch.Tensor:
-        """The int4 kernel on bf16 [rows, in] (what gptqmodel's forward runs, minus its checks)."""
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 x [rows, in] with its columns in the packed weights' (act-)order."""
+        x = x.contiguous()
+        return x if self.rowmap is None else gptq_gemm.gather_columns(x, self.rowmap)
+
+    def int4(self, x: torch.Tensor, gathered: bool = False) -> torch.Tensor:
+        """The int4 kernel on bf16 [rows, in] (what gptqmodel's forward runs, minus its checks);
+        `gathered`: x is already in packed order."""
         q = self.inner
-        x = x if self.gather is None else x.index_select(1, self.gather)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, q.qweight, q.group_size, q.scales_and_zeros
+            x if gathered else self.gathered(x), q.qweight, q.group_size, q.scales_and_zeros
         )
+
+    def gemm(self, x: torch.Tensor, out: torch.Tensor, gathered: bool = False) -> torch.Tensor:
+        """The fused int4 GEMM on bf16 [rows, in] into `out` [rows, out] (may be a column
+        slice); requires gptq_gemm.available()."""
+        q = self.inner
+        x = x if gathered else self.gathered(x)
+        return gptq_gemm.gemm(x, q.qweight, q.scales_and_zeros, q.group_size, out)
 
     def dense_weight(self) -> torch.Tensor:
         """W^T [in, out] in the shared scratch buffer (valid until the next call)."""
@@ -108,20 +133,29 @@ class DispatchLinear(torch.nn.Module):
         return dequantize(q.qweight, q.scales_and_zeros, q.group_size, out, self.rowmap)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, crossover={self.crossover}"
+        path = "fused" if self.fused else "dense"
+        return f"in={self.in_features}, out={self.out_features}, {path} from {self.crossover}"
 
 
 class FusedDispatch:
     """GPTQ linears of one input (q/k/v; gate/up) as one [rows, sum of outputs] projection:
     below its crossover each runs its int4 kernel, from there all dequantize side by side into
-    one scratch buffer for one dense matmul."""
+    one scratch buffer for one dense matmul. Layers of one act-order share its column order
+    (one input, one Hessian): x is gathered once for all of them."""
 
     def __init__(self, layers: list[DispatchLinear], bias: torch.Tensor | None) -> None:
         self.layers, self.bias = layers, bias
         self.in_features = layers[0].in_features
         self.out_features = sum(m.out_features for m in layers)
         self.group_size, self.dense_dtype = layers[0].group_size, layers[0].dense_dtype
-        self.crossover = crossover_for(self)
+        first = layers[0].rowmap
+        self.shared_order = all(
+            (m.rowmap is None and first is None)
+            or (m.rowmap is not None and first is not None and torch.equal(m.rowmap, first))
+            for m in layers
+        )
+        self.crossover, self.fused = NEVER, False
+        plan(self)
 
     @staticmethod
     def fusable(layers: list[torch.nn.Module]) -> bool:
@@ -136,7 +170,18 @@ class FusedDispatch:
         return _dispatch(self, x)
 
     def int4(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m.int4(x) for m in self.layers], dim=-1)
+        if self.shared_order:
+            x = self.layers[0].gathered(x)
+        return torch.cat([m.int4(x, self.shared_order) for m in self.layers], dim=-1)
+
+    def gemm(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.shared_order:
+            x = self.layers[0].gathered(x)
+        at = 0
+        for m in self.layers:
+            m.gemm(x, out[:, at : at + m.out_features], self.shared_order)
+            at += m.out_features
+        return out
 
     def dense_weight(self) -> torch.Tensor:
         out = scratch(self.in_features, self.out_features, self.dense_dtype)
@@ -185,44 +230,66 @@ def _best_us(fns: tuple[Callable[[], object], ...], repeat: int = 5) -> list[flo
 def measure_crossover(
     layer: DispatchLinear | FusedDispatch, ladder: tuple[int, ...] = LADDER
 ) -> int:
-    """The smallest ladder row count where dequantize + dense beats int4, there and at most
+    """The smallest ladder row count where the many-row path beats int4, there and at most
     of the larger counts (one noisy point does not decide); NEVER when there is none."""
     wins = []
     for rows in ladder:
         x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
-        int4, dense = _best_us((lambda x=x: layer.int4(x), lambda x=x: _dense(layer, x)))
-        wins.append(dense < int4)
+        int4, many = _best_us((lambda x=x: layer.int4(x), lambda x=x: _many(layer, x)))
+        wins.append(many < int4)
     for i, rows in enumerate(ladder):
         if wins[i] and 2 * sum(wins[i:]) > len(wins) - i:
             return rows
     return NEVER
 
 
-def crossover_for(layer: DispatchLinear | FusedDispatch) -> int:
-    """The override, else the measured crossover of this layer's shape (once per process)."""
+@torch.inference_mode()
+def measure_fused(layer: DispatchLinear | FusedDispatch, rows: int = PROBE_ROWS) -> bool:
+    """Whether the fused GEMM beats dequantize-then-dense at `rows` (False where it cannot run)."""
+    if not gptq_gemm.available():
+        return False
+    x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
+    out = torch.empty(rows, layer.out_features, dtype=torch.bfloat16)
+    fused, dense = _best_us((lambda: layer.gemm(x, out), lambda: _dense(layer, x)))
+    return fused < dense
+
+
+def plan(layer: DispatchLinear | FusedDispatch) -> None:
+    """Set the layer's many-row path (`fused`) and `crossover`: the overrides, else measured
+    once per process and shape."""
+    shape = (layer.in_features, layer.out_features, layer.group_size)
+    many = os.environ.get(MANY_ENV, "auto").strip().lower()
+    if (shape, many) not in _fused:
+        usable = many != "dense" and gptq_gemm.available()
+        _fused[(shape, many)] = usable and (many == "fused" or measure_fused(layer))
+    layer.fused = _fused[(shape, many)]
     override = os.environ.get(ENV, "auto").strip().lower()
     if override not in ("", "auto"):
-        return int(override)
-    shape = (layer.in_features, layer.out_features, layer.group_size)
-    if shape not in _crossovers:
+        layer.crossover = int(override)
+        return
+    if (shape, layer.fused) not in _crossovers:
         try:
-            _crossovers[shape] = measure_crossover(layer)
+            _crossovers[(shape, layer.fused)] = measure_crossover(layer)
         except RuntimeError:
-            _crossovers[shape] = FALLBACK
-    return _crossovers[shape]
+            _crossovers[(shape, layer.fused)] = FALLBACK
+    layer.crossover = _crossovers[(shape, layer.fused)]
 
 
-def install(model: torch.nn.Module) -> dict[Shape, int]:
-    """Wrap every eligible GPTQ linear of `model` (in place); returns the crossover per
-    (in, out, group) shape. A no-op with INFERQ_GPTQ_CROSSOVER=off."""
+def install(model: torch.nn.Module) -> dict[Shape, str]:
+    """Wrap every eligible GPTQ linear of `model` (in place); returns the plan per (in, out,
+    group) shape ("fused 32": the fused GEMM from 32 rows). A no-op with
+    INFERQ_GPTQ_CROSSOVER=off."""
     if os.environ.get(ENV, "").strip().lower() == "off":
         return {}
-    chosen: dict[Shape, int] = {}
+    chosen: dict[Shape, str] = {}
     targets = [(name, m) for name, m in model.named_modules() if eligible(m)]
     for name, module in targets:
         parent_name, _, attr = name.rpartition(".")
         layer = DispatchLinear(module, NEVER)
-        layer.crossover = crossover_for(layer)
-        chosen[(layer.in_features, layer.out_features, module.group_size)] = layer.crossover
+        plan(layer)
+        path = "fused" if layer.fused else "dense"
+        chosen[(layer.in_features, layer.out_features, module.group_size)] = (
+            f"{path} {layer.crossover}" if layer.crossover < NEVER else "int4 only"
+        )
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
     return chosen

@@ -46,7 +46,7 @@ class LoadedModel:
     model: torch.nn.Module
     dtype: torch.dtype
     kernel: str  # "dense" or the GPTQ backend that loaded it
-    crossovers: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    crossovers: dict[tuple[int, int, int], str] = field(default_factory=dict)
     # (in, out, group) -> rows from which a CPU GPTQ linear dequantizes and runs dense
 
 
@@ -69,7 +69,7 @@ def load_causal_lm(
             from worker.engine.gptq_dispatch import install
 
             crossovers = install(model)
-            print(f"GPTQ dense-path crossovers (rows): {crossovers}", file=sys.stderr)
+            print(f"GPTQ many-row path from (rows): {crossovers}", file=sys.stderr)
             return LoadedModel(model.eval(), torch_dtype, kernel, crossovers)
     else:
         torch_dtype, kernel = pick_dtype(dtype, device), "dense"

@@ -1,0 +1,199 @@
+/* Fused int4 GEMM over GPTQ weights in the int4 kernel's packed layout (worker/engine/
+ * gptq_dequant.py describes it): out[M, N] = x[M, K] @ W^T, x and out bf16 (out fp32 with
+ * f32out), accumulated in fp32.
+ *
+ * A task owns half a packed block (bn/2 output columns: one nibble of each packed byte). It
+ * dequantizes those columns for all K inputs into a per-thread tile once, then streams every
+ * row of x through a register-blocked micro-kernel (MR rows x 2 vectors). The weights never
+ * exist dense in memory and no matmul library repacks them per call: the dequantize-then-
+ * dense path's two costs. The weights are rounded to bf16 as the int4 kernel rounds them; with
+ * AVX-512 BF16 the tile holds them as pairs (k, k+1) for vdpbf16ps, elsewhere as fp32 for FMAs.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <immintrin.h>
+#if defined(__AVX512F__)
+#define VL 16
+#else
+#define VL 8
+#endif
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
+#define COLS (2 * VL) /* a task's output columns: the micro-kernel's 2 vectors a row */
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define PAIRS 1 /* tile of bf16 pairs, vdpbf16ps */
+#define MR 12
+#else
+#define PAIRS 0
+#define MR 6
+#endif
+
+static inline vf splat(float f) { return (vf){0} + f; }
+static inline float bf16_f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Weights of VL columns at one input k: codes from VL packed bytes (nibble `shift`),
+ * w = s * code + (offset - 8 s) with the group's vectors. */
+static inline vf weights(const uint8_t *bytes, int shift, vf s, vf o8) {
+#if VL == 16
+    vi code = (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
+#else
+    vi code = (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes));
+#endif
+    return __builtin_convertvector((code >> shift) & 15, vf) * s + o8;
+}
+
+/* The group's scale and shifted offset vectors for VL columns from (scale, offset) pairs. */
+static inline void group_vectors(const uint32_t *so, vf *s, vf *o8) {
+    vi v;
+    memcpy(&v, so, sizeof v);
+    vi lo = v << 16, hi = v & ((vi){0} + (int32_t)0xffff0000u);
+    memcpy(s, &lo, sizeof lo);
+    vf o;
+    memcpy(&o, &hi, sizeof hi);
+    *o8 = o - 8.0f * *s;
+}
+
+/* Dequantize columns [c0, c0 + COLS) of packed block b (half `h`) for all K into `tile`. */
+static void fill_tile(void *tile, const uint8_t *packed, const uint32_t *sz, int64_t K,
+                      int64_t N, int64_t group, int64_t bn, int64_t b, int h) {
+    const int64_t half = bn / 2, c0 = b * bn + h * half;
+    const int shift = 4 * h;
+    vf s[2] = {splat(0.0f), splat(0.0f)}, o8[2] = {splat(0.0f), splat(0.0f)};
+#if PAIRS /* words 2i, 2i + 1 of a pair vector from words i, 16 + i of the two rows */
+    const __m512i interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+#endif
+    for (int64_t k = 0; k < K; k += 1 + PAIRS) {
+        if (k % group == 0)
+            for (int q = 0; q < 2; q++) group_vectors(sz + (k / group) * N + c0 + q * VL, &s[q], &o8[q]);
+        const uint8_t *p = packed + (b * K + k) * half;
+        for (int q = 0; q < 2; q++) {
+            vf w0 = weights(p + q * VL, shift, s[q], o8[q]);
+#if PAIRS
+            vf w1 = weights(p + half + q * VL, shift, s[q], o8[q]);
+            __m512i both = (__m512i)_mm512_cvtne2ps_pbh((__m512)w1, (__m512)w0);
+            _mm512_store_si512((uint32_t *)tile + (k / 2) * COLS + q * VL,
+                               _mm512_permutexvar_epi16(interleave, both));
+#else
+            vi u;
+            memcpy(&u, &w0, sizeof u);
+            u = (u + 0x7fff + ((u >> 16) & 1)) & (int32_t)0xffff0000u; /* bf16, nearest even */
+            memcpy((float *)tile + k * COLS + q * VL, &u, sizeof u);
+#endif
+        }
+    }
+}
+
+static inline void store(void *out, int64_t at, vf acc, int f32out) {
+    if (f32out) {
+        memcpy((float *)out + at, &acc, sizeof acc);
+        return;
+    }
+    vi u;
+    memcpy(&u, &acc, sizeof u);
+    u = (u + 0x7fff + ((u >> 16) & 1)) >> 16; /* round to nearest even */
+    typedef uint16_t vh __attribute__((vector_size(2 * VL)));
+    vh h = __builtin_convertvector(u, vh);
+    memcpy((uint16_t *)out + at, &h, sizeof h);
+}
+
+/* rows x (<= MR, a constant once inlined) rows of x times the tile: out[rows, COLS]. */
+static inline __attribute__((always_inline)) void micro(const uint16_t *x, int64_t ldx,
+                                                        const void *tile, int64_t K, void *out,
+                                                        int64_t ldo, int rows, int f32out) {
+    vf acc[MR][2];
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = splat(0.0f);
+#if PAIRS
+    const uint32_t *t = tile;
+    for (int64_t k = 0; k < K; k += 2, t += COLS) {
+        const __m512bh w0 = (__m512bh)_mm512_load_si512(t), w1 = (__m512bh)_mm512_load_si512(t + VL);
+        for (int r = 0; r < rows; r++) {
+            int32_t pair;
+            memcpy(&pair, x + r * ldx + k, 4);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+            acc[r][0] = (vf)_mm512_dpbf16_ps((__m512)acc[r][0], xb, w0);
+            acc[r][1] = (vf)_mm512_dpbf16_ps((__m512)acc[r][1], xb, w1);
+        }
+    }
+#else
+    const float *t = tile;
+    for (int64_t k = 0; k < K; k++, t += COLS) {
+        vf w0, w1;
+        memcpy(&w0, t, sizeof w0);
+        memcpy(&w1, t + VL, sizeof w1);
+        for (int r = 0; r < rows; r++) {
+            const vf xv = splat(bf16_f(x[r * ldx + k]));
+            acc[r][0] += xv * w0;
+            acc[r][1] += xv * w1;
+        }
+    }
+#endif
+    for (int r = 0; r < rows; r++) {
+        store(out, r * ldo, acc[r][0], f32out);
+        store(out, r * ldo + VL, acc[r][1], f32out);
+    }
+}
+
+/* The micro-kernel for a row count below MR (the last rows of x). */
+static void micro_tail(const uint16_t *x, int64_t ldx, const void *tile, int64_t K, void *out,
+                       int64_t ldo, int rows, int f32out) {
+    switch (rows) {
+#define TAIL(n) \
+    case n: micro(x, ldx, tile, K, out, ldo, n, f32out); break;
+        TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5)
+#if MR > 6
+        TAIL(6) TAIL(7) TAIL(8) TAIL(9) TAIL(10) TAIL(11)
+#endif
+#undef TAIL
+    default: break;
+    }
+}
+
+/* Whether this build runs packed block size bn: a task is half a block, 2 vectors wide. */
+int inferq_gemm_int4_supports(int64_t bn) { return bn == 2 * COLS; }
+
+/* out[m][n] (ldo elements a row) = sum_k x[m][k] (ldx a row) W[n][k], W from packed
+   [N/bn][K][bn/2] and the bf16 (scale, offset) pairs of sz [K/group][N] read as uint32.
+   Returns -1 (nothing written) for a shape this build cannot run. */
+int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint32_t *sz,
+                     void *out, int64_t ldo, int64_t M, int64_t K, int64_t N, int64_t group,
+                     int64_t bn, int f32out, int threads) {
+    if (!inferq_gemm_int4_supports(bn) || N % bn || K % 2 || group % 2 || K % group) return -1;
+    const int64_t tasks = N / COLS, tile_bytes = K * COLS * 4 / (1 + PAIRS);
+    const size_t esize = f32out ? 4 : 2;
+#pragma omp parallel num_threads(threads)
+    {
+        void *tile = aligned_alloc(64, (size_t)tile_bytes);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; task++) {
+            fill_tile(tile, packed, sz, K, N, group, bn, task / 2, (int)(task % 2));
+            char *o = (char *)out + (size_t)(task * COLS) * esize;
+            int64_t m = 0;
+            for (; m + MR <= M; m += MR)
+                micro(x + m * ldx, ldx, tile, K, o + (size_t)(m * ldo) * esize, ldo, MR, f32out);
+            if (m < M)
+                micro_tail(x + m * ldx, ldx, tile, K, o + (size_t)(m * ldo) * esize, ldo,
+                           (int)(M - m), f32out);
+        }
+        free(tile);
+    }
+    return 0;
+}
+
+/* out[m][j] = x[m][idx[j]] for bf16 rows (x ldx elements a row, out contiguous [M, K]): the
+   input columns in act-order's packed order. */
+void inferq_gather_columns(const uint16_t *x, int64_t ldx, const int32_t *idx, uint16_t *out,
+                           int64_t M, int64_t K, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K > 32768)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < K; j++) out[m * K + j] = x[m * ldx + idx[j]];
+}
