@@ -66,26 +66,48 @@ def test_dequantize_is_exactly_the_int4_kernels_weight(
     assert wide[:, :64].isnan().all() and wide[:, 64 + n :].isnan().all()
 
 
+def _close_to_product(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """got = x @ weight up to fp32 sums in another order (fp32 got), then one bf16 rounding
+    (bf16 got). (On AVX2 a weight may round to the next bf16: see above.)"""
+    exact = x.double() @ weight.double()
+    bound = x.double().abs() @ weight.double().abs()  # error scale of a sum of products
+    slack = 2**-8 * exact.abs() if got.dtype == torch.bfloat16 else 0
+    return bool(((got.double() - exact).abs() <= bound * 2**-12 + slack).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("k", "n"), [(64, 64), (96, 192), (576, 1536), (1536, 576)])
 def test_fused_gemm_multiplies_by_the_int4_kernels_weight(
     k: int, n: int, dtype: torch.dtype
 ) -> None:
     """x @ W^T with W the int4 kernel's weights, for row counts on and off the micro-kernel's
-    blocking, into a column slice of a wider buffer: fp32 sums in another order (fp32 out), then
-    one bf16 rounding (bf16 out). (On AVX2 a weight may round to the next bf16: see above.)"""
+    blocking, into a column slice of a wider buffer."""
     assert gptq_gemm.available(), "no C compiler, or a packed layout the kernel does not run"
     packed, sz, want = _packed(k, n)
+    gemm = gptq_gemm.Int4Gemm([(packed, sz)], GROUP)
     gen = torch.Generator().manual_seed(2)
     for rows in (1, 5, 13, 128):
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
-        exact = x.double() @ want.double()
         wide = torch.full((rows, n + 96), float("nan"), dtype=dtype)
-        got = gptq_gemm.gemm(x, packed, sz, GROUP, wide[:, 32 : 32 + n])
+        got = gemm(x, wide[:, 32 : 32 + n])
         assert wide[:, :32].isnan().all() and wide[:, 32 + n :].isnan().all()
-        bound = x.double().abs() @ want.double().abs()  # error scale of a sum of products
-        slack = 2**-8 * exact.abs() if dtype == torch.bfloat16 else 0
-        assert ((got.double() - exact).abs() <= bound * 2**-12 + slack).all()
+        assert _close_to_product(got, x, want)
+
+
+def test_fused_gemm_runs_linears_side_by_side_with_their_act_order() -> None:
+    """Three linears of one input in one call, x's columns gathered in their packed order
+    (from a strided x: a column slice)."""
+    k, outs = 576, (576, 192, 192)
+    parts = [_packed(k, n, seed=i) for i, n in enumerate(outs)]
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(3)).to(torch.int32)
+    gemm = gptq_gemm.Int4Gemm([(p, sz) for p, sz, _ in parts], GROUP, order)
+    assert gemm.out_features == sum(outs)
+    weight = torch.cat([w for _, _, w in parts], dim=1)  # packed row j meets input order[j]
+    wide = torch.randn(37, k + 8, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    x = wide[:, 8:]
+    got = gemm(x, torch.empty(37, sum(outs), dtype=torch.bfloat16))
+    assert _close_to_product(got, x[:, order.long()], weight)
+    assert torch.equal(gptq_gemm.gather_columns(x, order), x[:, order.long()])
 
 
 def test_cache_dir_follows_inferq_home(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

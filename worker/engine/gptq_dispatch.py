@@ -96,6 +96,10 @@ class DispatchLinear(torch.nn.Module):
         # act-order: packed row j is input column ret_idx[j]; the int4 kernel and the fused
         # GEMM want the input columns gathered in that order, the dequantizer scatters rows back
         self.rowmap = None if identity else ret_idx.contiguous()
+        self.kernel = None  # the fused GEMM, where it runs here
+        if gptq_gemm.available():
+            weights = [(inner.qweight, inner.scales_and_zeros)]
+            self.kernel = gptq_gemm.Int4Gemm(weights, self.group_size, self.rowmap)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16 or x.requires_grad:
@@ -115,12 +119,11 @@ class DispatchLinear(torch.nn.Module):
             x if gathered else self.gathered(x), q.qweight, q.group_size, q.scales_and_zeros
         )
 
-    def gemm(self, x: torch.Tensor, out: torch.Tensor, gathered: bool = False) -> torch.Tensor:
+    def gemm(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The fused int4 GEMM on bf16 [rows, in] into `out` [rows, out] (may be a column
         slice); requires gptq_gemm.available()."""
-        q = self.inner
-        x = x if gathered else self.gathered(x)
-        return gptq_gemm.gemm(x, q.qweight, q.scales_and_zeros, q.group_size, out)
+        assert self.kernel is not None
+        return self.kernel(x.contiguous(), out)
 
     def dense_weight(self) -> torch.Tensor:
         """W^T [in, out] in the shared scratch buffer (valid until the next call)."""
@@ -140,8 +143,8 @@ class DispatchLinear(torch.nn.Module):
 class FusedDispatch:
     """GPTQ linears of one input (q/k/v; gate/up) as one [rows, sum of outputs] projection:
     below its crossover each runs its int4 kernel, from there all dequantize side by side into
-    one scratch buffer for one dense matmul. Layers of one act-order share its column order
-    (one input, one Hessian): x is gathered once for all of them."""
+    one scratch buffer for one dense matmul, or one fused GEMM call. Layers of one act-order
+    share its column order (one input, one Hessian): x is gathered once for all of them."""
 
     def __init__(self, layers: list[DispatchLinear], bias: torch.Tensor | None) -> None:
         self.layers, self.bias = layers, bias
@@ -154,6 +157,10 @@ class FusedDispatch:
             or (m.rowmap is not None and first is not None and torch.equal(m.rowmap, first))
             for m in layers
         )
+        self.kernel = None
+        if self.shared_order and all(m.kernel is not None for m in layers):
+            weights = [(m.inner.qweight, m.inner.scales_and_zeros) for m in layers]
+            self.kernel = gptq_gemm.Int4Gemm(weights, self.group_size, first)
         self.crossover, self.fused = NEVER, False
         plan(self)
 
@@ -175,11 +182,11 @@ class FusedDispatch:
         return torch.cat([m.int4(x, self.shared_order) for m in self.layers], dim=-1)
 
     def gemm(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.shared_order:
-            x = self.layers[0].gathered(x)
+        if self.kernel is not None:
+            return self.kernel(x.contiguous(), out)
         at = 0
         for m in self.layers:
-            m.gemm(x, out[:, at : at + m.out_features], self.shared_order)
+            m.gemm(x, out[:, at : at + m.out_features])
             at += m.out_features
         return out
 

@@ -2,15 +2,19 @@
 the fused C kernel csrc/gptq_gemm.c: each thread dequantizes a slice of output columns into a
 cache-resident tile once and streams every row of x through it, so the weights are never dense
 in memory and no matmul library repacks them per call (dequantize-then-dense pays both).
-Also the act-order column gather both GPTQ kernels need (10-20x torch's index_select on bf16).
+Linears of one input run side by side in one call, with act-order's column gather in it.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
 from worker.engine import native
 from worker.engine.gptq_dequant import block_n
+
+MAX_LAYERS = 16  # linears one call takes (csrc/gptq_gemm.c)
 
 
 def available() -> bool:
@@ -19,31 +23,48 @@ def available() -> bool:
     return lib is not None and bn is not None and bool(lib.inferq_gemm_int4_supports(bn))
 
 
-def gemm(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scales_and_zeros: torch.Tensor,
-    group: int,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """out [M, N] (bf16 or fp32; rows may be strided: a column slice of a wider buffer) =
-    x [M, K] (bf16, unit column stride) @ W^T, accumulated in fp32. Requires `available()`."""
-    rows, k = x.shape
-    n = scales_and_zeros.shape[1]
-    assert x.dtype == torch.bfloat16 and x.stride(1) == 1 and packed.shape[1] * 2 == k
-    assert out.shape == (rows, n) and out.stride(1) == 1
-    assert out.dtype in (torch.bfloat16, torch.float32)
-    assert packed.is_contiguous() and scales_and_zeros.is_contiguous()
-    lib = native.library()
-    assert lib is not None
-    rc = lib.inferq_gemm_int4(
-        x.data_ptr(), x.stride(0), packed.data_ptr(), scales_and_zeros.data_ptr(),
-        out.data_ptr(), out.stride(0), rows, k, n, group, block_n(),
-        int(out.dtype == torch.float32), torch.get_num_threads(),
-    )  # fmt: skip
-    if rc != 0:
-        raise ValueError(f"int4 GEMM shape past the C kernel's limits: {k}x{n}, group {group}")
-    return out
+class Int4Gemm:
+    """GPTQ linears of one input (packed int4 weights and bf16 (scale, offset) pairs each, one
+    group size) as one [rows, sum of outputs] product; `gather` (int32 [in]): the packed
+    weights' act-order, applied to x's columns. Requires `available()`; the tensors must
+    outlive it (their pointers are taken once)."""
+
+    def __init__(
+        self,
+        weights: list[tuple[torch.Tensor, torch.Tensor]],
+        group: int,
+        gather: torch.Tensor | None = None,
+    ) -> None:
+        assert 0 < len(weights) <= MAX_LAYERS and available()
+        self.in_features = weights[0][0].shape[1] * 2
+        outs = [sz.shape[1] for _, sz in weights]
+        for packed, sz in weights:
+            assert packed.is_contiguous() and sz.is_contiguous() and sz.dtype == torch.bfloat16
+            assert packed.shape[1] * 2 == self.in_features
+        assert gather is None or (gather.dtype == torch.int32 and gather.is_contiguous())
+        self.out_features, self.group, self.gather = sum(outs), group, gather
+        self._keep = weights  # the pointers below point into these
+        n = len(weights)
+        self._packed = (ctypes.c_void_p * n)(*(p.data_ptr() for p, _ in weights))
+        self._sz = (ctypes.c_void_p * n)(*(sz.data_ptr() for _, sz in weights))
+        self._n = (ctypes.c_int64 * n)(*outs)
+        self._gather = None if gather is None else gather.data_ptr()
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [M, outputs] (bf16 or fp32, unit column stride) = x [M, in] (bf16, unit
+        column stride) @ W^T, accumulated in fp32."""
+        rows = x.shape[0]
+        assert x.dtype == torch.bfloat16 and x.stride(1) == 1 and out.stride(1) == 1
+        assert out.shape == (rows, self.out_features) and x.shape[1] == self.in_features
+        rc = native.library().inferq_gemm_int4(
+            x.data_ptr(), x.stride(0), self._gather, len(self._n), self._packed, self._sz,
+            self._n, out.data_ptr(), out.stride(0), rows, self.in_features, self.group,
+            block_n(), int(out.dtype == torch.float32), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            shape = f"{self.in_features}x{self.out_features} group {self.group}"
+            raise ValueError(f"int4 GEMM {shape}: past the kernel's limits, or no memory")
+        return out
 
 
 def gather_columns(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,8 @@ def library() -> ctypes.CDLL | None:
     lib.inferq_silu_mul.argtypes = [ptr, ptr, i64, i64, cint, cint]
     lib.inferq_dequant_int4.argtypes = [ptr] * 4 + [i64] * 8
     lib.inferq_dequant_int4.restype = None
-    lib.inferq_gemm_int4.argtypes = [ptr, i64, ptr, ptr, ptr, i64] + [i64] * 5 + [cint, cint]
+    lib.inferq_gemm_int4.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr] + [i64] * 5
+    lib.inferq_gemm_int4.argtypes += [cint, cint]
     lib.inferq_gemm_int4.restype = cint
     lib.inferq_gemm_int4_supports.argtypes = [i64]
     lib.inferq_gather_columns.argtypes = [ptr, i64, ptr, ptr, i64, i64, cint]

@@ -158,42 +158,96 @@ static void micro_tail(const uint16_t *x, int64_t ldx, const void *tile, int64_t
     }
 }
 
+/* This thread's tile of at least `bytes` (64-byte aligned, kept between calls: OpenMP's
+   threads persist); NULL when out of memory. */
+static void *thread_tile(size_t bytes) {
+    static __thread void *tile;
+    static __thread size_t capacity;
+    if (capacity < bytes) {
+        free(tile);
+        tile = aligned_alloc(64, bytes);
+        capacity = tile ? bytes : 0;
+    }
+    return tile;
+}
+
 /* Whether this build runs packed block size bn: a task is half a block, 2 vectors wide. */
 int inferq_gemm_int4_supports(int64_t bn) { return bn == 2 * COLS; }
 
-/* out[m][n] (ldo elements a row) = sum_k x[m][k] (ldx a row) W[n][k], W from packed
-   [N/bn][K][bn/2] and the bf16 (scale, offset) pairs of sz [K/group][N] read as uint32.
-   Returns -1 (nothing written) for a shape this build cannot run. */
-int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint32_t *sz,
-                     void *out, int64_t ldo, int64_t M, int64_t K, int64_t N, int64_t group,
-                     int64_t bn, int f32out, int threads) {
-    if (!inferq_gemm_int4_supports(bn) || N % bn || K % 2 || group % 2 || K % group) return -1;
-    const int64_t tasks = N / COLS, tile_bytes = K * COLS * 4 / (1 + PAIRS);
+/* out[m][j] = x[m][idx[j]] for bf16 rows (x ldx elements a row, out contiguous [M, K]): the
+   input columns in act-order's packed order. Call inside a parallel region (omp for). */
+static void gather_rows(const uint16_t *x, int64_t ldx, const int32_t *idx, uint16_t *out,
+                        int64_t M, int64_t K) {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < K; j++) out[m * K + j] = x[m * ldx + idx[j]];
+}
+
+/* The calling thread's buffer for a gathered x (kept between calls), NULL when out of memory. */
+static uint16_t *gather_buffer(size_t elements) {
+    static __thread uint16_t *buf;
+    static __thread size_t capacity;
+    if (capacity < elements) {
+        free(buf);
+        buf = malloc(elements * 2);
+        capacity = buf ? elements : 0;
+    }
+    return buf;
+}
+
+/* Several GPTQ linears of one input side by side: out[m][c] (ldo elements a row) = sum_k
+   x[m][k] W[c][k], layer l's columns after those of layers < l; its W from packed[l]
+   [N_l/bn][K][bn/2] and the bf16 (scale, offset) pairs of sz[l] [K/group][N_l] read as uint32.
+   With `gather` (int32 [K], act-order) x's columns are taken in that order first.
+   Returns -1 for a shape this build cannot run (nothing written) or when out of memory. */
+int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int64_t layers,
+                     const uint8_t *const *packed, const uint32_t *const *sz, const int64_t *n,
+                     void *out, int64_t ldo, int64_t M, int64_t K, int64_t group, int64_t bn,
+                     int f32out, int threads) {
+    if (!inferq_gemm_int4_supports(bn) || K % 2 || group % 2 || K % group || layers > 16)
+        return -1;
+    int64_t first[17] = {0}; /* layer l's tasks are [first[l], first[l + 1]) */
+    for (int64_t l = 0; l < layers; l++) {
+        if (n[l] % bn) return -1;
+        first[l + 1] = first[l] + n[l] / COLS;
+    }
+    const int64_t tile_bytes = K * COLS * 4 / (1 + PAIRS);
     const size_t esize = f32out ? 4 : 2;
+    uint16_t *xg = gather ? gather_buffer((size_t)(M * K)) : NULL;
+    if (gather && !xg) return -1;
+    const uint16_t *xs = gather ? xg : x;
+    const int64_t lds = gather ? K : ldx;
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        void *tile = aligned_alloc(64, (size_t)tile_bytes);
+        if (gather) gather_rows(x, ldx, gather, xg, M, K); /* ends in a barrier */
+        void *tile = thread_tile((size_t)tile_bytes);
+        if (!tile) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < tasks; task++) {
-            fill_tile(tile, packed, sz, K, N, group, bn, task / 2, (int)(task % 2));
+        for (int64_t task = 0; task < first[layers]; task++) {
+            if (!tile) continue;
+            int64_t l = 0;
+            while (task >= first[l + 1]) l++;
+            const int64_t local = task - first[l];
+            fill_tile(tile, packed[l], sz[l], K, n[l], group, bn, local / 2, (int)(local % 2));
             char *o = (char *)out + (size_t)(task * COLS) * esize;
             int64_t m = 0;
             for (; m + MR <= M; m += MR)
-                micro(x + m * ldx, ldx, tile, K, o + (size_t)(m * ldo) * esize, ldo, MR, f32out);
+                micro(xs + m * lds, lds, tile, K, o + (size_t)(m * ldo) * esize, ldo, MR, f32out);
             if (m < M)
-                micro_tail(x + m * ldx, ldx, tile, K, o + (size_t)(m * ldo) * esize, ldo,
+                micro_tail(xs + m * lds, lds, tile, K, o + (size_t)(m * ldo) * esize, ldo,
                            (int)(M - m), f32out);
         }
-        free(tile);
     }
-    return 0;
+    return failed ? -1 : 0;
 }
 
-/* out[m][j] = x[m][idx[j]] for bf16 rows (x ldx elements a row, out contiguous [M, K]): the
-   input columns in act-order's packed order. */
+/* gather_rows on its own (the int4 kernel's act-order input). */
 void inferq_gather_columns(const uint16_t *x, int64_t ldx, const int32_t *idx, uint16_t *out,
                            int64_t M, int64_t K, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (M * K > 32768)
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t j = 0; j < K; j++) out[m * K + j] = x[m * ldx + idx[j]];
+#pragma omp parallel num_threads(threads) if (M * K > 32768)
+    gather_rows(x, ldx, idx, out, M, K);
 }
