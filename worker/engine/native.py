@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.c"))
+HEADERS = sorted((Path(__file__).with_name("csrc")).glob("*.h"))  # in the cache key too
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,12 @@ def library() -> ctypes.CDLL | None:
         ).stdout
         key = hashlib.sha256(
             "\0".join(
-                [*(p.read_text() for p in SOURCES), " ".join(FLAGS), version, _cpu_flags()]
+                [
+                    *(p.read_text() for p in SOURCES + HEADERS),
+                    " ".join(FLAGS),
+                    version,
+                    _cpu_flags(),
+                ]
             ).encode()
         ).hexdigest()[:16]
         target = cache_dir() / f"inferq_kernels_{key}.so"

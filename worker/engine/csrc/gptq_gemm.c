@@ -14,13 +14,8 @@
 #include <string.h>
 
 #include <immintrin.h>
-#if defined(__AVX512F__)
-#define VL 16
-#else
-#define VL 8
-#endif
-typedef float vf __attribute__((vector_size(4 * VL)));
-typedef int32_t vi __attribute__((vector_size(4 * VL)));
+
+#include "vec.h"
 #define COLS (2 * VL) /* a task's output columns: the micro-kernel's 2 vectors a row */
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -101,7 +96,6 @@ static inline void store(void *out, int64_t at, vf acc, int f32out) {
     vi u;
     memcpy(&u, &acc, sizeof u);
     u = (u + 0x7fff + ((u >> 16) & 1)) >> 16; /* round to nearest even */
-    typedef uint16_t vh __attribute__((vector_size(2 * VL)));
     vh h = __builtin_convertvector(u, vh);
     memcpy((uint16_t *)out + at, &h, sizeof h);
 }

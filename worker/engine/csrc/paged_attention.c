@@ -25,16 +25,7 @@
 #define MAX_BS 256
 #define TILE_ROWS 64
 #define NEG (-1e30f)
-#if defined(__AVX512F__)
-#define VL 16
-#else
-#define VL 8
-#endif
-
-typedef float vf __attribute__((vector_size(4 * VL)));
-typedef uint16_t vh __attribute__((vector_size(2 * VL)));
-typedef uint32_t vu __attribute__((vector_size(4 * VL)));
-typedef int32_t vi __attribute__((vector_size(4 * VL)));
+#include "vec.h"
 
 static inline vf load_row(const void *base, int64_t at, int bf16) {
     vf x;
