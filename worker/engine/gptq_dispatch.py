@@ -58,7 +58,8 @@ def scratch(k: int, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _dispatch(layer: DispatchLinear | FusedDispatch, x: torch.Tensor) -> torch.Tensor:
-    """`layer` on bf16 x [..., in]: its int4 kernel below its crossover, else dense."""
+    """`layer` on bf16 x [..., in]: its int4 kernel below its crossover, else its many-row
+    path."""
     rows = x.numel() // layer.in_features
     flat = x.reshape(rows, layer.in_features)
     out = layer.int4(flat) if rows < layer.crossover else _many(layer, flat)
@@ -84,10 +85,10 @@ class DispatchLinear(torch.nn.Module):
     """A GPTQ linear choosing its kernel by row count: int4 below `crossover`, else the fused
     GEMM (`fused`) or dequantize (into the shared scratch buffer) then a dense matmul."""
 
-    def __init__(self, inner: torch.nn.Module, crossover: int, fused: bool = False) -> None:
+    def __init__(self, inner: torch.nn.Module, crossover: int) -> None:
         super().__init__()
         self.inner = inner
-        self.crossover, self.fused = crossover, fused
+        self.crossover, self.fused = crossover, False
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.group_size, self.bias = inner.group_size, inner.bias
         self.dense_dtype = dense_dtype()
@@ -152,11 +153,7 @@ class FusedDispatch:
         self.out_features = sum(m.out_features for m in layers)
         self.group_size, self.dense_dtype = layers[0].group_size, layers[0].dense_dtype
         first = layers[0].rowmap
-        self.shared_order = all(
-            (m.rowmap is None and first is None)
-            or (m.rowmap is not None and first is not None and torch.equal(m.rowmap, first))
-            for m in layers
-        )
+        self.shared_order = all(_same_order(m.rowmap, first) for m in layers)
         self.kernel = None
         if self.shared_order and all(m.kernel is not None for m in layers):
             weights = [(m.inner.qweight, m.inner.scales_and_zeros) for m in layers]
@@ -197,6 +194,13 @@ class FusedDispatch:
             m.dequantize_into(out[:, at : at + m.out_features])
             at += m.out_features
         return out
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two act-orders (None: none) are the same."""
+    if a is None or b is None:
+        return a is b
+    return torch.equal(a, b)
 
 
 def eligible(module: torch.nn.Module) -> bool:
