@@ -79,25 +79,11 @@ static void fill_tile(void *tile, const uint8_t *packed, const uint32_t *sz, int
             _mm512_store_si512((uint32_t *)tile + (k / 2) * COLS + q * VL,
                                _mm512_permutexvar_epi16(interleave, both));
 #else
-            vi u;
-            memcpy(&u, &w0, sizeof u);
-            u = (u + 0x7fff + ((u >> 16) & 1)) & (int32_t)0xffff0000u; /* bf16, nearest even */
+            const vu u = round_bf16v(w0);
             memcpy((float *)tile + k * COLS + q * VL, &u, sizeof u);
 #endif
         }
     }
-}
-
-static inline void store(void *out, int64_t at, vf acc, int f32out) {
-    if (f32out) {
-        memcpy((float *)out + at, &acc, sizeof acc);
-        return;
-    }
-    vi u;
-    memcpy(&u, &acc, sizeof u);
-    u = (u + 0x7fff + ((u >> 16) & 1)) >> 16; /* round to nearest even */
-    vh h = __builtin_convertvector(u, vh);
-    memcpy((uint16_t *)out + at, &h, sizeof h);
 }
 
 /* rows x (<= MR, a constant once inlined) rows of x times the tile: out[rows, COLS]. */
@@ -132,8 +118,8 @@ static inline __attribute__((always_inline)) void micro(const uint16_t *x, int64
     }
 #endif
     for (int r = 0; r < rows; r++) {
-        store(out, r * ldo, acc[r][0], f32out);
-        store(out, r * ldo + VL, acc[r][1], f32out);
+        store_row(out, r * ldo, acc[r][0], !f32out);
+        store_row(out, r * ldo + VL, acc[r][1], !f32out);
     }
 }
 

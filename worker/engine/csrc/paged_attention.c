@@ -27,31 +27,6 @@
 #define NEG (-1e30f)
 #include "vec.h"
 
-static inline vf load_row(const void *base, int64_t at, int bf16) {
-    vf x;
-    if (bf16) {
-        vh h;
-        memcpy(&h, (const uint16_t *)base + at, sizeof h);
-        vu u = __builtin_convertvector(h, vu) << 16;
-        memcpy(&x, &u, sizeof x);
-    } else {
-        memcpy(&x, (const float *)base + at, sizeof x);
-    }
-    return x;
-}
-
-static inline void store_row(void *base, int64_t at, vf x, int bf16) {
-    if (!bf16) {
-        memcpy((float *)base + at, &x, sizeof x);
-        return;
-    }
-    vu u;
-    memcpy(&u, &x, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even */
-    vh h = __builtin_convertvector(u >> 16, vh);
-    memcpy((uint16_t *)base + at, &h, sizeof h);
-}
-
 #define SHUF __builtin_shufflevector
 
 /* [sum(t[0]), ..., sum(t[VL - 1])]: VL horizontal sums in log2(VL) shuffle-and-add levels. */
