@@ -86,7 +86,7 @@ def test_fused_gemm_multiplies_by_the_int4_kernels_weight(
     packed, sz, want = _packed(k, n)
     gemm = gptq_gemm.Int4Gemm([(packed, sz)], GROUP)
     gen = torch.Generator().manual_seed(2)
-    for rows in (1, 5, 13, 128):
+    for rows in (1, 5, 13, 45, 128):  # 45: 32 on AMX tiles where there are, 13 more
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         wide = torch.full((rows, n + 96), float("nan"), dtype=dtype)
         got = gemm(x, wide[:, 32 : 32 + n])

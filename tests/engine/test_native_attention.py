@@ -77,6 +77,26 @@ def test_matches_dense_attention(dtype, tol, heads, kv_heads, dim, block, tiling
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_a_wide_tile_matches_dense_attention(dtype, tol, dim):
+    """40 decodes sharing 150 keys (9 blocks and part of one) as one tile, each with keys of
+    its own after them: many 16-row query blocks, key chunks of all lengths (the AMX path
+    where the CPU has one)."""
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, block, seqs, shared = 9, 3, 16, 40, 150
+    k_cache, v_cache = torch.randn(2, kv_heads, 16 * 96, dim, generator=gen).to(dtype).unbind(0)
+    tables = [list(range(10)) + [10 + 2 * s, 11 + 2 * s] for s in range(seqs)]
+    ctx_len = [shared + 2 + s % 20 for s in range(seqs)]  # 152-171: into its own blocks
+    layout = step(tables, list(range(seqs)), ctx_len, [(0, seqs, 0, shared)], [shared] * seqs)
+    q = torch.randn(seqs, heads, dim, generator=gen).to(dtype)
+    got = native.paged_attention(q, k_cache.contiguous(), v_cache.contiguous(), layout, block,
+                                 dim**-0.5)  # fmt: skip
+    want = reference(q, k_cache, v_cache, layout.tables, layout.seq_of, layout.ctx_len, block,
+                     dim**-0.5)  # fmt: skip
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
 def test_tiles_past_the_row_limit_split():
     """A tile of more than TILE_ROWS tokens is refused by the kernel (the runner splits)."""
     k_cache = v_cache = torch.zeros(1, 64, 32)

@@ -25,6 +25,11 @@
 #define PAIRS 0
 #define MR 6
 #endif
+#if PAIRS && VL == 16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "gptq_amx.h" /* the pair tile is AMX's B layout: 32 rows at a time on tiles */
+#else
+#define AMX_ROWS 0
+#endif
 
 static inline vf splat(float f) { return (vf){0} + f; }
 static inline float bf16_f(uint16_t h) {
@@ -197,6 +202,7 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
     if (gather && !xg) return -1;
     const uint16_t *xs = gather ? xg : x;
     const int64_t lds = gather ? K : ldx;
+    const int amx = AMX_ROWS && M >= AMX_ROWS && K % AMX_K == 0 && amx_ready();
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -214,7 +220,7 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
             const int64_t local = task - first[l];
             fill_tile(tile, packed[l], sz[l], K, n[l], group, bn, local / 2, (int)(local % 2));
             char *o = (char *)out + (size_t)(task * COLS) * esize;
-            int64_t m = 0;
+            int64_t m = amx ? amx_rows(xs, lds, tile, K, o, ldo, M, f32out) : 0;
             for (; m + MR <= M; m += MR)
                 micro(xs + m * lds, lds, tile, K, o + (size_t)(m * ldo) * esize, ldo, MR, f32out);
             if (m < M)
