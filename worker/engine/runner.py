@@ -142,7 +142,8 @@ class PagedRunner:
         groups: list[tuple[list[int], int]],
     ) -> native.TokenTables:
         """The C kernel's view of a step packed as prefills, then decodes group by group. A
-        prefill's cached prefix and a decode group's shared blocks become tiles."""
+        prefill's keys before each TILE_ROWS of its new tokens (the cached prefix, then its own
+        earlier tokens) and a decode group's shared blocks become tiles."""
         seqs = [p.block_table for p in prefills]
         seq_of: list[int] = []
         ctx: list[int] = []
@@ -154,13 +155,15 @@ class PagedRunner:
                 tiles.append((first, min(native.TILE_ROWS, len(ctx) - first), row, keys))
             key_from.extend([keys] * rows)
 
-        for k, p in enumerate(prefills):
-            seq_of += [k] * len(p.token_ids)
-            ctx += range(p.start_pos + 1, p.start_pos + len(p.token_ids) + 1)
-            if p.start_pos:
-                add(k, len(p.token_ids), p.start_pos)
-            else:
-                key_from += [0] * len(p.token_ids)
+        for k, p in enumerate(prefills):  # TILE_ROWS new tokens see all keys before them
+            for off in range(0, len(p.token_ids), native.TILE_ROWS):
+                rows, keys = min(native.TILE_ROWS, len(p.token_ids) - off), p.start_pos + off
+                seq_of += [k] * rows
+                ctx += range(keys + 1, keys + rows + 1)
+                if keys:
+                    add(k, rows, keys)
+                else:
+                    key_from += [0] * rows
         for members, shared in groups:
             first_row = len(seqs)
             for i in members:
