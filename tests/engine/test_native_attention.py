@@ -86,7 +86,7 @@ def test_a_wide_tile_matches_dense_attention(dtype, tol, dim):
     gen = torch.Generator().manual_seed(5)
     heads, kv_heads, block, seqs, shared = 9, 3, 16, 40, 150
     k_cache, v_cache = torch.randn(2, kv_heads, 16 * 96, dim, generator=gen).to(dtype).unbind(0)
-    tables = [list(range(10)) + [10 + 2 * s, 11 + 2 * s] for s in range(seqs)]
+    tables = [[*range(10), 10 + 2 * s, 11 + 2 * s] for s in range(seqs)]
     ctx_len = [shared + 2 + s % 20 for s in range(seqs)]  # 152-171: into its own blocks
     layout = step(tables, list(range(seqs)), ctx_len, [(0, seqs, 0, shared)], [shared] * seqs)
     q = torch.randn(seqs, heads, dim, generator=gen).to(dtype)
