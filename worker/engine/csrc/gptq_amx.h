@@ -6,12 +6,15 @@
  */
 #include "amx.h"
 
-#define AMX_ROWS 32
 #define AMX_K 32 /* inputs a tdpbf16ps takes */
 
-/* out rows [0, M - M % 32) of a task's columns = x @ tile; returns the rows done. */
+/* out rows [0, M - M % 32) of a task's columns = x @ tile; returns the rows done. Fills the
+   `next` task's tile (when given) on the way, a slice per step: vector work while the tile
+   unit multiplies. */
 static int64_t amx_rows(const uint16_t *x, int64_t ldx, const void *tile, int64_t K, char *out,
-                        int64_t ldo, int64_t M, int f32out) {
+                        int64_t ldo, int64_t M, int f32out, const fill_job *next) {
+    const int64_t blocks = M / AMX_ROWS, slice = blocks >= 16 ? 2 : (32 / blocks) & ~1;
+    int64_t filled = next ? 0 : K;
     amx_configure();
     const uint32_t *t = tile;
     float acc[AMX_ROWS][COLS] __attribute__((aligned(64)));
@@ -32,6 +35,11 @@ static int64_t amx_rows(const uint16_t *x, int64_t ldx, const void *tile, int64_
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
+            if (filled < K) {
+                const int64_t to = filled + slice < K ? filled + slice : K;
+                fill_range(next, filled, to);
+                filled = to;
+            }
         }
         _tile_stored(0, &acc[0][0], COLS * 4);
         _tile_stored(1, &acc[0][16], COLS * 4);
@@ -46,5 +54,6 @@ static int64_t amx_rows(const uint16_t *x, int64_t ldx, const void *tile, int64_
             store_row(o, VL, hi, !f32out);
         }
     }
+    if (filled < K) fill_range(next, filled, K);
     return m;
 }

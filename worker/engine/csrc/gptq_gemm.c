@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include "vec.h"
 #define COLS (2 * VL) /* a task's output columns: the micro-kernel's 2 vectors a row */
@@ -26,7 +27,7 @@
 #define MR 6
 #endif
 #if PAIRS && VL == 16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include "gptq_amx.h" /* the pair tile is AMX's B layout: 32 rows at a time on tiles */
+#define AMX_ROWS 32 /* gptq_amx.h: the pair tile is AMX's B layout, 32 rows at a time */
 #else
 #define AMX_ROWS 0
 #endif
@@ -61,18 +62,41 @@ static inline void group_vectors(const uint32_t *so, vf *s, vf *o8) {
     *o8 = o - 8.0f * *s;
 }
 
-/* Dequantize columns [c0, c0 + COLS) of packed block b (half `h`) for all K into `tile`. */
-static void fill_tile(void *tile, const uint8_t *packed, const uint32_t *sz, int64_t K,
-                      int64_t N, int64_t group, int64_t bn, int64_t b, int h) {
-    const int64_t half = bn / 2, c0 = b * bn + h * half;
-    const int shift = 4 * h;
-    vf s[2] = {splat(0.0f), splat(0.0f)}, o8[2] = {splat(0.0f), splat(0.0f)};
+/* A task's tile to fill: columns [c0, c0 + COLS) of packed block b (half h) of a layer. */
+typedef struct {
+    void *tile;
+    const uint8_t *packed;
+    const uint32_t *sz;
+    int64_t K, N, group, bn, b;
+    int h;
+} fill_job;
+
+/* Task `task`'s job (layer l's tasks are [first[l], first[l + 1])), into `tile`. */
+static fill_job job_at(int64_t task, void *tile, const int64_t *first,
+                       const uint8_t *const *packed, const uint32_t *const *sz, const int64_t *n,
+                       int64_t K, int64_t group, int64_t bn) {
+    int64_t l = 0;
+    while (task >= first[l + 1]) l++;
+    const int64_t local = task - first[l];
+    return (fill_job){tile, packed[l], sz[l], K, n[l], group, bn, local / 2, (int)(local % 2)};
+}
+
+/* Dequantize inputs [k0, k1) (k0 even) of a job's columns into its tile. */
+static void fill_range(const fill_job *j, int64_t k0, int64_t k1) {
+    void *tile = j->tile;
+    const uint8_t *packed = j->packed;
+    const uint32_t *sz = j->sz;
+    const int64_t K = j->K, N = j->N, group = j->group, b = j->b;
+    const int64_t half = j->bn / 2, c0 = b * j->bn + j->h * half;
+    const int shift = 4 * j->h;
+    vf s[2], o8[2];
+    for (int q = 0; q < 2; q++) group_vectors(sz + (k0 / group) * N + c0 + q * VL, &s[q], &o8[q]);
 #if PAIRS /* words 2i, 2i + 1 of a pair vector from words i, 16 + i of the two rows */
     const __m512i interleave = _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 #endif
-    for (int64_t k = 0; k < K; k += 1 + PAIRS) {
+    for (int64_t k = k0; k < k1; k += 1 + PAIRS) {
         if (k % group == 0)
             for (int q = 0; q < 2; q++) group_vectors(sz + (k / group) * N + c0 + q * VL, &s[q], &o8[q]);
         const uint8_t *p = packed + (b * K + k) * half;
@@ -156,6 +180,10 @@ static void *thread_tile(size_t bytes) {
     return tile;
 }
 
+#if AMX_ROWS
+#include "gptq_amx.h"
+#endif
+
 /* Whether this build runs packed block size bn: a task is half a block, 2 vectors wide. */
 int inferq_gemm_int4_supports(int64_t bn) { return bn == 2 * COLS; }
 
@@ -207,20 +235,29 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
 #pragma omp parallel num_threads(threads)
     {
         if (gather) gather_rows(x, ldx, gather, xg, M, K); /* ends in a barrier */
-        void *tile = thread_tile((size_t)tile_bytes);
-        if (!tile) {
+        char *tiles = thread_tile((size_t)(2 * tile_bytes)); /* this task's, the next one's */
+        if (!tiles) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < first[layers]; task++) {
-            if (!tile) continue;
-            int64_t l = 0;
-            while (task >= first[l + 1]) l++;
-            const int64_t local = task - first[l];
-            fill_tile(tile, packed[l], sz[l], K, n[l], group, bn, local / 2, (int)(local % 2));
+        /* contiguous tasks per thread (as schedule(static)): the next tile is known */
+        const int64_t total = first[layers], nt = omp_get_num_threads();
+        const int64_t per = (total + nt - 1) / nt, t0 = omp_get_thread_num() * per;
+        const int64_t t1 = tiles ? (t0 + per < total ? t0 + per : total) : t0;
+        fill_job job[2];
+        for (int64_t task = t0, cur = 0; task < t1; task++, cur ^= 1) {
+            if (task == t0) {
+                job[cur] = job_at(task, tiles, first, packed, sz, n, K, group, bn);
+                fill_range(&job[cur], 0, K);
+            }
+            if (task + 1 < t1)
+                job[cur ^ 1] = job_at(task + 1, tiles + (cur ^ 1) * tile_bytes, first, packed, sz,
+                                      n, K, group, bn);
+            const fill_job *next = task + 1 < t1 ? &job[cur ^ 1] : NULL;
+            const void *tile = job[cur].tile;
             char *o = (char *)out + (size_t)(task * COLS) * esize;
-            int64_t m = amx ? amx_rows(xs, lds, tile, K, o, ldo, M, f32out) : 0;
+            int64_t m = amx ? amx_rows(xs, lds, tile, K, o, ldo, M, f32out, next) : 0;
+            if (next && !amx) fill_range(next, 0, K);
             for (; m + MR <= M; m += MR)
                 micro(xs + m * lds, lds, tile, K, o + (size_t)(m * ldo) * esize, ldo, MR, f32out);
             if (m < M)
