@@ -36,21 +36,35 @@ static void amx_chunk(const uint16_t *kc, const uint16_t *vc, int64_t head_base,
     }
 }
 
-/* Softmax step for one query row over a chunk's scores (n live keys): updates m and l,
- * writes the weights as bf16 to p, returns the correction for the row's accumulator. */
+/* 2^t on VL lanes to about 4e-6 relative (degree-4 polynomial on the fraction, vscalefps for
+ * the power of two: 0 far below, no clamping needed): enough for weights rounded to bf16. */
+static inline vf exp2_bf16(vf t) {
+    const __m512 n = _mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const vf f = t - (vf)n;
+    vf p = 1.3697664e-2f * f + 5.1690358e-2f;
+    p = p * f + 2.4163084e-1f;
+    p = p * f + 6.9296303e-1f;
+    p = p * f + 1.0f;
+    return (vf)_mm512_scalef_ps((__m512)p, n);
+}
+
+/* Softmax step for one query row over a chunk's raw scores (n live keys; the scale applied
+ * here): updates m and l, writes the weights as bf16 to p, returns the correction for the
+ * row's accumulator. */
 static inline float amx_softmax_row(const float *s, int64_t n, float scale, float *m, float *l,
                                     uint16_t *p) {
     vf sc[KC / VL], top = (vf){0} + NEG;
     for (int u = 0; u < KC / VL; u++) {
         memcpy(&sc[u], s + u * VL, sizeof sc[u]);
-        sc[u] = vsel(lanes_below(n - u * VL), sc[u] * scale, (vf){0} + NEG);
+        if (n < KC) sc[u] = vsel(lanes_below(n - u * VL), sc[u], (vf){0} + NEG);
         top = vsel(sc[u] > top, sc[u], top);
     }
-    float mx = hmax(top);
+    float mx = hmax(top) * scale;
     mx = mx > *m ? mx : *m;
+    const float c = scale * 1.44269504f, d = mx * 1.44269504f;
     vf total = (vf){0};
     for (int u = 0; u < KC / VL; u++) {
-        sc[u] = vexp(sc[u] - mx);
+        sc[u] = exp2_bf16(sc[u] * c - d);
         total += sc[u];
     }
     const float corr = mx == *m ? 1.0f : expf(*m - mx);
