@@ -161,9 +161,7 @@ class LeanLlama:
             qkv = qkv_proj(x)
             native.rotary(qkv, self.heads + self.kv_heads, cos, sin)  # q and k heads
             k_cache, v_cache = kv.k[i], kv.v[i]
-            for cache, at in ((k_cache, nq), (v_cache, nq + nk)):
-                new = qkv[:, at : at + nk].reshape(-1, self.kv_heads, dim).transpose(0, 1)
-                cache.view(-1, dim).index_copy_(0, write, new.reshape(-1, dim))
+            native.kv_write(qkv, (nq, nq + nk), write, k_cache, v_cache)
             q = qkv[:, :nq].view(-1, self.heads, dim)
             attn = native.paged_attention(q, k_cache, v_cache, tokens, kv.block_size, scale)
             delta = o_proj(attn.view(-1, nq))

@@ -102,6 +102,8 @@ def library() -> ctypes.CDLL | None:
     lib.inferq_gemm_int4.argtypes += [cint, cint]
     lib.inferq_gemm_int4.restype = cint
     lib.inferq_gemm_int4_supports.argtypes = [i64]
+    lib.inferq_kv_write.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64, cint]
+    lib.inferq_kv_write.restype = None
     lib.inferq_gather_columns.argtypes = [ptr, i64, ptr, ptr, i64, i64, cint]
     lib.inferq_gather_columns.restype = None
     return lib
@@ -216,6 +218,27 @@ def add_rmsnorm(
         torch.get_num_threads(),
     )
     return out
+
+
+def kv_write(
+    qkv: torch.Tensor,
+    at: tuple[int, int],
+    rows: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> None:
+    """Each token's K and V (columns at[0] and at[1] onwards of qkv [T, width], kv heads side
+    by side) into rows `rows` (int64 [kv_heads * T], head-major) of the caches [kv_heads,
+    slots, d]: one pass, no index_copy of transposed copies."""
+    kv_heads, _, dim = k_cache.shape
+    assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert rows.dtype == torch.int64 and rows.is_contiguous() and qkv.dtype == k_cache.dtype
+    assert rows.numel() == kv_heads * qkv.shape[0]
+    _lib().inferq_kv_write(
+        qkv.data_ptr(), qkv.stride(0), at[0], at[1], rows.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), qkv.shape[0], kv_heads, dim, qkv.element_size(),
+        torch.get_num_threads(),
+    )  # fmt: skip
 
 
 def rotary(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -109,3 +109,18 @@ void inferq_silu_mul(const void *gu, void *out, int64_t rows, int64_t width, int
             put(out, r * width + i, act * u, bf16);
         }
 }
+
+/* The new tokens' K and V into the paged caches: for kv head h and token t, `dim` elements
+ * (esize bytes each) from qkv[t * stride + at_k + h * dim] (and at_v) to row rows[h * tokens + t]
+ * of k_cache (and v_cache). */
+void inferq_kv_write(const void *qkv, int64_t stride, int64_t at_k, int64_t at_v,
+                     const int64_t *rows, void *k_cache, void *v_cache, int64_t tokens,
+                     int64_t kv_heads, int64_t dim, int64_t esize, int threads) {
+    const size_t n = (size_t)(dim * esize);
+#pragma omp parallel for schedule(static) num_threads(threads) if (tokens * kv_heads > 512)
+    for (int64_t i = 0; i < kv_heads * tokens; i++) {
+        const char *src = (const char *)qkv + ((i % tokens) * stride + (i / tokens) * dim) * esize;
+        memcpy((char *)k_cache + rows[i] * n, src + at_k * esize, n);
+        memcpy((char *)v_cache + rows[i] * n, src + at_v * esize, n);
+    }
+}
