@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from worker.engine import native
+from worker.engine.runner import PagedRunner, PrefillInput
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
 
@@ -116,3 +119,23 @@ def test_strided_queries():
     strided = native.paged_attention(head_major.transpose(0, 1), *args)
     dense = native.paged_attention(head_major.transpose(0, 1).contiguous(), *args)
     assert torch.equal(strided, dense)
+
+
+@pytest.mark.parametrize("start", [0, 40])
+def test_the_runners_prefill_tiles_match_dense_attention(start):
+    """A 150-token prefill after `start` cached tokens, laid out by the runner: tiles of 64 new
+    tokens over every key before them, each token alone over at most 63 more."""
+    gen = torch.Generator().manual_seed(6)
+    heads, kv_heads, dim, block, new = 9, 3, 64, 16, 150
+    table = list(range(12))
+    prefill = PrefillInput(list(range(new)), start, table)
+    layout = PagedRunner._token_tables(SimpleNamespace(block_size=block), [prefill], [], [])
+    rows = layout.tile_rows.tolist()
+    assert rows == [64, 64, 22] if start else rows == [64, 22]  # no tile without keys before
+    assert (layout.ctx_len - layout.key_from).max() <= 64 and layout.ctx_len[-1] == start + new
+    k_cache, v_cache = torch.randn(2, kv_heads, 12 * block, dim, generator=gen).bfloat16().unbind(0)
+    q = torch.randn(new, heads, dim, generator=gen).bfloat16()
+    args = (layout.tables, layout.seq_of, layout.ctx_len, block, dim**-0.5)
+    got = native.paged_attention(q, k_cache.contiguous(), v_cache.contiguous(), layout, *args[3:])
+    want = reference(q, k_cache, v_cache, *args)
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)

@@ -4,7 +4,7 @@ concurrency), a many-row path from a row count measured per matmul shape at load
 The many-row path is the fused int4 GEMM (gptq_gemm.py: dequantizes tile by tile in cache)
 where it runs here and measures faster at PROBE_ROWS, else dequantize-then-dense: the weights
 into a scratch buffer shared by every layer of that shape, then a dense matmul, in bf16 where
-oneDNN has native bf16 matmuls, else in fp32 (oneDNN with AMX may beat the fused kernel).
+oneDNN has native bf16 matmuls, else in fp32 (where no compiler works, or it measures faster).
 
 Wraps gptqmodel's `TorchAtenLinear` (after its CPU transform): its packed int4 weights,
 scales and offsets stay the only copy of the weights (4 bits each). `FusedDispatch` runs the
