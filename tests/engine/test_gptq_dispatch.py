@@ -178,6 +178,10 @@ def test_routing_by_rows(
         out = layer(torch.randn(4, 16, layer.in_features, dtype=torch.bfloat16))
         assert calls[2:] == ["fused" if fused else "dense"]
         assert out.shape == (4, 16, layer.out_features)
+        monkeypatch.setattr(layer, "dense_from", 100)  # a fused shape's dense range (AMX)
+        layer(torch.randn(99, layer.in_features, dtype=torch.bfloat16))
+        layer(torch.randn(100, layer.in_features, dtype=torch.bfloat16))
+        assert calls[3:] == ["fused", "dense"] if fused else ["dense", "dense"]
 
 
 @pytest.mark.model

@@ -30,6 +30,7 @@ from worker.engine.gptq_dequant import block_n, dequantize
 ENV = "INFERQ_GPTQ_CROSSOVER"
 MANY_ENV = "INFERQ_GPTQ_MANY"
 PROBE_ROWS = 128  # where the fused GEMM and dequantize-then-dense are compared
+BIG_ROWS = 1024  # and again: dequantizing once per call pays off over enough rows (AMX)
 LADDER = (8, 16, 32, 64, 128, 256)  # rows tried at load; dense also wins beyond the last win
 NEVER = 1 << 62  # a crossover no step reaches: the int4 kernel always
 FALLBACK = 128  # when a measurement is impossible (e.g. its kernel fails)
@@ -37,6 +38,7 @@ Shape = tuple[int, int, int]  # in, out, group
 
 _crossovers: dict[tuple[Shape, bool], int] = {}  # by shape and many-row path
 _fused: dict[tuple[Shape, str], bool] = {}  # by shape and INFERQ_GPTQ_MANY
+_dense_from: dict[Shape, int] = {}  # where a fused shape turns to dequantize-then-dense
 _local = threading.local()  # per thread: engines stepped on two threads must not share
 
 
@@ -70,7 +72,7 @@ def _dispatch(layer: DispatchLinear | FusedDispatch, x: torch.Tensor) -> torch.T
 
 def _many(layer: DispatchLinear | FusedDispatch, x: torch.Tensor) -> torch.Tensor:
     """The many-row path on bf16 x [rows, in]: the fused GEMM or dequantize-then-dense."""
-    if layer.fused:
+    if layer.fused and len(x) < layer.dense_from:
         return layer.gemm(x, torch.empty(len(x), layer.out_features, dtype=torch.bfloat16))
     return _dense(layer, x)
 
@@ -88,7 +90,7 @@ class DispatchLinear(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module, crossover: int) -> None:
         super().__init__()
         self.inner = inner
-        self.crossover, self.fused = crossover, False
+        self.crossover, self.fused, self.dense_from = crossover, False, NEVER
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.group_size, self.bias = inner.group_size, inner.bias
         self.dense_dtype = dense_dtype()
@@ -158,7 +160,7 @@ class FusedDispatch:
         if self.shared_order and all(m.kernel is not None for m in layers):
             weights = [(m.inner.qweight, m.inner.scales_and_zeros) for m in layers]
             self.kernel = gptq_gemm.Int4Gemm(weights, self.group_size, first)
-        self.crossover, self.fused = NEVER, False
+        self.crossover, self.fused, self.dense_from = NEVER, False, NEVER
         plan(self)
 
     @staticmethod
@@ -266,14 +268,19 @@ def measure_fused(layer: DispatchLinear | FusedDispatch, rows: int = PROBE_ROWS)
 
 
 def plan(layer: DispatchLinear | FusedDispatch) -> None:
-    """Set the layer's many-row path (`fused`) and `crossover`: the overrides, else measured
-    once per process and shape."""
+    """Set the layer's many-row path (`fused`, and `dense_from`: BIG_ROWS where a fused shape
+    measures slower than dequantize-then-dense there) and `crossover`: the overrides, else
+    measured once per process and shape."""
     shape = (layer.in_features, layer.out_features, layer.group_size)
     many = os.environ.get(MANY_ENV, "auto").strip().lower()
     if (shape, many) not in _fused:
         usable = many != "dense" and gptq_gemm.available()
         _fused[(shape, many)] = usable and (many == "fused" or measure_fused(layer))
     layer.fused = _fused[(shape, many)]
+    if layer.fused and many == "auto":
+        if shape not in _dense_from:
+            _dense_from[shape] = NEVER if measure_fused(layer, BIG_ROWS) else BIG_ROWS
+        layer.dense_from = _dense_from[shape]
     override = os.environ.get(ENV, "auto").strip().lower()
     if override not in ("", "auto"):
         layer.crossover = int(override)
@@ -299,8 +306,9 @@ def install(model: torch.nn.Module) -> dict[Shape, str]:
         layer = DispatchLinear(module, NEVER)
         plan(layer)
         path = "fused" if layer.fused else "dense"
-        chosen[(layer.in_features, layer.out_features, module.group_size)] = (
-            f"{path} {layer.crossover}" if layer.crossover < NEVER else "int4 only"
-        )
+        label = f"{path} {layer.crossover}" if layer.crossover < NEVER else "int4 only"
+        if layer.fused and layer.dense_from < NEVER:
+            label += f", dense from {layer.dense_from}"
+        chosen[(layer.in_features, layer.out_features, module.group_size)] = label
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
     return chosen
