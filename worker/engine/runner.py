@@ -151,7 +151,7 @@ class PagedRunner:
         tiles: list[tuple[int, int, int, int]] = []  # first token, rows, table row, keys
 
         def add(row: int, rows: int, keys: int) -> None:  # the last `rows` tokens share `keys`
-            for first in range(len(ctx) - rows, len(ctx), native.TILE_ROWS):
+            for first in range(len(ctx) - rows, len(ctx), native.TILE_ROWS) if keys else ():
                 tiles.append((first, min(native.TILE_ROWS, len(ctx) - first), row, keys))
             key_from.extend([keys] * rows)
 
@@ -160,20 +160,14 @@ class PagedRunner:
                 rows, keys = min(native.TILE_ROWS, len(p.token_ids) - off), p.start_pos + off
                 seq_of += [k] * rows
                 ctx += range(keys + 1, keys + rows + 1)
-                if keys:
-                    add(k, rows, keys)
-                else:
-                    key_from += [0] * rows
+                add(k, rows, keys)
         for members, shared in groups:
             first_row = len(seqs)
             for i in members:
                 seq_of.append(len(seqs))
                 seqs.append(decodes[i].block_table)
                 ctx.append(decodes[i].pos + 1)
-            if shared and len(members) > 1:
-                add(first_row, len(members), shared * self.block_size)
-            else:
-                key_from += [0] * len(members)
+            add(first_row, len(members), shared * self.block_size if len(members) > 1 else 0)
         width = max(map(len, seqs))
 
         def int32(values: list) -> torch.Tensor:
