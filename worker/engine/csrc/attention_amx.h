@@ -109,8 +109,8 @@ static void amx_pv(const uint16_t *p, const uint16_t *vp, int64_t D, float *tmp,
         }
 }
 
-/* The tile pass of tile_fn's contract for bf16 q and caches, on AMX; returns -1 (nothing
- * done) when out of memory. */
+/* The tile pass of tile_fn's contract for bf16 q and caches, on AMX, in this thread's
+ * scratch buffer; returns -1 (nothing done) when out of memory. */
 static int tile_amx(const uint16_t *q, int64_t q_st, int64_t q_sh, int64_t t0, int64_t rows,
                     int64_t g, int64_t kvh, const uint16_t *kc, const uint16_t *vc,
                     int64_t head_base, const int32_t *table, int64_t keys, float *st,
@@ -118,7 +118,7 @@ static int tile_amx(const uint16_t *q, int64_t q_st, int64_t q_sh, int64_t t0, i
     const int64_t R = rows * g, Rp = (R + 15) & ~(int64_t)15;
     const size_t qb_n = Rp * D * 2, o_n = Rp * D * 4, kt_n = D * KC * 2, vp_n = KC * D * 2;
     const size_t s_n = 16 * KC * 4, p_n = 16 * KC * 2, tmp_n = 16 * D * 4, ml_n = Rp * 8;
-    char *mem = aligned_alloc(64, qb_n + o_n + kt_n + vp_n + s_n + p_n + tmp_n + ml_n + 64);
+    char *mem = thread_scratch(qb_n + o_n + kt_n + vp_n + s_n + p_n + tmp_n + ml_n + 64);
     if (!mem) return -1;
     uint16_t *qb = (uint16_t *)mem, *vp = (uint16_t *)(mem + qb_n + o_n + kt_n);
     float *o = (float *)(mem + qb_n), *s = (float *)(mem + qb_n + o_n + kt_n + vp_n);
@@ -167,6 +167,5 @@ static int tile_amx(const uint16_t *q, int64_t q_st, int64_t q_sh, int64_t t0, i
         st[st_rows + at] = l[i];
         memcpy(st + 2 * st_rows + at * D, o + i * D, D * 4);
     }
-    free(mem);
     return 0;
 }

@@ -167,19 +167,6 @@ static void micro_tail(const uint16_t *x, int64_t ldx, const void *tile, int64_t
     }
 }
 
-/* This thread's tile of at least `bytes` (64-byte aligned, kept between calls: OpenMP's
-   threads persist); NULL when out of memory. */
-static void *thread_tile(size_t bytes) {
-    static __thread void *tile;
-    static __thread size_t capacity;
-    if (capacity < bytes) {
-        free(tile);
-        tile = aligned_alloc(64, bytes);
-        capacity = tile ? bytes : 0;
-    }
-    return tile;
-}
-
 #if AMX_ROWS
 #include "gptq_amx.h"
 #endif
@@ -235,7 +222,7 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
 #pragma omp parallel num_threads(threads)
     {
         if (gather) gather_rows(x, ldx, gather, xg, M, K); /* ends in a barrier */
-        char *tiles = thread_tile((size_t)(2 * tile_bytes)); /* this task's, the next one's */
+        char *tiles = thread_scratch((size_t)(2 * tile_bytes)); /* this task's, the next one's */
         if (!tiles) {
 #pragma omp atomic write
             failed = 1;
@@ -250,10 +237,12 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
                 job[cur] = job_at(task, tiles, first, packed, sz, n, K, group, bn);
                 fill_range(&job[cur], 0, K);
             }
-            if (task + 1 < t1)
+            const fill_job *next = NULL;
+            if (task + 1 < t1) {
                 job[cur ^ 1] = job_at(task + 1, tiles + (cur ^ 1) * tile_bytes, first, packed, sz,
                                       n, K, group, bn);
-            const fill_job *next = task + 1 < t1 ? &job[cur ^ 1] : NULL;
+                next = &job[cur ^ 1];
+            }
             const void *tile = job[cur].tile;
             char *o = (char *)out + (size_t)(task * COLS) * esize;
             int64_t m = amx ? amx_rows(xs, lds, tile, K, o, ldo, M, f32out, next) : 0;

@@ -4,6 +4,7 @@
 #ifndef INFERQ_VEC_H
 #define INFERQ_VEC_H
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__)
@@ -46,6 +47,19 @@ static inline void store_row(void *base, int64_t at, vf x, int bf16) {
     }
     vh h = __builtin_convertvector(round_bf16v(x) >> 16, vh);
     memcpy((uint16_t *)base + at, &h, sizeof h);
+}
+
+/* This thread's scratch buffer of at least `bytes` (64-byte aligned, kept between calls:
+   OpenMP's threads persist; one per source file); NULL when out of memory. */
+static inline void *thread_scratch(size_t bytes) {
+    static __thread void *buf;
+    static __thread size_t capacity;
+    if (capacity < bytes) {
+        free(buf);
+        buf = aligned_alloc(64, bytes);
+        capacity = buf ? bytes : 0;
+    }
+    return buf;
 }
 
 #endif
