@@ -169,6 +169,16 @@ static void micro_tail(const uint16_t *x, int64_t ldx, const void *tile, int64_t
 
 #if AMX_ROWS
 #include "gptq_amx.h"
+#else /* no tile unit: every row on the vector micro-kernel */
+#define AMX_K 1
+static inline int amx_ready(void) { return 0; }
+static inline int64_t amx_rows(const uint16_t *x, int64_t ldx, const void *tile, int64_t K,
+                               void *out, int64_t ldo, int64_t M, int f32out,
+                               const fill_job *next) {
+    (void)x, (void)ldx, (void)tile, (void)K, (void)out, (void)ldo, (void)M, (void)f32out;
+    (void)next;
+    return 0;
+}
 #endif
 
 /* Whether this build runs packed block size bn: a task is half a block, 2 vectors wide. */
