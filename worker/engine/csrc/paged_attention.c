@@ -268,11 +268,11 @@ static inline vf krow(const float *x) { /* one transposed key row (VL keys' dime
         free(qf);                                                                              \
     }
 
-#if VL == 16 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include "attention_amx.h" /* the tile pass on AMX tiles for bf16 */
-#define AMX_ATTENTION 1
+#if VL == 16 && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include "attention_bf16.h" /* the tile pass in bf16 pairs, on AMX tiles where there are */
+#define BF16_TILES 1
 #else
-#define AMX_ATTENTION 0
+#define BF16_TILES 0
 #endif
 
 typedef void attend_fn(const void *, const int64_t[], const void *, const void *, int64_t,
@@ -340,19 +340,20 @@ int inferq_paged_attention(const void *q, int64_t q_st, int64_t q_sh, const void
     if (fn.attend == 0 || g * kv_heads != heads || bs < 1 || bs > MAX_BS) return -1;
     for (int64_t i = 0; i < n_tiles; i++)
         if (tile_rows[i] > TILE_ROWS || tile_rows[i] < 1) return -1;
-#if AMX_ATTENTION
-    const int amx = bf16 && (d == 32 || d == 64 || d == 128) && amx_ready();
+#if BF16_TILES
+    const int pairs = bf16 && (d == 32 || d == 64 || d == 128);
+    const int amx = pairs && TILE_UNIT && amx_ready();
 #endif
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < n_tiles * kv_heads; it++) {
             int64_t i = it / kv_heads, kvh = it % kv_heads;
-#if AMX_ATTENTION
-            if (amx && !tile_amx(q, q_st, q_sh, tile_first[i], tile_rows[i], g, kvh, k_cache,
-                                 v_cache, kvh * slots,
-                                 block_tables + (int64_t)tile_seq[i] * max_blocks, tile_keys[i],
-                                 state, st_rows, heads, bs, scale, d))
+#if BF16_TILES
+            if (pairs && !tile_bf16(q, q_st, q_sh, tile_first[i], tile_rows[i], g, kvh, k_cache,
+                                    v_cache, kvh * slots,
+                                    block_tables + (int64_t)tile_seq[i] * max_blocks,
+                                    tile_keys[i], state, st_rows, heads, bs, scale, d, amx))
                 continue;
 #endif
             fn.tile(q, q_st, q_sh, tile_first[i], tile_rows[i], kvh,
