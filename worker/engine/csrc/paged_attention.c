@@ -133,6 +133,12 @@ static inline vf softmax_step(vf sc, float *m, float *l, vf *acc, int nv) {
     return p;
 }
 
+/* Asks for the cache lines of `count` elements from `at` (a chunk's contiguous key rows). */
+static inline void prefetch_chunk(const void *base, int64_t at, int64_t count, int bf16) {
+    const char *p = (const char *)base + at * (bf16 ? 2 : 4);
+    for (int64_t b = 0; b < count * (bf16 ? 2 : 4); b += 64) __builtin_prefetch(p + b);
+}
+
 /* Pass 2: one (token, kv head) over keys [from, ctx), from the tile's state when from > 0. */
 #define ATTEND(NAME, NV, G)                                                                    \
     static void NAME(const void *q, const int64_t q_at[], const void *kc, const void *vc,       \
@@ -153,6 +159,12 @@ static inline vf softmax_step(vf sc, float *m, float *l, vf *acc, int nv) {
         }                                                                                      \
         for (int64_t start = from, n, first; start < ctx; start += n) {                        \
             n = chunk(table, head_base, start, ctx, bs, D, &first);                            \
+            prefetch_chunk(vc, first, n * D, bf16);                                            \
+            if (start + n < ctx) {                                                             \
+                int64_t next;                                                                  \
+                int64_t m = chunk(table, head_base, start + n, ctx, bs, D, &next);             \
+                prefetch_chunk(kc, next, m * D, bf16);                                         \
+            }                                                                                  \
             vf t[G][VL];                                                                       \
             for (int64_t x = 0; x < VL; x++) {                                                 \
                 vf k[NV];                                                                      \
