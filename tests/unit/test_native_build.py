@@ -4,6 +4,7 @@ compile would leave that kind on the slow torch path with every native test skip
 
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,3 +33,8 @@ def test_kernels_compile_for(march: str, tmp_path: Path) -> None:
 @pytest.mark.skipif(CC is None, reason="no C compiler here")
 def test_library_builds_here() -> None:
     assert native.library() is not None
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="not glibc")
+def test_keep_heap_takes_on_glibc() -> None:
+    assert native.keep_heap()

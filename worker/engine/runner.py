@@ -70,6 +70,8 @@ class PagedRunner:
         self.native = use_native and native.supports(
             self.dtype, device, head_dim, group, block_size
         )
+        if self.native:
+            native.keep_heap()
         self.lean = (
             LeanLlama(self.model) if self.native and LeanLlama.supports(self.model) else None
         )
