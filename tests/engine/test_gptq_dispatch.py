@@ -80,18 +80,20 @@ def _close_to_product(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) 
 def test_fused_gemm_multiplies_by_the_int4_kernels_weight(
     k: int, n: int, dtype: torch.dtype
 ) -> None:
-    """x @ W^T with W the int4 kernel's weights, for row counts on and off the micro-kernel's
+    """x @ W^T with W the int4 kernel's weights (below GEMV_ROWS rows, straight from the codes:
+    those weights before their bf16 rounding), for row counts on and off the micro-kernel's
     blocking, into a column slice of a wider buffer."""
     assert gptq_gemm.available(), "no C compiler, or a packed layout the kernel does not run"
-    packed, sz, want = _packed(k, n)
+    packed, sz, rounded = _packed(k, n)
+    exact = gptq_dequant.dequantize(packed, sz, GROUP, torch.empty(k, n))
     gemm = gptq_gemm.Int4Gemm([(packed, sz)], GROUP)
     gen = torch.Generator().manual_seed(2)
-    for rows in (1, 5, 13, 45, 128):  # 45: 32 on AMX tiles where there are, 13 more
+    for rows in (1, 2, 3, 5, 13, 45, 128):  # 1-3: straight from the codes; 45: 32 on AMX tiles
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         wide = torch.full((rows, n + 96), float("nan"), dtype=dtype)
         got = gemm(x, wide[:, 32 : 32 + n])
         assert wide[:, :32].isnan().all() and wide[:, 32 + n :].isnan().all()
-        assert _close_to_product(got, x, want)
+        assert _close_to_product(got, x, exact if rows < gptq_gemm.GEMV_ROWS else rounded)
 
 
 def test_fused_gemm_runs_linears_side_by_side_with_their_act_order() -> None:
@@ -103,10 +105,15 @@ def test_fused_gemm_runs_linears_side_by_side_with_their_act_order() -> None:
     gemm = gptq_gemm.Int4Gemm([(p, sz) for p, sz, _ in parts], GROUP, order)
     assert gemm.out_features == sum(outs)
     weight = torch.cat([w for _, _, w in parts], dim=1)  # packed row j meets input order[j]
+    exact = [
+        gptq_dequant.dequantize(p, sz, GROUP, torch.empty(k, w.shape[1])) for p, sz, w in parts
+    ]
     wide = torch.randn(37, k + 8, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    for rows, w in ((1, torch.cat(exact, dim=1)), (37, weight)):  # from the codes; tiles
+        x = wide[:rows, 8:]
+        got = gemm(x, torch.empty(rows, sum(outs), dtype=torch.bfloat16))
+        assert _close_to_product(got, x[:, order.long()], w)
     x = wide[:, 8:]
-    got = gemm(x, torch.empty(37, sum(outs), dtype=torch.bfloat16))
-    assert _close_to_product(got, x[:, order.long()], weight)
     assert torch.equal(gptq_gemm.gather_columns(x, order), x[:, order.long()])
 
 
@@ -167,21 +174,25 @@ def test_routing_by_rows(
     calls: list[str] = []
     monkeypatch.setattr(layer, "crossover", 64)
     monkeypatch.setattr(layer, "fused", fused)
+    monkeypatch.setattr(layer, "gemv_below", 0)
     dense_weight, gemm, int4 = layer.dense_weight, layer.gemm, layer.int4
     monkeypatch.setattr(layer, "dense_weight", lambda: calls.append("dense") or dense_weight())
     monkeypatch.setattr(layer, "gemm", lambda x, out: calls.append("fused") or gemm(x, out))
     monkeypatch.setattr(layer, "int4", lambda x: calls.append(f"int4 {len(x)}") or int4(x))
+
+    def route(*shape: int) -> list[str]:
+        calls.clear()
+        out = layer(torch.randn(*shape, layer.in_features, dtype=torch.bfloat16))
+        assert out.shape == (*shape, layer.out_features)
+        return calls[:]
+
     with torch.inference_mode():
-        layer(torch.randn(1, layer.in_features, dtype=torch.bfloat16))
-        layer(torch.randn(1, 63, layer.in_features, dtype=torch.bfloat16))
-        assert calls == ["int4 1", "int4 63"]
-        out = layer(torch.randn(4, 16, layer.in_features, dtype=torch.bfloat16))
-        assert calls[2:] == ["fused" if fused else "dense"]
-        assert out.shape == (4, 16, layer.out_features)
+        assert route(1) + route(1, 63) == ["int4 1", "int4 63"]
+        assert route(4, 16) == ["fused" if fused else "dense"]
+        monkeypatch.setattr(layer, "gemv_below", 4)  # where the codes' GEMV measured faster
+        assert route(3) + route(4) == ["fused", "int4 4"]
         monkeypatch.setattr(layer, "dense_from", 100)  # a fused shape's dense range (AMX)
-        layer(torch.randn(99, layer.in_features, dtype=torch.bfloat16))
-        layer(torch.randn(100, layer.in_features, dtype=torch.bfloat16))
-        assert calls[3:] == ["fused", "dense"] if fused else ["dense", "dense"]
+        assert route(99) + route(100) == (["fused", "dense"] if fused else ["dense", "dense"])
 
 
 @pytest.mark.model
@@ -191,7 +202,8 @@ def test_measured_crossover_is_int4_at_one_row(
     """int4 wins at 1 row by 10x or more over dequantize-then-dense (whether dense wins at 512
     by 2x, as it does on an idle CPU, is left to the benchmark: an oversubscribed CPU slows the
     dense matmul most). (The fused GEMM at 1 row is within 1.5x of int4, too close for a noisy
-    CPU to order: the load-time ladder starts at 8 rows, so one row always takes int4.)"""
+    CPU to order: the load-time ladder starts at 8 rows, so one row takes int4 unless the
+    fused GEMM's path straight from the codes measures faster there: `gemv_below`.)"""
     layer = gptq_engine.runner.model.get_submodule("model.layers.0.self_attn.o_proj")
     monkeypatch.setattr(layer, "fused", False)
     assert measure_crossover(layer, ladder=(1, 512)) > 1

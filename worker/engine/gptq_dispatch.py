@@ -39,6 +39,7 @@ Shape = tuple[int, int, int]  # in, out, group
 _crossovers: dict[tuple[Shape, bool], int] = {}  # by shape and many-row path
 _fused: dict[tuple[Shape, str], bool] = {}  # by shape and INFERQ_GPTQ_MANY
 _dense_from: dict[Shape, int] = {}  # where a fused shape turns to dequantize-then-dense
+_gemv: dict[tuple[Shape, str], bool] = {}  # by shape and INFERQ_GPTQ_MANY: few rows fused
 _local = threading.local()  # per thread: engines stepped on two threads must not share
 
 
@@ -64,7 +65,12 @@ def _dispatch(layer: DispatchLinear | FusedDispatch, x: torch.Tensor) -> torch.T
     path."""
     rows = x.numel() // layer.in_features
     flat = x.reshape(rows, layer.in_features)
-    out = layer.int4(flat) if rows < layer.crossover else _many(layer, flat)
+    if rows >= layer.crossover:
+        out = _many(layer, flat)
+    elif rows < layer.gemv_below:
+        out = layer.gemm(flat, torch.empty(rows, layer.out_features, dtype=torch.bfloat16))
+    else:
+        out = layer.int4(flat)
     if layer.bias is not None:
         out += layer.bias
     return out.view(*x.shape[:-1], layer.out_features)
@@ -91,6 +97,7 @@ class DispatchLinear(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.crossover, self.fused, self.dense_from = crossover, False, NEVER
+        self.gemv_below = 0  # fewer rows run the fused GEMM straight from the codes
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.group_size, self.bias = inner.group_size, inner.bias
         self.dense_dtype = dense_dtype()
@@ -161,6 +168,7 @@ class FusedDispatch:
             weights = [(m.inner.qweight, m.inner.scales_and_zeros) for m in layers]
             self.kernel = gptq_gemm.Int4Gemm(weights, self.group_size, first)
         self.crossover, self.fused, self.dense_from = NEVER, False, NEVER
+        self.gemv_below = 0
         plan(self)
 
     @staticmethod
@@ -267,12 +275,27 @@ def measure_fused(layer: DispatchLinear | FusedDispatch, rows: int = PROBE_ROWS)
     return fused < dense
 
 
+@torch.inference_mode()
+def measure_gemv(layer: DispatchLinear | FusedDispatch) -> bool:
+    """Whether the fused GEMM (straight from the codes at so few rows) beats the int4 kernel
+    at one row, with its act-order gather and (fused linears) its per-linear calls."""
+    x = torch.randn(1, layer.in_features, dtype=torch.bfloat16)
+    out = torch.empty(1, layer.out_features, dtype=torch.bfloat16)
+    int4, gemv = _best_us((lambda: layer.int4(x), lambda: layer.gemm(x, out)), repeat=20)
+    return gemv < int4
+
+
 def plan(layer: DispatchLinear | FusedDispatch) -> None:
     """Set the layer's many-row path (`fused`, and `dense_from`: BIG_ROWS where a fused shape
-    measures slower than dequantize-then-dense there) and `crossover`: the overrides, else
-    measured once per process and shape."""
+    measures slower than dequantize-then-dense there), `crossover`, and `gemv_below`: the rows
+    below which the fused GEMM runs instead of int4 (GEMV_ROWS where it measures faster at one
+    row); the overrides, else measured once per process and shape."""
     shape = (layer.in_features, layer.out_features, layer.group_size)
     many = os.environ.get(MANY_ENV, "auto").strip().lower()
+    if (shape, many) not in _gemv:
+        usable = many != "dense" and gptq_gemm.available()
+        _gemv[(shape, many)] = usable and (many == "fused" or measure_gemv(layer))
+    layer.gemv_below = gptq_gemm.GEMV_ROWS if _gemv[(shape, many)] else 0
     if (shape, many) not in _fused:
         usable = many != "dense" and gptq_gemm.available()
         _fused[(shape, many)] = usable and (many == "fused" or measure_fused(layer))
@@ -295,7 +318,8 @@ def plan(layer: DispatchLinear | FusedDispatch) -> None:
 
 def install(model: torch.nn.Module) -> dict[Shape, str]:
     """Wrap every eligible GPTQ linear of `model` (in place); returns the plan per (in, out,
-    group) shape ("fused 32": the fused GEMM from 32 rows). A no-op with
+    group) shape ("fused 32": the fused GEMM from 32 rows; "fused below 4": and below 4 rows,
+    straight from the codes). A no-op with
     INFERQ_GPTQ_CROSSOVER=off."""
     if os.environ.get(ENV, "").strip().lower() == "off":
         return {}
@@ -309,6 +333,8 @@ def install(model: torch.nn.Module) -> dict[Shape, str]:
         label = f"{path} {layer.crossover}" if layer.crossover < NEVER else "int4 only"
         if layer.fused and layer.dense_from < NEVER:
             label += f", dense from {layer.dense_from}"
+        if layer.gemv_below:
+            label += f"; fused below {layer.gemv_below}"
         chosen[(layer.in_features, layer.out_features, module.group_size)] = label
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
     return chosen

@@ -33,6 +33,11 @@
 #endif
 
 static inline vf splat(float f) { return (vf){0} + f; }
+static inline float hsum_f(vf v) {
+    float t = 0.0f;
+    for (int i = 0; i < VL; i++) t += v[i];
+    return t;
+}
 static inline float bf16_f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -167,6 +172,90 @@ static void micro_tail(const uint16_t *x, int64_t ldx, const void *tile, int64_t
     }
 }
 
+/* Rows of x (a constant below GEMV_ROWS once inlined) times a whole packed block (both
+ * nibbles: 2 COLS columns, job `j` its first half) straight from the codes, no tile: for
+ * decode at low concurrency, where a tile would be filled for one row. Per group,
+ * sum(code * x) accumulates apart and turns into sum(w * x) = s * it + o8 * sum(x) at the
+ * group's end (w = s * code + o8 exactly, not rounded to bf16). With AVX-512 BF16 the codes of
+ * inputs k, k+1 become bf16 pairs (small integers: exact) for vdpbf16ps by a table lookup;
+ * elsewhere fp32 FMAs. */
+#define GEMV_ROWS 4
+#define BV 4 /* vectors a block: 2 per nibble */
+#if PAIRS
+/* Both nibbles' codes of 16 columns at inputs k (bytes r0) and k + 1 (r1) as bf16 pairs. */
+static inline void code_pairs(const uint8_t *r0, const uint8_t *r1, __m512bh *lo, __m512bh *hi) {
+    const __m512i lut = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170,
+                                         0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
+                                         0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80,
+                                         0); /* bf16(v) at lane v < 16 */
+    const __m128i a = _mm_loadu_si128((const __m128i *)r0), b = _mm_loadu_si128((const __m128i *)r1);
+    const __m512i c = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(a, b),
+                                                            _mm_unpacklo_epi8(a, b)));
+    *lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(c, _mm512_set1_epi16(15)), lut);
+    *hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(c, 4), lut);
+}
+#endif
+
+static inline __attribute__((always_inline)) void gemv(const fill_job *j, const uint16_t *x,
+                                                       int64_t ldx, void *out, int64_t ldo,
+                                                       int rows, int f32out) {
+    const int64_t K = j->K, N = j->N, group = j->group, half = j->bn / 2, c0 = j->b * j->bn;
+    const uint8_t *packed = j->packed + j->b * K * half;
+    vf acc[GEMV_ROWS][BV];
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < BV; v++) acc[r][v] = splat(0.0f);
+    for (int64_t k0 = 0; k0 < K; k0 += group) {
+        vf s[BV], o8[BV], g[GEMV_ROWS][BV];
+        for (int v = 0; v < BV; v++) {
+            group_vectors(j->sz + (k0 / group) * N + c0 + v * VL, &s[v], &o8[v]);
+            for (int r = 0; r < rows; r++) g[r][v] = splat(0.0f);
+        }
+        for (int64_t k = k0; k < k0 + group; k += 2) {
+            const uint8_t *p = packed + k * half;
+            for (int q = 0; q < 2; q++) { /* vectors q (low nibbles) and 2 + q (high) */
+#if PAIRS
+                __m512bh w[2];
+                code_pairs(p + q * VL, p + half + q * VL, &w[0], &w[1]);
+                for (int r = 0; r < rows; r++) {
+                    int32_t two;
+                    memcpy(&two, x + r * ldx + k, 4);
+                    const __m512bh xb = (__m512bh)_mm512_set1_epi32(two);
+                    for (int h = 0; h < 2; h++)
+                        g[r][2 * h + q] = (vf)_mm512_dpbf16_ps((__m512)g[r][2 * h + q], xb, w[h]);
+                }
+#else
+                for (int h = 0; h < 2; h++) {
+                    const vf w0 = weights(p + q * VL, 4 * h, splat(1.0f), splat(0.0f));
+                    const vf w1 = weights(p + half + q * VL, 4 * h, splat(1.0f), splat(0.0f));
+                    for (int r = 0; r < rows; r++)
+                        g[r][2 * h + q] += splat(bf16_f(x[r * ldx + k])) * w0 +
+                                           splat(bf16_f(x[r * ldx + k + 1])) * w1;
+                }
+#endif
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            vf xs = splat(0.0f);
+            for (int64_t k = k0; k + VL <= k0 + group; k += VL) xs += load_row(x, r * ldx + k, 1);
+            float sum = hsum_f(xs);
+            for (int64_t k = k0 + group / VL * VL; k < k0 + group; k++) sum += bf16_f(x[r * ldx + k]);
+            for (int v = 0; v < BV; v++) acc[r][v] += g[r][v] * s[v] + sum * o8[v];
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < BV; v++) store_row(out, r * ldo + v * VL, acc[r][v], !f32out);
+}
+
+static void gemv_rows(const fill_job *j, const uint16_t *x, int64_t ldx, void *out, int64_t ldo,
+                      int rows, int f32out) {
+    switch (rows) {
+        case 1: gemv(j, x, ldx, out, ldo, 1, f32out); break;
+        case 2: gemv(j, x, ldx, out, ldo, 2, f32out); break;
+        case 3: gemv(j, x, ldx, out, ldo, 3, f32out); break;
+        default: break;
+    }
+}
+
 #if AMX_ROWS
 #include "gptq_amx.h"
 #else /* no tile unit: every row on the vector micro-kernel */
@@ -240,8 +329,18 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
         /* contiguous tasks per thread (as schedule(static)): the next tile is known */
         const int64_t total = first[layers], nt = omp_get_num_threads();
         const int64_t per = (total + nt - 1) / nt, t0 = omp_get_thread_num() * per;
-        const int64_t t1 = tiles ? (t0 + per < total ? t0 + per : total) : t0;
+        int64_t t1 = tiles ? (t0 + per < total ? t0 + per : total) : t0;
         fill_job job[2];
+        if (M < GEMV_ROWS) { /* straight from the codes, a whole block (2 tasks) at a time */
+            const int64_t blocks = total / 2, bper = (blocks + nt - 1) / nt;
+            const int64_t b0 = omp_get_thread_num() * bper, b1 = b0 + bper < blocks ? b0 + bper : blocks;
+            for (int64_t blk = b0; blk < b1; blk++) {
+                job[0] = job_at(2 * blk, NULL, first, packed, sz, n, K, group, bn);
+                gemv_rows(&job[0], xs, lds, (char *)out + (size_t)(2 * blk * COLS) * esize, ldo,
+                          (int)M, f32out);
+            }
+            t1 = t0;
+        }
         for (int64_t task = t0, cur = 0; task < t1; task++, cur ^= 1) {
             if (task == t0) {
                 job[cur] = job_at(task, tiles, first, packed, sz, n, K, group, bn);
