@@ -218,7 +218,7 @@ SPEED_VARIANTS = (  # name, model, dtype, INFERQ_GPTQ_CROSSOVER
 
 def speed_rows(args: argparse.Namespace, jobs: list[eb.Job], shareable: int) -> list[str]:
     """Engine speed only, SPEED_VARIANTS alternated `args.rounds` times; GPTQ / bf16 ratios."""
-    from worker.engine import gptq_dispatch
+    from worker.engine import gptq_dispatch, gptq_gemm
 
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs)
     lines = ["| round | variant | engine out tok/s | engine batch-1 decode tok/s |",
@@ -244,6 +244,9 @@ def speed_rows(args: argparse.Namespace, jobs: list[eb.Job], shareable: int) -> 
     lines.append("- many-row path (rows from which it runs): "
                  + ", ".join(f"{k}->{n}: {'fused' if f else 'dense'} {c}"
                              for ((k, n, _), f), c in found))  # fmt: skip
+    gemv = sorted(f"{k}->{n}" for ((k, n, _), _), on in gptq_dispatch._gemv.items() if on)
+    lines.append(f"- fused GEMM below {gptq_gemm.GEMV_ROWS} rows (straight from the codes): "
+                 + (", ".join(gemv) or "none"))  # fmt: skip
     return lines
 
 

@@ -33,11 +33,6 @@
 #endif
 
 static inline vf splat(float f) { return (vf){0} + f; }
-static inline float hsum_f(vf v) {
-    float t = 0.0f;
-    for (int i = 0; i < VL; i++) t += v[i];
-    return t;
-}
 static inline float bf16_f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -237,7 +232,7 @@ static inline __attribute__((always_inline)) void gemv(const fill_job *j, const 
         for (int r = 0; r < rows; r++) {
             vf xs = splat(0.0f);
             for (int64_t k = k0; k + VL <= k0 + group; k += VL) xs += load_row(x, r * ldx + k, 1);
-            float sum = hsum_f(xs);
+            float sum = hsum(xs);
             for (int64_t k = k0 + group / VL * VL; k < k0 + group; k++) sum += bf16_f(x[r * ldx + k]);
             for (int v = 0; v < BV; v++) acc[r][v] += g[r][v] * s[v] + sum * o8[v];
         }

@@ -61,12 +61,6 @@ static inline vf sumv(const vf t[VL]) {
 #endif
 }
 
-static inline float hsum(vf x) {
-    float s = 0.0f;
-    for (int i = 0; i < VL; i++) s += x[i];
-    return s;
-}
-
 static inline float hmax(vf x) {
     float m = x[0];
     for (int i = 1; i < VL; i++) m = x[i] > m ? x[i] : m;

@@ -18,6 +18,13 @@ typedef int32_t vi __attribute__((vector_size(4 * VL)));
 typedef uint32_t vu __attribute__((vector_size(4 * VL)));
 typedef uint16_t vh __attribute__((vector_size(2 * VL)));
 
+/* The sum of x's lanes. */
+static inline float hsum(vf x) {
+    float s = 0.0f;
+    for (int i = 0; i < VL; i++) s += x[i];
+    return s;
+}
+
 /* x rounded to bf16 (nearest even; x finite), as the upper halves of the lanes' bits. */
 static inline vu round_bf16v(vf x) {
     vu u;
