@@ -15,7 +15,7 @@ from worker.engine import native
 from worker.engine.gptq_dequant import block_n
 
 MAX_LAYERS = 16  # linears one call takes (csrc/gptq_gemm.c)
-GEMV_ROWS = 4  # fewer rows go straight from the codes, no tiles (csrc/gptq_gemm.c)
+GEMV_ROWS = 8  # fewer rows go straight from the codes, no tiles (csrc/gptq_gemm.c)
 
 
 def available() -> bool:

@@ -169,12 +169,12 @@ static void micro_tail(const uint16_t *x, int64_t ldx, const void *tile, int64_t
 
 /* Rows of x (a constant below GEMV_ROWS once inlined) times a whole packed block (both
  * nibbles: 2 COLS columns, job `j` its first half) straight from the codes, no tile: for
- * decode at low concurrency, where a tile would be filled for one row. Per group,
+ * decode at low concurrency, where a tile would be filled for a few rows. Per group,
  * sum(code * x) accumulates apart and turns into sum(w * x) = s * it + o8 * sum(x) at the
  * group's end (w = s * code + o8 exactly, not rounded to bf16). With AVX-512 BF16 the codes of
  * inputs k, k+1 become bf16 pairs (small integers: exact) for vdpbf16ps by a table lookup;
  * elsewhere fp32 FMAs. */
-#define GEMV_ROWS 4
+#define GEMV_ROWS 8 /* 1-7 rows (up to 7 rows x 4 vectors of group sums in registers) */
 #define BV 4 /* vectors a block: 2 per nibble */
 #if PAIRS
 /* Both nibbles' codes of 16 columns at inputs k (bytes r0) and k + 1 (r1) as bf16 pairs. */
@@ -244,10 +244,11 @@ static inline __attribute__((always_inline)) void gemv(const fill_job *j, const 
 static void gemv_rows(const fill_job *j, const uint16_t *x, int64_t ldx, void *out, int64_t ldo,
                       int rows, int f32out) {
     switch (rows) {
-        case 1: gemv(j, x, ldx, out, ldo, 1, f32out); break;
-        case 2: gemv(j, x, ldx, out, ldo, 2, f32out); break;
-        case 3: gemv(j, x, ldx, out, ldo, 3, f32out); break;
-        default: break;
+#define ROWS(n) \
+    case n: gemv(j, x, ldx, out, ldo, n, f32out); break;
+        ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7)
+#undef ROWS
+    default: break;
     }
 }
 
