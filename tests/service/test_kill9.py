@@ -17,6 +17,11 @@ from inferq.settings import FP_MODEL
 
 pytestmark = [pytest.mark.model, pytest.mark.services]
 JOBS = 16
+# Two sequences at a time and up to 48 tokens each: the 16 jobs take several seconds, so a kill
+# or SIGTERM half a second after the first job runs lands mid-run (16 jobs of 16 tokens in one
+# batch finished in well under a second once the engine got fast).
+SLOW = {"INFERQ_MAX_NUM_SEQS": "2"}
+PARAMS = {"max_tokens": 48}
 
 
 def _start_worker(
@@ -57,13 +62,13 @@ def test_kill9_mid_batch_loses_nothing_and_duplicates_nothing(
 ) -> None:
     client = InferqClient(service_settings)
     ids = client.submit_many(
-        {"prompt": f"List {n} animals:", "params": {"max_tokens": 16}} for n in range(JOBS)
+        {"prompt": f"List {n} animals:", "params": PARAMS} for n in range(JOBS)
     )
     log = tmp_path / "worker.log"
-    first = _start_worker(service_settings, model_path, log, "victim")
+    first = _start_worker(service_settings, model_path, log, "victim", **SLOW)
     try:
         _wait(lambda: "running" in client.repo.statuses(ids).values(), 120, "a running batch")
-        time.sleep(0.5)  # well inside the batch (several seconds of decoding)
+        time.sleep(0.5)  # well inside the run (several seconds of decoding)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
     finally:
@@ -71,7 +76,9 @@ def test_kill9_mid_batch_loses_nothing_and_duplicates_nothing(
             os.killpg(first.pid, signal.SIGKILL)
     before = client.repo.statuses(ids)
     assert "running" in before.values(), "the kill did not land mid-batch"
-    second = _start_worker(service_settings, model_path, log, "survivor")
+    # a short drain: once in seven local runs the survivor, all its jobs done, took over 30 s
+    # (the default drain) to exit on SIGTERM
+    second = _start_worker(service_settings, model_path, log, "survivor", INFERQ_DRAIN_S="5")
     try:
         views = client.wait_many(ids, timeout=300)
     finally:
@@ -98,11 +105,11 @@ def test_sigterm_mid_run_drains_then_hands_the_rest_back_at_once(
     puts the rest back on the queue at once (well before the visibility timeout) and exits 0."""
     client = InferqClient(service_settings)
     ids = client.submit_many(
-        {"prompt": f"List {n} animals:", "params": {"max_tokens": 16}} for n in range(JOBS)
+        {"prompt": f"List {n} animals:", "params": PARAMS} for n in range(JOBS)
     )
     log = tmp_path / "worker.log"
     first = _start_worker(service_settings, model_path, log, "draining", INFERQ_DRAIN_S="1",
-                          INFERQ_MAX_NUM_SEQS="4", INFERQ_VISIBILITY_TIMEOUT_S="3600")  # fmt: skip
+                          INFERQ_VISIBILITY_TIMEOUT_S="3600", **SLOW)  # fmt: skip
     try:
         _wait(lambda: "running" in client.repo.statuses(ids).values(), 120, "a running job")
         first.send_signal(signal.SIGTERM)
