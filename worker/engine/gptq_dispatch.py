@@ -292,12 +292,11 @@ def plan(layer: DispatchLinear | FusedDispatch) -> None:
     row); the overrides, else measured once per process and shape."""
     shape = (layer.in_features, layer.out_features, layer.group_size)
     many = os.environ.get(MANY_ENV, "auto").strip().lower()
+    usable = many != "dense" and gptq_gemm.available()
     if (shape, many) not in _gemv:
-        usable = many != "dense" and gptq_gemm.available()
         _gemv[(shape, many)] = usable and (many == "fused" or measure_gemv(layer))
     layer.gemv_below = gptq_gemm.GEMV_ROWS if _gemv[(shape, many)] else 0
     if (shape, many) not in _fused:
-        usable = many != "dense" and gptq_gemm.available()
         _fused[(shape, many)] = usable and (many == "fused" or measure_fused(layer))
     layer.fused = _fused[(shape, many)]
     if layer.fused and many == "auto":
@@ -318,7 +317,7 @@ def plan(layer: DispatchLinear | FusedDispatch) -> None:
 
 def install(model: torch.nn.Module) -> dict[Shape, str]:
     """Wrap every eligible GPTQ linear of `model` (in place); returns the plan per (in, out,
-    group) shape ("fused 32": the fused GEMM from 32 rows; "fused below 4": and below 4 rows,
+    group) shape ("fused 32": the fused GEMM from 32 rows; "fused below 8": and below 8 rows,
     straight from the codes). A no-op with
     INFERQ_GPTQ_CROSSOVER=off."""
     if os.environ.get(ENV, "").strip().lower() == "off":
