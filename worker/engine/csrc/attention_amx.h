@@ -31,9 +31,8 @@ static void amx_scores(const uint16_t *qb, const uint32_t *kt, int64_t D, float 
     _tile_stored(3, s + 48, KC * 4);
 }
 
-/* O[16 rows][D] (fp32) = O * corr + P V on tiles, P the block's bf16 weights [16][KC]. */
-static void amx_pv(const uint16_t *p, const uint16_t *vp, int64_t D, float *tmp, float *o,
-                   const float *corr, int live) {
+/* tmp[16 rows][D] (fp32) = P V on tiles, P the block's bf16 weights [16][KC]. */
+static void amx_pv(const uint16_t *p, const uint16_t *vp, int64_t D, float *tmp) {
     for (int64_t cg = 0; cg < D / 16; cg += 4) {
         const int64_t nc = D / 16 - cg < 4 ? D / 16 - cg : 4;
         _tile_zero(0);
@@ -53,12 +52,4 @@ static void amx_pv(const uint16_t *p, const uint16_t *vp, int64_t D, float *tmp,
         if (nc > 2) _tile_stored(2, tmp + cg * 16 + 32, D * 4);
         if (nc > 3) _tile_stored(3, tmp + cg * 16 + 48, D * 4);
     }
-    for (int i = 0; i < live; i++)
-        for (int64_t c = 0; c < D; c += VL) {
-            vf a, t;
-            memcpy(&a, o + i * D + c, sizeof a);
-            memcpy(&t, tmp + i * D + c, sizeof t);
-            a = a * corr[i] + t;
-            memcpy(o + i * D + c, &a, sizeof a);
-        }
 }

@@ -100,9 +100,9 @@ static void vec_scores(const uint16_t *qb, const uint32_t *kt, int64_t D, float 
     for (int r = 0; r < live; r += 4) dot4_rows(qb + r * D, D, kt, D / 2, KC, s + r * KC, KC, 4);
 }
 
-/* O[16 rows][D] (fp32) = O * corr + P V on vectors, P the block's bf16 weights [16][KC]. */
-static void vec_pv(const uint16_t *p, const uint16_t *vp, int64_t D, float *tmp, float *o,
-                   const float *corr, int live) {
+/* tmp[16 rows][D] (fp32) = P V on vectors, P the block's bf16 weights [16][KC]; rows past
+ * `live` (up to a multiple of 4) are computed too, and unused. */
+static void vec_pv(const uint16_t *p, const uint16_t *vp, int64_t D, float *tmp, int live) {
     const uint32_t *v2 = (const uint32_t *)vp;
     for (int r = 0; r < live; r += 4)
         if (D == 2 * VL)
@@ -110,6 +110,10 @@ static void vec_pv(const uint16_t *p, const uint16_t *vp, int64_t D, float *tmp,
         else
             for (int64_t c0 = 0; c0 < D; c0 += 4 * VL)
                 dot4_rows(p + r * KC, KC, v2 + c0, KC / 2, D, tmp + r * D + c0, D, 4);
+}
+
+/* o[i] = o[i] * corr[i] + tmp[i] for the block's live rows (D fp32 each). */
+static void rescale_add(float *o, const float *tmp, const float *corr, int live, int64_t D) {
     for (int i = 0; i < live; i++)
         for (int64_t c = 0; c < D; c += VL) {
             vf a, t;
@@ -174,10 +178,11 @@ static int tile_bf16(const uint16_t *q, int64_t q_st, int64_t q_sh, int64_t t0, 
                 corr[i] = softmax_row_bf16(s + i * KC, n, scale, &m[b + i], &l[b + i], p + i * KC);
 #if TILE_UNIT
             if (amx)
-                amx_pv(p, vp, D, tmp, o + b * D, corr, live);
+                amx_pv(p, vp, D, tmp);
             else
 #endif
-                vec_pv(p, vp, D, tmp, o + b * D, corr, live);
+                vec_pv(p, vp, D, tmp, live);
+            rescale_add(o + b * D, tmp, corr, live, D);
         }
     }
     for (int64_t i = 0; i < R; i++) {
