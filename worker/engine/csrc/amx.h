@@ -1,8 +1,12 @@
 /* AMX tiles (Sapphire Rapids and later) for the kernels that use them: every tile 16 rows of
- * 64 bytes (16 fp32 accumulators, 32 bf16 inputs or 16 bf16 pairs). Included where the
- * compiler targets AMX-BF16 (-march=native on such a CPU). */
+ * 64 bytes (16 fp32 accumulators, 32 bf16 inputs or 16 bf16 pairs). Where the compiler does
+ * not target AMX-BF16 (-march=native on a CPU without it), amx_ready() is 0 and nothing else
+ * is defined. */
 #ifndef INFERQ_AMX_H
 #define INFERQ_AMX_H
+#if !(defined(__AMX_TILE__) && defined(__AMX_BF16__))
+static inline int amx_ready(void) { return 0; }
+#else
 #include <immintrin.h>
 #include <stdint.h>
 #include <sys/syscall.h>
@@ -30,4 +34,5 @@ static inline void amx_configure(void) {
     _tile_loadconfig(&cfg);
 }
 
+#endif
 #endif

@@ -9,6 +9,8 @@
  */
 #include <immintrin.h>
 
+#include "amx.h" /* amx_ready */
+
 #define KC 64 /* keys a chunk */
 
 /* Keys [start, start + n) of one kv head as the two pair layouts: kt[D/2][KC] (dimension
@@ -129,7 +131,6 @@ static void rescale_add(float *o, const float *tmp, const float *corr, int live,
 #define TILE_UNIT 1
 #else
 #define TILE_UNIT 0
-static inline int amx_ready(void) { return 0; }
 #endif
 
 /* The tile pass of tile_fn's contract for bf16 q and caches, on AMX tiles (`amx`) or

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "amx.h"
 #include "vec.h"
 #define COLS (2 * VL) /* a task's output columns: the micro-kernel's 2 vectors a row */
 
@@ -256,7 +257,6 @@ static void gemv_rows(const fill_job *j, const uint16_t *x, int64_t ldx, void *o
 #include "gptq_amx.h"
 #else /* no tile unit: every row on the vector micro-kernel */
 #define AMX_K 1
-static inline int amx_ready(void) { return 0; }
 static inline int64_t amx_rows(const uint16_t *x, int64_t ldx, const void *tile, int64_t K,
                                void *out, int64_t ldo, int64_t M, int f32out,
                                const fill_job *next) {
