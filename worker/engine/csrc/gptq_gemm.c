@@ -317,46 +317,47 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
 #pragma omp parallel num_threads(threads)
     {
         if (gather) gather_rows(x, ldx, gather, xg, M, K); /* ends in a barrier */
-        char *tiles = thread_scratch((size_t)(2 * tile_bytes)); /* this task's, the next one's */
-        if (!tiles) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        /* contiguous tasks per thread (as schedule(static)): the next tile is known */
-        const int64_t total = first[layers], nt = omp_get_num_threads();
-        const int64_t per = (total + nt - 1) / nt, t0 = omp_get_thread_num() * per;
-        int64_t t1 = tiles ? (t0 + per < total ? t0 + per : total) : t0;
-        fill_job job[2];
+        const int64_t total = first[layers], nt = omp_get_num_threads(), me = omp_get_thread_num();
         if (M < GEMV_ROWS) { /* straight from the codes, a whole block (2 tasks) at a time */
-            const int64_t blocks = total / 2, bper = (blocks + nt - 1) / nt;
-            const int64_t b0 = omp_get_thread_num() * bper, b1 = b0 + bper < blocks ? b0 + bper : blocks;
-            for (int64_t blk = b0; blk < b1; blk++) {
-                job[0] = job_at(2 * blk, NULL, first, packed, sz, n, K, group, bn);
-                gemv_rows(&job[0], xs, lds, (char *)out + (size_t)(2 * blk * COLS) * esize, ldo,
+            const int64_t blocks = total / 2, per = (blocks + nt - 1) / nt;
+            const int64_t b1 = (me + 1) * per < blocks ? (me + 1) * per : blocks;
+            for (int64_t blk = me * per; blk < b1; blk++) {
+                const fill_job job = job_at(2 * blk, NULL, first, packed, sz, n, K, group, bn);
+                gemv_rows(&job, xs, lds, (char *)out + (size_t)(2 * blk * COLS) * esize, ldo,
                           (int)M, f32out);
             }
-            t1 = t0;
-        }
-        for (int64_t task = t0, cur = 0; task < t1; task++, cur ^= 1) {
-            if (task == t0) {
-                job[cur] = job_at(task, tiles, first, packed, sz, n, K, group, bn);
-                fill_range(&job[cur], 0, K);
+        } else {
+            char *tiles = thread_scratch((size_t)(2 * tile_bytes)); /* this task's, the next */
+            if (!tiles) {
+#pragma omp atomic write
+                failed = 1;
             }
-            const fill_job *next = NULL;
-            if (task + 1 < t1) {
-                job[cur ^ 1] = job_at(task + 1, tiles + (cur ^ 1) * tile_bytes, first, packed, sz,
-                                      n, K, group, bn);
-                next = &job[cur ^ 1];
+            /* contiguous tasks per thread (as schedule(static)): the next tile is known */
+            const int64_t per = (total + nt - 1) / nt, t0 = me * per;
+            const int64_t t1 = tiles ? (t0 + per < total ? t0 + per : total) : t0;
+            fill_job job[2];
+            for (int64_t task = t0, cur = 0; task < t1; task++, cur ^= 1) {
+                if (task == t0) {
+                    job[cur] = job_at(task, tiles, first, packed, sz, n, K, group, bn);
+                    fill_range(&job[cur], 0, K);
+                }
+                const fill_job *next = NULL;
+                if (task + 1 < t1) {
+                    job[cur ^ 1] = job_at(task + 1, tiles + (cur ^ 1) * tile_bytes, first, packed,
+                                          sz, n, K, group, bn);
+                    next = &job[cur ^ 1];
+                }
+                const void *tile = job[cur].tile;
+                char *o = (char *)out + (size_t)(task * COLS) * esize;
+                int64_t m = amx ? amx_rows(xs, lds, tile, K, o, ldo, M, f32out, next) : 0;
+                if (next && !amx) fill_range(next, 0, K);
+                for (; m + MR <= M; m += MR)
+                    micro(xs + m * lds, lds, tile, K, o + (size_t)(m * ldo) * esize, ldo, MR,
+                          f32out);
+                if (m < M)
+                    micro_tail(xs + m * lds, lds, tile, K, o + (size_t)(m * ldo) * esize, ldo,
+                               (int)(M - m), f32out);
             }
-            const void *tile = job[cur].tile;
-            char *o = (char *)out + (size_t)(task * COLS) * esize;
-            int64_t m = amx ? amx_rows(xs, lds, tile, K, o, ldo, M, f32out, next) : 0;
-            if (next && !amx) fill_range(next, 0, K);
-            for (; m + MR <= M; m += MR)
-                micro(xs + m * lds, lds, tile, K, o + (size_t)(m * ldo) * esize, ldo, MR, f32out);
-            if (m < M)
-                micro_tail(xs + m * lds, lds, tile, K, o + (size_t)(m * ldo) * esize, ldo,
-                           (int)(M - m), f32out);
         }
     }
     return failed ? -1 : 0;
