@@ -192,9 +192,23 @@ static inline void code_pairs(const uint8_t *r0, const uint8_t *r1, __m512bh *lo
 }
 #endif
 
+/* sums[r][g]: the sum of row r of x over group g's inputs. */
+static void group_sums(const uint16_t *x, int64_t ldx, int64_t rows, int64_t K, int64_t group,
+                       float *sums) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k0 = 0; k0 < K; k0 += group) {
+            vf xs = splat(0.0f);
+            for (int64_t k = k0; k + VL <= k0 + group; k += VL) xs += load_row(x, r * ldx + k, 1);
+            float sum = hsum(xs);
+            for (int64_t k = k0 + group / VL * VL; k < k0 + group; k++) sum += bf16_f(x[r * ldx + k]);
+            sums[r * (K / group) + k0 / group] = sum;
+        }
+}
+
+/* The block's columns for `rows` rows of x, `sums` their group_sums. */
 static inline __attribute__((always_inline)) void gemv(const fill_job *j, const uint16_t *x,
-                                                       int64_t ldx, void *out, int64_t ldo,
-                                                       int rows, int f32out) {
+                                                       int64_t ldx, const float *sums, void *out,
+                                                       int64_t ldo, int rows, int f32out) {
     const int64_t K = j->K, N = j->N, group = j->group, half = j->bn / 2, c0 = j->b * j->bn;
     const uint8_t *packed = j->packed + j->b * K * half;
     vf acc[GEMV_ROWS][BV];
@@ -231,10 +245,7 @@ static inline __attribute__((always_inline)) void gemv(const fill_job *j, const 
             }
         }
         for (int r = 0; r < rows; r++) {
-            vf xs = splat(0.0f);
-            for (int64_t k = k0; k + VL <= k0 + group; k += VL) xs += load_row(x, r * ldx + k, 1);
-            float sum = hsum(xs);
-            for (int64_t k = k0 + group / VL * VL; k < k0 + group; k++) sum += bf16_f(x[r * ldx + k]);
+            const float sum = sums[r * (K / group) + k0 / group];
             for (int v = 0; v < BV; v++) acc[r][v] += g[r][v] * s[v] + sum * o8[v];
         }
     }
@@ -242,11 +253,11 @@ static inline __attribute__((always_inline)) void gemv(const fill_job *j, const 
         for (int v = 0; v < BV; v++) store_row(out, r * ldo + v * VL, acc[r][v], !f32out);
 }
 
-static void gemv_rows(const fill_job *j, const uint16_t *x, int64_t ldx, void *out, int64_t ldo,
-                      int rows, int f32out) {
+static void gemv_rows(const fill_job *j, const uint16_t *x, int64_t ldx, const float *sums,
+                      void *out, int64_t ldo, int rows, int f32out) {
     switch (rows) {
 #define ROWS(n) \
-    case n: gemv(j, x, ldx, out, ldo, n, f32out); break;
+    case n: gemv(j, x, ldx, sums, out, ldo, n, f32out); break;
         ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7)
 #undef ROWS
     default: break;
@@ -321,10 +332,12 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
         if (M < GEMV_ROWS) { /* straight from the codes, a whole block (2 tasks) at a time */
             const int64_t blocks = total / 2, per = (blocks + nt - 1) / nt;
             const int64_t b1 = (me + 1) * per < blocks ? (me + 1) * per : blocks;
+            float sums[GEMV_ROWS * (K / group)]; /* each thread its own: M K adds */
+            group_sums(xs, lds, M, K, group, sums);
             for (int64_t blk = me * per; blk < b1; blk++) {
                 const fill_job job = job_at(2 * blk, NULL, first, packed, sz, n, K, group, bn);
-                gemv_rows(&job, xs, lds, (char *)out + (size_t)(2 * blk * COLS) * esize, ldo,
-                          (int)M, f32out);
+                gemv_rows(&job, xs, lds, sums, (char *)out + (size_t)(2 * blk * COLS) * esize,
+                          ldo, (int)M, f32out);
             }
         } else {
             char *tiles = thread_scratch((size_t)(2 * tile_bytes)); /* this task's, the next */
