@@ -138,7 +138,7 @@ def test_default_model_linears_all_dispatch(gptq_engine: PagedEngine) -> None:
     config = gptq_engine.runner.model.config
     assert len(layers) == 7 * config.num_hidden_layers
     assert {type(m.inner).__name__ for m in layers} == {"TorchAtenLinear"}
-    assert all(m.crossover > 1 for m in layers)  # one row always takes the int4 kernel
+    assert all(m.crossover > 1 for m in layers)  # the many-row path starts at 8 rows or more
 
 
 @pytest.mark.model
@@ -157,12 +157,15 @@ def test_default_model_many_row_path_matches_int4(
         x = torch.randn(2, 96, layer.in_features, dtype=torch.bfloat16)
         int4 = layer.inner(x)  # gptqmodel's forward
         assert torch.equal(layer.int4(x.view(-1, layer.in_features)).view_as(int4), int4)
+        monkeypatch.setattr(layer, "gemv_below", gptq_gemm.GEMV_ROWS)  # 3 rows from the codes
+        codes = layer(x[0, :3])
         monkeypatch.setattr(layer, "crossover", 1)
         monkeypatch.setattr(layer, "fused", fused)
         dense = layer(x)
     assert dense.shape == int4.shape == (2, 96, layer.out_features)
-    gap = (dense.float() - int4.float()).abs().max()
-    assert gap <= 2**-6 * int4.float().abs().max()  # bf16 rounding of sums in another order
+    for got, want in ((dense, int4), (codes, int4[0, :3])):
+        gap = (got.float() - want.float()).abs().max()
+        assert gap <= 2**-6 * want.float().abs().max()  # bf16 rounding of sums in another order
 
 
 @pytest.mark.model
@@ -261,13 +264,17 @@ def test_fused_projection_is_its_layers_side_by_side(
         assert torch.equal(fused.dense_weight(), side_by_side)
         for rows, path in ((3, True), (200, True), (200, False)):
             x = torch.randn(rows, fused.in_features, dtype=torch.bfloat16)
-            for crossover in (1, NEVER):  # the many-row path (fused GEMM or dense), then int4
+            # the many-row path (fused GEMM or dense), then int4, then (3 rows) the fused GEMM
+            # straight from the codes: the same per-block arithmetic, one call or three
+            routes = [(1, 0), (NEVER, 0)] + [(NEVER, gptq_gemm.GEMV_ROWS)] * (rows == 3)
+            for crossover, gemv_below in routes:
                 for m in [fused, *layers]:
                     monkeypatch.setattr(m, "crossover", crossover)
                     monkeypatch.setattr(m, "fused", path)
+                    monkeypatch.setattr(m, "gemv_below", gemv_below)
                 want, got = torch.cat([m(x) for m in layers], dim=-1), fused(x)
                 if crossover == NEVER:
-                    assert torch.equal(got, want)  # the same int4 calls
+                    assert torch.equal(got, want)  # the same int4 (or codes) arithmetic
                 else:  # one matmul over the side-by-side weights may block its sums otherwise
                     gap = (got.float() - want.float()).abs().max()
                     assert gap <= 2**-6 * want.float().abs().max()
