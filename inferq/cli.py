@@ -70,7 +70,9 @@ def _cmd_model_quantize(args: argparse.Namespace) -> int:
     spec = GptqSpec(
         bits=args.bits,
         group_size=args.group_size,
+        sym=args.sym,
         act_order=args.act_order,
+        static_groups=args.static_groups,
         mse=args.mse,
         samples=args.samples,
         seed=args.seed,
@@ -180,7 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-size", type=int, help="default 32 (must divide hidden/intermediate sizes)"
     )
     quant.add_argument(
+        "--sym", action=argparse.BooleanOptionalAction, default=True, help="symmetric groups"
+    )
+    quant.add_argument(
         "--act-order", action=argparse.BooleanOptionalAction, default=True, help="GPTQ desc_act"
+    )
+    quant.add_argument(
+        "--static-groups", action="store_true", help="act-order with fixed, consecutive groups"
     )
     quant.add_argument("--mse", type=float, default=2.4, help="clipping search norm; 0: off")
     quant.add_argument("--samples", type=int, default=320, help="calibration texts to use")

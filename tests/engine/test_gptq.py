@@ -233,6 +233,20 @@ def test_default_model_knows_paris(gptq_engine: PagedEngine) -> None:
     assert "Paris" in out.text
 
 
+@model
+def test_default_model_recipe_keeps_groups_consecutive(
+    gptq_model_path: str, gptq_engine: PagedEngine
+) -> None:
+    """The default recipe (asymmetric, act-order with static groups) leaves every layer's
+    groups on consecutive input columns, so no layer gathers its input at inference."""
+    from worker.engine.gptq_dispatch import DispatchLinear
+
+    qc = json.loads((Path(gptq_model_path) / "config.json").read_text())["quantization_config"]
+    assert (qc["sym"], qc["desc_act"], qc["meta"]["static_groups"]) == (False, True, True)
+    layers = [m for m in gptq_engine.runner.model.modules() if isinstance(m, DispatchLinear)]
+    assert len(layers) == 7 * 30 and all(m.rowmap is None for m in layers)
+
+
 def _divergence(wrapped, prompt: list[int], ours: list[int], ref: list[int], eos: int):
     """First differing position; how far our pick is below the reference's (by its logits)."""
     pos = next((i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), None)

