@@ -33,9 +33,10 @@ clients (F32 GGUF for fp32, BF16 GGUF for bf16): bench/peers/. Their output toke
 like the engine's; prefix hit = their cached prompt tokens / shareable; computed positions
 unknown ("-"). GPTQ row (`--no-gptq` skips it): the engine with prefix cache on the default
 GPTQ 4-bit model (bf16 activations on CPU), same jobs, after the bf16 rows. The 4-bit model
-stops on EOS at other points (fewer output tokens: more of its time goes to prompts), so an
-equal-work pair follows (`--no-equal-work` skips it): the bf16 and GPTQ engines again with
-EOS ignored (`engine-prefix-cache-to-max`), every job generating its max_tokens in both.
+stops on EOS at other points (other output token counts: with fewer, more of its time goes to
+prompts, which yield no output tokens), so an equal-work pair follows (`--no-equal-work`
+skips it): the bf16 and GPTQ engines again with EOS ignored (`engine-prefix-cache-to-max`),
+every job generating its max_tokens in both.
 Correctness guard: the fp32 engine rows' greedy tokens must equal HF one-at-a-time fp32's on
 the baseline subset (asserted after the table is written). bf16 rows report their agreement
 with HF bf16 (bf16 rounding differs with batch shape, so near-ties may flip).
