@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gptq_report import HELDOUT, perplexity  # bench/gptq_report.py, beside this script
+from gptq_report import HELDOUT, perplexity, publish  # bench/gptq_report.py, beside this script
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -139,10 +139,7 @@ def main() -> None:
         f"over fp32's {sum(map(len, refs)):,} answer positions (end-of-turn tokens included)",
         f"- command: `{' '.join(sys.argv)}`",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gptq_fidelity.md").write_text(text + "\n")
+    publish(lines, args.out / "gptq_fidelity.md")
 
 
 if __name__ == "__main__":

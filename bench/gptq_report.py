@@ -190,6 +190,15 @@ def run_variant(v: Variant, args: argparse.Namespace, jobs: list[eb.Job], sharea
     return res
 
 
+def publish(lines: list[str], path: Path) -> Path:
+    """Print a report and write it to `path` (its folder made as needed)."""
+    text = "\n".join(lines)
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return path
+
+
 def out_tps(res: dict) -> float:
     """The engine row's output tokens per second."""
     return sum(map(len, res["row"].outputs.values())) / res["row"].wall_s
@@ -310,11 +319,7 @@ def main() -> None:
         f"- {args.device}, {torch.get_num_threads()} threads, fp32 matmul peak {peak:.1f} GFLOP/s",
         f"- command: `{command}`",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gptq_report.md").write_text(text + "\n")
-    say(f"wrote {args.out / 'gptq_report.md'}")
+    say(f"wrote {publish(lines, args.out / 'gptq_report.md')}")
 
 
 if __name__ == "__main__":
