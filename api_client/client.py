@@ -1,136 +1,142 @@
-"""The client a backend app imports: validate, record, enqueue; then read results back."""
+"""The client a backend app imports: validate and enqueue jobs, then get, wait for, cancel
+and stream them, through the broker's Redis alone (docs/results.md). No database URL."""
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import closing
+from functools import cached_property
 from typing import Any
 
-from celery import Celery
-from pydantic import ValidationError
+import redis
 
-from api_client.schema import JobMessage, SamplingParams
-from api_client.signing import SIGNATURE, sign
-from api_client.wire import TASK_NAME, celery_priority, producer_app
-from inferq.settings import Settings, get_settings
-from storage.records import TERMINAL_STATUSES, JobView
-from storage.repository import Repository
+from api_client import plans
+from api_client.producer import InvalidJobError, Producer, job_id_of, tenant_view
+from api_client.results import result_key
+from storage.records import JobView
 
-
-class InvalidJobError(ValueError):
-    """A job was refused before anything was enqueued."""
-
-    def __init__(self, error: ValidationError | str):
-        if isinstance(error, ValidationError):
-            parts = [f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in error.errors()]
-            error = "invalid job: " + "; ".join(parts)
-        super().__init__(error)
+__all__ = ["InferqClient", "InvalidJobError"]
 
 
-class InferqClient:
-    """Submit generation jobs and read their status, results and metrics, as one tenant.
+class InferqClient(Producer):
+    """Submit generation jobs and read their states and results, as one tenant, blocking.
 
-    Settings come from `INFERQ_*` (broker, database, queue, default model, `INFERQ_TENANT`
-    and its signing key `INFERQ_TENANT_KEY`) unless given. Reads and cancels see only this
-    tenant's jobs; idempotency keys are per tenant.
-    """
-
-    def __init__(
-        self, settings: Settings | None = None, tenant: str | None = None, key: str | None = None
-    ):
-        self.settings = settings or get_settings()
-        self.tenant = tenant or self.settings.tenant
-        self.key = key if tenant else (key or self.settings.tenant_key)
-        self.repo = Repository(self.settings.resolved_database_url)
-        self.celery: Celery = producer_app(self.settings)
+    Reads go to the job's result key (`celery-task-meta-<id>`, Celery's format): a queued or
+    unknown job, or one of another tenant, reads as None. Waits block on the key's Redis
+    notification and re-read every `INFERQ_RESULT_POLL_S` (2 s) in case one was lost."""
 
     def for_tenant(self, tenant: str, key: str | None = None) -> InferqClient:
-        """A client for another tenant on the same broker and database."""
+        """A client for another tenant on the same broker."""
         return InferqClient(self.settings, tenant, key)
 
-    def build(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[Mapping[str, str]] | None = None,
-        params: SamplingParams | Mapping[str, Any] | None = None,
-        idempotency_key: str | None = None,
-        priority: int = 0,
-        model: str | None = None,
-        ttl_s: float | None = None,
-    ) -> JobMessage:
-        """Validate a job without sending it; raises InvalidJobError."""
-        try:
-            return JobMessage(
-                prompt=prompt,
-                messages=messages,
-                params=params if params is not None else SamplingParams(),
-                tenant=self.tenant,
-                idempotency_key=idempotency_key,
-                priority=priority,
-                model=model or self.settings.model,
-                ttl_s=ttl_s,
-                submitted_at=datetime.now(UTC),
-            )
-        except ValidationError as exc:
-            raise InvalidJobError(exc) from None
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(
+            self.result_url, health_check_interval=30, max_connections=plans.MAX_CONNECTIONS
+        )
+
+    def close(self) -> None:
+        self.celery.close()
+        if "redis" in self.__dict__:
+            self.redis.close()
 
     def submit(self, prompt: str | None = None, **job: Any) -> uuid.UUID:
-        """Enqueue one job and return its id (the existing id for a repeated idempotency key)."""
+        """Enqueue one job and return its id (an idempotency key's own id, see `build`)."""
         return self.enqueue(self.build(prompt, **job))
 
     def submit_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[uuid.UUID]:
         """Validate every job first (nothing is enqueued if one is invalid), then enqueue all."""
-        messages = [self.build(**dict(job)) for job in jobs]
-        return [self.enqueue(msg) for msg in messages]
-
-    def enqueue(self, msg: JobMessage) -> uuid.UUID:
-        job_id, created = self.repo.submit(msg.to_job(self.settings.model))
-        if not created:
-            return job_id
-        kwargs = msg.to_wire()
-        if self.key:
-            kwargs[SIGNATURE] = sign(kwargs, self.key)
-        try:
-            self.celery.send_task(
-                TASK_NAME,
-                kwargs=kwargs,
-                queue=self.settings.queue,
-                priority=celery_priority(msg.priority),
-                task_id=str(job_id),
-            )
-        except Exception as exc:
-            self.repo.fail_jobs({job_id: f"enqueue failed: {exc!r}"}, final=True)
-            raise
-        return job_id
+        return [self.enqueue(msg) for msg in self.build_many(jobs)]
 
     def get(self, job_id: uuid.UUID | str) -> JobView | None:
-        return self.repo.get(uuid.UUID(str(job_id)), self.tenant)
+        """The job's latest state (running, or ended with its result), or None while it is
+        queued (or unknown, another tenant's, or its result has expired)."""
+        job_id = uuid.UUID(str(job_id))
+        return tenant_view(self.redis.get(result_key(job_id)), job_id, self.tenant)
 
-    def wait(self, job_id: uuid.UUID | str, timeout: float = 60.0, poll: float = 0.1) -> JobView:
-        """Block until the job is done, failed or cancelled; TimeoutError otherwise."""
+    def wait(
+        self, job_id: uuid.UUID | str, timeout: float = 60.0, poll: float | None = None
+    ) -> JobView:
+        """Block until the job is done, failed, expired or cancelled; TimeoutError otherwise."""
         return self.wait_many([job_id], timeout, poll)[0]
 
     def wait_many(
-        self, job_ids: Iterable[uuid.UUID | str], timeout: float = 300.0, poll: float = 0.1
+        self, job_ids: Iterable[uuid.UUID | str], timeout: float = 300.0, poll: float | None = None
     ) -> list[JobView]:
-        ids = [uuid.UUID(str(j)) for j in job_ids]
-        deadline = time.monotonic() + timeout
-        while True:
-            views = self.repo.get_many(ids, self.tenant)
-            if all(i in views and views[i].status in TERMINAL_STATUSES for i in ids):
-                return [views[i] for i in ids]
-            if time.monotonic() > deadline:
-                waiting = sum(
-                    1 for i in ids if i not in views or views[i].status not in TERMINAL_STATUSES
-                )
-                raise TimeoutError(f"{waiting} of {len(ids)} jobs not finished after {timeout}s")
-            time.sleep(poll)
+        """Every job's ended view, in order; TimeoutError when some have not ended in time."""
+        waiting = plans.Waiting(job_ids, self.tenant)
+        for _ in self._run(plans.ended(waiting, timeout, poll or self.poll_s)):
+            pass
+        return waiting.views()
 
-    def cancel(self, job_id: uuid.UUID | str) -> bool:
-        """Cancel a queued or running job; True if it had not finished. A worker drops a
-        running job within about half a second (its result, if one races in, is not kept as
-        the outcome: the job stays cancelled)."""
-        return self.repo.cancel(uuid.UUID(str(job_id)), self.tenant)
+    def as_completed(
+        self, job_ids: Iterable[uuid.UUID | str], timeout: float = 300.0, poll: float | None = None
+    ) -> Iterator[JobView]:
+        """Each job's ended view as it ends; TimeoutError when some have not ended in time."""
+        waiting = plans.Waiting(job_ids, self.tenant)
+        return self._run(plans.ended(waiting, timeout, poll or self.poll_s))
+
+    def cancel(self, job_id: uuid.UUID | str, wait: float = 5.0) -> bool:
+        """Ask the workers to cancel a queued or running job of this tenant. True: the job is
+        cancelled, or had not ended and the request is recorded (a queued job is cancelled
+        when a worker takes it, before it runs; a running one is dropped at once; a request
+        the rules refuse, docs/security.md, changes nothing). False: it had ended otherwise,
+        or is another tenant's. Waits up to `wait` s for a running job to end."""
+        job_id = uuid.UUID(str(job_id))
+        plan = plans.cancel(job_id, self.tenant, self.key, wait, self.poll_s)
+        with closing(self._run(plan)) as answers:
+            return next(answers)
+
+    def stream(self, job_id: uuid.UUID | str, timeout: float = 300.0) -> Iterator[str]:
+        """The job's text as it is generated, delta by delta (joined: its result's text); a
+        reader that comes late gets the text so far first. Ends when the job is done; raises
+        the job's error (`JobFailed`, `JobExpired`, Celery's `TaskRevokedError`) when it
+        ended otherwise, TimeoutError after `timeout` s."""
+        return self._run(plans.stream(uuid.UUID(str(job_id)), self.tenant, timeout, self.poll_s))
+
+    def _run(self, plan: plans.Plan) -> Iterator[Any]:
+        """Run a plan with blocking Redis calls; yield what it emits."""
+        pubsub: redis.client.PubSub | None = None
+        reply: Any = None
+        try:
+            while True:
+                try:
+                    op = plan.send(reply)
+                except StopIteration:
+                    return
+                reply = None
+                match op:
+                    case plans.Emit(value):
+                        yield value
+                    case plans.Read(keys):
+                        reply = self.redis.mget(keys)
+                    case plans.Subscribe(channels):
+                        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                        pubsub.subscribe(*channels)
+                    case plans.Listen(seconds):
+                        assert pubsub is not None
+                        reply = _notified(pubsub, seconds)
+                    case plans.XRead(key, last_id, count, block_ms):
+                        got = self.redis.xread({key: last_id}, count, block_ms)
+                        reply = got[0][1] if got else []
+                    case plans.Send(commands):
+                        with self.redis.pipeline(transaction=False) as pipe:
+                            for command in commands:
+                                pipe.execute_command(*command)
+                            reply = pipe.execute()
+        finally:
+            plan.close()
+            if pubsub is not None:
+                pubsub.close()
+
+
+def _notified(pubsub: redis.client.PubSub, seconds: float) -> set[uuid.UUID]:
+    """The jobs whose result keys were announced within `seconds` (all that came at once)."""
+    woken: set[uuid.UUID] = set()
+    message = pubsub.get_message(timeout=seconds)
+    while message is not None:
+        if message["type"] == "message" and (job_id := job_id_of(message["channel"])):
+            woken.add(job_id)
+        message = pubsub.get_message(timeout=0.0)
+    return woken

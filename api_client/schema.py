@@ -10,57 +10,16 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from api_client.signing import SIGNATURE_PATTERN
+from inferq.callback_urls import MAX_URL_CHARS, check_url
+from inferq.params import SamplingParams, Text
 from storage.records import NewJob, as_utc
 
-MAX_STOP_STRINGS = 8
-MAX_STOP_CHARS = 256
 MAX_INPUT_CHARS = 200_000  # a prompt, or all chat message contents together
 MAX_TTL_S = 30 * 86_400
-
-
-def _storable(text: str) -> str:
-    """Refuse text a database cannot store as sent: NUL characters, lone surrogates."""
-    if "\x00" in text:
-        raise ValueError("text must not contain NUL characters")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_storable)]
-
-
-class SamplingParams(BaseModel):
-    """How to sample. `temperature` 0 means greedy; `seed` makes sampling reproducible."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    max_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]] = Field(
-        default_factory=list, max_length=MAX_STOP_STRINGS
-    )
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
-        if any(not s for s in stop):
-            raise ValueError("stop strings must be non-empty")
-        return stop
+CallbackUrl = Annotated[str, Field(max_length=MAX_URL_CHARS), AfterValidator(check_url)]
 
 
 class ChatMessage(BaseModel):
@@ -91,7 +50,12 @@ class JobMessage(BaseModel):
     ttl_s: float | None = Field(
         None, gt=0, le=MAX_TTL_S, description="deadline, seconds after submitted_at: then expired"
     )
-    signature: str | None = Field(None, max_length=128, description="see api_client.signing")
+    callback_url: CallbackUrl | None = Field(
+        None, description="a webhook when the job ends (docs/webhooks.md); syntax checked here"
+    )
+    signature: str | None = Field(
+        None, pattern=SIGNATURE_PATTERN, description="64 lowercase hex: see api_client.signing"
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> JobMessage:
@@ -121,6 +85,7 @@ class JobMessage(BaseModel):
             queued_at=as_utc(self.submitted_at or datetime.now(UTC)),
             expires_at=self.expires_at,
             enqueued_at=self.submitted_at and as_utc(self.submitted_at),
+            callback_url=self.callback_url,
         )
 
     @property
@@ -131,7 +96,7 @@ class JobMessage(BaseModel):
         return as_utc(self.submitted_at or datetime.now(UTC)) + timedelta(seconds=self.ttl_s)
 
     def to_wire(self) -> dict:
-        """JSON-safe kwargs for `send_task` (`signature` only when signed)."""
-        return self.model_dump(
-            mode="json", exclude={"signature"} if self.signature is None else None
-        )
+        """JSON-safe kwargs for `send_task` (`signature` only when signed, `callback_url`
+        only when given: a worker from before webhooks runs jobs without one)."""
+        unset = {"signature": self.signature, "callback_url": self.callback_url}
+        return self.model_dump(mode="json", exclude={k for k, v in unset.items() if v is None})

@@ -11,6 +11,8 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from api_client.schema import JobMessage
+from api_client.signing import signed
 from inferq.settings import Settings
 
 TASK_NAME = "inferq.generate"
@@ -58,3 +60,14 @@ def producer_app(settings: Settings) -> Celery:
         task_routes={TASK_NAME: {"queue": settings.queue}},
     )
     return app
+
+
+def send_job(app: Celery, queue: str, message: JobMessage, key: str | None) -> None:
+    """Send one job (signed with `key`, when given) with its job id as the Celery task id."""
+    app.send_task(
+        TASK_NAME,
+        kwargs=signed(message.to_wire(), key),
+        queue=queue,
+        priority=celery_priority(message.priority),
+        task_id=str(message.job_id),
+    )

@@ -60,10 +60,11 @@ from plot import plot_table  # bench/plot.py, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
+from inferq.params import EngineConfig
 from inferq.settings import DEFAULT_MODEL, FP_MODEL, get_settings
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
 from worker.engine.codec import TextCodec
-from worker.engine.engine import EngineConfig, PagedEngine
+from worker.engine.engine import PagedEngine
 from worker.prep.models import resolve_model
 
 TEXT = """The river flooded the lower town twice last spring. Our quarterly revenue grew by eight
@@ -182,8 +183,17 @@ def engine_row(
     """`ignore_eos`: every job runs to its max_tokens (equal work across models)."""
     engine = PagedEngine(path, "bench", device=device, dtype=dtype, config=cfg)
     engine.warm_up()
-    params = {j.max_tokens: SamplingParams(j.max_tokens, ignore_eos=ignore_eos) for j in jobs}
-    reqs = [EngineRequest(j.seq_id, j.prompt_ids, params[j.max_tokens], "tenant-a") for j in jobs]
+    params = {j.max_tokens: SamplingParams(max_tokens=j.max_tokens) for j in jobs}
+    reqs = [
+        EngineRequest(
+            seq_id=j.seq_id,
+            prompt_ids=j.prompt_ids,
+            params=params[j.max_tokens],
+            tenant="tenant-a",
+            ignore_eos=ignore_eos,
+        )
+        for j in jobs
+    ]
     s0, start, t0 = engine.stats(), time.perf_counter(), time.time()
     outs = run_to_completion(engine, reqs)
     wall = time.perf_counter() - start

@@ -70,7 +70,10 @@ def answers(path: str, dtype: str, prompts: list[list[int]], args) -> list[list[
     """Greedy answers through the paged engine, each ending in `args.eos` where it stopped."""
     engine = PagedEngine(path, "fidelity", device=args.device, dtype=dtype)
     params = SamplingParams(max_tokens=args.max_tokens)
-    reqs = [EngineRequest(f"p{i}", p, params, "t") for i, p in enumerate(prompts)]
+    reqs = [
+        EngineRequest(seq_id=f"p{i}", prompt_ids=p, params=params, tenant="t")
+        for i, p in enumerate(prompts)
+    ]
     outs = run_to_completion(engine, reqs)
     del engine
     gc.collect()

@@ -43,10 +43,11 @@ from limits import matmul_peak_gflops  # bench/limits.py, beside this script
 from transformers import AutoTokenizer, GenerationConfig, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
+from inferq.params import EngineConfig
 from inferq.settings import DEFAULT_MODEL, FP_MODEL, get_settings
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
 from worker.engine.codec import TextCodec
-from worker.engine.engine import EngineConfig, PagedEngine
+from worker.engine.engine import PagedEngine
 from worker.engine.loading import load_causal_lm, pick_device
 from worker.prep.models import resolve_model
 
@@ -136,7 +137,8 @@ def engine_decode_tps(path: str, device: str, dtype: str, jobs: list[eb.Job]) ->
     engine.warm_up()
     tokens, seconds = 0, 0.0
     for job in jobs[:4]:
-        req = EngineRequest(job.seq_id, job.prompt_ids, SamplingParams(max_tokens=64), "t")
+        params = SamplingParams(max_tokens=64)
+        req = EngineRequest(seq_id=job.seq_id, prompt_ids=job.prompt_ids, params=params, tenant="t")
         (out,) = run_to_completion(engine, [req])
         tokens += len(out.token_ids) - 1
         seconds += out.finished_at - out.first_token_at

@@ -78,7 +78,12 @@ def engine_row(name: str, dtype: str, jobs) -> Row:
     settings = get_settings(model=FP_MODEL, dtype=dtype)
     engine = load_engine(settings, FP_MODEL)
     reqs = [
-        EngineRequest(str(i), j.prompt_ids, SamplingParams(max_tokens=j.max_tokens), "bench")
+        EngineRequest(
+            seq_id=str(i),
+            prompt_ids=j.prompt_ids,
+            params=SamplingParams(max_tokens=j.max_tokens),
+            tenant="bench",
+        )
         for i, j in enumerate(jobs)
     ]
     t0 = time.time()
@@ -126,7 +131,7 @@ def service_row(
                 }
                 for j in jobs
             )
-            views = client.wait_many(ids, timeout=3600, poll=2.0)  # light on the database
+            views = client.wait_many(ids, timeout=3600)  # on Redis: no database reads
         finally:
             stop_worker(proc)
         assert all(v.status == "done" for v in views), {v.status for v in views}

@@ -2,12 +2,15 @@
 Redis and PostgreSQL when the engine costs nothing, the worker's CPU per job, its memory over
 the run, and (with --outage-s) what a PostgreSQL outage in the middle costs.
 
-Usage: .venv/bin/python bench/service_null.py [--jobs 10000] [--outage-s 0] [--out bench/out]
+Usage: .venv/bin/python bench/service_null.py [--jobs 10000] [--outage-s 0] [--ttl-s 0]
+[--out bench/out]
 Needs the local Redis and PostgreSQL (`make services`; --outage-s stops and restarts the
 cluster, as root). The jobs are sent first, as raw `send_task` messages (no job rows: the
 worker writes them), then a worker process starts (`inferq worker`, INFERQ_ENGINE=null) and
 drains the queue. Timed from the first job the worker claims to the last result; worker CPU
-and RSS from /proc (RSS after 10 % of the jobs = warm-up, and at the end). With --outage-s,
+and RSS from /proc (RSS at the first result, after 10 % of the jobs = warm-up, and at the
+end). With --ttl-s every job carries that deadline (30 days = 2592000: finished jobs must not
+stay in the engine loop's deadline heap until it passes). With --outage-s,
 PostgreSQL is stopped once 20 % of the jobs are done, for that long: the table adds the
 worker's CPU share during the outage and the log lines it wrote meanwhile.
 """
@@ -37,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--outage-s", type=float, default=0.0)
+    parser.add_argument("--ttl-s", type=float, default=0.0, help="each job's ttl_s (0: none)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -46,6 +50,8 @@ def main() -> None:
         with env.producer.connection_for_write() as conn:
             for job_id in ids:
                 job = {"job_id": str(job_id), "prompt": "Say hi.", "params": {"max_tokens": 4}}
+                if args.ttl_s:
+                    job["ttl_s"] = args.ttl_s
                 env.producer.send_task(
                     TASK_NAME, kwargs=job, queue=env.settings.queue, connection=conn
                 )
@@ -60,11 +66,12 @@ def main() -> None:
     wall, cpu = run["wall"], run["cpu"]
     growth = run["rss_end"] / run["rss_warm"] - 1
     lines = [
-        "| jobs | wall s | jobs/s | worker CPU ms/job | RSS MB warm / end (growth) | lost "
-        "| duplicates | outage s | CPU during outage | log lines during outage |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {args.jobs} | {wall:.1f} | {args.jobs / wall:.0f} | {cpu / args.jobs * 1000:.2f} | "
-        f"{run['rss_warm']:.0f} / {run['rss_end']:.0f} ({growth:+.1%}) | {lost} | {dups} | "
+        "| jobs | ttl s | wall s | jobs/s | worker CPU ms/job | RSS MB first / warm / end "
+        "(growth) | lost | duplicates | outage s | CPU during outage | log lines during outage |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {args.jobs} | {args.ttl_s:.0f} | {wall:.1f} | {args.jobs / wall:.0f} | "
+        f"{cpu / args.jobs * 1000:.2f} | {run['rss_first']:.0f} / {run['rss_warm']:.0f} / "
+        f"{run['rss_end']:.0f} ({growth:+.1%}) | {lost} | {dups} | "
         f"{args.outage_s:.0f} | {run.get('outage_cpu', 0):.1%} | {run.get('outage_lines', 0)} |",
     ]
     print("\n".join(lines))
@@ -79,6 +86,7 @@ def _drain(env, worker, jobs: int, outage_s: float, log: Path) -> dict[str, floa
         done = _count(env)
         if cpu0 is None and done > 0:
             cpu0, t_first = proc_cpu_s(worker.pid), time.perf_counter()
+            run["rss_first"] = proc_rss_mb(worker.pid)
         if "rss_warm" not in run and done >= jobs // 10:
             run["rss_warm"] = proc_rss_mb(worker.pid)
         if outage_s and "outage_cpu" not in run and done >= jobs // 5:

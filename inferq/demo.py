@@ -86,13 +86,17 @@ def _print_results(views, jobs) -> None:
 
 def _serve(service, client, workload: list[dict[str, Any]]) -> tuple[list, list]:
     """Submit and wait on a thread of its own while the worker serves on this one (the
-    engine runs fastest on the main thread)."""
+    engine runs fastest on the main thread). Embedded, results are read from the database
+    (a producer on Redis waits on its result keys)."""
     got: dict[str, Any] = {}
 
     def submit_and_wait() -> None:
         try:
             got["ids"] = client.submit_many(workload)
-            got["views"] = client.wait_many(got["ids"], timeout=1800)
+            if client.settings.resolved_result_url is None:
+                got["views"] = service.repo.wait_ended(got["ids"], timeout=1800)
+            else:
+                got["views"] = client.wait_many(got["ids"], timeout=1800)
         except BaseException as exc:
             got["error"] = exc
 
@@ -108,6 +112,7 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
     from api_client import InferqClient
     from inferq.logs import configure_logging
     from inferq.settings import get_settings
+    from storage.db import make_engine
     from storage.migrate import upgrade
     from worker.prep.progress import log_path_for, prep_session
     from worker.service.app import WorkerService
@@ -127,7 +132,7 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
         with prep_session(log_path, library_logs=False) as view:
             upgrade(settings.resolved_database_url)
             client = InferqClient(settings)
-            seed_example_prices(client.repo.engine, settings.model)
+            seed_example_prices(make_engine(settings.resolved_database_url), settings.model)
             with view.stage("load", f"{settings.model} (prepared if needed)"):
                 service = WorkerService(settings)
             with view.stage("serve", f"{len(workload)} jobs through the queue"):
@@ -135,7 +140,7 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
                 started = time.perf_counter()
                 ids, views = _serve(service, client, workload)
                 wall = time.perf_counter() - started
-            summary = client.repo.summary(ids)
+            summary = service.repo.summary(ids)
     except Exception as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"full log (traceback and library output): {log_path}", file=sys.stderr)
@@ -152,7 +157,7 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
         f"mean time to first token {summary['mean_ttft_s']:.2f}s, "
         f"mean batch size {summary['mean_batch_size']:.1f}"
     )
-    _print_usage(client.repo.engine, run_from)
+    _print_usage(service.repo.engine, run_from)
     return 0 if done == len(ids) else 1
 
 
@@ -163,7 +168,16 @@ def _print_usage(engine, since: datetime) -> None:
 
     rows = reports.usage(engine, since, datetime.now(UTC) + timedelta(seconds=1))
     title = "\nthis run's usage and cost (example prices; more: inferq report --help)"
-    shown = ("tenant", "jobs", "done", "prompt_tokens", "cached_prompt_tokens",
-             "completion_tokens", "compute_s", "list_cost", "compute_cost",
-             "cache_savings")  # fmt: skip
+    shown = (
+        "tenant",
+        "jobs",
+        "done",
+        "prompt_tokens",
+        "cached_prompt_tokens",
+        "completion_tokens",
+        "compute_s",
+        "list_cost",
+        "compute_cost",
+        "cache_savings",
+    )
     emit(rows, "table", title, sys.stdout, shown=shown)

@@ -30,13 +30,35 @@ FILTERS = {
 }
 # the columns a table shows after the first (CSV and JSON give every column)
 TABLE_COLUMNS = {
-    "engine": ("worker", "model", "device", "busy_s", "idle_s", "busy_share",
-               "output_tokens_per_s", "computed_tokens_per_busy_s", "mean_running_seqs",
-               "prefix_hit_rate", "recompute_tokens"),
-    "jobs": ("tenant", "model", "status", "worker", "finished_at", "queue_wait_s", "ttft_s",
-             "total_s", "prompt_tokens", "completion_tokens", "list_cost", "compute_cost",
-             "error"),
-}  # fmt: skip
+    "engine": (
+        "worker",
+        "model",
+        "device",
+        "busy_s",
+        "idle_s",
+        "busy_share",
+        "output_tokens_per_s",
+        "computed_tokens_per_busy_s",
+        "mean_running_seqs",
+        "prefix_hit_rate",
+        "recompute_tokens",
+    ),
+    "jobs": (
+        "tenant",
+        "model",
+        "status",
+        "worker",
+        "finished_at",
+        "queue_wait_s",
+        "ttft_s",
+        "total_s",
+        "prompt_tokens",
+        "completion_tokens",
+        "list_cost",
+        "compute_cost",
+        "error",
+    ),
+}
 Row = dict[str, Any]
 
 
@@ -121,9 +143,13 @@ def _totals(rows: Sequence[Row], columns: Sequence[str]) -> list[str]:
 
 
 def emit(
-    rows: Sequence[Row], fmt: str, title: str, out: IO[str], totals: bool = False,
+    rows: Sequence[Row],
+    fmt: str,
+    title: str,
+    out: IO[str],
+    totals: bool = False,
     shown: Sequence[str] = (),
-) -> None:  # fmt: skip
+) -> None:
     """Write `rows` as a rich table (the first column and `shown`, or all), CSV (header
     first) or a JSON list of objects."""
     if fmt == "json":
@@ -151,8 +177,12 @@ def emit(
     footer = _totals(rows, columns) if totals else [""] * len(columns)
     for name, foot in zip(columns, footer, strict=True):
         numeric = any(_is_number(r[name]) for r in rows)
-        table.add_column(name, footer=foot, justify="right" if numeric else "left",
-                         min_width=36 if name == "job_id" else None)  # fmt: skip
+        table.add_column(
+            name,
+            footer=foot,
+            justify="right" if numeric else "left",
+            min_width=36 if name == "job_id" else None,
+        )
     for r in rows:
         table.add_row(*(cell(r[c]) for c in columns))
     console.print(table)
@@ -218,8 +248,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         statement = reports.STATEMENTS[args.kind](engine.dialect.name, **kw)
         print(reports.render_sql(engine, statement) + ";")
         return 0
-    run = {"usage": reports.usage, "latency": reports.latency, "failures": reports.failures,
-           "engine": reports.engine_efficiency, "jobs": reports.jobs}[args.kind]  # fmt: skip
+    run = {
+        "usage": reports.usage,
+        "latency": reports.latency,
+        "failures": reports.failures,
+        "engine": reports.engine_efficiency,
+        "jobs": reports.jobs,
+    }[args.kind]
     rows = run(engine, **kw)
     span = f"{since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC"
     by = f" by {kw['by']}" if "by" in kw else ""
@@ -241,10 +276,19 @@ def cmd_prices_set(args: argparse.Namespace) -> int:
     """`inferq prices set MODEL`: add a price version."""
     from storage.prices import set_price
 
-    price_id = set_price(_engine(), args.model, args.prompt, args.cached, args.completion,
-                         args.effective_from, args.currency)  # fmt: skip
-    print(f"price {price_id} for {args.model}: prompt {args.prompt}, cached {args.cached}, "
-          f"completion {args.completion} {args.currency} per million tokens")  # fmt: skip
+    price_id = set_price(
+        _engine(),
+        args.model,
+        args.prompt,
+        args.cached,
+        args.completion,
+        args.effective_from,
+        args.currency,
+    )
+    print(
+        f"price {price_id} for {args.model}: prompt {args.prompt}, cached {args.cached}, "
+        f"completion {args.completion} {args.currency} per million tokens"
+    )
     return 0
 
 
@@ -290,9 +334,11 @@ def cmd_retention(args: argparse.Namespace) -> int:
     before = datetime.now(UTC) - timedelta(days=args.older_than_days)
     started = time.perf_counter()
     purged = purge(_engine(), before, args.batch)
-    print(f"deleted {purged.jobs} jobs (with their results and facts), {purged.batches} "
-          f"batches and {purged.dead_letters} dead letters older than {before:%Y-%m-%d %H:%M} "
-          f"UTC in {time.perf_counter() - started:.1f}s")  # fmt: skip
+    print(
+        f"deleted {purged.jobs} jobs (with their results and facts), {purged.batches} "
+        f"batches and {purged.dead_letters} dead letters older than {before:%Y-%m-%d %H:%M} "
+        f"UTC in {time.perf_counter() - started:.1f}s"
+    )
     return 0
 
 
@@ -317,8 +363,11 @@ def add_parsers(verbs: Any) -> None:
     prices_verbs = prices.add_subparsers(dest="prices_verb", required=True)
     set_ = prices_verbs.add_parser("set", help="a model's prices per million tokens")
     set_.add_argument("model")
-    for flag, what in (("--prompt", "uncached prompt"), ("--cached", "cached prompt"),
-                       ("--completion", "completion")):  # fmt: skip
+    for flag, what in (
+        ("--prompt", "uncached prompt"),
+        ("--cached", "cached prompt"),
+        ("--completion", "completion"),
+    ):
         set_.add_argument(flag, type=parse_money, required=True, help=f"{what} tokens")
     set_.add_argument("--from", dest="effective_from", type=parse_when, help="default: now")
     set_.add_argument("--currency", default="USD")

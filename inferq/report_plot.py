@@ -40,9 +40,13 @@ def buckets(since: datetime, until: datetime, by: str) -> list[datetime]:
 
 
 def plot_report(
-    path: str, usage: Sequence[Row], latency: Sequence[Row], by: str, since: datetime,
+    path: str,
+    usage: Sequence[Row],
+    latency: Sequence[Row],
+    by: str,
+    since: datetime,
     until: datetime,
-) -> None:  # fmt: skip
+) -> None:
     """Write a PNG with three panels sharing the time axis: completion tokens/s and jobs,
     p50/p95 TTFT and total time per model, list and compute cost side by side."""
     try:
@@ -87,8 +91,9 @@ def plot_report(
         for j, (column, label, style) in enumerate(LATENCY_SERIES):
             name = f"{model} {label}" if len(by_model) > 1 else label
             y = [_value(rows.get(s), column) for s in starts]  # NaN: a gap in the line
-            middle.plot(centres, y, style, marker="o", color=f"C{(2 * i + j // 2) % 10}",
-                        label=name)  # fmt: skip
+            middle.plot(
+                centres, y, style, marker="o", color=f"C{(2 * i + j // 2) % 10}", label=name
+            )
     middle.set_ylabel("seconds (done jobs)")
     middle.set_title("latency percentiles")
     if by_model:

@@ -50,6 +50,7 @@ class _Seq:
     num_matched: int  # leading blocks shared from the cache (READY, not ours to register)
     pending: set[int] = field(default_factory=set)  # our blocks registered but not yet ready
     num_committed: int = 0  # leading full blocks already processed by commit()
+    num_registered: int = 0  # leading full blocks already offered to the index (pending)
 
 
 class KVCacheManager:
@@ -116,37 +117,56 @@ class KVCacheManager:
         token_ids: Sequence[int],
         salt: str,
         known: list[BlockHash] | None = None,
+        max_new_tokens: int | None = None,
     ) -> Allocation | None:
-        """Admit a sequence: share its READY cached prefix, allocate the rest, or None if short.
+        """Admit a sequence: share its READY cached prefix and allocate blocks for the next
+        ``max_new_tokens`` (default: all) of the rest, or None if blocks are short.
 
-        With ``known`` (the sequence's cached block hashes), the manager keeps extending that
-        same list as the sequence's blocks fill (`commit`): each block is hashed once."""
+        A prompt prefilled in chunks gets the blocks of its first chunk here and those of the
+        next ones from `append_slots`. The full blocks allocated are indexed as pending
+        (computed this step), so a prompt with the same prefix waits for them rather than
+        computing them again. With ``known`` (the sequence's cached block hashes), the manager
+        keeps extending that same list as the sequence's blocks fill: each block is hashed
+        once."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} already allocated")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
         hashes = [] if known is None else known
         extend_block_hashes(hashes, token_ids, self.block_size, self.model_id, salt)
-        num_full = len(token_ids) // self.block_size
         matched: list[int] = []
-        for h in hashes[:num_full]:
+        for h in hashes[: len(token_ids) // self.block_size]:
             bid = self.pool.lookup(h)
             if bid is None:
                 break
             matched.append(bid)
         del matched[self._cap(len(matched), len(token_ids)) :]
-        need = self.blocks_needed(len(token_ids)) - len(matched)
+        cached = len(matched) * self.block_size
+        held = len(token_ids) if max_new_tokens is None else cached + max_new_tokens
+        held = min(held, len(token_ids))
+        need = self.blocks_needed(held) - len(matched)
         revived = sum(1 for b in matched if self.pool.ref_count(b) == 0)
         if need > self.pool.num_available - revived:
             return None
         self.pool.touch(matched)
         table = matched + self.pool.allocate(need)
-        seq = _Seq(salt, table, hashes, len(matched) * self.block_size, len(matched))
-        for i in range(len(matched), num_full):
-            if self.pool.register(table[i], hashes[i], ready=False) == table[i]:
-                seq.pending.add(table[i])
+        seq = _Seq(salt, table, hashes, cached, len(matched), num_registered=len(matched))
+        self._register_pending(seq, held)
         self._seqs[seq_id] = seq
         self._queried += len(token_ids)
         self._hits += seq.num_cached_tokens
         return Allocation(list(table), seq.num_cached_tokens)
+
+    def _register_pending(self, seq: _Seq, num_tokens: int) -> None:
+        """Index the full blocks among the first ``num_tokens`` not yet offered as pending
+        (their hashes must be known); a hash another block holds already is left to it."""
+        first = max(seq.num_registered, seq.num_committed)
+        upto = min(num_tokens // self.block_size, len(seq.hashes))
+        for i in range(first, upto):
+            bid = seq.table[i]
+            if self.pool.register(bid, seq.hashes[i], ready=False) == bid:
+                seq.pending.add(bid)
+        seq.num_registered = max(seq.num_registered, upto)
 
     def commit(
         self, seq_id: str, token_ids: Sequence[int], num_computed: int | None = None
@@ -172,15 +192,25 @@ class KVCacheManager:
                 self.pool.register(bid, seq.hashes[i], ready=True)
         seq.num_committed = max(seq.num_committed, num_full)
 
-    def append_slots(self, seq_id: str, num_tokens: int) -> bool:
-        """Grow the table to hold ``num_tokens`` tokens; False (no change) if blocks are short."""
+    def append_slots(
+        self, seq_id: str, num_tokens: int, token_ids: Sequence[int] | None = None
+    ) -> bool:
+        """Grow the table to hold ``num_tokens`` tokens; False (no change) if blocks are short.
+
+        With ``token_ids`` (the sequence's tokens: the next chunk of a prompt, or a decode's),
+        the full blocks among the first ``num_tokens`` are hashed and indexed as pending, as
+        `allocate` does; without, they are indexed when `commit` finds them computed."""
         seq = self._seqs[seq_id]
         need = self.blocks_needed(num_tokens) - len(seq.table)
-        if need <= 0:
-            return True
         if need > self.pool.num_available:
             return False
-        seq.table.extend(self.pool.allocate(need))
+        if need > 0:
+            seq.table.extend(self.pool.allocate(need))
+        if token_ids is not None:
+            bs = self.block_size
+            full = min(num_tokens, len(token_ids)) // bs * bs
+            extend_block_hashes(seq.hashes, token_ids[:full], bs, self.model_id, seq.salt)
+            self._register_pending(seq, num_tokens)
         return True
 
     def free(self, seq_id: str) -> None:

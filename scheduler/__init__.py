@@ -1,6 +1,7 @@
 """Continuous batching over the paged KV cache: pure Python (no torch, no I/O)."""
 
-from scheduler.continuous import ContinuousScheduler, DecodeWork, PrefillWork, StepPlan
+from scheduler.continuous import ContinuousScheduler
+from scheduler.plan import DecodeWork, PrefillWork, StepPlan
 from scheduler.sequence import SeqStatus, Sequence
 
 __all__ = [

@@ -1,73 +1,27 @@
-"""Continuous batching over a paged, prefix-cached KV cache.
+"""Continuous batching over a paged, prefix-cached KV cache, with chunked prefill.
 
-Each step first gives every running sequence a KV slot for its next decode token (preempting
-the least urgent sequence when the pool is full), then admits waiting sequences for prefill
-under a sequence cap and a per-step token budget. Pure Python; the caller passes ``now``.
+Each step spends a token budget (``max_step_tokens``): first one token for every running
+sequence's decode, then the next chunk of every sequence in the middle of its prefill, then
+the first chunk of the waiting sequences it admits. A chunk is at most
+``prefill_chunk_tokens`` and what is left of the budget, so a long prompt spans several steps
+and the running sequences never wait behind it for a whole prefill. A sequence's KV blocks
+are allocated chunk by chunk; when the pool runs short, the least urgent sequence is preempted
+and recomputed later. Pure Python; the caller passes ``now``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from scheduler.plan import DecodeWork, PrefillWork, StepPlan
 from scheduler.sequence import SeqStatus, Sequence
 
 if TYPE_CHECKING:
     from kv.manager import KVCacheManager
 
-
-@dataclass(frozen=True)
-class PrefillWork:
-    """Compute ``token_ids`` at positions ``start_pos..``; context = start_pos + len(token_ids)."""
-
-    seq: Sequence
-    token_ids: list[int]
-    start_pos: int
-    block_table: list[int]
-
-    @property
-    def seq_id(self) -> str:
-        return self.seq.seq_id
-
-
-@dataclass(frozen=True)
-class DecodeWork:
-    """Feed the last sampled token ``token_id`` at position ``pos``."""
-
-    seq: Sequence
-    token_id: int
-    pos: int
-    block_table: list[int]
-
-    @property
-    def seq_id(self) -> str:
-        return self.seq.seq_id
-
-
-@dataclass
-class StepPlan:
-    """What the model runner computes in one step, plus the sequences preempted for it."""
-
-    prefills: list[PrefillWork] = field(default_factory=list)
-    decodes: list[DecodeWork] = field(default_factory=list)
-    preempted: list[str] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens fed to the model: all prefill tokens plus one per decode."""
-        return sum(len(p.token_ids) for p in self.prefills) + len(self.decodes)
-
-    @property
-    def empty(self) -> bool:
-        """True when there is nothing to compute."""
-        return not self.prefills and not self.decodes
-
-    @property
-    def seqs(self) -> list[Sequence]:
-        """The sequences computed in this step: prefills first, then decodes (logits order)."""
-        return [w.seq for w in self.prefills] + [w.seq for w in self.decodes]
+Urgency = Callable[[Sequence], tuple[int, float, str]]
 
 
 class ContinuousScheduler:
@@ -78,21 +32,26 @@ class ContinuousScheduler:
     prefix, shortest prompt): this order IS the design's length-sorted micro-batching, done
     per step instead of per static batch: within a class, jobs sharing a cached prefix go
     together, then short prompts before long ones. Admission is head-of-line: when the next
-    candidate does not fit the blocks or the token budget, nobody behind it is admitted this
-    step, so big or old jobs are not starved by a stream of small ones.
+    candidate does not get blocks or the step's budget is spent, nobody behind it is admitted
+    this step, so big or old jobs are not starved by a stream of small ones.
+
+    A running sequence is PREFILLING until its final chunk is computed (and sampled), then
+    RUNNING (decoding); both hold blocks and count against ``max_num_seqs``.
     """
 
     def __init__(
         self,
         kv: KVCacheManager,
         *,
-        max_num_seqs: int = 64,
-        max_step_tokens: int = 2048,
-        aging_s: float = 5.0,
+        max_num_seqs: int,
+        max_step_tokens: int,
+        prefill_chunk_tokens: int,
+        aging_s: float,
     ) -> None:
         for name, value in (
             ("max_num_seqs", max_num_seqs),
             ("max_step_tokens", max_step_tokens),
+            ("prefill_chunk_tokens", prefill_chunk_tokens),
             ("aging_s", aging_s),
         ):
             if not (value > 0 and math.isfinite(value)):
@@ -100,10 +59,11 @@ class ContinuousScheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_step_tokens = max_step_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.aging_s = aging_s
         self._waiting: dict[str, Sequence] = {}
-        self._running: dict[str, Sequence] = {}
-        self._in_plan: list[Sequence] = []  # computed by the last plan, awaiting on_step
+        self._running: dict[str, Sequence] = {}  # PREFILLING or RUNNING: they hold blocks
+        self._in_plan: list[PrefillWork | DecodeWork] = []  # the last plan, awaiting on_step
 
     # -- queue -----------------------------------------------------------------------------
 
@@ -152,12 +112,13 @@ class ContinuousScheduler:
         """Priority plus one class per full ``aging_s`` waited (future arrival counts as 0)."""
         return seq.priority + math.floor(max(0.0, now - seq.arrival) / self.aging_s)
 
-    def _urgency(self, now: float) -> Callable[[Sequence], tuple[int, float, str]]:
+    def _urgency(self, now: float) -> Urgency:
         """Sort key: most urgent first (effective class desc, then arrival, then id)."""
         return lambda s: (-self._class(s, now), s.arrival, s.seq_id)
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
-        """Free ``seq``'s blocks and requeue it; its outputs are kept and recomputed later."""
+        """Free ``seq``'s blocks and requeue it; its outputs are kept and recomputed later
+        (its computed full blocks stay in the prefix cache, so little may be recomputed)."""
         self.kv.free(seq.seq_id)
         del self._running[seq.seq_id]
         seq.status = SeqStatus.WAITING
@@ -166,38 +127,57 @@ class ContinuousScheduler:
         self._waiting[seq.seq_id] = seq
         plan.preempted.append(seq.seq_id)
 
-    def _over_budget(self, tokens: int, uncached: int, plan: StepPlan) -> bool:
-        """Whether adding a prefill of ``uncached`` tokens breaks the step budget.
+    def _room(
+        self, seq: Sequence, num_tokens: int, plan: StepPlan, key: Urgency, planned: set[str]
+    ) -> bool:
+        """Blocks for the first ``num_tokens`` of ``seq``: while short, preempt the least
+        urgent running sequence not planned yet this step (maybe ``seq`` itself, then False)."""
+        while not self.kv.append_slots(seq.seq_id, num_tokens, seq.token_ids):
+            victim = max((s for s in self._running.values() if s.seq_id not in planned), key=key)
+            self._preempt(victim, plan)
+            if victim is seq:
+                return False
+        planned.add(seq.seq_id)
+        return True
 
-        A prefill larger than the whole budget is allowed when it is the step's only prefill.
-        """
-        if tokens + uncached <= self.max_step_tokens:
-            return False
-        return bool(plan.prefills) or uncached <= self.max_step_tokens
+    @staticmethod
+    def _chunk(seq: Sequence, start: int, n: int, table: list[int]) -> PrefillWork:
+        """Tokens ``start .. start + n`` of ``seq``; final when they reach its last token."""
+        end = start + n
+        ids = seq.token_ids
+        return PrefillWork(seq, ids[start:end], start, table, final=end == len(ids))
 
     def schedule(self, now: float) -> StepPlan:
-        """Plan one step: decodes for every running sequence, then prefills for admissions."""
+        """Plan one step: a decode for every running sequence, then the next chunk of each
+        prefilling one, then first chunks of admissions, all under the step's token budget."""
         plan = StepPlan()
-        by_urgency = sorted(self._running.values(), key=self._urgency(now))
-        for seq in by_urgency:
-            if seq.seq_id not in self._running:
-                continue  # preempted earlier in this loop
+        key = self._urgency(now)
+        by_urgency = sorted(self._running.values(), key=key)
+        planned: set[str] = set()
+        for seq in by_urgency:  # decodes first: one token each, the budget always holds them
             ids = seq.token_ids
-            while not self.kv.append_slots(seq.seq_id, len(ids)):
-                victim = max(self._running.values(), key=self._urgency(now))
-                self._preempt(victim, plan)
-                if victim is seq:
-                    break
-            if seq.seq_id in self._running:
+            if seq.status is SeqStatus.RUNNING and self._room(seq, len(ids), plan, key, planned):
                 table = self.kv.block_table(seq.seq_id)
                 plan.decodes.append(DecodeWork(seq, ids[-1], len(ids) - 1, table))
+        left = self.max_step_tokens - len(plan.decodes)
+        for seq in by_urgency:  # then the prompts already in the middle of their prefill
+            if left <= 0:
+                break
+            if seq.status is not SeqStatus.PREFILLING:
+                continue  # decoding, or preempted above
+            start = seq.num_computed
+            n = min(len(seq.token_ids) - start, self.prefill_chunk_tokens, left)
+            if self._room(seq, start + n, plan, key, planned):
+                plan.prefills.append(self._chunk(seq, start, n, self.kv.block_table(seq.seq_id)))
+                left -= n
         if not plan.preempted:  # under memory pressure, admit nobody (avoids thrashing)
-            self._admit(plan, now)
-        self._in_plan = plan.seqs
+            self._admit(plan, now, left)
+        self._in_plan = [*plan.prefills, *plan.decodes]
         return plan
 
-    def _admit(self, plan: StepPlan, now: float) -> None:
-        """Admit waiting sequences for prefill in urgency/prefix order, head-of-line."""
+    def _admit(self, plan: StepPlan, now: float, left: int) -> None:
+        """Admit waiting sequences in urgency/prefix order, head-of-line, each with a first
+        chunk of at most ``prefill_chunk_tokens`` of the ``left`` tokens of the budget."""
         kv = self.kv
         probes = {
             s.seq_id: kv.probe(s.token_ids, s.salt, s.block_hashes) for s in self._waiting.values()
@@ -212,50 +192,50 @@ class ContinuousScheduler:
                 s.seq_id,
             ),
         )
-        tokens = len(plan.decodes)
         # Each running seq decodes one token per step, so the decodes alone fit the budget.
         cap = min(self.max_num_seqs, self.max_step_tokens)
+        admitted = False
         for seq in order:
-            if len(self._running) >= cap:
+            if len(self._running) >= cap or left <= 0:
                 break
             ids = seq.token_ids
             # Admissions earlier in this step may have made part of this prefix pending.
-            probe = (
-                kv.probe(ids, seq.salt, seq.block_hashes) if plan.prefills else probes[seq.seq_id]
-            )
+            probe = kv.probe(ids, seq.salt, seq.block_hashes) if admitted else probes[seq.seq_id]
             if probe.pending_tokens > 0:
                 continue  # its prefix is being computed this step: share it next step
-            uncached = len(ids) - min(probe.cached_tokens, len(ids) - 1)
-            if self._over_budget(tokens, uncached, plan):
-                break
-            alloc = kv.allocate(seq.seq_id, ids, seq.salt, seq.block_hashes)
+            most = min(self.prefill_chunk_tokens, left)
+            alloc = kv.allocate(seq.seq_id, ids, seq.salt, seq.block_hashes, most)
             if alloc is None:
-                break
-            uncached = len(ids) - alloc.num_cached_tokens
-            if self._over_budget(tokens, uncached, plan):  # fewer cached than probed
-                kv.free(seq.seq_id)
                 break
             del self._waiting[seq.seq_id]
             self._running[seq.seq_id] = seq
-            seq.status = SeqStatus.RUNNING
+            seq.status = SeqStatus.PREFILLING
             seq.num_cached = seq.num_computed = start = alloc.num_cached_tokens
-            plan.prefills.append(PrefillWork(seq, ids[start:], start, list(alloc.block_ids)))
-            tokens += uncached
+            n = min(len(ids) - start, most)
+            plan.prefills.append(self._chunk(seq, start, n, list(alloc.block_ids)))
+            left -= n
+            admitted = True
 
     def on_step(self, sampled: dict[str, int]) -> list[Sequence]:
-        """Record one sampled token per sequence of the last plan; return those that finished
-        (as `Sequence.append` decides), their blocks freed."""
+        """Record the last plan as computed, with one sampled token per sequence it sampled
+        (`StepPlan.sampled`); return those that finished (as `Sequence.append` decides), their
+        blocks freed. A chunk before a prompt's last is committed and sampled nothing."""
         done: list[Sequence] = []
-        for seq in self._in_plan:
-            token = sampled.get(seq.seq_id)
-            if token is None or self._running.get(seq.seq_id) is not seq:
+        for work in self._in_plan:
+            seq = work.seq
+            if self._running.get(seq.seq_id) is not seq:
                 continue  # aborted since the plan was made
-            computed = len(seq.token_ids)
-            seq.computed_tokens += computed - seq.num_computed
-            seq.num_computed = computed
-            finished = seq.append(token)
-            self.kv.commit(seq.seq_id, seq.token_ids, computed)
-            if finished:
+            token = sampled.get(seq.seq_id)
+            sampling = isinstance(work, DecodeWork) or work.final
+            if sampling and token is None:
+                continue  # the caller dropped it (its row failed): nothing is recorded
+            seq.computed_tokens += work.end - seq.num_computed
+            seq.num_computed = work.end
+            self.kv.commit(seq.seq_id, seq.token_ids, work.end)
+            if not sampling or token is None:
+                continue  # still prefilling
+            seq.status = SeqStatus.RUNNING
+            if seq.append(token):
                 self.kv.free(seq.seq_id)
                 del self._running[seq.seq_id]
                 seq.status = SeqStatus.FINISHED

@@ -10,7 +10,8 @@ from kv.hashing import BlockHash
 
 class SeqStatus(StrEnum):
     WAITING = "waiting"
-    RUNNING = "running"
+    PREFILLING = "prefilling"  # admitted; its prompt's chunks are being computed
+    RUNNING = "running"  # decoding
     FINISHED = "finished"
 
 

@@ -13,20 +13,31 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from storage import webhooks
 from storage.db import chunks, dialect_insert
 from storage.models import job_metrics_table, jobs_table, worker_usage_table
 from storage.prices import Billing
 from storage.records import TERMINAL_STATUSES, USAGE_FIGURES, JobUsage, UsageDelta
 
 J, M, W = jobs_table, job_metrics_table, worker_usage_table
-_FROM_JOB = ("tenant", "model", "status", "worker", "attempts", "enqueued_at", "first_seen_at",
-             "finished_at")  # fmt: skip
+_FROM_JOB = (
+    "tenant",
+    "model",
+    "status",
+    "worker",
+    "attempts",
+    "enqueued_at",
+    "first_seen_at",
+    "finished_at",
+)
 
 
 def settle(conn: sa.Connection, job_ids: Iterable[uuid.UUID]) -> None:
     """Bring the facts rows of these jobs in line with their job rows, for those that ended
-    (a row is created on first end; later ends update its status, worker and end time)."""
+    (a row is created on first end; later ends update its status, worker and end time), and
+    record the webhook each such end owes (`storage.webhooks.enqueue`: the outbox row)."""
     ids = list(dict.fromkeys(job_ids))
+    webhooks.enqueue(conn, ids)
     for part in chunks(ids):
         chosen = sa.select(J.c.id, *(J.c[c] for c in _FROM_JOB)).where(
             J.c.id.in_(part), J.c.status.in_(TERMINAL_STATUSES)

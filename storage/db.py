@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -96,3 +97,15 @@ def dialect_insert(conn: sa.Connection | sa.Engine, table: sa.Table) -> Any:
     if name == "sqlite":
         return sqlite.insert(table)
     raise NotImplementedError(f"unsupported database dialect: {name}")
+
+
+def db_now(conn: sa.Connection) -> datetime:
+    """The database's clock, tz-aware UTC: liveness compares times written by many hosts, so
+    they all come from here (PostgreSQL: the transaction's start; SQLite: the current time,
+    to the millisecond)."""
+    if conn.dialect.name == "sqlite":
+        text = conn.scalar(sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"))
+        return datetime.fromisoformat(str(text)).replace(tzinfo=UTC)
+    value = conn.scalar(sa.select(sa.func.now()))
+    assert isinstance(value, datetime)
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)

@@ -54,7 +54,6 @@ class Batch(Base):
     model: Mapped[str] = mapped_column(sa.String(256))
     size: Mapped[int] = mapped_column(sa.Integer)
     real_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
-    padded_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     duration_s: Mapped[float | None] = mapped_column(sa.Float)
@@ -94,6 +93,8 @@ class Job(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the job's deadline
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # producer clock, bounded
     first_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # first worker receipt
+    resends: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")  # sweeper
+    callback_url: Mapped[str | None] = mapped_column(sa.String(2048))  # webhook when it ends
 
 
 class Result(Base):
@@ -255,6 +256,68 @@ class DeadLetter(Base):
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
+class WebhookDelivery(Base):
+    """One webhook to send: written with the job's end in the same transaction (the outbox),
+    its body frozen then; `id` is the `webhook-id` header, the same on every attempt. While an
+    attempt runs, `next_attempt_at` is the end of the sender's lease (the database's clock)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("job_id", "event", name="uq_webhook_deliveries_job_id_event"),
+        sa.CheckConstraint(
+            "state IN ('pending', 'delivered', 'failed')", name="ck_webhook_deliveries_state"
+        ),
+        sa.Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        sa.Uuid,
+        sa.ForeignKey("jobs.id", name="fk_webhook_deliveries_job_id_jobs", ondelete="CASCADE"),
+    )
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    event: Mapped[str] = mapped_column(sa.String(16))  # the job's status it reports
+    body: Mapped[str] = mapped_column(sa.Text)  # the JSON sent, byte for byte (UTF-8)
+    state: Mapped[str] = mapped_column(sa.String(16), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    leased_by: Mapped[str | None] = mapped_column(sa.String(256))  # the last worker to claim it
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # delivered or given up
+    error: Mapped[str | None] = mapped_column(sa.Text)  # why it was given up
+
+
+class WebhookAttempt(Base):
+    """One POST of a delivery (or its refusal before any): what happened, on which worker."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (
+        sa.UniqueConstraint("delivery_id", "attempt", name="uq_webhook_attempts_delivery_attempt"),
+        sa.Index("ix_webhook_attempts_job_id", "job_id"),
+        sa.Index("ix_webhook_attempts_started_at", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)  # fmt: skip
+    delivery_id: Mapped[uuid.UUID] = mapped_column(
+        sa.Uuid,
+        sa.ForeignKey(
+            "webhook_deliveries.id",
+            name="fk_webhook_attempts_delivery_id_webhook_deliveries",
+            ondelete="CASCADE",
+        ),
+    )
+    job_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    attempt: Mapped[int] = mapped_column(sa.Integer)  # 1, 2, ... per delivery
+    status: Mapped[str] = mapped_column(sa.String(16))  # delivered | failed | refused
+    http_status: Mapped[int | None] = mapped_column(sa.Integer)
+    latency_ms: Mapped[int | None] = mapped_column(sa.Integer)
+    error: Mapped[str | None] = mapped_column(sa.String(512))  # an error class or a reason
+    worker: Mapped[str | None] = mapped_column(sa.String(256))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the database's clock
+
+
 jobs_table: sa.Table = Job.__table__  # type: ignore[assignment]
 batches_table: sa.Table = Batch.__table__  # type: ignore[assignment]
 results_table: sa.Table = Result.__table__  # type: ignore[assignment]
@@ -264,3 +327,5 @@ compute_rates_table: sa.Table = ComputeRate.__table__  # type: ignore[assignment
 worker_usage_table: sa.Table = WorkerUsage.__table__  # type: ignore[assignment]
 dead_letters_table: sa.Table = DeadLetter.__table__  # type: ignore[assignment]
 workers_table: sa.Table = Worker.__table__  # type: ignore[assignment]
+webhook_deliveries_table: sa.Table = WebhookDelivery.__table__  # type: ignore[assignment]
+webhook_attempts_table: sa.Table = WebhookAttempt.__table__  # type: ignore[assignment]

@@ -110,15 +110,24 @@ class Billing:
 
 def _price(row: Any) -> Price:
     return Price(
-        row["id"], row["model"], as_utc(row["effective_from"]), Decimal(row["prompt_per_mtok"]),
-        Decimal(row["cached_prompt_per_mtok"]), Decimal(row["completion_per_mtok"]),
+        row["id"],
+        row["model"],
+        as_utc(row["effective_from"]),
+        Decimal(row["prompt_per_mtok"]),
+        Decimal(row["cached_prompt_per_mtok"]),
+        Decimal(row["completion_per_mtok"]),
         row["currency"],
-    )  # fmt: skip
+    )
 
 
 def _rate(row: Any) -> Rate:
-    return Rate(row["id"], row["target"], as_utc(row["effective_from"]),
-                Decimal(row["per_hour"]), row["currency"])  # fmt: skip
+    return Rate(
+        row["id"],
+        row["target"],
+        as_utc(row["effective_from"]),
+        Decimal(row["per_hour"]),
+        row["currency"],
+    )
 
 
 def _add_version(engine: sa.Engine, table: sa.Table, row: dict[str, Any]) -> int:
@@ -137,9 +146,14 @@ def set_price(
     currency: str = "USD",
 ) -> int:
     """Add a price version for `model` (per million tokens); returns its id."""
-    row = {"model": model, "effective_from": as_utc(effective_from or utcnow()),
-           "prompt_per_mtok": prompt, "cached_prompt_per_mtok": cached_prompt,
-           "completion_per_mtok": completion, "currency": currency}  # fmt: skip
+    row = {
+        "model": model,
+        "effective_from": as_utc(effective_from or utcnow()),
+        "prompt_per_mtok": prompt,
+        "cached_prompt_per_mtok": cached_prompt,
+        "completion_per_mtok": completion,
+        "currency": currency,
+    }
     return _add_version(engine, P, row)
 
 
@@ -151,8 +165,12 @@ def set_rate(
     currency: str = "USD",
 ) -> int:
     """Add a compute rate version for a worker name or device class; returns its id."""
-    row = {"target": target, "effective_from": as_utc(effective_from or utcnow()),
-           "per_hour": per_hour, "currency": currency}  # fmt: skip
+    row = {
+        "target": target,
+        "effective_from": as_utc(effective_from or utcnow()),
+        "per_hour": per_hour,
+        "currency": currency,
+    }
     return _add_version(engine, C, row)
 
 

@@ -51,6 +51,7 @@ class NewJob:
     queued_at: datetime = field(default_factory=utcnow)
     expires_at: datetime | None = None
     enqueued_at: datetime | None = None  # the producer's clock, bounded; None: not sent
+    callback_url: str | None = None  # a webhook when the job ends
 
     def row(self) -> dict[str, Any]:
         """Column values for the `jobs` table."""
@@ -68,17 +69,55 @@ class NewJob:
             "expires_at": self.expires_at and as_utc(self.expires_at),
             "enqueued_at": self.enqueued_at and as_utc(self.enqueued_at),
             "attempts": 0,
+            "callback_url": self.callback_url,
         }
+
+    def content(self) -> tuple[Any, ...]:
+        """What the job is: whose, and what to run how (`CONTENT_COLUMNS`, in that order).
+        A message is this job only when it says the same; times and deadlines are not part
+        of it (a resend or a producer's clock may state them differently)."""
+        return tuple(getattr(self, name) for name in CONTENT_COLUMNS)
+
+
+#: The `jobs` columns that make a job what it is; a message with a stored job's id but other
+#: values here is not that job.
+CONTENT_COLUMNS = ("tenant", "model", "prompt", "messages", "params", "priority", "idempotency_key")
 
 
 @dataclass(frozen=True, slots=True)
 class JobState:
     """A job's status and delivery count, as `claim` left them; `id` is the canonical job
-    (another job's id when the message repeated an idempotency key)."""
+    (another job's id when the message repeated an idempotency key). `worker` is the worker
+    it runs on, `expires_at` its stored deadline and `content` its stored `NewJob.content()`
+    (None for a canonical job of another id): a message whose content differs is not this
+    job, and `claim` left the row as it was."""
 
     id: uuid.UUID
     status: JobStatus
     attempts: int
+    worker: str | None = field(default=None, compare=False)
+    expires_at: datetime | None = field(default=None, compare=False)
+    content: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+
+    def is_job_of(self, job: NewJob) -> bool:
+        """Whether a message's job is this stored job (same id and same content)."""
+        return (
+            self.id == job.id
+            and self.content is not None
+            and same_content(self.content, job.content())
+        )
+
+
+def same_content(stored: tuple[Any, ...], sent: tuple[Any, ...]) -> bool:
+    """Whether a message's `NewJob.content()` is a stored job's: equal column by column,
+    except that stored `params` may lack keys (a row written by an older version, before a
+    parameter existed): the keys it has must hold the message's values."""
+    at = CONTENT_COLUMNS.index("params")
+    rest = [i for i in range(len(CONTENT_COLUMNS)) if i != at]
+    if any(stored[i] != sent[i] for i in rest):
+        return False
+    kept, given = stored[at] or {}, sent[at] or {}
+    return isinstance(kept, dict) and all(k in given and given[k] == v for k, v in kept.items())
 
 
 @dataclass(slots=True)
@@ -90,7 +129,6 @@ class BatchRecord:
     model: str
     size: int
     real_tokens: int  # tokens computed for its jobs (prefill, recompute, decode)
-    padded_tokens: int  # the same with padding: equal for the paged engine
     started_at: datetime
     finished_at: datetime | None = None
     duration_s: float | None = None
@@ -159,8 +197,11 @@ class JobUsage:
 
     def facts(self) -> dict[str, Any]:
         """`job_metrics` columns: identity of the work, and with a result, its timings."""
-        row: dict[str, Any] = {"job_id": self.job_id, "device": self.device,
-                               "compute_s": self.compute_s}  # fmt: skip
+        row: dict[str, Any] = {
+            "job_id": self.job_id,
+            "device": self.device,
+            "compute_s": self.compute_s,
+        }
         if not self.with_result:
             return row
         decode_s = _seconds(self.finished_at, self.first_token_at)
@@ -208,8 +249,15 @@ class UsageDelta:
 
 #: What a `UsageDelta` adds up: engine seconds, then counters (as `EngineStats` names them).
 USAGE_SECONDS = ("busy_s", "idle_s")
-USAGE_COUNTS = ("steps", "seq_steps", "prefill_tokens", "decode_tokens", "recompute_tokens",
-                "cache_queried_tokens", "cache_hit_tokens")  # fmt: skip
+USAGE_COUNTS = (
+    "steps",
+    "seq_steps",
+    "prefill_tokens",
+    "decode_tokens",
+    "recompute_tokens",
+    "cache_queried_tokens",
+    "cache_hit_tokens",
+)
 USAGE_FIGURES = USAGE_SECONDS + USAGE_COUNTS
 
 
@@ -256,7 +304,7 @@ class JobView:
     metrics: MetricsRow | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict: ISO-8601 datetimes, string UUIDs."""
+        """JSON-friendly dict: ISO-8601 datetimes, string UUIDs (`from_dict` reads it back)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -267,3 +315,37 @@ class JobView:
             else:
                 out[f.name] = _plain(value)
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobView:
+        """The view `to_dict` wrote; ValueError, TypeError or KeyError for anything else."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or not set(data) <= set(fields):
+            raise ValueError("not a job view")
+        values = {k: _typed(_VIEW_TYPES.get(k), v) for k, v in data.items() if k in fields}
+        values["result"] = _row(ResultRow, data.get("result"), values["id"])
+        values["metrics"] = _row(MetricsRow, data.get("metrics"), values["id"])
+        return cls(**values)
+
+
+_VIEW_TYPES = {"id": uuid.UUID, "batch_id": uuid.UUID, "queued_at": datetime,
+               "started_at": datetime, "finished_at": datetime, "expires_at": datetime,
+               "list_cost": Decimal, "compute_cost": Decimal, "cache_savings": Decimal}  # fmt: skip
+
+
+def _typed(kind: type | None, value: Any) -> Any:
+    """A `to_dict` value back as `kind` (None stays None)."""
+    if value is None or kind is None:
+        return value
+    if kind is datetime:
+        return as_utc(datetime.fromisoformat(value))
+    return kind(value)
+
+
+def _row(kind: type, data: Any, job_id: uuid.UUID) -> Any:
+    """A view's `result` or `metrics` row from its dict (None stays None)."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError("not a row")
+    return kind(job_id, **{k: _typed(_VIEW_TYPES.get(k), v) for k, v in data.items()})

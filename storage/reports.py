@@ -42,11 +42,33 @@ LATENCIES = ("queue_wait_s", "ttft_s", "total_s", "decode_tokens_per_s")
 QUANTILES = (50, 95, 99)
 ENGINE_SECONDS, ENGINE_COUNTS = USAGE_SECONDS, USAGE_COUNTS
 JOB_REPORT_COLUMNS = (  # the job_report view's, in its order
-    "job_id", "tenant", "model", "status", "priority", "attempts", "worker", "device", "error",
-    "queued_at", "enqueued_at", "first_seen_at", "admitted_at", "first_token_at", "finished_at",
-    "queue_wait_s", "ttft_s", "ttft_from_admission_s", "decode_s", "total_s",
-    "decode_tokens_per_s", *TOKENS, "compute_s", "price_id", "rate_id", *MONEY,
-)  # fmt: skip
+    "job_id",
+    "tenant",
+    "model",
+    "status",
+    "priority",
+    "attempts",
+    "worker",
+    "device",
+    "error",
+    "queued_at",
+    "enqueued_at",
+    "first_seen_at",
+    "admitted_at",
+    "first_token_at",
+    "finished_at",
+    "queue_wait_s",
+    "ttft_s",
+    "ttft_from_admission_s",
+    "decode_s",
+    "total_s",
+    "decode_tokens_per_s",
+    *TOKENS,
+    "compute_s",
+    "price_id",
+    "rate_id",
+    *MONEY,
+)
 
 
 def _report_type(name: str) -> Any:
@@ -128,9 +150,13 @@ def _rows(engine: sa.Engine, statement: Statement) -> list[Row]:
 
 
 def usage_statement(
-    dialect: str, since: datetime, until: datetime, tenant: str | None = None,
-    model: str | None = None, by: str = "day",
-) -> sa.Select[Any]:  # fmt: skip
+    dialect: str,
+    since: datetime,
+    until: datetime,
+    tenant: str | None = None,
+    model: str | None = None,
+    by: str = "day",
+) -> sa.Select[Any]:
     """Jobs, counts by status, tokens, compute seconds and money per bucket, tenant, model."""
     day = bucket(dialect, M.c.finished_at, by)
     one, zero = _lit("1"), _lit("0")
@@ -183,9 +209,13 @@ def latency_statement(
 
 
 def engine_statement(
-    dialect: str, since: datetime, until: datetime, worker: str | None = None,
-    model: str | None = None, by: str = "hour",
-) -> sa.Select[Any]:  # fmt: skip
+    dialect: str,
+    since: datetime,
+    until: datetime,
+    worker: str | None = None,
+    model: str | None = None,
+    by: str = "hour",
+) -> sa.Select[Any]:
     """Engine seconds and counters per bucket, worker and model (ratios: `engine_efficiency`)."""
     hour = W.c.hour if by == "hour" else bucket(dialect, W.c.hour, by)
     return (
@@ -235,9 +265,14 @@ def failures_statement(
 
 
 def jobs_statement(
-    dialect: str, since: datetime, until: datetime, tenant: str | None = None,
-    model: str | None = None, status: str | None = None, limit: int = 100,
-) -> sa.Select[Any]:  # fmt: skip
+    dialect: str,
+    since: datetime,
+    until: datetime,
+    tenant: str | None = None,
+    model: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+) -> sa.Select[Any]:
     """The `job_report` rows of the latest `limit` jobs that ended in the window."""
     latest = (
         sa.select(M.c.job_id)
@@ -272,18 +307,25 @@ def render_sql(engine: sa.Engine, statement: Statement) -> str:
 
 
 def usage(
-    engine: sa.Engine, since: datetime, until: datetime, tenant: str | None = None,
-    model: str | None = None, by: str = "day",
-) -> list[Row]:  # fmt: skip
+    engine: sa.Engine,
+    since: datetime,
+    until: datetime,
+    tenant: str | None = None,
+    model: str | None = None,
+    by: str = "day",
+) -> list[Row]:
     """Per day (or hour), tenant and model: jobs, done/failed/cancelled/expired, token sums,
     compute seconds, list cost, compute cost and cache savings."""
     return _rows(engine, usage_statement(engine.dialect.name, since, until, tenant, model, by))
 
 
 def latency(
-    engine: sa.Engine, since: datetime, until: datetime, model: str | None = None,
+    engine: sa.Engine,
+    since: datetime,
+    until: datetime,
+    model: str | None = None,
     by: str = "day",
-) -> list[Row]:  # fmt: skip
+) -> list[Row]:
     """Per day (or hour) and model, over done jobs: `jobs` and the p50/p95/p99 of queue
     wait, TTFT, total time and decode tokens/s (`<column>_p<q>`; NULLs ignored)."""
     dialect = engine.dialect.name
@@ -307,9 +349,13 @@ def latency(
 
 
 def engine_efficiency(
-    engine: sa.Engine, since: datetime, until: datetime, worker: str | None = None,
-    model: str | None = None, by: str = "hour",
-) -> list[Row]:  # fmt: skip
+    engine: sa.Engine,
+    since: datetime,
+    until: datetime,
+    worker: str | None = None,
+    model: str | None = None,
+    by: str = "hour",
+) -> list[Row]:
     """Per hour (or day), worker and model: engine seconds and counters, and the ratios of
     `engine_hourly` (busy share, output tokens/s, computed tokens per busy second, mean
     running sequences per step, prefix-cache hit rate)."""
@@ -320,11 +366,12 @@ def engine_efficiency(
         r.update(
             busy_share=_ratio(r["busy_s"], wall),
             output_tokens_per_s=_ratio(r["seq_steps"], wall),
-            computed_tokens_per_busy_s=_ratio(r["prefill_tokens"] + r["decode_tokens"],
-                                              r["busy_s"]),
+            computed_tokens_per_busy_s=_ratio(
+                r["prefill_tokens"] + r["decode_tokens"], r["busy_s"]
+            ),
             mean_running_seqs=_ratio(r["seq_steps"], r["steps"]),
             prefix_hit_rate=_ratio(r["cache_hit_tokens"], r["cache_queried_tokens"]),
-        )  # fmt: skip
+        )
     return rows
 
 
@@ -335,9 +382,14 @@ def failures(engine: sa.Engine, since: datetime, until: datetime, by: str = "day
 
 
 def jobs(
-    engine: sa.Engine, since: datetime, until: datetime, tenant: str | None = None,
-    model: str | None = None, status: str | None = None, limit: int = 100,
-) -> list[Row]:  # fmt: skip
+    engine: sa.Engine,
+    since: datetime,
+    until: datetime,
+    tenant: str | None = None,
+    model: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+) -> list[Row]:
     """The latest `limit` jobs that ended in the window, newest first, from `job_report`."""
     statement = jobs_statement(engine.dialect.name, since, until, tenant, model, status, limit)
     return _rows(engine, statement)

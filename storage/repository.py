@@ -8,6 +8,7 @@ rows) inside one transaction per method; on SQLite a write transaction starts wi
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -17,9 +18,16 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage import accounting
-from storage.db import WRITE_OPTION, chunks, dialect_insert, make_engine
+from storage.claims import (
+    DEFAULT_LIVE_FOR_S,
+    EXPIRED_ERROR,
+    claim_states,
+    stored_contents,
+    take,
+    takeable,
+)
+from storage.db import WRITE_OPTION, chunks, db_now, dialect_insert, make_engine
 from storage.models import (
-    JOB_STATUSES,
     batches_table,
     dead_letters_table,
     job_metrics_table,
@@ -28,6 +36,7 @@ from storage.models import (
 )
 from storage.records import (
     ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
     BatchRecord,
     FinishedJob,
     JobState,
@@ -38,10 +47,13 @@ from storage.records import (
     NewJob,
     ResultRow,
     UsageDelta,
+    same_content,
     utcnow,
 )
+from storage.summary import summarize
 
 __all__ = [
+    "EXPIRED_ERROR",
     "BatchRecord",
     "FinishedJob",
     "JobState",
@@ -53,7 +65,8 @@ __all__ = [
 ]
 
 J, B, R, M = jobs_table, batches_table, results_table, job_metrics_table
-EXPIRED_ERROR = "its deadline passed before it finished"
+D = dead_letters_table
+MAX_ERROR_CHARS = 4096  # of a dead letter's error text (a validation error can be megabytes)
 _RESULT_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "job_id"]
 _METRIC_FIELDS = [f.name for f in dataclasses.fields(MetricsRow) if f.name != "job_id"]
 _JOB_FIELDS = [f.name for f in dataclasses.fields(JobView) if f.name not in ("result", "metrics")]
@@ -69,8 +82,12 @@ def _of(tenant: str | None) -> sa.ColumnElement[bool]:
     return sa.true() if tenant is None else J.c.tenant == tenant
 
 
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _capped(error: str) -> str | None:
+    """A dead letter's error text, cut to `MAX_ERROR_CHARS` (saying how long it was)."""
+    if len(error) <= MAX_ERROR_CHARS:
+        return error or None
+    note = f" ... [cut: {len(error)} characters in all]"
+    return error[: MAX_ERROR_CHARS - len(note)] + note
 
 
 class Repository:
@@ -124,18 +141,27 @@ class Repository:
 
     def record_dead_letter(
         self, reason: str, payload: dict[str, Any], error: str = "", *, job_id: uuid.UUID | None
-    ) -> None:
-        """Keep a message that cannot run (its raw payload and why) instead of dropping it."""
+    ) -> int:
+        """Keep a message that cannot run (its raw payload and why) instead of dropping it;
+        the error text is cut at `MAX_ERROR_CHARS`. Returns the row's id."""
+        row = {
+            "reason": reason[:128],
+            "error": _capped(error),
+            "job_id": job_id,
+            "payload": payload,
+        }
+        with self.writer.begin() as conn:
+            return conn.scalar(sa.insert(dead_letters_table).values(row).returning(D.c.id))
+
+    def rewrite_dead_letter(self, row_id: int, payload: dict[str, Any], error: str = "") -> None:
+        """Replace a dead letter's payload and error (a row that folds many messages)."""
         with self.writer.begin() as conn:
             conn.execute(
-                sa.insert(dead_letters_table).values(
-                    reason=reason[:128], error=error or None, job_id=job_id, payload=payload
-                )
+                sa.update(D).where(D.c.id == row_id).values(error=_capped(error), payload=payload)
             )
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent dead letters, newest first."""
-        D = dead_letters_table
         query = sa.select(D).order_by(D.c.id.desc()).limit(limit)
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
@@ -164,42 +190,40 @@ class Repository:
         worker: str,
         refused: Mapping[uuid.UUID, str] | None = None,
         now: datetime | None = None,
+        *,
+        live_for_s: float = DEFAULT_LIVE_FOR_S,
     ) -> dict[uuid.UUID, JobState]:
-        """One transaction for jobs a worker received: insert the absent ones, mark the active
-        ones running for `worker` (attempts + 1) except those in `refused`, which fail with
-        their error. Maps each message job id to its canonical job's state after that."""
+        """One transaction for jobs a worker received: insert the absent ones; mark running
+        for `worker` (attempts + 1) those queued or orphaned (`storage.claims.orphaned`: a
+        worker silent for `live_for_s`, stopped or started again); those in `refused` fail
+        with their error instead. A job running live, here or elsewhere, is left as it is. A
+        message whose id is a stored job of other content (another tenant's, say) never
+        changes that row: compare with `JobState.is_job_of`. Times are the database's
+        (`now` overrides it: tests). Maps each message job id to its canonical job's state
+        (for a repeated id, the first message's)."""
         refused = refused or {}
-        now = now or utcnow()
-        unique = list({j.id: j for j in jobs}.values())
+        unique: dict[uuid.UUID, NewJob] = {}
+        for job in jobs:
+            unique.setdefault(job.id, job)
         if not unique:
             return {}
         insert = self.insert(J).on_conflict_do_nothing().returning(J.c.id)
         with self.writer.begin() as conn:
-            inserted = set(conn.scalars(insert, [j.row() for j in unique]))
-            canonical = {j.id: j.id for j in unique if j.id in inserted}
-            canonical.update(self._existing(conn, [j for j in unique if j.id not in inserted]))
-            runnable = [j for j in canonical.values() if j not in refused]
-            for part in chunks(runnable):  # past their deadline: expired, not run
-                conn.execute(
-                    sa.update(J)
-                    .where(J.c.id.in_(part), J.c.status.in_(ACTIVE_STATUSES), J.c.expires_at <= now)
-                    .values(status=JobStatus.EXPIRED, finished_at=now, error=EXPIRED_ERROR)
-                )
-            for part in chunks(runnable):
-                conn.execute(
-                    sa.update(J)
-                    .where(J.c.id.in_(part), J.c.status.in_(ACTIVE_STATUSES))
-                    .values(status="running", attempts=J.c.attempts + 1, started_at=now,
-                            worker=worker, first_seen_at=sa.func.coalesce(J.c.first_seen_at, now))
-                )  # fmt: skip
-            self._fail(conn, {j: refused[j] for j in canonical if j in refused}, final=True)
-            accounting.settle(conn, canonical.values())
-            states: dict[uuid.UUID, JobState] = {}
-            for part in chunks(list(set(canonical.values()))):
-                rows = conn.execute(
-                    sa.select(J.c.id, J.c.status, J.c.attempts).where(J.c.id.in_(part))
-                )
-                states.update((i, JobState(i, JobStatus(s), a)) for i, s, a in rows)
+            now = now or db_now(conn)
+            inserted = set(conn.scalars(insert, [j.row() for j in unique.values()]))
+            canonical = {i: i for i in inserted}
+            canonical.update(
+                self._existing(conn, [j for i, j in unique.items() if i not in inserted])
+            )
+            contents = {i: unique[i].content() for i in inserted}
+            existing = [i for i, c in canonical.items() if i == c and i not in inserted]
+            contents.update(stored_contents(conn, existing))
+            mine = [i for i, c in contents.items() if same_content(c, unique[i].content())]
+            take(conn, [i for i in mine if i not in refused], worker, now, live_for_s)
+            errors = {i: e for i, e in refused.items() if i in mine}
+            self._fail(conn, errors, final=True, where=takeable(now, live_for_s))
+            accounting.settle(conn, mine)
+            states = claim_states(conn, set(canonical.values()), contents)
         return {job_id: states[c] for job_id, c in canonical.items() if c in states}
 
     def store_outcomes(
@@ -233,14 +257,20 @@ class Repository:
                 done = (
                     sa.update(J)
                     .where(J.c.id == sa.bindparam("p_id"), _status_in(ACTIVE_STATUSES | {"failed"}))
-                    .values(status="done", finished_at=sa.bindparam("p_at"),
-                            batch_id=sa.bindparam("p_batch"), error=None)
-                )  # fmt: skip
+                    .values(
+                        status="done",
+                        finished_at=sa.bindparam("p_at"),
+                        batch_id=sa.bindparam("p_batch"),
+                        error=None,
+                    )
+                )
                 conn.execute(
                     done,
-                    [{"p_id": f.result.job_id, "p_at": f.finished_at, "p_batch": f.batch_id}
-                     for f in fresh],
-                )  # fmt: skip
+                    [
+                        {"p_id": f.result.job_id, "p_at": f.finished_at, "p_batch": f.batch_id}
+                        for f in fresh
+                    ],
+                )
             self._fail(conn, failures or {}, final=True)
             self._fail(conn, dict.fromkeys(expired, EXPIRED_ERROR), final=True, expire=True)
             usage = [f.usage for f in fresh] + list(charges)
@@ -274,6 +304,7 @@ class Repository:
         *,
         final: bool,
         expire: bool = False,
+        where: sa.ColumnElement[bool] | None = None,
     ) -> None:
         if not errors:
             return
@@ -282,7 +313,13 @@ class Repository:
         ended = JobStatus.EXPIRED if expire else JobStatus.FAILED
         values.update({"status": ended, "finished_at": utcnow()} if final else {"status": "queued"})
         stmt = (
-            sa.update(J).where(J.c.id == sa.bindparam("p_id"), _status_in(allowed)).values(values)
+            sa.update(J)
+            .where(
+                J.c.id == sa.bindparam("p_id"),
+                _status_in(allowed),
+                sa.true() if where is None else where,
+            )
+            .values(values)
         )
         conn.execute(stmt, [{"p_id": i, "p_error": e} for i, e in errors.items()])
 
@@ -319,6 +356,20 @@ class Repository:
                     out[view.id] = view
         return out
 
+    def wait_ended(
+        self, ids: Sequence[uuid.UUID], timeout: float, poll: float = 0.5
+    ) -> list[JobView]:
+        """Poll until every job among `ids` has ended (operators and the embedded demo:
+        producers wait on Redis, see `api_client`); TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            views = self.get_many(ids)
+            if all(i in views and views[i].status in TERMINAL_STATUSES for i in ids):
+                return [views[i] for i in ids]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jobs not finished after {timeout}s")
+            time.sleep(poll)
+
     def statuses(self, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, str]:
         """Status of each existing job among `ids`."""
         ids = list(dict.fromkeys(ids))
@@ -330,46 +381,5 @@ class Repository:
         return out
 
     def summary(self, job_ids: Sequence[uuid.UUID] | None = None) -> dict[str, Any]:
-        """Aggregate figures over `job_ids` (None: every job); times are tz-aware UTC."""
-        ids = None if job_ids is None else list(dict.fromkeys(job_ids))
-
-        def among(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
-            return sa.true() if ids is None else col.in_(ids)
-
-        with self.engine.connect() as conn:
-            counts = dict.fromkeys(JOB_STATUSES, 0)
-            firsts: list[datetime] = []
-            lasts: list[datetime] = []
-            stmt = sa.select(
-                J.c.status,
-                sa.func.count(),
-                sa.func.min(J.c.queued_at),
-                sa.func.max(J.c.finished_at),
-            ).where(among(J.c.id))
-            for status, n, q_min, f_max in conn.execute(stmt.group_by(J.c.status)):
-                counts[status] = n
-                firsts += [q_min] if q_min else []
-                lasts += [f_max] if f_max else []
-            totals = sa.select(sa.func.coalesce(sa.func.sum(R.c.completion_tokens), 0))
-            tokens = int(conn.scalar(totals.where(among(R.c.job_id))) or 0)
-            means = sa.select(sa.func.avg(M.c.queue_wait_s), sa.func.avg(M.c.ttft_s))
-            wait, ttft = conn.execute(means.where(among(M.c.job_id))).one()
-            used = sa.select(J.c.batch_id).where(among(J.c.id), J.c.batch_id.is_not(None))
-            sizes = sa.select(sa.func.count(), sa.func.avg(B.c.size))
-            sizes = sizes if ids is None else sizes.where(B.c.id.in_(used))
-            batches, mean_size = conn.execute(sizes).one()
-        first, last = min(firsts, default=None), max(lasts, default=None)
-        elapsed = (last - first).total_seconds() if first and last else None
-        return {
-            "total": sum(counts.values()),
-            "counts": counts,
-            "completion_tokens": tokens,
-            "mean_queue_wait_s": _float(wait),
-            "mean_ttft_s": _float(ttft),
-            "first_queued_at": first,
-            "last_finished_at": last,
-            "elapsed_s": elapsed,
-            "completion_tokens_per_s": tokens / elapsed if elapsed else None,
-            "batches": int(batches),
-            "mean_batch_size": _float(mean_size),
-        }
+        """Aggregate figures over `job_ids` (None: every job); see `storage.summary`."""
+        return summarize(self.engine, job_ids)

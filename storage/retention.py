@@ -50,5 +50,10 @@ def purge(engine: sa.Engine, before: datetime, batch: int = 20_000) -> Purged:
     jobs = _batched(engine, J, old_jobs, batch)
     unused = ~sa.exists().where(J.c.batch_id == B.c.id)
     batches = _batched(engine, B, sa.select(B.c.id).where(B.c.finished_at < cut, unused), batch)
-    letters = _batched(engine, D, sa.select(D.c.id).where(D.c.received_at < cut), batch)
-    return Purged(jobs, batches, letters)
+    return Purged(jobs, batches, purge_dead_letters(engine, cut, batch))
+
+
+def purge_dead_letters(engine: sa.Engine, before: datetime, batch: int = 20_000) -> int:
+    """Delete dead letters received before `before`; how many."""
+    old = sa.select(D.c.id).where(D.c.received_at < as_utc(before))
+    return _batched(engine, D, old, batch)

@@ -56,8 +56,15 @@ INDEXES = {
     "ix_job_metrics_tenant_finished_at": ["tenant", "finished_at"],
     "ix_job_metrics_model_finished_at": ["model", "finished_at"],
 }
-COUNTERS = ("steps", "seq_steps", "prefill_tokens", "decode_tokens", "recompute_tokens",
-            "cache_queried_tokens", "cache_hit_tokens")  # fmt: skip
+COUNTERS = (
+    "steps",
+    "seq_steps",
+    "prefill_tokens",
+    "decode_tokens",
+    "recompute_tokens",
+    "cache_queried_tokens",
+    "cache_hit_tokens",
+)
 LATENCIES = ("queue_wait_s", "ttft_s", "total_s", "decode_tokens_per_s")
 VIEWS = ("job_report", "usage_daily", "engine_hourly", "failures_daily", "latency_hourly")
 
@@ -153,8 +160,14 @@ def _versioned(table: str, key: str, *money: str, unique: str) -> None:
 
 
 def upgrade() -> None:
-    _versioned("prices", "model", "prompt_per_mtok", "cached_prompt_per_mtok",
-               "completion_per_mtok", unique="uq_prices_model_from")  # fmt: skip
+    _versioned(
+        "prices",
+        "model",
+        "prompt_per_mtok",
+        "cached_prompt_per_mtok",
+        "completion_per_mtok",
+        unique="uq_prices_model_from",
+    )
     _versioned("compute_rates", "target", "per_hour", unique="uq_compute_rates_target_from")
     op.create_table(
         "worker_usage",
@@ -181,11 +194,15 @@ def upgrade() -> None:
     of_result = (
         "coalesce((SELECT {0} FROM results r WHERE r.job_id = job_metrics.job_id), 0)".format
     )
-    pairs = {c: of_job(c) for c in ("tenant", "model", "status", "worker", "attempts",
-                                      "finished_at")}  # fmt: skip
-    pairs.update(first_seen_at=of_job("started_at"), prompt_tokens=of_result("prompt_tokens"),
-                 cached_prompt_tokens=of_result("cached_tokens"),
-                 completion_tokens=of_result("completion_tokens"))  # fmt: skip
+    pairs = {
+        c: of_job(c) for c in ("tenant", "model", "status", "worker", "attempts", "finished_at")
+    }
+    pairs.update(
+        first_seen_at=of_job("started_at"),
+        prompt_tokens=of_result("prompt_tokens"),
+        cached_prompt_tokens=of_result("cached_tokens"),
+        completion_tokens=of_result("completion_tokens"),
+    )
     assignments = ", ".join(f"{column} = {value}" for column, value in pairs.items())
     op.execute(f"UPDATE job_metrics SET {assignments}")
     op.execute(

@@ -56,8 +56,13 @@ class Ref:
     hit_eos: bool
 
 
-def _req(seq_id: str, ids: list[int], tenant: str = "gen", **params: Any) -> EngineRequest:
-    return EngineRequest(seq_id, ids, SamplingParams(**params), tenant)
+def _req(
+    seq_id: str, ids: list[int], tenant: str = "gen", ignore_eos: bool = False, **sampling: Any
+) -> EngineRequest:
+    params = SamplingParams(**sampling)
+    return EngineRequest(
+        seq_id=seq_id, prompt_ids=ids, params=params, tenant=tenant, ignore_eos=ignore_eos
+    )
 
 
 def generate(engine: PagedEngine, reqs: list[EngineRequest]) -> list[EngineOutput]:

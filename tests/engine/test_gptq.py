@@ -49,7 +49,10 @@ QUESTIONS = [  # 22 chat prompts: the fp engine test's 16 and 6 more
 
 def _greedy(prompts: list[list[int]], max_tokens: int, tag: str) -> list[EngineRequest]:
     params = SamplingParams(max_tokens=max_tokens)
-    return [EngineRequest(f"{tag}-{i}", p, params, "t") for i, p in enumerate(prompts)]
+    return [
+        EngineRequest(seq_id=f"{tag}-{i}", prompt_ids=p, params=params, tenant="t")
+        for i, p in enumerate(prompts)
+    ]
 
 
 def _reference(wrapped, prompts: list[list[int]], max_tokens: int, eos: set[int]) -> list:
@@ -101,7 +104,11 @@ def tiny_gptq(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Path
     root = tmp_path_factory.mktemp("tiny")
     LlamaForCausalLM(config).save_pretrained(root / "src")
     tokenizer.save_pretrained(root / "src")
-    spec = quantize(root / "src", root / "gptq", GptqSpec(group_size=32, samples=16, batch_size=8))
+    spec = quantize(
+        root / "src",
+        root / "gptq",
+        GptqSpec(group_size=32, sym=True, static_groups=False, samples=16, batch_size=8),
+    )
     assert spec.group_size == 32
     return root / "gptq"
 

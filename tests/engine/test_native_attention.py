@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from scheduler import PrefillWork, Sequence
 from worker.engine import native
-from worker.engine.runner import PagedRunner, PrefillInput
+from worker.engine.runner import PagedRunner
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
 
@@ -128,7 +129,8 @@ def test_the_runners_prefill_tiles_match_dense_attention(start):
     gen = torch.Generator().manual_seed(6)
     heads, kv_heads, dim, block, new = 9, 3, 64, 16, 150
     table = list(range(12))
-    prefill = PrefillInput(list(range(new)), start, table)
+    ids = list(range(start + new))
+    prefill = PrefillWork(Sequence("p", ids, 1), ids[start:], start, table, final=True)
     layout = PagedRunner._token_tables(SimpleNamespace(block_size=block), [prefill], [], [])
     rows = layout.tile_rows.tolist()
     assert rows == [64, 64, 22] if start else rows == [64, 22]  # no tile without keys before

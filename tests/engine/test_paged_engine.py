@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from inferq.params import EngineConfig
 from worker.engine import native
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
-from worker.engine.engine import EngineConfig, PagedEngine
+from worker.engine.engine import PagedEngine
 
 pytestmark = pytest.mark.model
 MAX_TOKENS = 10
@@ -81,7 +82,10 @@ def references(paged: PagedEngine, model_path: str) -> list[list[int]]:
 
 def _requests(prompts: list[list[int]], tag: str, tenant: str = "t") -> list[EngineRequest]:
     greedy = SamplingParams(max_tokens=MAX_TOKENS)
-    return [EngineRequest(f"{tag}-{i}", p, greedy, tenant) for i, p in enumerate(prompts)]
+    return [
+        EngineRequest(seq_id=f"{tag}-{i}", prompt_ids=p, params=greedy, tenant=tenant)
+        for i, p in enumerate(prompts)
+    ]
 
 
 def test_fifty_prompts_cold_then_warm_cache(paged, references) -> None:

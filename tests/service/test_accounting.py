@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
-from service_helpers import producer, running_worker, wait_for
+from service_helpers import producer, running_worker, wait_for, wait_status
 
 from api_client import InferqClient
 from storage.prices import set_price, set_rate
@@ -115,9 +115,7 @@ def test_a_job_cancelled_while_running_is_billed_its_compute(service_settings, f
     set_rate(repo.engine, "cpu", RATE, effective_from=datetime.now(UTC) - timedelta(days=1))
     client = InferqClient(service_settings)
     job = client.submit("Count slowly from one to one thousand:", params={"max_tokens": 400})
-    deadline = time.monotonic() + 60
-    while client.get(job).status != "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_status(client, job, "running")
     time.sleep(1.0)
     assert client.cancel(job)
     deadline = time.monotonic() + 10
@@ -168,10 +166,7 @@ def test_every_ended_job_has_facts_and_null_engine_compute_sums_to_busy(service_
         expired = client.enqueue(
             late.model_copy(update={"submitted_at": datetime.now(UTC) - timedelta(seconds=5)})
         )
-        deadline = time.monotonic() + 30
-        while client.get(expired).status != "expired":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_status(client, expired, "expired", timeout=30)
     facts = _facts(service.repo, [*ok, unknown, expired])
     assert views[unknown].status == "failed"
     assert facts[unknown].status == "failed" and facts[expired].status == "expired"

@@ -11,13 +11,13 @@ from contextlib import ExitStack
 
 import pytest
 import redis
-import sqlalchemy as sa
-from service_helpers import producer, running_worker, wait_for
+from service_helpers import producer, running_worker, wait_for, workers_of
 
 from api_client import InferqClient
+from worker.broker import Peer, RedisSource, Router, prefix_key
+from worker.broker.affinity import SLACK
+from worker.broker.layout import affinity_queue
 from worker.engine.null import NullEngine
-from worker.service.affinity import SLACK, Peer, Router, prefix_key
-from worker.service.registry import affinity_queue
 
 pytestmark = pytest.mark.services
 
@@ -39,15 +39,6 @@ def _wait_registered(settings, names: set[str], timeout: float = 10.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"workers not registered: {names}")
-
-
-def _workers_of(repo, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-    with repo.engine.connect() as conn:
-        rows = conn.execute(
-            sa.text("SELECT job_id, worker FROM job_metrics WHERE job_id = ANY(:ids)"),
-            {"ids": ids},
-        )
-        return dict(rows.all())
 
 
 def test_jobs_sharing_a_prefix_meet_on_the_worker_that_owns_it(service_settings) -> None:
@@ -77,7 +68,7 @@ def test_jobs_sharing_a_prefix_meet_on_the_worker_that_owns_it(service_settings)
                 for owner, text in prefixes.items()}  # fmt: skip
         ids = [j for group in jobs.values() for j in group]
         views = wait_for(services[0].repo, ids, timeout=60)
-        ran_on = _workers_of(services[0].repo, ids)
+        ran_on = workers_of(services[0].repo, ids)
     assert all(v.status == "done" for v in views.values())
     for owner, group in jobs.items():
         assert [ran_on[j] for j in group] == [owner] * len(group)
@@ -106,8 +97,6 @@ def test_a_dead_workers_queue_is_drained_by_the_live_ones(service_settings) -> N
 def test_messages_a_dead_worker_had_taken_come_back_within_seconds(service_settings) -> None:
     """A worker that took a message and died (no ack, no heartbeat): the live ones push the
     message back long before the visibility timeout, and it runs once."""
-    from worker.service.redis_source import RedisSource
-
     settings = _settings(service_settings, "aff-live")
     job = uuid.uuid4()
     producer(settings).send_task(

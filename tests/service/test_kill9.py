@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from service_helpers import records, worker_process
 
 from api_client import InferqClient
-from inferq.settings import FP_MODEL
 
 pytestmark = [pytest.mark.model, pytest.mark.services]
 JOBS = 16
@@ -22,30 +19,6 @@ JOBS = 16
 # batch finished in well under a second once the engine got fast).
 SLOW = {"INFERQ_MAX_NUM_SEQS": "2"}
 PARAMS = {"max_tokens": 48}
-
-
-def _start_worker(
-    settings, model_path: str, log: Path, name: str, **extra: str
-) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "INFERQ_BROKER_URL": settings.broker_url,
-        "INFERQ_DATABASE_URL": settings.database_url,
-        "INFERQ_QUEUE": settings.queue,
-        "INFERQ_HOME": str(settings.home),
-        "INFERQ_MODEL": FP_MODEL,
-        "INFERQ_MODEL_PATH": model_path,
-        "INFERQ_VISIBILITY_TIMEOUT_S": "10",
-        "INFERQ_WORKER_NAME": name,
-        **extra,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "inferq.cli", "worker", "--loglevel", "INFO"],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -60,25 +33,29 @@ def _wait(predicate, timeout: float, what: str) -> None:
 def test_kill9_mid_batch_loses_nothing_and_duplicates_nothing(
     service_settings, model_path, tmp_path
 ) -> None:
-    client = InferqClient(service_settings)
+    client, repo = InferqClient(service_settings), records(service_settings)
     ids = client.submit_many(
         {"prompt": f"List {n} animals:", "params": PARAMS} for n in range(JOBS)
     )
     log = tmp_path / "worker.log"
-    first = _start_worker(service_settings, model_path, log, "victim", **SLOW)
+    first = worker_process(service_settings, model_path, log, "victim", **SLOW)
     try:
-        _wait(lambda: "running" in client.repo.statuses(ids).values(), 120, "a running batch")
+        _wait(
+            lambda: "running" in repo.statuses(ids).values(),
+            120,
+            "a running batch",
+        )
         time.sleep(0.5)  # well inside the run (several seconds of decoding)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    before = client.repo.statuses(ids)
+    before = repo.statuses(ids)
     assert "running" in before.values(), "the kill did not land mid-batch"
     # a short drain: once in seven local runs the survivor, all its jobs done, took over 30 s
     # (the default drain) to exit on SIGTERM
-    second = _start_worker(service_settings, model_path, log, "survivor", INFERQ_DRAIN_S="5")
+    second = worker_process(service_settings, model_path, log, "survivor", INFERQ_DRAIN_S="5")
     try:
         views = client.wait_many(ids, timeout=300)
     finally:
@@ -88,7 +65,7 @@ def test_kill9_mid_batch_loses_nothing_and_duplicates_nothing(
     redelivered = [v for v in views if v.attempts > 1]
     assert redelivered, "no job was redelivered after the kill"
     assert all(v.worker == "survivor" for v in redelivered)
-    with client.repo.engine.connect() as conn:
+    with repo.engine.connect() as conn:
         per_job = conn.execute(
             sa.text(
                 "SELECT job_id, count(*) AS n FROM results WHERE job_id = ANY(:ids) GROUP BY job_id"
@@ -103,30 +80,34 @@ def test_sigterm_mid_run_drains_then_hands_the_rest_back_at_once(
 ) -> None:
     """SIGTERM: the worker stops taking jobs, lets running ones finish for INFERQ_DRAIN_S,
     puts the rest back on the queue at once (well before the visibility timeout) and exits 0."""
-    client = InferqClient(service_settings)
+    client, repo = InferqClient(service_settings), records(service_settings)
     ids = client.submit_many(
         {"prompt": f"List {n} animals:", "params": PARAMS} for n in range(JOBS)
     )
     log = tmp_path / "worker.log"
-    first = _start_worker(service_settings, model_path, log, "draining", INFERQ_DRAIN_S="1",
+    first = worker_process(service_settings, model_path, log, "draining", INFERQ_DRAIN_S="1",
                           INFERQ_VISIBILITY_TIMEOUT_S="3600", **SLOW)  # fmt: skip
     try:
-        _wait(lambda: "running" in client.repo.statuses(ids).values(), 120, "a running job")
+        _wait(
+            lambda: "running" in repo.statuses(ids).values(),
+            120,
+            "a running job",
+        )
         first.send_signal(signal.SIGTERM)
         assert first.wait(60) == 0
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    before = client.repo.statuses(ids)
+    before = repo.statuses(ids)
     assert "done" in before.values() or "running" in before.values()
     assert list(before.values()).count("done") < JOBS, "nothing was left to hand back"
-    second = _start_worker(service_settings, model_path, log, "next")
+    second = worker_process(service_settings, model_path, log, "next")
     try:
         views = client.wait_many(ids, timeout=300)  # far below the 1 h visibility timeout
     finally:
         os.killpg(second.pid, signal.SIGTERM)
         second.wait(30)
     assert [v.status for v in views] == ["done"] * JOBS, log.read_text()[-3000:]
-    handed_back = [v for v in views if before[v.id] != "done"]
+    handed_back = [v for v in views if before.get(v.id) != "done"]
     assert handed_back and all(v.worker == "next" for v in handed_back)
     assert "intake.requeued" in log.read_text()

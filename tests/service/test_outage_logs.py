@@ -51,5 +51,7 @@ def test_database_away_logs_no_password_and_backs_off(redis_url: str, tmp_path: 
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     assert any(line["event"] == "sweeper.failed" for line in lines)
     assert PASSWORD not in text and "locals" not in text
+    for library_log in (tmp_path / "logs").glob("worker-*.log"):  # the libraries' output
+        assert PASSWORD not in library_log.read_text()
     assert cpu < 0.6, f"{cpu:.2f} CPU s in 6 s: the worker spins while the database is away"
     assert len(lines) < 400  # backoff, not a flood

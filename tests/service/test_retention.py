@@ -36,7 +36,7 @@ def test_purge_deletes_old_ended_jobs_in_batches(empty_db_url: str) -> None:
     repo.submit(stuck)
     for at, group in jobs.items():
         repo.claim(group, "w", now=at)
-        batch = BatchRecord(uuid.uuid4(), "w", "m", len(group), 1, 1, at, at, 0.0)
+        batch = BatchRecord(uuid.uuid4(), "w", "m", len(group), 1, at, at, 0.0)
         finished = [FinishedJob(ResultRow(j.id, "out", "length", 3, 2),
                                 JobUsage(j.id, "m", "w", "cpu", at, 0.5), batch.id)
                     for j in group]  # fmt: skip

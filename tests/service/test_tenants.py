@@ -12,18 +12,20 @@ from api_client import InferqClient
 from api_client.signing import sign
 
 pytestmark = [pytest.mark.model, pytest.mark.services]
+KEY = "acme-key-0123456789abcdef"
 SYSTEM = {"role": "system", "content": "You are the Acme support assistant. " * 6}
 
 
 def test_only_signed_messages_run_as_a_signed_tenant(service_settings, paged_engine) -> None:
     tenant = f"acme-{uuid.uuid4().hex[:6]}"
-    settings = service_settings.model_copy(update={"tenant_keys": f"{tenant}=k3y, other=x"})
-    acme = InferqClient(settings, tenant=tenant, key="k3y")
+    keys = f"{tenant}={KEY}, other=other-key-0123456789"
+    settings = service_settings.model_copy(update={"tenant_keys": keys})
+    acme = InferqClient(settings, tenant=tenant, key=KEY)
     ask = {"messages": [SYSTEM, {"role": "user", "content": "Hi?"}], "params": {"max_tokens": 3}}
     forged_ids = [uuid.uuid4(), uuid.uuid4()]
     wire = {**acme.build(**ask).to_wire(), "job_id": str(forged_ids[0])}
     bad = {**wire, "job_id": str(forged_ids[1])}
-    bad["signature"] = sign(bad, "not-the-key")
+    bad["signature"] = sign(bad, "not-the-key-0123456789")
     with running_worker(settings, {paged_engine.model_name: paged_engine}) as worker:
         first = acme.wait(acme.submit(**ask), timeout=120)  # signed: runs, fills the cache
         for kwargs in (wire, bad):  # unsigned, and signed with the wrong key

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from worker.service.affinity import Peer, Router, prefix_key
+from worker.broker import Peer, Router, prefix_key
 
 MODEL = "m"
 

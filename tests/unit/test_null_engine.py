@@ -18,7 +18,8 @@ from worker.engine.null import NULL_TOKEN, ByteCodec, NullEngine
 
 
 def req(seq_id: str, n: int = 3, max_tokens: int = 4, **kw) -> EngineRequest:
-    return EngineRequest(seq_id, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens), **kw)
+    params = SamplingParams(max_tokens=max_tokens)
+    return EngineRequest(seq_id=seq_id, prompt_ids=list(range(1, n + 1)), params=params, **kw)
 
 
 def test_it_is_an_engine_and_imports_no_torch() -> None:

@@ -56,7 +56,7 @@ def test_plain_view_bytes_and_failure() -> None:
         stage.update(done=0, total=92_871_040)
         stage.update(done=92_871_040)
     with pytest.raises(RuntimeError, match="boom"), view.stage("convert", total=3) as stage:
-        stage.advance()
+        stage.update(done=1)
         raise RuntimeError("boom")
     assert _lines(out) == [
         "download: wheel ...",
@@ -72,8 +72,8 @@ def test_tty_view_redraws_one_line_per_stage() -> None:
     view = PrepView(out, tty=True, width=60)
     try:
         with view.stage("quantize", "GPTQ 4-bit", total=30, unit="layers") as stage:
-            for _ in range(30):
-                stage.advance(note="quantizing")
+            for done in range(1, 31):
+                stage.update(done=done, note="quantizing")
         view.line("ready")
     finally:
         view.close()

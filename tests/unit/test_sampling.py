@@ -1,4 +1,4 @@
-"""Sampling helpers on hand-made tensors (no model): top-k/top-p, seeded draws, stop strings."""
+"""Sampling helpers on hand-made tensors (no model): top-k/top-p, seeded draws."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from worker.engine.api import SamplingParams
-from worker.engine.sampling import _filter_top_k_top_p, find_stop, make_generator, sample_next
+from worker.engine.sampling import _filter_top_k_top_p, make_generator, sample_next
 
 
 def _kept(logits: torch.Tensor) -> set[int]:
@@ -63,19 +63,3 @@ def test_seeded_generator_is_reproducible() -> None:
     assert runs[0][0] != runs[0][2]  # 1 in 1000 chance of a clash, fixed by the seeds
     assert make_generator(SamplingParams(temperature=1.0), cpu) is None  # unseeded
     assert make_generator(SamplingParams(seed=5), cpu) is None  # greedy
-
-
-@pytest.mark.parametrize(
-    ("text", "stops", "expected"),
-    [
-        ("hello world. bye\n", (".", "\n"), 11),
-        ("hello world. bye\n", ["\n", "."], 11),
-        ("hello world. bye\n", ["bye", "world"], 6),
-        ("abcabc", ["c", "bc"], 1),
-        ("hello", ["x"], None),
-        ("hello", [], None),
-        ("hello", ["hello"], 0),
-    ],
-)
-def test_find_stop_earliest(text: str, stops: list[str], expected: int | None) -> None:
-    assert find_stop(text, stops) == expected

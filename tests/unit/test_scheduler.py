@@ -2,91 +2,28 @@
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Iterable
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scheduler_helpers import (
+    check_plan,
+    expected_outputs,
+    make,
+    prefill_tokens,
+    run_to_completion,
+    scheduler,
+    step,
+)
 
 from kv.manager import KVCacheManager
-from scheduler import ContinuousScheduler, SeqStatus, Sequence, StepPlan
-
-
-def fake_token(seq_id: str, n: int) -> int:
-    """Deterministic 'sampled' token number ``n`` of ``seq_id``."""
-    return (zlib.crc32(seq_id.encode()) + 7919 * n) % 50_000
-
-
-def expected_outputs(seq: Sequence) -> list[int]:
-    return [fake_token(seq.seq_id, i) for i in range(seq.max_tokens)]
-
-
-def check_plan(sched: ContinuousScheduler, plan: StepPlan) -> None:
-    """Per-step invariants: limits, one work item per seq, positions and block tables."""
-    ids = [w.seq_id for w in plan.prefills] + [w.seq_id for w in plan.decodes]
-    assert len(ids) == len(set(ids)), "a seq scheduled twice in one step"
-    assert not set(ids) & set(plan.preempted)
-    assert sched.num_running <= sched.max_num_seqs
-    if plan.num_tokens > sched.max_step_tokens:  # only the single-oversized-prefill case
-        assert len(plan.prefills) == 1
-        assert len(plan.prefills[0].token_ids) > sched.max_step_tokens
-    bs = sched.kv.block_size
-    for p in plan.prefills:
-        seq = sched.get(p.seq_id)
-        assert seq is not None and seq.status == SeqStatus.RUNNING
-        assert p.start_pos == seq.num_cached
-        assert p.token_ids == seq.token_ids[p.start_pos :] and p.token_ids
-        assert len(p.block_table) * bs >= len(seq.token_ids)
-    for d in plan.decodes:
-        seq = sched.get(d.seq_id)
-        assert seq is not None and seq.status == SeqStatus.RUNNING
-        assert d.token_id == seq.token_ids[-1] and d.pos == len(seq.token_ids) - 1
-        assert len(d.block_table) * bs > d.pos
-
-
-def run_to_completion(
-    sched: ContinuousScheduler,
-    seqs: Iterable[Sequence] = (),
-    *,
-    arrivals: dict[int, list[Sequence]] | None = None,
-    dt: float = 1.0,
-    max_steps: int = 5_000,
-) -> list[StepPlan]:
-    """Drive schedule/on_step with fake sampling until no work is left; return every plan."""
-    for seq in seqs:
-        sched.add(seq)
-    arrivals = dict(arrivals or {})
-    plans: list[StepPlan] = []
-    for step in range(max_steps):
-        for seq in arrivals.pop(step, []):
-            sched.add(seq)
-        if not sched.has_work and not arrivals:
-            return plans
-        plan = sched.schedule(step * dt)
-        check_plan(sched, plan)
-        plans.append(plan)
-        work = [w.seq_id for w in plan.prefills] + [w.seq_id for w in plan.decodes]
-        sampled = {sid: fake_token(sid, len(sched.get(sid).output_ids)) for sid in work}
-        for seq in sched.on_step(sampled):
-            assert seq.status == SeqStatus.FINISHED and seq.output_ids == expected_outputs(seq)
-    raise AssertionError("did not finish")
-
-
-def make(seq_id: str, n: int, max_tokens: int = 4, *, base: int = 0, **kw) -> Sequence:
-    return Sequence(seq_id, [base + i for i in range(n)], max_tokens, **kw)
-
-
-def prefill_tokens(plans: list[StepPlan]) -> int:
-    return sum(len(p.token_ids) for plan in plans for p in plan.prefills)
-
+from scheduler import ContinuousScheduler, SeqStatus, Sequence
 
 # -- basics ------------------------------------------------------------------------------------
 
 
 def test_add_validation_and_abort() -> None:
     kv = KVCacheManager(num_blocks=4, block_size=4)
-    sched = ContinuousScheduler(kv)
+    sched = scheduler(kv)
     with pytest.raises(ValueError):
         sched.add(Sequence("e", [], 1))
     with pytest.raises(ValueError):
@@ -107,7 +44,7 @@ def test_add_validation_and_abort() -> None:
 
 def test_many_seqs_all_finish_and_free_every_block() -> None:
     kv = KVCacheManager(num_blocks=64, block_size=16)
-    sched = ContinuousScheduler(kv, max_num_seqs=8, max_step_tokens=256)
+    sched = scheduler(kv, max_num_seqs=8, max_step_tokens=256)
     seqs = [make(f"s{i}", 5 + (i * 37) % 90, 1 + i % 9, base=1000 * i) for i in range(40)]
     run_to_completion(sched, seqs)
     assert all(s.status == SeqStatus.FINISHED and len(s.output_ids) == s.max_tokens for s in seqs)
@@ -125,7 +62,7 @@ class StopAt(Sequence):
 
 def test_the_sequence_decides_when_it_is_finished() -> None:
     kv = KVCacheManager(num_blocks=16, block_size=4)
-    sched = ContinuousScheduler(kv)
+    sched = scheduler(kv)
     sched.add(StopAt("a", list(range(6)), 10))
     sched.schedule(0.0)
     assert sched.on_step({"a": 1}) == []
@@ -143,7 +80,7 @@ def test_sequence_ids_and_hashes_are_cached() -> None:
     assert seq.output_ids == [7, 8] and seq.token_ids == [0, 1, 2, 3, 4, 7, 8]
     assert seq.append(9)  # max_tokens reached
     kv = KVCacheManager(num_blocks=16, block_size=4)
-    sched = ContinuousScheduler(kv)
+    sched = scheduler(kv)
     seq = make("h", 10, max_tokens=7)
     sched.add(seq)
     sched.schedule(0.0)
@@ -160,7 +97,7 @@ def test_sequence_ids_and_hashes_are_cached() -> None:
 
 def test_shared_prefix_is_prefilled_once() -> None:
     kv = KVCacheManager(num_blocks=256, block_size=16)
-    sched = ContinuousScheduler(kv)
+    sched = scheduler(kv)
     prefix = list(range(64))
     seqs = [
         Sequence(f"p{i}", prefix + [10_000 + 100 * i + j for j in range(5 + i)], 3)
@@ -178,7 +115,7 @@ def test_shared_prefix_is_prefilled_once() -> None:
 
 def test_salts_isolate_the_prefix_cache() -> None:
     kv = KVCacheManager(num_blocks=64, block_size=16)
-    sched = ContinuousScheduler(kv)
+    sched = scheduler(kv)
     run_to_completion(sched, [make("a", 40, salt="tenant-a")])
     other, same = make("b", 40, salt="tenant-b"), make("c", 40, salt="tenant-a")
     run_to_completion(sched, [other])
@@ -192,19 +129,20 @@ def test_salts_isolate_the_prefix_cache() -> None:
 
 def test_token_budget_and_seq_cap() -> None:
     kv = KVCacheManager(num_blocks=512, block_size=16)
-    sched = ContinuousScheduler(kv, max_num_seqs=4, max_step_tokens=128)
+    sched = scheduler(kv, max_num_seqs=4, max_step_tokens=128)
     seqs = [make(f"s{i}", 20 + 7 * i, 5, base=1000 * i) for i in range(12)]
     seqs.append(make("huge", 300, 3, base=99_000))
     plans = run_to_completion(sched, seqs)  # check_plan asserts the limits every step
     assert max(len(p.prefills) + len(p.decodes) for p in plans) == 4
-    (huge,) = [p for p in plans if any(w.seq_id == "huge" for w in p.prefills)]
-    assert len(huge.prefills) == 1 and huge.num_tokens > 128
-    assert all(p.num_tokens <= 128 for p in plans if p is not huge)
+    assert max(p.num_tokens for p in plans) == 128
+    huge = [w for p in plans for w in p.prefills if w.seq_id == "huge"]
+    assert len(huge) >= 3 and [w.final for w in huge] == [False] * (len(huge) - 1) + [True]
+    assert sum(len(w.token_ids) for w in huge) == 300  # chunks past the budget, no more
 
 
 def test_preemption_under_a_tiny_pool() -> None:
     kv = KVCacheManager(num_blocks=12, block_size=4)
-    sched = ContinuousScheduler(kv, max_num_seqs=8)
+    sched = scheduler(kv, max_num_seqs=8)
     seqs = [make(f"s{i}", 8, 16, base=100 * i, arrival=0.1 * i) for i in range(4)]
     plans = run_to_completion(sched, seqs)
     preempted = [sid for p in plans for sid in p.preempted]
@@ -224,7 +162,7 @@ def test_preemption_under_a_tiny_pool() -> None:
 
 def test_high_priority_late_arrival_goes_first() -> None:
     kv = KVCacheManager(num_blocks=64, block_size=16)
-    sched = ContinuousScheduler(kv, max_num_seqs=1)
+    sched = scheduler(kv, max_num_seqs=1)
     lows = [make(f"low{i}", 10, 2, base=100 * i, arrival=0.0) for i in range(3)]
     high = make("high", 30, 2, base=900, priority=3, arrival=1.0)
     plans = run_to_completion(sched, lows, arrivals={1: [high]})
@@ -235,23 +173,23 @@ def test_high_priority_late_arrival_goes_first() -> None:
 def _stream(aging_s: float) -> int | None:
     """Step at which a long priority-0 job is admitted amid a flood of short priority-5 jobs.
 
-    The long prefill fits the budget only beside <= 2 decodes, so it needs the head-of-line
+    The flood fills the sequence cap and the budget, so the long job needs the head-of-line
     rule (nobody overtakes it) as well as aging (it becomes the head).
     """
     kv = KVCacheManager(num_blocks=1024, block_size=16)
-    sched = ContinuousScheduler(kv, max_num_seqs=16, max_step_tokens=64, aging_s=aging_s)
-    sched.add(make("long", 62, 2, base=50_000))
-    n = 0
-    for step in range(40):
+    sched = scheduler(kv, max_num_seqs=16, max_step_tokens=64, aging_s=aging_s)
+    known = [make("long", 62, 2, base=50_000)]
+    sched.add(known[0])
+    for n in range(40):
         for _ in range(4):  # arrivals outpace service: the short queue never empties
-            sched.add(make(f"s{n}", 16, 3, base=100 * n, priority=5, arrival=float(step)))
-            n += 1
-        plan = sched.schedule(float(step))
-        check_plan(sched, plan)
+            known.append(make(f"s{len(known)}", 16, 3, base=100 * len(known), priority=5,
+                              arrival=float(n)))  # fmt: skip
+            sched.add(known[-1])
+        plan = sched.schedule(float(n))
+        check_plan(sched, plan, known)
         if any(w.seq_id == "long" for w in plan.prefills):
-            return step
-        work = [w.seq_id for w in plan.prefills] + [w.seq_id for w in plan.decodes]
-        sched.on_step({sid: 1 for sid in work})
+            return n
+        step(sched, plan)
     return None
 
 
@@ -263,7 +201,7 @@ def test_aging_and_head_of_line_prevent_starvation() -> None:
 
 def test_blocked_head_is_not_overtaken() -> None:
     kv = KVCacheManager(num_blocks=10, block_size=4)
-    sched = ContinuousScheduler(kv)
+    sched = scheduler(kv)
     sched.add(make("r", 20, 4))
     plan = sched.schedule(0.0)
     sched.on_step({"r": 1})
@@ -275,7 +213,7 @@ def test_blocked_head_is_not_overtaken() -> None:
 
 def test_cached_prefix_goes_first_within_a_class() -> None:
     kv = KVCacheManager(num_blocks=64, block_size=16)
-    sched = ContinuousScheduler(kv, max_num_seqs=1)
+    sched = scheduler(kv, max_num_seqs=1)
     run_to_completion(sched, [make("warm", 40)])
     plans = run_to_completion(sched, [make("short", 10, base=500), make("cached", 40)])
     assert plans[0].prefills[0].seq_id == "cached" and plans[0].prefills[0].start_pos == 32
@@ -310,6 +248,7 @@ def scenarios(draw: st.DrawFn) -> tuple[ContinuousScheduler, dict[int, list[Sequ
         kv,
         max_num_seqs=draw(st.integers(1, 6)),
         max_step_tokens=draw(st.integers(4, 96)),
+        prefill_chunk_tokens=draw(st.integers(1, 64)),
         aging_s=draw(st.sampled_from([0.5, 3.0, 100.0])),
     )
     return sched, arrivals

@@ -1,48 +1,77 @@
 """The engine's public types: what goes into an engine and what comes out. No torch here.
 
 The service (intake, engine loop, result sink) talks to an engine only through these types
-and the `Engine` protocol; everything with tensors stays behind it.
+and the `Engine` protocol; everything with tensors stays behind it. `SamplingParams` is the
+wire's own class (`inferq.params`, a leaf): a job's params reach the sampler as validated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, Self, TypeAlias, runtime_checkable
+
+from inferq.params import SamplingParams
 
 
 class FinishReason(StrEnum):
     STOP = "stop"  # an end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens reached
+    ERROR = "error"  # the sequence failed alone (see `EngineOutput.error`); the others go on
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How to sample one sequence. `temperature` 0 is greedy; `seed` makes sampling repeatable."""
-
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables top-k
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False  # run to max_tokens whatever is sampled (equal-work benchmarks)
+#: A sequence's key: the service passes its job's UUID; tests and benchmarks use strings.
+#: Hashable, and ordered among one engine's ids (the scheduler breaks ties by it).
+SeqId: TypeAlias = Hashable
 
 
-@dataclass(frozen=True, slots=True)
+class Job(Protocol):
+    """What `EngineRequest.from_job` reads of a job (the wire's `JobMessage` has it)."""
+
+    @property
+    def job_id(self) -> SeqId: ...
+
+    @property
+    def params(self) -> SamplingParams: ...
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def priority(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EngineRequest:
-    seq_id: str
+    seq_id: SeqId
     prompt_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams  # the job's own object, as the wire validated it
     tenant: str = ""  # prefix-cache isolation: blocks are never shared across tenants
     priority: int = 0  # higher runs first (ages up while waiting)
+    ignore_eos: bool = False  # run to max_tokens whatever is sampled (equal-work benchmarks)
+    stream: bool = False  # hand out the text as it is generated (`Engine.deltas`)
+
+    @classmethod
+    def from_job(cls, job: Job, prompt_ids: list[int], **more: Any) -> Self:
+        """The request that runs `job` on `prompt_ids`, every field mapped by name (`more`:
+        a subclass's own fields)."""
+        return cls(
+            seq_id=job.job_id,
+            prompt_ids=prompt_ids,
+            params=job.params,
+            tenant=job.tenant,
+            priority=job.priority,
+            **more,
+        )
 
 
 @dataclass(slots=True)
 class EngineOutput:
-    """A finished sequence. Times are `time.time()` seconds (wall clock, comparable to UTC)."""
+    """A finished sequence (or, with `error`, a failed one). Times are `time.time()` seconds
+    (wall clock, comparable to UTC)."""
 
-    seq_id: str
+    seq_id: SeqId
     token_ids: list[int]
     text: str
     finish_reason: FinishReason
@@ -57,6 +86,19 @@ class EngineOutput:
     admitted_at: float
     first_token_at: float
     finished_at: float
+    error: str | None = None  # set: the sequence failed (finish_reason ERROR), no result
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """Text a streaming sequence added in one step: `start` characters of its text came
+    before it; `end`, on its last piece, is the finish reason. Joined, a sequence's pieces
+    are its output's text."""
+
+    seq_id: SeqId
+    start: int
+    text: str
+    end: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +108,7 @@ class EngineStats:
     steps: int = 0
     running: int = 0
     waiting: int = 0
-    seq_steps: int = 0  # sequences computed, summed over steps
+    seq_steps: int = 0  # sequences sampled, summed over steps (= tokens sampled)
     prefill_tokens: int = 0
     decode_tokens: int = 0
     recompute_tokens: int = 0  # prefill of sequences preempted before
@@ -122,9 +164,13 @@ class Engine(Protocol):
         """One scheduling step and forward pass; the sequences that finished in it."""
         ...
 
-    def abort(self, seq_id: str) -> float:
+    def abort(self, seq_id: SeqId) -> float:
         """Drop a waiting or running sequence; the compute seconds it had used (0.0 for an
         unknown id)."""
+        ...
+
+    def deltas(self) -> list[TextDelta]:
+        """The text the last `step` added, per streaming sequence (`EngineRequest.stream`)."""
         ...
 
     def stats(self) -> EngineStats: ...
@@ -134,7 +180,7 @@ def run_to_completion(engine: Engine, requests: list[EngineRequest]) -> list[Eng
     """Run a closed set of requests to the end (outputs in request order): a thin helper over
     `add`/`step` for benchmarks and tests. On an error the unfinished ones are aborted."""
     wanted = {r.seq_id for r in requests}
-    results: dict[str, EngineOutput] = {}
+    results: dict[SeqId, EngineOutput] = {}
     try:
         for r in requests:
             engine.add(r)

@@ -4,11 +4,11 @@ shared across jobs (per-tenant salted), on any transformers causal LM of the Lla
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import cast
 
 import torch
 
+from inferq.params import EngineConfig
 from kv import KVCacheManager, tenant_salt
 from scheduler import ContinuousScheduler
 from worker.engine.api import (
@@ -16,27 +16,16 @@ from worker.engine.api import (
     EngineRequest,
     EngineStats,
     SamplingParams,
+    SeqId,
+    TextDelta,
     run_to_completion,
 )
 from worker.engine.codec import TextCodec
 from worker.engine.counters import StepCounters
 from worker.engine.loading import pick_device
-from worker.engine.runner import DecodeInput, PagedRunner, PrefillInput
-from worker.engine.sampling import sample_next
+from worker.engine.runner import PagedRunner
+from worker.engine.sampling import INVALID, sample_next
 from worker.engine.sequence import EngineSequence
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_tokens: int = 32768  # KV capacity, in tokens, across all sequences
-    max_num_seqs: int = 64
-    max_step_tokens: int = 2048
-    aging_s: float = 5.0
-    prefix_cache: bool = True
-    cache_secret: str = "inferq"  # keys the per-tenant salts; set from the environment
-    gptq_backend: str = "auto"  # GPTQ kernel: auto picks the fastest that loads here
-    native: bool = True  # CPU: the lean forward on C kernels where they build; False: torch
 
 
 class PagedEngine:
@@ -75,11 +64,13 @@ class PagedEngine:
             self.kv,
             max_num_seqs=cfg.max_num_seqs,
             max_step_tokens=cfg.max_step_tokens,
+            prefill_chunk_tokens=cfg.prefill_chunk_tokens,
             aging_s=cfg.aging_s,
         )
         self.max_context = int(getattr(self.runner.model.config, "max_position_embeddings", 2048))
         self.max_num_seqs = cfg.max_num_seqs
         self.counters = StepCounters()
+        self._deltas: list[TextDelta] = []  # the last step's, for streaming sequences
 
     @property
     def has_work(self) -> bool:
@@ -106,7 +97,7 @@ class PagedEngine:
         )
         self.scheduler.add(seq)
 
-    def abort(self, seq_id: str) -> float:
+    def abort(self, seq_id: SeqId) -> float:
         seq = self.scheduler.get(seq_id)
         self.scheduler.abort(seq_id)
         return cast(EngineSequence, seq).compute_s if seq is not None else 0.0
@@ -114,25 +105,27 @@ class PagedEngine:
     def step(self) -> list[EngineOutput]:
         """One scheduling step and one forward; returns the sequences that finished."""
         started = time.perf_counter()
+        self._deltas = []
         plan = self.scheduler.schedule(started)
         if plan.empty:
             return []
         counters = self.counters
-        seqs = cast(list[EngineSequence], plan.seqs)  # prefills first, as the logits
-        firsts = [s for s in seqs[: len(plan.prefills)] if not s.batch]
+        chunked = cast(list[EngineSequence], [p.seq for p in plan.prefills])
+        firsts = [s for s in chunked if not s.batch]  # a prompt's first chunk admits it
         now = time.time()
         for seq in firsts:
             seq.admitted(counters.steps + 1, len(firsts), now)
-        logits = self.runner.forward(
-            [PrefillInput(p.token_ids, p.start_pos, p.block_table) for p in plan.prefills],
-            [DecodeInput(d.token_id, d.pos, d.block_table) for d in plan.decodes],
-        )
-        tokens = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        sampled = dict(zip((s.seq_id for s in seqs), tokens.tolist(), strict=True))
-        done = cast(list[EngineSequence], self.scheduler.on_step(sampled))
+        logits = self.runner.forward(plan.prefills, plan.decodes)  # a row per sampled seq
+        seqs = cast(list[EngineSequence], plan.sampled)  # final chunks first, as the logits
+        sampled: dict[SeqId, int] = {}
+        if seqs:
+            tokens = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            sampled = dict(zip((s.seq_id for s in seqs), tokens.tolist(), strict=True))
+        failed = self._fail_invalid(seqs, sampled)
+        done = cast(list[EngineSequence], self.scheduler.on_step(sampled)) + failed
         work: list[tuple[EngineSequence, int]] = []
-        for p in plan.prefills:
-            seq, n = cast(EngineSequence, p.seq), len(p.token_ids)
+        for seq, p in zip(chunked, plan.prefills, strict=True):
+            n = len(p.token_ids)
             seq.prefill_computed += n
             counters.prefill_tokens += n
             counters.recompute_tokens += n if seq.preemptions else 0
@@ -140,10 +133,26 @@ class PagedEngine:
         work += [(cast(EngineSequence, d.seq), 1) for d in plan.decodes]
         counters.decode_tokens += len(plan.decodes)
         outputs = [seq.output() for seq in done]
-        counters.charge(time.perf_counter() - started, work)
+        counters.charge(time.perf_counter() - started, work, sampled=len(seqs))
         for seq, out in zip(done, outputs, strict=True):
             out.compute_s = seq.compute_s
+        self._deltas = [d for seq in seqs if (d := seq.delta()) is not None]
         return outputs
+
+    def deltas(self) -> list[TextDelta]:
+        return self._deltas
+
+    def _fail_invalid(
+        self, seqs: list[EngineSequence], sampled: dict[SeqId, int]
+    ) -> list[EngineSequence]:
+        """Drop the sequences whose row had no valid distribution (see `sample_next`): they
+        end failed, their blocks freed; `on_step` then skips them and serves the rest."""
+        failed = [s for s in seqs if sampled[s.seq_id] == INVALID]
+        for seq in failed:
+            del sampled[seq.seq_id]
+            self.scheduler.abort(seq.seq_id)
+            seq.fail("the model's next-token distribution was not finite (NaN or inf logits)")
+        return failed
 
     def stats(self) -> EngineStats:
         kv = self.kv.stats()
@@ -162,5 +171,5 @@ class PagedEngine:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """A tiny request, so kernel set-up is not charged to the first jobs."""
-        prompt = [self.codec.pad_id] * 8
-        run_to_completion(self, [EngineRequest("warm-up", prompt, SamplingParams(max_tokens=2))])
+        ids, params = [self.codec.pad_id] * 8, SamplingParams(max_tokens=2)
+        run_to_completion(self, [EngineRequest(seq_id="warm-up", prompt_ids=ids, params=params)])

@@ -73,8 +73,15 @@ def dequantize(
         scales_and_zeros.data_ptr(),
         None if rowmap is None else rowmap.data_ptr(),
         out.data_ptr(),
-        k, n, group, out.stride(0), b0, b1, bn, f32,
-    )  # fmt: skip
+        k,
+        n,
+        group,
+        out.stride(0),
+        b0,
+        b1,
+        bn,
+        f32,
+    )
     return out
 
 

@@ -58,10 +58,22 @@ class Int4Gemm:
         assert x.dtype == torch.bfloat16 and x.stride(1) == 1 and out.stride(1) == 1
         assert out.shape == (rows, self.out_features) and x.shape[1] == self.in_features
         rc = native.library().inferq_gemm_int4(
-            x.data_ptr(), x.stride(0), self._gather, len(self._n), self._packed, self._sz,
-            self._n, out.data_ptr(), out.stride(0), rows, self.in_features, self.group,
-            block_n(), int(out.dtype == torch.float32), torch.get_num_threads(),
-        )  # fmt: skip
+            x.data_ptr(),
+            x.stride(0),
+            self._gather,
+            len(self._n),
+            self._packed,
+            self._sz,
+            self._n,
+            out.data_ptr(),
+            out.stride(0),
+            rows,
+            self.in_features,
+            self.group,
+            block_n(),
+            int(out.dtype == torch.float32),
+            torch.get_num_threads(),
+        )
         if rc != 0:
             shape = f"{self.in_features}x{self.out_features} group {self.group}"
             raise ValueError(f"int4 GEMM {shape}: past the kernel's limits, or no memory")
@@ -78,7 +90,12 @@ def gather_columns(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
     out = torch.empty(rows, len(idx), dtype=x.dtype)
     lib.inferq_gather_columns(
-        x.data_ptr(), x.stride(0), idx.data_ptr(), out.data_ptr(), rows, len(idx),
+        x.data_ptr(),
+        x.stride(0),
+        idx.data_ptr(),
+        out.data_ptr(),
+        rows,
+        len(idx),
         torch.get_num_threads(),
-    )  # fmt: skip
+    )
     return out

@@ -107,6 +107,7 @@ class LeanLlama:
         head = model.get_output_embeddings()
         tied = head.weight.data_ptr() == self.embed.weight.data_ptr()
         self.head = _Projection([head], keep=tied)
+        self.vocab = head.out_features
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.layers = []
@@ -167,5 +168,7 @@ class LeanLlama:
             delta = o_proj(attn.view(-1, nq))
             x = native.add_rmsnorm(delta, residual, norm2.weight, norm2.variance_epsilon)
             delta = down(native.silu_mul(gate_up(x)))
+        if not len(last):  # only chunks before their prompts' last: nothing is sampled
+            return h.new_empty(0, self.vocab)
         final = native.add_rmsnorm(delta, residual, self.norm.weight, self.norm.variance_epsilon)
         return self.head(final[last])

@@ -256,10 +256,19 @@ def kv_write(
     assert rows.dtype == torch.int64 and rows.is_contiguous() and qkv.dtype == k_cache.dtype
     assert rows.numel() == kv_heads * qkv.shape[0]
     _lib().inferq_kv_write(
-        qkv.data_ptr(), qkv.stride(0), at[0], at[1], rows.data_ptr(), k_cache.data_ptr(),
-        v_cache.data_ptr(), qkv.shape[0], kv_heads, dim, qkv.element_size(),
+        qkv.data_ptr(),
+        qkv.stride(0),
+        at[0],
+        at[1],
+        rows.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        qkv.shape[0],
+        kv_heads,
+        dim,
+        qkv.element_size(),
         torch.get_num_threads(),
-    )  # fmt: skip
+    )
 
 
 def rotary(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:

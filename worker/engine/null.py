@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import time
 
-from worker.engine.api import EngineOutput, EngineRequest, EngineStats, FinishReason
+from worker.engine.api import (
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    SeqId,
+    TextDelta,
+)
 from worker.engine.counters import StepCounters
 
 NULL_TOKEN = 32  # the token every null sequence generates (b" " in `ByteCodec`)
@@ -31,7 +38,7 @@ class NullEngine:
         self.device_class = "cpu"
         self.max_context = 1 << 20
         self.max_num_seqs = max_num_seqs
-        self._queued: dict[str, tuple[EngineRequest, float]] = {}
+        self._queued: dict[SeqId, tuple[EngineRequest, float]] = {}
         self.counters = StepCounters()
 
     @property
@@ -52,7 +59,7 @@ class NullEngine:
             raise ValueError(f"seq {request.seq_id!r}: prompt + max_tokens > max_context")
         self._queued[request.seq_id] = (request, time.time())
 
-    def abort(self, seq_id: str) -> float:
+    def abort(self, seq_id: SeqId) -> float:
         self._queued.pop(seq_id, None)
         return 0.0  # nothing is computed before the step that finishes it
 
@@ -89,6 +96,9 @@ class NullEngine:
             )
         counters.charge(time.perf_counter() - started, [(o, o.computed_tokens) for o in outputs])
         return outputs
+
+    def deltas(self) -> list[TextDelta]:
+        return []  # its text is empty: nothing to stream
 
     def stats(self) -> EngineStats:
         return EngineStats(waiting=len(self._queued), **self.counters.figures())

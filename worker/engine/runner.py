@@ -1,15 +1,17 @@
 """The model runner: owns the model and the paged KV tensors, runs one packed forward per step.
 
-Prefills (each the uncached suffix of a prompt) and decodes (one token per running sequence)
-go into a single packed row; logits come back for each sequence's last token only.
+Prefill chunks (each a run of a prompt's tokens after those already in the cache: a cached
+prefix, earlier chunks) and decodes (one token per running sequence), the scheduler's plan
+items as it made them, go into a single packed row. A chunk attends to its sequence's cached
+keys and causally to its own tokens, as an unchunked prefill's tokens would; logits come back
+only for the rows that are sampled: the last token of each final chunk, and each decode.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from scheduler import DecodeWork, PrefillWork
 from worker.engine import native
 from worker.engine.attention import (
     ATTN_IMPLEMENTATION,
@@ -20,25 +22,6 @@ from worker.engine.attention import (
 )
 from worker.engine.lean import LeanLlama
 from worker.engine.loading import load_causal_lm
-
-
-@dataclass(frozen=True)
-class PrefillInput:
-    token_ids: list[int]
-    start_pos: int
-    block_table: list[int]
-
-
-@dataclass(frozen=True)
-class DecodeInput:
-    token_id: int
-    pos: int
-    block_table: list[int]
-
-
-def kv_bytes_per_token(config) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
 
 
 class PagedRunner:
@@ -89,7 +72,7 @@ class PagedRunner:
         """Flat cache slot of position `pos`."""
         return block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _shared_blocks(self, members: list[DecodeInput]) -> int:
+    def _shared_blocks(self, members: list[DecodeWork]) -> int:
         """Leading blocks common to every member's table and full for each of them."""
         shared = min(len(d.block_table) for d in members)
         for d in members:
@@ -98,7 +81,7 @@ class PagedRunner:
             shared = min(shared, (d.pos + 1) // self.block_size)
         return shared
 
-    def _group_decodes(self, decodes: list[DecodeInput]) -> list[tuple[list[int], int]]:
+    def _group_decodes(self, decodes: list[DecodeWork]) -> list[tuple[list[int], int]]:
         """Indices of decodes grouped by a shared prefix (with its length in blocks); those
         sharing nothing form one group without a prefix."""
         by_first: dict[int, list[int]] = {}
@@ -116,14 +99,16 @@ class PagedRunner:
     def _blocks(self, block_ids: list[int]) -> torch.Tensor:
         return self.kv.block_rows(torch.tensor(block_ids, device=self.device))
 
-    def _decode_group(self, start: int, members: list[DecodeInput], shared: int) -> DecodeGroup:
+    def _decode_group(self, start: int, members: list[DecodeWork], shared: int) -> DecodeGroup:
         """Block rows of a decode group: the shared prefix once, each member's own remaining
         blocks padded to the longest (padding masked)."""
         bs = self.block_size
         ends = [-(-(d.pos + 1) // bs) for d in members]  # blocks holding positions [0, pos]
         width = max(ends) - shared
-        tables = [d.block_table[shared:end] + [0] * (width + shared - end)
-                  for d, end in zip(members, ends, strict=True)]  # fmt: skip
+        tables = [
+            d.block_table[shared:end] + [0] * (width + shared - end)
+            for d, end in zip(members, ends, strict=True)
+        ]
         lengths = torch.tensor([d.pos + 1 - shared * bs for d in members], device=self.device)
         pad = torch.arange(width * bs, device=self.device)[None, :] >= lengths[:, None]
         prefix_rows = self._blocks(members[0].block_table[:shared]) if shared else None
@@ -131,7 +116,7 @@ class PagedRunner:
             start, len(members), prefix_rows, self._blocks(tables), pad[None, :, None, :]
         )
 
-    def _segment(self, start: int, p: PrefillInput) -> Segment:
+    def _segment(self, start: int, p: PrefillWork) -> Segment:
         """A prefill's context blocks (cached prefix + new tokens)."""
         length, context = len(p.token_ids), p.start_pos + len(p.token_ids)
         blocks = self._blocks(p.block_table[: -(-context // self.block_size)])
@@ -139,8 +124,8 @@ class PagedRunner:
 
     def _token_tables(
         self,
-        prefills: list[PrefillInput],
-        decodes: list[DecodeInput],
+        prefills: list[PrefillWork],
+        decodes: list[DecodeWork],
         groups: list[tuple[list[int], int]],
     ) -> native.TokenTables:
         """The C kernel's view of a step packed as prefills, then decodes group by group. A
@@ -184,8 +169,9 @@ class PagedRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, prefills: list[PrefillInput], decodes: list[DecodeInput]) -> torch.Tensor:
-        """Logits [len(prefills) + len(decodes), vocab] at each sequence's last new token."""
+    def forward(self, prefills: list[PrefillWork], decodes: list[DecodeWork]) -> torch.Tensor:
+        """Logits [final prefills + decodes, vocab]: at the last token of each final chunk,
+        then at each decode (`StepPlan.sampled`'s order); other chunks only fill the cache."""
         ids: list[int] = []
         positions: list[int] = []
         write: list[int] = []  # cache slot of each packed token
@@ -197,7 +183,8 @@ class PagedRunner:
             ids += p.token_ids
             positions += range(p.start_pos, p.start_pos + len(p.token_ids))
             write += [self._slot(p.block_table, pos) for pos in positions[-len(p.token_ids) :]]
-            last.append(len(ids) - 1)
+            if p.final:
+                last.append(len(ids) - 1)
         decode_groups, decode_last = [], [0] * len(decodes)
         groups = self._group_decodes(decodes)
         for members, shared in groups:
@@ -218,7 +205,7 @@ class PagedRunner:
             layout.tokens = self._token_tables(prefills, decodes, groups)
         ids_t = torch.tensor(ids, device=self.device)
         positions_t = torch.tensor(positions, device=self.device)
-        last_t = torch.tensor(last, device=self.device)
+        last_t = torch.tensor(last, dtype=torch.long, device=self.device)
         if self.lean is not None and layout.tokens is not None:
             return self.lean.forward(ids_t, positions_t, self.kv, write_rows, layout.tokens, last_t)
         out = self.model(

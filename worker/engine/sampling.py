@@ -1,12 +1,12 @@
-"""Per-sequence token sampling (greedy rows batched) and stop-string search."""
+"""Per-sequence token sampling (greedy rows batched)."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 
 from worker.engine.api import SamplingParams
+
+INVALID = -1  # `sample_next`'s token for a row with no valid distribution to draw from
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -35,18 +35,19 @@ def sample_next(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
-    """Next token id per row of `logits` (rows x vocab): greedy rows batched, sampled rows each."""
-    tokens = logits.max(-1).indices  # = argmax (first of ties); CPU argmax is 5x slower in bf16
+    """Next token id per row of `logits` (rows x vocab): greedy rows batched, sampled rows each.
+    A row whose logits hold NaN or +inf, or whose tempered distribution is not finite (or
+    keeps nothing), gets `INVALID` instead: that sequence fails, the other rows are untouched."""
+    best = logits.max(-1)  # = argmax (first of ties); CPU argmax is 5x slower in bf16
+    tokens = best.indices
+    tokens[~torch.isfinite(best.values)] = INVALID  # max propagates NaN: one check per row
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.temperature == 0:
+        if p.temperature == 0 or tokens[row] == INVALID:
             continue
         row_logits = _filter_top_k_top_p(logits[row].float() / p.temperature, p.top_k, p.top_p)
         probs = row_logits.softmax(-1)
+        if not bool(torch.isfinite(probs).all()) or not probs.sum() > 0:
+            tokens[row] = INVALID
+            continue
         tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
     return tokens
-
-
-def find_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Index where the earliest stop string begins in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None

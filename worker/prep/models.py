@@ -51,9 +51,7 @@ KNOWN_MODELS: dict[str, GgufWheel | GptqOf] = {
     ),
     # The fp model's linears are the GGUF's Q4_1 blocks (32 inputs, each with its own scale and
     # minimum): asymmetric groups on those same 32 columns fit them best (bench/gptq_fidelity.py).
-    DEFAULT_MODEL: GptqOf(
-        base=FP_MODEL, spec=GptqSpec(group_size=32, sym=False, static_groups=True)
-    ),
+    DEFAULT_MODEL: GptqOf(base=FP_MODEL, spec=GptqSpec(group_size=32)),
 }
 
 

@@ -84,9 +84,6 @@ class Stage:
                 self.note = note
         self.view._changed(self)
 
-    def advance(self, steps: float = 1, note: str | None = None) -> None:
-        self.update(done=self.done + steps, note=note)
-
     def counts(self) -> str:
         if self.total is None:
             return ""
@@ -242,9 +239,6 @@ class _NullStage:
     def update(self, done=None, total=None, note=None) -> None:
         pass
 
-    def advance(self, steps: float = 1, note: str | None = None) -> None:
-        pass
-
 
 class NullView:
     """What preparation reports to outside a session: nothing is drawn."""
@@ -321,9 +315,10 @@ def capture_output(
     handler = None
     # Libraries that stop propagation (transformers' own root logger) get the handler too.
     closed = [
-        lg for lg in logging.root.manager.loggerDict.values()
+        lg
+        for lg in logging.root.manager.loggerDict.values()
         if isinstance(lg, logging.Logger) and not lg.propagate
-    ]  # fmt: skip
+    ]
     try:
         for fd in (1, 2):
             os.dup2(log_fd, fd)

@@ -10,40 +10,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from worker.engine.loading import GptqCheckpointError, import_gptqmodel, pick_device
 from worker.prep.progress import active_view
+from worker.prep.recipe import GptqSpec
 
 DATA_DIR = Path(__file__).parents[1] / "data"
 CALIBRATION_FILE = DATA_DIR / "calibration.jsonl"
 # The fast CPU int4 kernel takes groups of 32/64/128/256; the smallest keeps the most quality.
 DEFAULT_GROUP_SIZE = 32
-
-
-@dataclass(frozen=True)
-class GptqSpec:
-    """How to quantize: 4-bit symmetric by default, group size picked from the model.
-
-    sym=False gives each group its own integer zero point (asymmetric range). act_order
-    quantizes columns in order of decreasing activation size (GPTQ desc_act); static_groups
-    fixes each group's columns before that reordering (groups stay consecutive columns: no input
-    gather at inference); without act_order, gptqmodel's group-aware order, which also keeps
-    each group's columns together. mse > 0 searches each group's clipping range under that norm
-    instead of min/max."""
-
-    bits: int = 4
-    group_size: int | None = None
-    sym: bool = True
-    act_order: bool = True
-    static_groups: bool = False
-    mse: float = 2.4
-    samples: int = 320
-    batch_size: int = 16
-    seed: int = 0
 
 
 def pick_group_size(hidden_size: int, intermediate_size: int) -> int:

@@ -4,6 +4,7 @@ on three threads until stopped."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -13,16 +14,26 @@ import uuid
 from collections.abc import Callable
 from types import FrameType
 
+import redis
+
 from inferq.logs import get_logger
+from inferq.params import EngineConfig
 from inferq.settings import Settings
+from storage.records import JobState
 from storage.repository import Repository
 from worker.engine.api import Engine
+from worker.service.arrivals import Arrival
+from worker.service.control import CancelListener
 from worker.service.engine_loop import EngineLoop
+from worker.service.housekeeping import Housekeeping
 from worker.service.intake import Intake, Served
 from worker.service.jobs import Ledger
 from worker.service.metrics import HealthServer, Metrics
+from worker.service.publisher import ResultPublisher, claimed_ids
 from worker.service.sink import ResultSink
+from worker.service.streamer import Streamer
 from worker.service.sweeper import Sweeper
+from worker.webhooks import WebhookSender
 
 log = get_logger("inferq.worker")
 ENGINE_SWITCH_INTERVAL_S = 0.05
@@ -34,13 +45,14 @@ def load_engine(settings: Settings, name: str, path: str | None = None) -> Engin
         from worker.engine.null import NullEngine
 
         return NullEngine(name, max_num_seqs=settings.max_num_seqs)
-    from worker.engine.engine import EngineConfig, PagedEngine
+    from worker.engine.engine import PagedEngine
     from worker.prep.models import resolve_model
 
     config = EngineConfig(
         kv_cache_tokens=settings.kv_cache_tokens,
         max_num_seqs=settings.max_num_seqs,
         max_step_tokens=settings.max_step_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
         aging_s=settings.aging_s,
         prefix_cache=settings.prefix_cache,
         cache_secret=settings.cache_secret,
@@ -68,6 +80,12 @@ def load_engines(settings: Settings, have: dict[str, Engine]) -> tuple[dict[str,
     return engines, errors
 
 
+def default_worker_name() -> str:
+    """host:pid and a random suffix: a restarted container (same host name, pid 1) does not
+    inherit its predecessor's identity (held messages, heartbeat, running jobs)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
 class WorkerService:
     """One worker: `start()` then `stop()`, or `with WorkerService(...)`; `run()` blocks."""
 
@@ -78,28 +96,35 @@ class WorkerService:
         repo: Repository | None = None,
     ):
         self.settings = settings
-        self.worker = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = settings.worker_name or default_worker_name()
         self.repo = repo or Repository(settings.resolved_database_url)
         self.engines, self.load_errors = load_engines(settings, engines or {})
         self.ledger = Ledger()
         self.metrics = Metrics()
+        for name in settings.served_models():
+            self.metrics.model_loaded.labels(name).set(name not in self.load_errors)
         devices = {name: engine.device_class for name, engine in self.engines.items()}
+        self.publisher, self.cancels, self.streamer = self._results()
         self.sink = ResultSink(
             self.repo, self.ledger, self.worker, self._acknowledge, self._abort, self.metrics,
             devices,
         )  # fmt: skip
-        self.engine_loop = EngineLoop(self.engines, self.sink.put, self.metrics, self.worker)
+        stream = self.streamer.put if self.streamer is not None else None
+        self.engine_loop = EngineLoop(self.engines, self.sink.put, self.metrics, self.worker,
+                                      stream)  # fmt: skip
         served = {n: Served(e.new_codec(), e.max_context) for n, e in self.engines.items()}
         room = 1 + settings.waiting_room  # the scheduler picks among these what to admit next
         prefetch = sum(round(e.max_num_seqs * room) for e in self.engines.values())
         self.intake = Intake(
             settings, self.repo, self.ledger, self.engine_loop, self.sink.put, served,
-            self.load_errors, self.worker, prefetch, self.metrics,
+            self.load_errors, self.worker, prefetch, self.metrics, self._claimed,
         )  # fmt: skip
         self.sweeper = Sweeper(
             settings, self.repo, self.worker, sorted(self.engines), self.metrics,
-            lambda: len(self.ledger),
+            lambda: len(self.ledger), self._publish,
         )  # fmt: skip
+        self.housekeeping = Housekeeping(settings, self.repo)
+        self.webhooks = WebhookSender(settings, self.repo, self.worker, self.metrics)
         self.http = (
             None
             if settings.metrics_port is None
@@ -111,21 +136,69 @@ class WorkerService:
             target=self.intake.run, args=(self._stop,), name="inferq-intake", daemon=True
         )
 
+    def _results(self) -> tuple[ResultPublisher | None, CancelListener | None, Streamer | None]:
+        """Results, streams and cancels on Redis (docs/results.md): none without one."""
+        url = self.settings.resolved_result_url
+        if url is None:
+            return None, None, None
+        client = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30)
+        broker_url = self.settings.resolved_broker_url
+        broker = None
+        if broker_url != url and broker_url.startswith(("redis://", "rediss://")):
+            broker = redis.Redis.from_url(broker_url, health_check_interval=30)
+        publisher = ResultPublisher(self.settings, self.repo, client, self.metrics)
+        listener = CancelListener(self.settings, self.repo, self.ledger, client, broker,
+                                  self._drop, publisher.publish)  # fmt: skip
+        streamer = Streamer(self.settings, client, self.metrics) if self.settings.stream else None
+        return publisher, listener, streamer
+
+    def _publish(self, job_ids: list[uuid.UUID]) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(job_ids)
+
+    def _claimed(
+        self, arrivals: list[Arrival], states: dict[uuid.UUID, JobState]
+    ) -> dict[uuid.UUID, JobState]:
+        """A claim's jobs: cancelled when a request came first, then published."""
+        if self.cancels is not None:
+            states = self.cancels.screen(arrivals, states, self.worker)
+        self._publish(claimed_ids(arrivals, states, self.worker))
+        return states
+
     def _acknowledge(self, job_ids: list[uuid.UUID]) -> None:
+        """Outcomes committed (the sink): their messages are done, their states published."""
         self.intake.acknowledge(job_ids)
+        self.webhooks.wake()  # the outcomes just committed may owe webhooks
+        self._publish(job_ids)
 
     def _abort(self, job_id: uuid.UUID) -> None:
         self.engine_loop.abort(job_id)
 
+    def _drop(self, job_ids: list[uuid.UUID]) -> None:
+        """Cancelled jobs this worker runs: out of the engine, their messages acknowledged."""
+        for job_id in job_ids:
+            self._abort(job_id)
+            self.ledger.pop(job_id)
+            log.info("job.cancelled_while_running", job_id=str(job_id))
+        self.intake.acknowledge(job_ids)
+
+    def _threads(self) -> tuple[threading.Thread, ...]:
+        return (self._intake_thread, self._engine_thread, self.sink.thread, self.sweeper.thread,
+                self.webhooks.thread)  # fmt: skip
+
     def alive(self) -> bool:
         """Liveness: every service thread is running."""
-        threads = (self._intake_thread, self._engine_thread, self.sink.thread)
-        return all(t.is_alive() for t in (*threads, self.sweeper.thread))
+        return all(t.is_alive() for t in self._threads())
 
     def ready(self) -> bool:
-        """Readiness: alive, consuming, and the database answered within three heartbeats."""
-        fresh = time.monotonic() - self.sweeper.last_ok < 3 * self.settings.heartbeat_s
-        return self.alive() and self.intake.ready.is_set() and fresh
+        """Readiness: alive; every model it was told to serve loaded; consuming (the broker
+        answers); the database answered within three heartbeats; and the engine computed
+        within `engine_stall_s` (or had nothing to do)."""
+        now = time.monotonic()
+        fresh = now - self.sweeper.last_ok < 3 * self.settings.heartbeat_s
+        moving = now - self.engine_loop.progress_at < self.settings.engine_stall_s
+        loaded = not self.load_errors
+        return loaded and fresh and moving and self.intake.ready.is_set() and self.alive()
 
     def start(self) -> WorkerService:
         """Run everything on background threads (tests, embedding); `stop()` ends it."""
@@ -133,14 +206,21 @@ class WorkerService:
         return self
 
     def _start_threads(self, engine_loop: bool) -> None:
+        for helper in (self.publisher, self.cancels, self.streamer):
+            if helper is not None:
+                helper.start()
         self.sink.start()
         if engine_loop:
             self.engine_loop.start()
+        self.sweeper.start()  # beats first: the intake's claims find this worker alive
         self._intake_thread.start()
-        self.sweeper.start()
+        self.housekeeping.start()
+        self.webhooks.start()
         if self.http is not None:
             self.http.start()
             log.info("worker.http", port=self.http.port)
+        if self.load_errors:  # it serves the rest, but is never ready: an operator must look
+            log.error("worker.not_ready", worker=self.worker, failed=sorted(self.load_errors))
         log.info("worker.ready", worker=self.worker, models=sorted(self.engines))
 
     def stop(self, drain_s: float | None = None, timeout: float = 30.0) -> None:
@@ -157,10 +237,15 @@ class WorkerService:
     def _finish(self, timeout: float = 30.0) -> None:
         """The engines have stopped: write what finished, hand the rest back, stop."""
         self.sink.stop(timeout)
+        for helper in (self.streamer, self.cancels, self.publisher):
+            if helper is not None:
+                helper.stop()
         self._stop.set()
         self.intake.wake.set()
         self._intake_thread.join(timeout)
         self.sweeper.stop()
+        self.housekeeping.stop()
+        self.webhooks.stop()
         if self.http is not None:
             self.http.stop()
         log.info("worker.stopped", worker=self.worker, unfinished=len(self.ledger))
@@ -173,8 +258,10 @@ class WorkerService:
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or `until()`), stepping the engines on this thread;
-        then drain as `stop` does."""
+        then drain as `stop` does. A service thread that dies ends it at once (no drain)
+        with SystemExit (exit status 1), so the supervisor restarts the process."""
         signalled = threading.Event()
+        died: list[str] = []
 
         def _on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("worker.signal", signal=signal.Signals(signum).name)
@@ -192,6 +279,8 @@ class WorkerService:
 
         def keep_going() -> bool:
             nonlocal deadline
+            if died or self._died(died):
+                return False
             if not (signalled.is_set() or (until is not None and until())):
                 return True
             if deadline is None:  # stop taking; let what runs finish for drain_s
@@ -203,3 +292,13 @@ class WorkerService:
             self.engine_loop.run(keep_going)
         finally:
             self._finish()
+        if died:
+            raise SystemExit(f"inferq worker: service thread died: {', '.join(died)}")
+
+    def _died(self, died: list[str]) -> bool:
+        """Whether a service thread other than the caller's has died (named into `died`)."""
+        me = threading.current_thread()
+        died += [t.name for t in self._threads() if t is not me and not t.is_alive()]
+        if died:
+            log.error("worker.thread_died", worker=self.worker, threads=died)
+        return bool(died)

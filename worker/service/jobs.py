@@ -11,15 +11,15 @@ from datetime import datetime
 from worker.engine.api import EngineRequest
 
 
-@dataclass(slots=True)
-class LiveJob:
-    """A claimed job: what the engine runs and what the sink needs to record it."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveJob(EngineRequest):
+    """A job this worker runs: the request the engine runs (`seq_id` is the job's id), plus
+    what the sink needs to record it. Built once by the intake (`LiveJob.from_job`); read,
+    never changed, by the engine loop and the sink."""
 
-    id: uuid.UUID
+    seq_id: uuid.UUID
     model: str
-    request: EngineRequest
     enqueued_at: datetime | None = None  # the producer's clock, bounded; None: not sent
-    expires_at: datetime | None = None  # past it, the job is dropped wherever it is
 
 
 class Ledger:
@@ -37,7 +37,7 @@ class Ledger:
 
     def add(self, job: LiveJob) -> None:
         with self._lock:
-            self._jobs[job.id] = job
+            self._jobs[job.seq_id] = job
 
     def pop(self, job_id: uuid.UUID) -> LiveJob | None:
         with self._lock:

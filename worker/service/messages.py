@@ -6,11 +6,11 @@ Nothing here raises on what a message contains: every way a message can be wrong
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,10 +18,11 @@ from pydantic import ValidationError
 from api_client.schema import JobMessage
 from api_client.signing import verify
 from api_client.wire import TASK_NAME
+from inferq.settings import Settings
+from storage.records import as_utc
+from worker.broker import MAX_MESSAGE_BYTES, MAX_RAW_BYTES
 
 JSON_TYPES = ("application/json",)
-MAX_MESSAGE_BYTES = 1 << 20  # a job message's body; larger ones are refused unread
-MAX_KEPT_BYTES = 64 << 10  # of a dead letter's body and headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,73 +34,98 @@ class Refusal:
     job_id: uuid.UUID | None = None
 
 
-def read_job(message: Any, keys: dict[str, str]) -> JobMessage | Refusal:
-    """The validated job in a kombu message, or why there is none; a tenant with a signing
-    key in `keys` must have signed it."""
-    headers = message.headers or {}
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """Who must sign: each keyed tenant with one of its keys (several during a rotation), every
+    tenant when `require_signature`, with a `submitted_at` within `window` of the worker's
+    clock."""
+
+    keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    require_signature: bool = False
+    window: timedelta = timedelta(minutes=5)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Trust:
+        window = timedelta(seconds=settings.signature_window_s)
+        return cls(settings.signing_keys(), settings.require_signature, window)
+
+
+def read_job(message: Any, trust: Trust, now: datetime) -> JobMessage | Refusal:
+    """The validated job in a kombu message, or why there is none. A message without a
+    `job_id` takes the Celery task id (so a replay is the same job); a keyed tenant's message
+    must be signed with one of its keys and sent within `trust.window` of `now`."""
+    oversized = getattr(message, "oversized", None)
+    if oversized:  # never read: the source handed over only its head
+        return Refusal("message too large", f"{oversized[0]} bytes as queued; the limit is "
+                       f"{MAX_RAW_BYTES}")  # fmt: skip
+    headers = message.headers if isinstance(message.headers, dict) else {}
     if message.content_type not in JSON_TYPES:
-        return Refusal("non-JSON message refused", f"content type {message.content_type!r}")
-    task = headers.get("task") if isinstance(headers, dict) else None
+        return Refusal("non-JSON message refused", f"content type {_shown(message.content_type)}")
+    if not isinstance(message.body, str | bytes):
+        return Refusal("undecodable message", f"a body {_shown(message.body)}")
+    task = headers.get("task")
     if task != TASK_NAME:
-        return Refusal("unknown task name", f"task {task!r}")
+        return Refusal("unknown task name", f"task {_shown(task)}")
     if len(message.body) > MAX_MESSAGE_BYTES:
         return Refusal("message too large", f"{len(message.body)} bytes; the limit is "
                        f"{MAX_MESSAGE_BYTES}")  # fmt: skip
     try:
         body = json.loads(message.body)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
         return Refusal("undecodable message", repr(exc))
     if not (
         isinstance(body, list) and len(body) == 3 and body[0] == [] and isinstance(body[1], dict)
     ):
         return Refusal("invalid task message", "body is not [[], {kwargs}, {embed}]")
     kwargs = body[1]
-    job_id = _uuid_or_none(kwargs.get("job_id"))
+    fields = kwargs
+    task_id = uuid_or_none(headers.get("id"))
+    if "job_id" not in kwargs and task_id is not None:
+        fields = {**kwargs, "job_id": str(task_id)}
+    job_id = uuid_or_none(fields.get("job_id"))
     try:
-        job = JobMessage.model_validate(kwargs)
+        job = JobMessage.model_validate(fields)
     except ValidationError as exc:
         return Refusal("invalid job message", str(exc), job_id)
-    key = keys.get(job.tenant)
-    if key is not None and not verify(kwargs, key):
-        return Refusal("bad signature", f"tenant {job.tenant!r} requires a valid signature", job_id)
+    return _trusted(job, kwargs, trust, now)
+
+
+def _trusted(
+    job: JobMessage, kwargs: dict[str, Any], trust: Trust, now: datetime
+) -> JobMessage | Refusal:
+    """The job, if its tenant's keys and the clock allow it."""
+    keys = trust.keys.get(job.tenant)
+    if not keys:
+        if trust.require_signature:
+            return Refusal("unsigned tenant", f"tenant {job.tenant!r} has no signing key here",
+                           job.job_id)  # fmt: skip
+        return job
+    if not verify(kwargs, keys):
+        return Refusal("bad signature", f"tenant {job.tenant!r} requires a valid signature",
+                       job.job_id)  # fmt: skip
+    if "job_id" not in kwargs:  # else a replay under a new task id would be a new job
+        return Refusal("bad signature", "a signed message must carry its job_id in the signed "
+                       "kwargs", job.job_id)  # fmt: skip
+    sent = job.submitted_at and as_utc(job.submitted_at)
+    if sent is None or abs(now - sent) > trust.window:
+        window = trust.window.total_seconds()
+        error = f"a signed message must carry a submitted_at within {window:g} s of now"
+        return Refusal("stale signature", error, job.job_id)
     return job
 
 
-def _uuid_or_none(value: object) -> uuid.UUID | None:
+def _shown(value: object) -> str:
+    """A header value for an error text: a string quoted (cut at 128), else its type."""
+    if value is None or isinstance(value, str):
+        return repr(value and value[:128])
+    return f"of type {type(value).__name__}"
+
+
+def uuid_or_none(value: object) -> uuid.UUID | None:
+    """A UUID from an untrusted value: a string of at most 64 characters, else None."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
     try:
-        return uuid.UUID(str(value))
+        return uuid.UUID(value)
     except ValueError:
         return None
-
-
-def dead_letter_payload(message: Any) -> dict[str, Any]:
-    """A message as a dead letter keeps it: its body's first 64 KB (text, or base64 when not
-    UTF-8 or holding NUL), the body's size and SHA-256, the content type and the headers (as
-    printable text, cut at 64 KB), in a form any JSON column takes."""
-    raw = (
-        message.body.encode("utf-8", "surrogatepass")
-        if isinstance(message.body, str)
-        else (bytes(message.body))
-    )
-    head = raw[:MAX_KEPT_BYTES]
-    headers = json.dumps(message.headers or {}, default=str, ensure_ascii=True)
-    payload: dict[str, Any] = {
-        "content_type": _printable(str(message.content_type)),
-        "headers": headers[:MAX_KEPT_BYTES],  # ASCII JSON text: NUL and surrogates escaped
-        "size": len(raw),
-        "sha256": hashlib.sha256(raw).hexdigest(),
-        "truncated": len(raw) > len(head),
-    }
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is None or "\x00" in text:  # JSON columns take neither
-        payload["body_base64"] = base64.b64encode(head).decode()
-    else:
-        payload["body"] = text
-    return payload
-
-
-def _printable(text: str) -> str:
-    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")

@@ -1,5 +1,6 @@
 """The worker's Prometheus metrics, and its HTTP endpoint: `/metrics`, `/healthz` (the
-service threads are alive) and `/readyz` (models loaded, consuming, database reachable)."""
+service threads are alive) and `/readyz` (every model loaded, the broker and database
+answering, the engine not stalled)."""
 
 from __future__ import annotations
 
@@ -50,8 +51,15 @@ class Metrics:
             buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096),
             registry=r,
         )
+        self.webhook_attempts = Counter(
+            "inferq_webhook_attempts", "Webhook POSTs and refusals", ["status"], registry=r
+        )
         self.held = Gauge("inferq_held_jobs", "Claimed, not yet written", registry=r)
         self.queue_depth = Gauge("inferq_queue_depth", "Messages on the queue", registry=r)
+        self.model_loaded = Gauge(
+            "inferq_model_loaded", "1: serving; 0: it failed to load (not ready)", by_model,
+            registry=r,
+        )  # fmt: skip
 
     def engine_step(self, model: str, stats: EngineStats, step_tokens: int) -> None:
         """After an engine step (memory only: the engine thread calls this)."""

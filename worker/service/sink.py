@@ -28,7 +28,8 @@ from worker.service.retry import Backoff
 from worker.service.usage import UsageReport
 
 log = get_logger("inferq.sink")
-CANCEL_CHECK_S = 0.5
+CANCEL_CHECK_S = 5.0  # a cancel written to the database (requests come by notification)
+IDLE_WAKE_S = 0.5  # an idle sink looks at `stop` this often
 MAX_OPEN_BATCHES = 4096  # batch rows still gathering members (oldest forgotten first)
 MAX_PER_WRITE = 1024
 
@@ -41,7 +42,7 @@ def job_usage(done: Finished, worker: str, device: str) -> JobUsage:
     """What the engine measured for a finished job (times are the engine's wall clock)."""
     out, job = done.output, done.job
     return JobUsage(
-        job_id=job.id, model=job.model, worker=worker, device=device,
+        job_id=job.seq_id, model=job.model, worker=worker, device=device,
         finished_at=_at(out.finished_at), compute_s=out.compute_s,
         enqueued_at=job.enqueued_at, admitted_at=_at(out.admitted_at),
         first_token_at=_at(out.first_token_at), prompt_tokens=out.prompt_tokens,
@@ -91,7 +92,8 @@ class ResultSink:
         pending: list[Outcome] = []
         touched: set[tuple[str, int]] = set()
         while True:
-            wait = 0.0 if pending else max(0.0, self._next_cancel_check - time.monotonic())
+            due = max(0.0, self._next_cancel_check - time.monotonic())
+            wait = 0.0 if pending else min(due, IDLE_WAKE_S)
             for outcome in self._take(wait, MAX_PER_WRITE - len(pending)):
                 pending.append(outcome)
                 if isinstance(outcome, Finished):
@@ -126,14 +128,13 @@ class ResultSink:
         batch = self._batches.get(key)
         if batch is None:
             batch = BatchRecord(
-                uuid.uuid4(), self.worker, done.job.model, out.batch_size, 0, 0,
+                uuid.uuid4(), self.worker, done.job.model, out.batch_size, 0,
                 _at(out.admitted_at), stats={"cached_tokens": 0, "prompt_tokens": 0},
             )  # fmt: skip
             self._batches[key] = batch
             while len(self._batches) > MAX_OPEN_BATCHES:
                 self._batches.popitem(last=False)
         batch.real_tokens += out.computed_tokens
-        batch.padded_tokens += out.computed_tokens
         batch.started_at = min(batch.started_at, _at(out.admitted_at))
         batch.finished_at = max(batch.finished_at or batch.started_at, _at(out.finished_at))
         batch.duration_s = (batch.finished_at - batch.started_at).total_seconds()
@@ -229,9 +230,13 @@ class ResultSink:
             out, job = o.output, o.job
             batch = self._batches.get((job.model, out.batch))
             result = ResultRow(
-                job.id, out.text, out.finish_reason.value, out.prompt_tokens,
-                len(out.token_ids), out.cached_tokens,
-            )  # fmt: skip
+                job_id=job.seq_id,
+                text=out.text,
+                finish_reason=out.finish_reason.value,
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=len(out.token_ids),
+                cached_tokens=out.cached_tokens,
+            )
             usage = job_usage(o, self.worker, self.devices.get(job.model, ""))
             finished.append(FinishedJob(result, usage, batch.id if batch else None))
         return finished, failures

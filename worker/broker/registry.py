@@ -1,76 +1,55 @@
 """The live-worker registry in Redis, for prefix-affinity routing.
 
-Each worker writes `{seen, models}` under its name in one hash per queue every second;
+Each worker writes `{seen, models}` under its name in one hash per queue every second (`seen`
+is Redis `TIME`: one clock for every worker, whatever its host's clock says);
 its load is read fresh from Redis (the tags it holds, the messages waiting for it).
 A worker silent for `dead_after_s` is dead: any live worker moves the messages waiting in its
 affinity queue back to the shared queue and pushes back the messages it had taken but not
-acknowledged (the `held` set its takes recorded), so none waits on it; the entry is removed
-once it has been dead for a grace period with nothing left to move.
+acknowledged (the `held` set its takes recorded, through the `Unacked` store), so none waits
+on it; the entry is removed once it has been dead for a grace period with nothing left to
+move.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import redis
 
 from api_client.wire import PRIORITY_STEPS
-from worker.service.affinity import Peer
+from worker.broker import scripts
+from worker.broker.affinity import Peer
+from worker.broker.layout import affinity_queue, aging_key, held_key, queue_key, redis_now
+from worker.broker.unacked import Unacked
 
 GRACE_S = 10.0  # a dead entry is kept (and drained) this long: late forwards still move on
 
-# KEYS: source lists, then as many target lists. Moves every item, keeping their order.
-_DRAIN = """
-local half, n = #KEYS / 2, 0
-for i = 1, half do
-  while true do
-    local item = redis.call('LPOP', KEYS[i])
-    if not item then break end
-    redis.call('RPUSH', KEYS[half + i], item)
-    n = n + 1
-  end
-end
-return n
-"""
-
-
-def affinity_queue(queue: str, worker: str) -> str:
-    """The queue only `worker` consumes (beside the shared one)."""
-    return f"{queue}.w.{worker}"
-
-
-def held_key(queue: str, worker: str) -> str:
-    """The set of delivery tags `worker` has taken and not acknowledged."""
-    return f"inferq:held:{queue}:{worker}"
-
 
 class Registry:
-    """One worker's view: beat, list live peers, reap dead ones, retire itself."""
+    """One worker's view: beat, list live peers, reap dead ones, retire itself. A dead
+    worker's taken messages go back through `unacked` (this worker's hand on them)."""
 
     def __init__(
         self,
-        client: redis.Redis,
-        queue: str,
+        unacked: Unacked,
         me: str,
         models: Iterable[str],
         dead_after_s: float,
-        queue_key: Callable[[str, int], str],
-        push_back: Callable[[bytes | str], int],
     ) -> None:
-        self.client, self.queue, self.me = client, queue, me
+        self.unacked, self.me = unacked, me
+        self.client: redis.Redis = unacked.client
+        self.queue = unacked.queue
         self.models, self.dead_after_s = sorted(models), dead_after_s
-        self.key = f"inferq:workers:{queue}"
-        self._queue_key, self._push_back = queue_key, push_back
-        self._drain = client.register_script(_DRAIN)
+        self.key = f"inferq:workers:{self.queue}"
+        self._drain = self.client.register_script(scripts.DRAIN)
 
     def lists(self, worker: str) -> list[str]:
         """A worker's affinity lists (one per priority step)."""
-        return [self._queue_key(affinity_queue(self.queue, worker), p) for p in PRIORITY_STEPS]
+        return [queue_key(affinity_queue(self.queue, worker), p) for p in PRIORITY_STEPS]
 
     def beat(self) -> None:
-        entry = {"seen": time.time(), "models": self.models}
+        entry = {"seen": redis_now(self.client), "models": self.models}
         self.client.hset(self.key, self.me, json.dumps(entry))
 
     def _entries(self) -> dict[str, dict]:
@@ -87,7 +66,7 @@ class Registry:
         """Live peers with their load, read fresh (the messages they have taken and not
         acknowledged, plus those waiting in their affinity queue), and the dead entries with
         when they were last seen."""
-        now, live = time.time(), {}
+        now, live = redis_now(self.client), {}
         entries = self._entries()
         alive = [n for n, e in entries.items() if now - float(e["seen"]) <= self.dead_after_s]
         pipe = self.client.pipeline(transaction=False)
@@ -105,12 +84,12 @@ class Registry:
     def reap(self, dead: list[tuple[str, float]]) -> int:
         """Give a dead worker's waiting and taken messages back to the shared queue; how many
         moved. Several live workers may reap at once: every move is atomic."""
-        moved, now = 0, time.time()
+        moved, now = 0, redis_now(self.client)
         for name, seen in dead:
             moved_here = self.drain(name)
             held = held_key(self.queue, name)
-            for tag in self.client.smembers(held):
-                moved_here += self._push_back(tag)
+            for tag in self.client.smembers(held):  # unless taken again by a live worker
+                moved_here += self.unacked.push_back(tag, held)
             self.client.delete(held)
             if moved_here == 0 and now - seen > self.dead_after_s + GRACE_S:
                 self.client.hdel(self.key, name)
@@ -119,11 +98,14 @@ class Registry:
 
     def drain(self, worker: str) -> int:
         """Move what waits in `worker`'s affinity queue to the shared queue, in order."""
-        shared = [self._queue_key(self.queue, p) for p in PRIORITY_STEPS]
-        return int(self._drain(keys=[*self.lists(worker), *shared]))
+        shared = [queue_key(self.queue, p) for p in PRIORITY_STEPS]
+        moved = int(self._drain(keys=[*self.lists(worker), *shared]))
+        self.client.hdel(aging_key(self.queue), *self.lists(worker))  # empty: nothing waits
+        return moved
 
     def retire(self) -> None:
         """A clean stop: look dead at once (no new forwards) and hand back the own queue."""
-        gone = time.time() - self.dead_after_s - 1  # dead now; reaped through the grace period
+        # dead now; reaped through the grace period
+        gone = redis_now(self.client) - self.dead_after_s - 1
         self.client.hset(self.key, self.me, json.dumps({"seen": gone, "models": []}))
         self.drain(self.me)

@@ -1,0 +1,128 @@
+"""`AsyncInferqClient`: the client for asyncio apps (FastAPI, aiohttp). Same wire contract,
+same job ids and same reading code as `InferqClient` (the plans in `api_client.plans`, run
+here with `redis.asyncio`); Celery's producer has no asyncio API, so sending runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import aclosing
+from functools import cached_property
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from api_client import plans
+from api_client.producer import Producer, job_id_of, tenant_view
+from api_client.results import result_key
+from storage.records import JobView
+
+
+class AsyncInferqClient(Producer):
+    """`InferqClient`'s methods as coroutines (and async iterators: `as_completed`,
+    `stream`), for one event loop. `await client.aclose()` when done."""
+
+    def for_tenant(self, tenant: str, key: str | None = None) -> AsyncInferqClient:
+        return AsyncInferqClient(self.settings, tenant, key)
+
+    @cached_property
+    def redis(self) -> aioredis.Redis:
+        return aioredis.Redis.from_url(
+            self.result_url, health_check_interval=30, max_connections=plans.MAX_CONNECTIONS
+        )
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.celery.close)
+        if "redis" in self.__dict__:
+            await self.redis.aclose()
+
+    async def submit(self, prompt: str | None = None, **job: Any) -> uuid.UUID:
+        msg = self.build(prompt, **job)
+        return await asyncio.to_thread(self.enqueue, msg)
+
+    async def submit_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[uuid.UUID]:
+        """Validate every job first (nothing is enqueued if one is invalid), then enqueue all."""
+        msgs = self.build_many(jobs)
+        return await asyncio.to_thread(lambda: [self.enqueue(m) for m in msgs])
+
+    async def get(self, job_id: uuid.UUID | str) -> JobView | None:
+        job_id = uuid.UUID(str(job_id))
+        return tenant_view(await self.redis.get(result_key(job_id)), job_id, self.tenant)
+
+    async def wait(
+        self, job_id: uuid.UUID | str, timeout: float = 60.0, poll: float | None = None
+    ) -> JobView:
+        return (await self.wait_many([job_id], timeout, poll))[0]
+
+    async def wait_many(
+        self, job_ids: Iterable[uuid.UUID | str], timeout: float = 300.0, poll: float | None = None
+    ) -> list[JobView]:
+        waiting = plans.Waiting(job_ids, self.tenant)
+        async for _ in self._run(plans.ended(waiting, timeout, poll or self.poll_s)):
+            pass
+        return waiting.views()
+
+    def as_completed(
+        self, job_ids: Iterable[uuid.UUID | str], timeout: float = 300.0, poll: float | None = None
+    ) -> AsyncIterator[JobView]:
+        """`async for view in client.as_completed(ids)`: each job's view as it ends."""
+        waiting = plans.Waiting(job_ids, self.tenant)
+        return self._run(plans.ended(waiting, timeout, poll or self.poll_s))
+
+    async def cancel(self, job_id: uuid.UUID | str, wait: float = 5.0) -> bool:
+        plan = plans.cancel(uuid.UUID(str(job_id)), self.tenant, self.key, wait, self.poll_s)
+        async with aclosing(self._run(plan)) as answers:
+            async for cancelled in answers:
+                return bool(cancelled)
+        raise AssertionError("the cancel plan emits its answer")
+
+    def stream(self, job_id: uuid.UUID | str, timeout: float = 300.0) -> AsyncIterator[str]:
+        """`async for delta in client.stream(job_id)`: see `InferqClient.stream`."""
+        return self._run(plans.stream(uuid.UUID(str(job_id)), self.tenant, timeout, self.poll_s))
+
+    async def _run(self, plan: plans.Plan) -> AsyncIterator[Any]:
+        """Run a plan with asyncio Redis calls; yield what it emits."""
+        pubsub: aioredis.client.PubSub | None = None
+        reply: Any = None
+        try:
+            while True:
+                try:
+                    op = plan.send(reply)
+                except StopIteration:
+                    return
+                reply = None
+                match op:
+                    case plans.Emit(value):
+                        yield value
+                    case plans.Read(keys):
+                        reply = await self.redis.mget(keys)
+                    case plans.Subscribe(channels):
+                        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                        await pubsub.subscribe(*channels)
+                    case plans.Listen(seconds):
+                        assert pubsub is not None
+                        reply = await _notified(pubsub, seconds)
+                    case plans.XRead(key, last_id, count, block_ms):
+                        got = await self.redis.xread({key: last_id}, count, block_ms)
+                        reply = got[0][1] if got else []
+                    case plans.Send(commands):
+                        async with self.redis.pipeline(transaction=False) as pipe:
+                            for command in commands:
+                                pipe.execute_command(*command)
+                            reply = await pipe.execute()
+        finally:
+            plan.close()
+            if pubsub is not None:
+                await pubsub.aclose()
+
+
+async def _notified(pubsub: aioredis.client.PubSub, seconds: float) -> set[uuid.UUID]:
+    woken: set[uuid.UUID] = set()
+    message = await pubsub.get_message(timeout=seconds)
+    while message is not None:
+        if message["type"] == "message" and (job_id := job_id_of(message["channel"])):
+            woken.add(job_id)
+        message = await pubsub.get_message(timeout=0.0)
+    return woken

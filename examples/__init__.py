@@ -1,0 +1,1 @@
+"""Examples of apps that enqueue inferq jobs (not part of the installed package)."""

@@ -1,0 +1,89 @@
+"""The streamer: appends each engine step's text deltas to the jobs' Redis Streams
+(`inferq:stream:<job id>`, read by `api_client.streams`), on a thread of its own, so the
+engine loop does no I/O: it hands over one list per step (`put`), and each Redis round trip
+carries every list waiting by then.
+
+Per delta: XADD `{o: characters before it, d: text}` (and `end`: the finish reason on the
+last one), trimmed to `max_new_tokens + 16` entries (a job adds at most one per token, so a
+job's own entries are never trimmed: a late reader gets the whole text), and EXPIRE
+`stream_expires_s` after its last delta. A job's first delta (`o` = 0: a new run, here or after
+a takeover) replaces what its stream held. Streams are best effort: a delta lost while Redis
+is away is not retried, and its readers take the rest of the text from the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+
+import redis
+
+from api_client.results import stream_key
+from inferq.logs import get_logger
+from inferq.settings import Settings
+from worker.engine.api import TextDelta
+from worker.service.metrics import Metrics
+from worker.service.priority import as_helper_thread
+
+log = get_logger("inferq.streamer")
+IDLE_WAIT_S = 0.5
+MAX_BACKLOG = 4096  # step lists waiting: beyond it (Redis stalled) the oldest are dropped
+
+
+class Streamer:
+    def __init__(self, settings: Settings, client: redis.Redis, metrics: Metrics):
+        self.client, self.metrics = client, metrics
+        self.maxlen = settings.max_new_tokens + 16
+        self.expires_s = int(settings.stream_expires_s)
+        self._inbox: queue.Queue[list[TextDelta]] = queue.Queue(MAX_BACKLOG)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="inferq-streamer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.thread.join(timeout)
+
+    def put(self, deltas: list[TextDelta]) -> None:
+        """From the engine loop: never blocks (a full backlog drops its oldest step)."""
+        while True:
+            try:
+                self._inbox.put_nowait(deltas)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._inbox.get_nowait()
+
+    def _run(self) -> None:
+        as_helper_thread()
+        while not (self._stop.is_set() and self._inbox.empty()):
+            try:
+                batch = self._inbox.get(timeout=IDLE_WAIT_S)
+            except queue.Empty:
+                continue
+            while True:
+                try:
+                    batch = batch + self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                self.write(batch)
+            except Exception as exc:  # readers take the rest from the result
+                self.metrics.retries.labels("streamer").inc()
+                log.warning("streamer.write_failed", deltas=len(batch), error=type(exc).__name__)
+
+    def write(self, deltas: list[TextDelta]) -> None:
+        """One round trip for every delta."""
+        pipe = self.client.pipeline(transaction=False)
+        for d in deltas:
+            key = stream_key(d.seq_id)
+            if d.start == 0:
+                pipe.delete(key)
+            fields = {"o": d.start, "d": d.text} if d.end is None else {
+                "o": d.start, "d": d.text, "end": d.end}  # fmt: skip
+            pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
+            pipe.expire(key, self.expires_s)
+        pipe.execute()
