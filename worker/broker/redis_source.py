@@ -71,8 +71,10 @@ class RedisSource:
             own = affinity_queue(self.queue, worker)
             self.registry.beat()
             threading.Thread(target=self._beat, name="inferq-beat", daemon=True).start()
-        lists = [[queue_key(own, p), queue_key(self.queue, p)] if own else
-                 [queue_key(self.queue, p)] for p in PRIORITY_STEPS]  # fmt: skip
+        lists = [
+            [queue_key(own, p), queue_key(self.queue, p)] if own else [queue_key(self.queue, p)]
+            for p in PRIORITY_STEPS
+        ]
         self._lists = [key for pair in lists for key in pair]  # by urgency: own queue first
         self._own = {key for key in self._lists if own and key.startswith(own)}
         self._keys = [*self._lists, *BOOKKEEPING, aging_key(self.queue), self._held]
@@ -104,8 +106,15 @@ class RedisSource:
     def _oversized(self, head: bytes, tag: bytes, origin: str, size_sha1: bytes) -> Received:
         """An item too large to read, as its head: `read_job` refuses it, unread."""
         size, sha1 = size_sha1.decode().split()
-        return Received(head, None, {}, tag.decode(), origin=origin, routed=origin in self._own,
-                        oversized=(int(size), sha1))  # fmt: skip
+        return Received(
+            head,
+            None,
+            {},
+            tag.decode(),
+            origin=origin,
+            routed=origin in self._own,
+            oversized=(int(size), sha1),
+        )
 
     def _received(self, item: bytes, tag: bytes, origin: str) -> Received:
         handle = tag.decode() if tag else None

@@ -69,5 +69,6 @@ class Unacked:
         except (KeyError, TypeError, ValueError):  # vanished, or not ours to read: drop it
             where, key = "drop", self.queue
         keys = [*BOOKKEEPING, self.held, key]
-        return self._move(keys=keys, args=[tag, payload, where, "" if cutoff is None else cutoff,
-                                           owner])  # fmt: skip
+        return self._move(
+            keys=keys, args=[tag, payload, where, "" if cutoff is None else cutoff, owner]
+        )

@@ -52,8 +52,12 @@ class _Fold:
         )
 
     def payload(self) -> dict[str, Any]:
-        return {"folded": self.count, "sha256": list(self.sha256), "job_ids": list(self.job_ids),
-                "sources": self.sources}  # fmt: skip
+        return {
+            "folded": self.count,
+            "sha256": list(self.sha256),
+            "job_ids": list(self.job_ids),
+            "sources": self.sources,
+        }
 
 
 class DeadLetters:
@@ -94,8 +98,10 @@ class DeadLetters:
             self._whole[reason] += 1
             return
         fold = self._folds.get(reason, _Fold()).add(message, refusal)
-        error = (f"{fold.count} more messages refused for this reason within a minute, kept "
-                 f"folded; the last one's error: {refusal.error}")  # fmt: skip
+        error = (
+            f"{fold.count} more messages refused for this reason within a minute, kept "
+            f"folded; the last one's error: {refusal.error}"
+        )
         if fold.row_id is None:
             row_id = self.repo.record_dead_letter(reason, fold.payload(), error, job_id=None)
             fold = replace(fold, row_id=row_id)

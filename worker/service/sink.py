@@ -42,13 +42,20 @@ def job_usage(done: Finished, worker: str, device: str) -> JobUsage:
     """What the engine measured for a finished job (times are the engine's wall clock)."""
     out, job = done.output, done.job
     return JobUsage(
-        job_id=job.seq_id, model=job.model, worker=worker, device=device,
-        finished_at=_at(out.finished_at), compute_s=out.compute_s,
-        enqueued_at=job.enqueued_at, admitted_at=_at(out.admitted_at),
-        first_token_at=_at(out.first_token_at), prompt_tokens=out.prompt_tokens,
-        cached_prompt_tokens=out.cached_tokens, computed_prompt_tokens=out.computed_prompt_tokens,
+        job_id=job.seq_id,
+        model=job.model,
+        worker=worker,
+        device=device,
+        finished_at=_at(out.finished_at),
+        compute_s=out.compute_s,
+        enqueued_at=job.enqueued_at,
+        admitted_at=_at(out.admitted_at),
+        first_token_at=_at(out.first_token_at),
+        prompt_tokens=out.prompt_tokens,
+        cached_prompt_tokens=out.cached_tokens,
+        computed_prompt_tokens=out.computed_prompt_tokens,
         completion_tokens=len(out.token_ids),
-    )  # fmt: skip
+    )
 
 
 class ResultSink:
@@ -128,9 +135,14 @@ class ResultSink:
         batch = self._batches.get(key)
         if batch is None:
             batch = BatchRecord(
-                uuid.uuid4(), self.worker, done.job.model, out.batch_size, 0,
-                _at(out.admitted_at), stats={"cached_tokens": 0, "prompt_tokens": 0},
-            )  # fmt: skip
+                uuid.uuid4(),
+                self.worker,
+                done.job.model,
+                out.batch_size,
+                0,
+                _at(out.admitted_at),
+                stats={"cached_tokens": 0, "prompt_tokens": 0},
+            )
             self._batches[key] = batch
             while len(self._batches) > MAX_OPEN_BATCHES:
                 self._batches.popitem(last=False)
@@ -177,16 +189,24 @@ class ResultSink:
                 )
         except Exception as exc:
             self.metrics.retries.labels("sink").inc()
-            log.warning("sink.write_failed", outcomes=len(pending),
-                        retry=self._backoff.failures + 1, error=type(exc).__name__)  # fmt: skip
+            log.warning(
+                "sink.write_failed",
+                outcomes=len(pending),
+                retry=self._backoff.failures + 1,
+                error=type(exc).__name__,
+            )
             return False
         self._backoff.reset()
         done_ids = [f.result.job_id for f in finished] + list(failures) + expired
         for job_id in done_ids:
             self.ledger.pop(job_id)
         for f in finished:
-            log.info("job.done", job_id=str(f.result.job_id), batch_id=str(f.batch_id),
-                     completion_tokens=f.result.completion_tokens)  # fmt: skip
+            log.info(
+                "job.done",
+                job_id=str(f.result.job_id),
+                batch_id=str(f.batch_id),
+                completion_tokens=f.result.completion_tokens,
+            )
         for job_id, error in failures.items():
             log.warning("job.failed", job_id=str(job_id), error=error)
         for job_id in expired:
@@ -214,11 +234,18 @@ class ResultSink:
     def _charges(self, pending: list[Outcome]) -> list[JobUsage]:
         """The compute of jobs that ended without a result (cancelled, expired, failed)."""
         return [
-            JobUsage(o.job_id, o.model, self.worker, self.devices.get(o.model, ""),
-                     utcnow(), o.compute_s, with_result=False)
+            JobUsage(
+                o.job_id,
+                o.model,
+                self.worker,
+                self.devices.get(o.model, ""),
+                utcnow(),
+                o.compute_s,
+                with_result=False,
+            )
             for o in pending
             if isinstance(o, Dropped | Failed) and o.compute_s > 0
-        ]  # fmt: skip
+        ]
 
     def _rows(self, pending: list[Outcome]) -> tuple[list[FinishedJob], dict[uuid.UUID, str]]:
         finished, failures = [], {}

@@ -44,9 +44,16 @@ class UsageMeter:
             busy = new.busy_s - old.busy_s
             counts = {n: getattr(new, n) - getattr(old, n) for n in USAGE_COUNTS}
             deltas.append(
-                UsageDelta(self.worker, name, hour, engine.device_class, busy_s=busy,
-                           idle_s=max(wall - busy, 0.0), **counts)
-            )  # fmt: skip
+                UsageDelta(
+                    self.worker,
+                    name,
+                    hour,
+                    engine.device_class,
+                    busy_s=busy,
+                    idle_s=max(wall - busy, 0.0),
+                    **counts,
+                )
+            )
             self._last[name] = new
         self._since = now
         return UsageReport(deltas)
