@@ -21,7 +21,7 @@ from storage.migrate import upgrade
 PG_ADMIN = os.environ.get(
     "INFERQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-REDIS = os.environ.get("INFERQ_BENCH_REDIS", "redis://127.0.0.1:6379/13")
+REDIS = os.environ.get("INFERQ_BENCH_REDIS", "redis://127.0.0.1:6379/15")
 
 
 def proc_cpu_s(pid: int) -> float:
