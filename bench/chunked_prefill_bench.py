@@ -78,7 +78,9 @@ def texts(engine: PagedEngine, args: argparse.Namespace) -> tuple[list, list]:
 
 
 def measure(name: str, chunk: int, path: str, args: argparse.Namespace) -> Result:
-    cfg = EngineConfig(prefill_chunk_tokens=chunk, max_num_seqs=max(64, args.running + 1))
+    cfg = get_settings().engine_config(
+        prefill_chunk_tokens=chunk, max_num_seqs=max(64, args.running + 1)
+    )
     engine = PagedEngine(path, name, device=args.device, dtype=args.dtype, config=cfg)
     engine.warm_up()
     running, longs = texts(engine, args)

@@ -229,7 +229,7 @@ def dtype_rows(
     del model
     gc.collect()
     for cache in (False, True):
-        cfg = EngineConfig(prefix_cache=cache, max_num_seqs=args.max_num_seqs)
+        cfg = get_settings().engine_config(prefix_cache=cache, max_num_seqs=args.max_num_seqs)
         name = f"engine-{'prefix-cache' if cache else 'no-prefix-cache'} {tag}"
         rows.append(engine_row(name, path, args.device, jobs, cfg, shareable, dtype))
     threads = len(os.sched_getaffinity(0))
@@ -242,7 +242,7 @@ def gptq_rows(args, jobs: list[Job], shareable: int) -> list[Row]:
     """The engine with prefix cache on the default GPTQ model, dtype auto (bf16 on CPU); then,
     unless --no-equal-work, bf16 and GPTQ with EOS ignored (the same output tokens)."""
     gptq = str(resolve_model(get_settings(), DEFAULT_MODEL))
-    cfg = EngineConfig(prefix_cache=True, max_num_seqs=args.max_num_seqs)
+    cfg = get_settings().engine_config(prefix_cache=True, max_num_seqs=args.max_num_seqs)
     rows = [engine_row("engine-prefix-cache gptq", gptq, args.device, jobs, cfg, shareable, "auto")]
     if args.equal_work:
         fp = str(resolve_model(get_settings(), FP_MODEL))

@@ -131,9 +131,11 @@ def decode_tps(model: torch.nn.Module, prompt: list[int], pad_id: int, new: int 
     return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
-def engine_decode_tps(path: str, device: str, dtype: str, jobs: list[eb.Job]) -> float:
+def engine_decode_tps(
+    path: str, device: str, dtype: str, jobs: list[eb.Job], cfg: EngineConfig
+) -> float:
     """Batch-1 decode rate through the paged engine: the first 4 jobs, one at a time."""
-    engine = PagedEngine(path, "bench", device=device, dtype=dtype)
+    engine = PagedEngine(path, "bench", device=device, dtype=dtype, config=cfg)
     engine.warm_up()
     tokens, seconds = 0, 0.0
     for job in jobs[:4]:
@@ -183,9 +185,9 @@ def run_variant(v: Variant, args: argparse.Namespace, jobs: list[eb.Job], sharea
     del loaded
     gc.collect()
     say(f"{v.name}: {res['b1']:.1f} decode tok/s; paged engine on {len(jobs)} jobs")
-    cfg = EngineConfig(max_num_seqs=args.max_num_seqs)
+    cfg = get_settings().engine_config(max_num_seqs=args.max_num_seqs)
     res["row"] = eb.engine_row(v.name, path, args.device, jobs, cfg, shareable, v.dtype)
-    res["eb1"] = engine_decode_tps(path, args.device, v.dtype, jobs)
+    res["eb1"] = engine_decode_tps(path, args.device, v.dtype, jobs, cfg)
     say(f"{v.name}: engine done in {res['row'].wall_s:.1f}s; peak RSS in a fresh subprocess")
     res["rss"] = rss_in_child(path, v.dtype, args.device)
     gc.collect()
@@ -220,7 +222,7 @@ def table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SPEED_VARIANTS = (  # name, model, dtype, INFERQ_GPTQ_CROSSOVER
+SPEED_VARIANTS = (  # name, model, dtype, EngineConfig.gptq_crossover
     ("fp bf16", FP_MODEL, "bfloat16", "auto"),
     ("GPTQ int4 only (before)", DEFAULT_MODEL, "auto", "off"),
     ("GPTQ per-shape dispatch", DEFAULT_MODEL, "auto", "auto"),
@@ -231,18 +233,20 @@ def speed_rows(args: argparse.Namespace, jobs: list[eb.Job], shareable: int) -> 
     """Engine speed only, SPEED_VARIANTS alternated `args.rounds` times; GPTQ / bf16 ratios."""
     from worker.engine import gptq_dispatch, gptq_gemm
 
-    cfg = EngineConfig(max_num_seqs=args.max_num_seqs)
+    cfg = get_settings().engine_config(max_num_seqs=args.max_num_seqs)
     lines = ["| round | variant | engine out tok/s | engine batch-1 decode tok/s |",
              "|---|---|---|---|"]  # fmt: skip
     got: dict[str, list[tuple[float, float]]] = {v[0]: [] for v in SPEED_VARIANTS}
     for rnd in range(args.rounds):
         for name, model, dtype, crossover in SPEED_VARIANTS:
-            os.environ[gptq_dispatch.ENV] = crossover
+            cfg = get_settings().engine_config(
+                max_num_seqs=args.max_num_seqs, gptq_crossover=crossover
+            )
             path = resolve_model(get_settings(), model)
             row = eb.engine_row(
                 name, path, args.device, jobs, cfg, shareable, dtype, ignore_eos=args.no_eos
             )
-            got[name].append((row.tps, engine_decode_tps(path, args.device, dtype, jobs)))
+            got[name].append((row.tps, engine_decode_tps(path, args.device, dtype, jobs, cfg)))
             say(f"round {rnd}: {name} engine {row.tps:.1f} tok/s, batch-1 {got[name][-1][1]:.1f}")
             lines.append(f"| {rnd} | {name} | {row.tps:.1f} | {got[name][-1][1]:.1f} |")
     lines.append("")

@@ -12,6 +12,7 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +58,23 @@ class Settings(BaseSettings):
     gptq_backend: str = Field(
         ENGINE.gptq_backend,
         description="GPTQ kernel: auto, or a gptqmodel backend (gptq_torch_aten, ...)",
+    )
+    native: bool = Field(
+        ENGINE.native, description="CPU: the C kernels where they build; false: torch only"
+    )
+    keep_heap: bool = Field(
+        ENGINE.keep_heap, description="CPU: glibc keeps freed memory for the next engine step"
+    )
+    gptq_crossover: str = Field(
+        ENGINE.gptq_crossover,
+        pattern=r"^(auto|off|[0-9]+)$",
+        description="CPU GPTQ: rows from which a linear takes its many-row path: auto "
+        "(measured at load), N, or off (gptqmodel's modules as they are)",
+    )
+    gptq_many: str = Field(
+        ENGINE.gptq_many,
+        pattern="^(auto|fused|dense)$",
+        description="CPU GPTQ many-row path: auto (measured), fused or dense",
     )
     device: str = Field("auto", description="auto | cpu | cuda")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
@@ -232,6 +250,25 @@ class Settings(BaseSettings):
         """The Redis that holds results, streams and cancel requests (None: not Redis)."""
         url = self.result_backend_url or self.resolved_broker_url
         return url if url.startswith(("redis://", "rediss://")) else None
+
+    def engine_config(self, **overrides: Any) -> EngineConfig:
+        """The paged engine's config from these settings (`overrides` win: benchmarks)."""
+        names = (
+            "kv_cache_tokens",
+            "max_num_seqs",
+            "max_step_tokens",
+            "prefill_chunk_tokens",
+            "aging_s",
+            "prefix_cache",
+            "cache_secret",
+            "gptq_backend",
+            "native",
+            "keep_heap",
+            "gptq_crossover",
+            "gptq_many",
+        )
+        values = {name: getattr(self, name) for name in names}
+        return EngineConfig(**{**values, "kernel_dir": str(self.home / "kernels"), **overrides})
 
     def served_models(self) -> dict[str, str | None]:
         """Model name -> explicit path (None: a known model, prepared on demand)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from logging.config import fileConfig
 from typing import Any
 
@@ -25,9 +24,6 @@ def _configure_logging() -> None:
 
 def _database_url() -> str:
     url = config.get_main_option("sqlalchemy.url")
-    if url:
-        return url
-    url = os.environ.get("INFERQ_DATABASE_URL")
     if url:
         return url
     from inferq.settings import get_settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -274,6 +275,11 @@ class FinishedJob:
         return self.usage.finished_at
 
 
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return as_utc(value).isoformat()
@@ -306,14 +312,14 @@ class JobView:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict: ISO-8601 datetimes, string UUIDs (`from_dict` reads it back)."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, ResultRow | MetricsRow):
-                out[f.name] = {
-                    k: _plain(v) for k, v in dataclasses.asdict(value).items() if k != "job_id"
+        for name in _field_names(JobView):
+            value = getattr(self, name)
+            if isinstance(value, ResultRow | MetricsRow):  # flat rows: no deep copy needed
+                out[name] = {
+                    k: _plain(getattr(value, k)) for k in _field_names(type(value)) if k != "job_id"
                 }
             else:
-                out[f.name] = _plain(value)
+                out[name] = _plain(value)
         return out
 
     @classmethod

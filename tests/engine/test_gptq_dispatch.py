@@ -117,12 +117,18 @@ def test_fused_gemm_runs_linears_side_by_side_with_their_act_order() -> None:
     assert torch.equal(gptq_gemm.gather_columns(x, order), x[:, order.long()])
 
 
-def test_cache_dir_follows_inferq_home(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.setenv("INFERQ_HOME", str(tmp_path / "home"))
-    assert native.cache_dir() == tmp_path / "home" / "kernels"
-    monkeypatch.delenv("INFERQ_HOME")
+def test_cache_dir_is_configured(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The engine's config names the kernel dir (the service: INFERQ_HOME/kernels)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert native.cache_dir() == tmp_path / "xdg" / "inferq" / "kernels"
+    try:
+        native.configure(enabled=True, kernel_dir=str(tmp_path / "home" / "kernels"))
+        assert native.cache_dir() == tmp_path / "home" / "kernels"
+        native.configure(enabled=True, kernel_dir=None)
+        assert native.cache_dir() == tmp_path / "xdg" / "inferq" / "kernels"
+        native.configure(enabled=False, kernel_dir=None)
+        assert native.library() is None
+    finally:
+        native.configure(enabled=True, kernel_dir=None)
 
 
 # -- the default model, as the engine loads it ---------------------------------------------
@@ -232,17 +238,15 @@ def test_crossover_rule(
     assert measure_crossover(layer) == crossover
 
 
-def test_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overrides_from_the_config() -> None:
     """Both overrides apply without measuring (the fake has no kernels to measure)."""
 
     class Fake:
         in_features, out_features, group_size = 8, 64, 32
         crossover, fused = NEVER, True
 
-    monkeypatch.setenv(gptq_dispatch.ENV, "40")
-    monkeypatch.setenv(gptq_dispatch.MANY_ENV, "dense")
     layer = Fake()
-    gptq_dispatch.plan(layer)
+    gptq_dispatch.plan(layer, crossover="40", many="dense")
     assert (layer.crossover, layer.fused) == (40, False)
 
 

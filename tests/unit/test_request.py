@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,8 +90,24 @@ def test_requests_are_built_by_keyword_only() -> None:
 
 
 def test_settings_take_the_engines_defaults() -> None:
-    """Each engine default is written once (`EngineConfig`); the service's settings read it."""
+    """Each engine default is written once (`EngineConfig`); the service's settings read it,
+    and `Settings.engine_config` carries every one of them into the engine."""
     engine, settings = EngineConfig(), Settings.model_fields
-    for name in ("kv_cache_tokens", "max_num_seqs", "max_step_tokens", "prefill_chunk_tokens",
-                 "aging_s", "prefix_cache", "gptq_backend"):  # fmt: skip
-        assert settings[name].default == getattr(engine, name), name
+    shared = [f.name for f in dataclasses.fields(EngineConfig) if f.name in settings]
+    assert {"block_size", "kernel_dir"} == {f.name for f in dataclasses.fields(EngineConfig)} - {
+        *shared
+    }
+    for name in shared:
+        if name != "cache_secret":  # random per process in the service
+            assert settings[name].default == getattr(engine, name), name
+    changed = {
+        "native": False,
+        "keep_heap": False,
+        "gptq_crossover": "40",
+        "gptq_many": "dense",
+        "max_num_seqs": 7,
+        "prefix_cache": False,
+    }
+    built = Settings(home=Path("/srv/inferq"), **changed).engine_config(max_step_tokens=99)
+    assert {name: getattr(built, name) for name in changed} == changed
+    assert (built.max_step_tokens, built.kernel_dir) == (99, "/srv/inferq/kernels")

@@ -55,8 +55,7 @@ class PagedEngine:
             dtype=dtype,
             num_blocks=num_blocks,
             block_size=cfg.block_size,
-            gptq_backend=cfg.gptq_backend,
-            use_native=cfg.native,
+            config=cfg,
         )
         self.codec = TextCodec.from_model_dir(model_path)
         self.kv = KVCacheManager(num_blocks, cfg.block_size, model_id=model_name)

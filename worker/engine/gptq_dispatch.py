@@ -10,14 +10,14 @@ Wraps gptqmodel's `TorchAtenLinear` (after its CPU transform): its packed int4 w
 scales and offsets stay the only copy of the weights (4 bits each). `FusedDispatch` runs the
 linears of one input (q/k/v, gate/up) as one projection with one output buffer.
 
-INFERQ_GPTQ_CROSSOVER overrides the crossover: `off` keeps gptqmodel's modules as they are,
-an integer N takes the many-row path from N rows (1: always, a huge number: never).
-INFERQ_GPTQ_MANY picks the many-row path: `fused`, `dense` or `auto` (measured).
+EngineConfig.gptq_crossover (INFERQ_GPTQ_CROSSOVER) overrides the crossover: `off` keeps
+gptqmodel's modules as they are, an integer N takes the many-row path from N rows (1: always,
+a huge number: never). EngineConfig.gptq_many (INFERQ_GPTQ_MANY) picks the many-row path:
+`fused`, `dense` or `auto` (measured).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +27,6 @@ import torch
 from worker.engine import gptq_gemm
 from worker.engine.gptq_dequant import block_n, dequantize
 
-ENV = "INFERQ_GPTQ_CROSSOVER"
-MANY_ENV = "INFERQ_GPTQ_MANY"
 PROBE_ROWS = 128  # where the fused GEMM and dequantize-then-dense are compared
 BIG_ROWS = 1024  # and again: dequantizing once per call pays off over enough rows (AMX)
 LADDER = (8, 16, 32, 64, 128, 256)  # rows tried at load; dense also wins beyond the last win
@@ -37,9 +35,9 @@ FALLBACK = 128  # when a measurement is impossible (e.g. its kernel fails)
 Shape = tuple[int, int, int]  # in, out, group
 
 _crossovers: dict[tuple[Shape, bool], int] = {}  # by shape and many-row path
-_fused: dict[tuple[Shape, str], bool] = {}  # by shape and INFERQ_GPTQ_MANY
+_fused: dict[tuple[Shape, str], bool] = {}  # by shape and gptq_many
 _dense_from: dict[Shape, int] = {}  # where a fused shape turns to dequantize-then-dense
-_gemv: dict[tuple[Shape, str], bool] = {}  # by shape and INFERQ_GPTQ_MANY: few rows fused
+_gemv: dict[tuple[Shape, str], bool] = {}  # by shape and gptq_many: few rows fused
 _local = threading.local()  # per thread: engines stepped on two threads must not share
 
 
@@ -98,6 +96,7 @@ class DispatchLinear(torch.nn.Module):
         self.inner = inner
         self.crossover, self.fused, self.dense_from = crossover, False, NEVER
         self.gemv_below = 0  # fewer rows run the fused GEMM straight from the codes
+        self.tuning = ("auto", "auto")  # the (crossover, many) it was planned with
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.group_size, self.bias = inner.group_size, inner.bias
         self.dense_dtype = dense_dtype()
@@ -169,7 +168,7 @@ class FusedDispatch:
             self.kernel = gptq_gemm.Int4Gemm(weights, self.group_size, first)
         self.crossover, self.fused, self.dense_from = NEVER, False, NEVER
         self.gemv_below = 0
-        plan(self)
+        plan(self, *layers[0].tuning)
 
     @staticmethod
     def fusable(layers: list[torch.nn.Module]) -> bool:
@@ -285,13 +284,15 @@ def measure_gemv(layer: DispatchLinear | FusedDispatch) -> bool:
     return gemv < int4
 
 
-def plan(layer: DispatchLinear | FusedDispatch) -> None:
+def plan(
+    layer: DispatchLinear | FusedDispatch, crossover: str = "auto", many: str = "auto"
+) -> None:
     """Set the layer's many-row path (`fused`, and `dense_from`: BIG_ROWS where a fused shape
     measures slower than dequantize-then-dense there), `crossover`, and `gemv_below`: the rows
     below which the fused GEMM runs instead of int4 (GEMV_ROWS where it measures faster at one
     row); the overrides, else measured once per process and shape."""
     shape = (layer.in_features, layer.out_features, layer.group_size)
-    many = os.environ.get(MANY_ENV, "auto").strip().lower()
+    many = many.strip().lower()
     usable = many != "dense" and gptq_gemm.available()
     if (shape, many) not in _gemv:
         _gemv[(shape, many)] = usable and (many == "fused" or measure_gemv(layer))
@@ -303,7 +304,7 @@ def plan(layer: DispatchLinear | FusedDispatch) -> None:
         if shape not in _dense_from:
             _dense_from[shape] = NEVER if measure_fused(layer, BIG_ROWS) else BIG_ROWS
         layer.dense_from = _dense_from[shape]
-    override = os.environ.get(ENV, "auto").strip().lower()
+    override = crossover.strip().lower()
     if override not in ("", "auto"):
         layer.crossover = int(override)
         return
@@ -315,19 +316,22 @@ def plan(layer: DispatchLinear | FusedDispatch) -> None:
     layer.crossover = _crossovers[(shape, layer.fused)]
 
 
-def install(model: torch.nn.Module) -> dict[Shape, str]:
+def install(
+    model: torch.nn.Module, crossover: str = "auto", many: str = "auto"
+) -> dict[Shape, str]:
     """Wrap every eligible GPTQ linear of `model` (in place); returns the plan per (in, out,
     group) shape ("fused 32": the fused GEMM from 32 rows; "fused below 8": and below 8 rows,
     straight from the codes). A no-op with
-    INFERQ_GPTQ_CROSSOVER=off."""
-    if os.environ.get(ENV, "").strip().lower() == "off":
+    crossover `off`."""
+    if crossover.strip().lower() == "off":
         return {}
     chosen: dict[Shape, str] = {}
     targets = [(name, m) for name, m in model.named_modules() if eligible(m)]
     for name, module in targets:
         parent_name, _, attr = name.rpartition(".")
         layer = DispatchLinear(module, NEVER)
-        plan(layer)
+        layer.tuning = (crossover, many)
+        plan(layer, crossover, many)
         path = "fused" if layer.fused else "dense"
         label = f"{path} {layer.crossover}" if layer.crossover < NEVER else "int4 only"
         if layer.fused and layer.dense_from < NEVER:

@@ -21,6 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from inferq.params import EngineConfig
+
 CPU_BACKENDS = ("gptq_torch_aten", "gptq_torch_fused", "gptq_torch")
 CUDA_BACKENDS = ("gptq_marlin", "gptq_exllama_v2", "gptq_triton", "gptq_torch")
 
@@ -56,19 +58,20 @@ def load_causal_lm(
     dtype: str = "auto",
     *,
     attn_implementation: str | None = None,
-    gptq_backend: str = "auto",
+    config: EngineConfig | None = None,
 ) -> LoadedModel:
-    """Load `path` for inference on `device`, in eval mode."""
+    """Load `path` for inference on `device`, in eval mode (GPTQ kernels as `config` says)."""
+    cfg = config or EngineConfig()
     hf_logging.disable_progress_bar()
     if is_gptq_dir(path):
         torch_dtype = gptq_dtype(dtype, device)
-        model, kernel = load_gptq(path, device, torch_dtype, gptq_backend)
+        model, kernel = load_gptq(path, device, torch_dtype, cfg.gptq_backend)
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
         if device.type == "cpu":
             from worker.engine.gptq_dispatch import install
 
-            crossovers = install(model)
+            crossovers = install(model, cfg.gptq_crossover, cfg.gptq_many)
             print(f"GPTQ many-row path from (rows): {crossovers}", file=sys.stderr)
             return LoadedModel(model.eval(), torch_dtype, kernel, crossovers)
     else:

@@ -26,13 +26,29 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Options:
+    enabled: bool = True
+    kernel_dir: str | None = None
+
+
+_options = _Options()
+
+
+def configure(*, enabled: bool, kernel_dir: str | None) -> None:
+    """Process-wide, from the engine's config (the service: from Settings): whether the C
+    kernels may be used, and where they are built. A change drops the loaded library."""
+    new = _Options(enabled, kernel_dir)
+    if new != _options:
+        _options.enabled, _options.kernel_dir = new.enabled, new.kernel_dir
+        library.cache_clear()
+
+
 def cache_dir() -> Path:
-    """INFERQ_HOME/kernels, else XDG_CACHE_HOME (or ~/.cache)/inferq/kernels: the same home
-    as inferq.settings, which the engine may not import."""
-    home = os.environ.get("INFERQ_HOME")
-    if not home:
-        home = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inferq")
-    return Path(home) / "kernels"
+    """The configured kernel directory, else XDG_CACHE_HOME (or ~/.cache)/inferq/kernels."""
+    if _options.kernel_dir:
+        return Path(_options.kernel_dir)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inferq" / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -59,7 +75,7 @@ def _build(compiler: str, target: Path) -> None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built or loaded here."""
-    if os.environ.get("INFERQ_NATIVE", "1") == "0":
+    if not _options.enabled:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -132,9 +148,7 @@ def keep_heap() -> bool:
     """Let glibc keep freed memory for the next step: by default it unmaps big blocks on free
     and trims the heap, so a step's activation tensors come back as fresh pages the kernel
     zeroes (about 7% of a bf16 engine run on 2 cores). Process-wide, once; False where the C
-    library has no mallopt (not glibc) or INFERQ_KEEP_HEAP=0."""
-    if os.environ.get("INFERQ_KEEP_HEAP", "1") == "0":
-        return False
+    library has no mallopt (not glibc). The runner calls it unless EngineConfig.keep_heap is off."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

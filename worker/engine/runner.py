@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from inferq.params import EngineConfig
 from scheduler import DecodeWork, PrefillWork
 from worker.engine import native
 from worker.engine.attention import (
@@ -35,25 +36,21 @@ class PagedRunner:
         dtype: str,
         num_blocks: int,
         block_size: int,
-        gptq_backend: str = "auto",
-        use_native: bool = True,
+        config: EngineConfig,
     ):
+        native.configure(enabled=config.native, kernel_dir=config.kernel_dir)
         loaded = load_causal_lm(
-            model_path,
-            device,
-            dtype,
-            attn_implementation=ATTN_IMPLEMENTATION,
-            gptq_backend=gptq_backend,
+            model_path, device, dtype, attn_implementation=ATTN_IMPLEMENTATION, config=config
         )
         self.model, self.kernel = loaded.model, loaded.kernel
         self.device, self.dtype, self.block_size = device, loaded.dtype, block_size
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         group = cfg.num_attention_heads // cfg.num_key_value_heads
-        self.native = use_native and native.supports(
+        self.native = config.native and native.supports(
             self.dtype, device, head_dim, group, block_size
         )
-        if self.native:
+        if self.native and config.keep_heap:
             native.keep_heap()
         self.lean = (
             LeanLlama(self.model) if self.native and LeanLlama.supports(self.model) else None

@@ -17,7 +17,6 @@ from types import FrameType
 import redis
 
 from inferq.logs import get_logger
-from inferq.params import EngineConfig
 from inferq.settings import Settings
 from storage.records import JobState
 from storage.repository import Repository
@@ -48,18 +47,8 @@ def load_engine(settings: Settings, name: str, path: str | None = None) -> Engin
     from worker.engine.engine import PagedEngine
     from worker.prep.models import resolve_model
 
-    config = EngineConfig(
-        kv_cache_tokens=settings.kv_cache_tokens,
-        max_num_seqs=settings.max_num_seqs,
-        max_step_tokens=settings.max_step_tokens,
-        prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        aging_s=settings.aging_s,
-        prefix_cache=settings.prefix_cache,
-        cache_secret=settings.cache_secret,
-        gptq_backend=settings.gptq_backend,
-    )
-    engine = PagedEngine(resolve_model(settings, name, path), name, settings.device,
-                         settings.dtype, config)  # fmt: skip
+    path = resolve_model(settings, name, path)
+    engine = PagedEngine(path, name, settings.device, settings.dtype, settings.engine_config())
     engine.warm_up()
     return engine
 
