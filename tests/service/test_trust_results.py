@@ -160,7 +160,8 @@ def test_a_producer_with_the_documented_role_reads_results_and_cannot_forge_them
         assert client.cancel(held) is True
         revoked = app.send_task(TASK, queue=settings.queue, kwargs={"prompt": "Hi again"})
         wait_status(client.for_tenant("default"), uuid.UUID(revoked.id), "running")
-        app.control.revoke(revoked.id)
+        app.control.revoke(revoked.id)  # a broadcast, read asynchronously: wait for its effect
+        wait_status(client.for_tenant("default"), uuid.UUID(revoked.id), "cancelled")
         gated.gate.set()
         assert client.wait(job, timeout=30).status == "done"
         assert "".join(client.stream(job, timeout=10)) == ""  # the null engine's text
