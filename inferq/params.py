@@ -81,7 +81,7 @@ class EngineConfig:
     prefix_cache: bool = True
     cache_secret: str = "inferq"  # keys the per-tenant salts (the service: random per process)
     gptq_backend: str = "auto"  # GPTQ kernel: auto picks the fastest that loads here
-    native: bool = True  # CPU: the C kernels (lean forward, GPTQ GEMM) where they build
+    native: bool = True  # CPU: the lean forward and paged attention on C kernels; False: torch
     keep_heap: bool = True  # CPU: glibc keeps freed memory for the next step (native.keep_heap)
     gptq_crossover: str = "auto"  # CPU GPTQ many-row path from: auto (measured), N rows, or off
     gptq_many: str = "auto"  # CPU GPTQ many-row path: auto (measured), fused or dense

@@ -60,7 +60,9 @@ class Settings(BaseSettings):
         description="GPTQ kernel: auto, or a gptqmodel backend (gptq_torch_aten, ...)",
     )
     native: bool = Field(
-        ENGINE.native, description="CPU: the C kernels where they build; false: torch only"
+        ENGINE.native,
+        description="CPU: the lean forward and paged attention on C kernels where they build; "
+        "false: torch's (GPTQ layers keep their C kernels)",
     )
     keep_heap: bool = Field(
         ENGINE.keep_heap, description="CPU: glibc keeps freed memory for the next engine step"

@@ -119,16 +119,12 @@ def test_fused_gemm_runs_linears_side_by_side_with_their_act_order() -> None:
 
 def test_cache_dir_is_configured(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """The engine's config names the kernel dir (the service: INFERQ_HOME/kernels)."""
+    monkeypatch.setattr(native, "_kernel_dir", [])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    try:
-        native.configure(enabled=True, kernel_dir=str(tmp_path / "home" / "kernels"))
-        assert native.cache_dir() == tmp_path / "home" / "kernels"
-        native.configure(enabled=True, kernel_dir=None)
-        assert native.cache_dir() == tmp_path / "xdg" / "inferq" / "kernels"
-        native.configure(enabled=False, kernel_dir=None)
-        assert native.library() is None
-    finally:
-        native.configure(enabled=True, kernel_dir=None)
+    assert native.cache_dir() == tmp_path / "xdg" / "inferq" / "kernels"
+    native.configure(str(tmp_path / "home" / "kernels"))
+    native.configure(str(tmp_path / "other"))  # the first one holds for the process
+    assert native.cache_dir() == tmp_path / "home" / "kernels"
 
 
 # -- the default model, as the engine loads it ---------------------------------------------

@@ -26,28 +26,20 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Options:
-    enabled: bool = True
-    kernel_dir: str | None = None
+_kernel_dir: list[str] = []  # set once per process by `configure`
 
 
-_options = _Options()
-
-
-def configure(*, enabled: bool, kernel_dir: str | None) -> None:
-    """Process-wide, from the engine's config (the service: from Settings): whether the C
-    kernels may be used, and where they are built. A change drops the loaded library."""
-    new = _Options(enabled, kernel_dir)
-    if new != _options:
-        _options.enabled, _options.kernel_dir = new.enabled, new.kernel_dir
-        library.cache_clear()
+def configure(kernel_dir: str | None) -> None:
+    """Where the kernels are built, from the engine's config (the service: INFERQ_HOME/kernels);
+    the first engine of a process decides (one library per process)."""
+    if kernel_dir and not _kernel_dir:
+        _kernel_dir.append(kernel_dir)
 
 
 def cache_dir() -> Path:
     """The configured kernel directory, else XDG_CACHE_HOME (or ~/.cache)/inferq/kernels."""
-    if _options.kernel_dir:
-        return Path(_options.kernel_dir)
+    if _kernel_dir:
+        return Path(_kernel_dir[0])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inferq" / "kernels"
 
 
@@ -75,8 +67,6 @@ def _build(compiler: str, target: Path) -> None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built or loaded here."""
-    if not _options.enabled:
-        return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler: the engine uses its torch attention path")

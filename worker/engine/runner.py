@@ -38,7 +38,7 @@ class PagedRunner:
         block_size: int,
         config: EngineConfig,
     ):
-        native.configure(enabled=config.native, kernel_dir=config.kernel_dir)
+        native.configure(config.kernel_dir)
         loaded = load_causal_lm(
             model_path, device, dtype, attn_implementation=ATTN_IMPLEMENTATION, config=config
         )
