@@ -24,8 +24,17 @@ class AsyncInferqClient(Producer):
     """`InferqClient`'s methods as coroutines (and async iterators: `as_completed`,
     `stream`), for one event loop. `await client.aclose()` when done."""
 
-    def for_tenant(self, tenant: str, key: str | None = None) -> AsyncInferqClient:
-        return AsyncInferqClient(self.settings, tenant, key)
+    def for_tenant(
+        self, tenant: str, key: str | None = None, *, shared: bool = False
+    ) -> AsyncInferqClient:
+        """A client for another tenant; `shared`: over this client's Celery app and Redis
+        pool (a gateway serving many tenants), so only this one is to be closed."""
+        client = AsyncInferqClient(self.settings, tenant, key)
+        if shared:
+            client.celery.close()
+            client.celery = self.celery
+            client.__dict__["redis"] = self.redis
+        return client
 
     @cached_property
     def redis(self) -> aioredis.Redis:

@@ -1,0 +1,88 @@
+"""The gateway's FastAPI app: `create_app()` (what `inferq serve` runs under uvicorn)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api_client import AsyncInferqClient
+from gateway import errors
+from gateway.routes import router
+from gateway.state import Gateway
+from inferq.settings import Settings, get_settings
+
+
+def create_app(
+    settings: Settings | None = None, client: AsyncInferqClient | None = None
+) -> FastAPI:
+    """The app on `settings` (default: `INFERQ_*`); `client`: the producer to enqueue with
+    (default: one of its own, closed at shutdown)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = client is None
+        producer = client or AsyncInferqClient(settings)
+        app.state.gateway = Gateway(settings, producer)
+        try:
+            yield
+        finally:
+            if own:
+                await producer.aclose()
+
+    app = FastAPI(title="inferq gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    errors.install(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimit, limit=settings.gateway_max_body_bytes)
+    return app
+
+
+class BodyLimit:
+    """413 for a request body over `limit` bytes: by its Content-Length before anything is
+    read; a body without one (chunked) is read here first, up to the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                await _too_large(self.limit)(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        parts, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.limit:
+                await _too_large(self.limit)(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> Any:
+    return errors.ApiError(
+        413, f"Request body over {limit} bytes.", code="request_too_large"
+    ).response()

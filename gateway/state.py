@@ -1,0 +1,65 @@
+"""What one gateway process holds: the producer client (one Celery app and Redis pool shared
+by every tenant's client), API key lookups, and the live workers' models. Nothing here
+outlives the process: every replica answers the same from Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import Request
+
+from api_client import AsyncInferqClient
+from gateway.auth import Authenticator, check_rate
+from gateway.errors import ApiError
+from inferq.params import MAX_TOKENS
+from inferq.settings import Settings
+from storage.api_keys import ApiKeys, TenantKey
+from storage.fleet import live_models
+from storage.repository import Repository
+
+
+class Gateway:
+    def __init__(self, settings: Settings, client: AsyncInferqClient) -> None:
+        self.settings, self.client = settings, client
+        url = settings.resolved_database_url
+        self.repo = Repository(url)
+        self.auth = Authenticator(ApiKeys(self.repo.engine), settings.gateway_key_cache_s)
+        self.signing = settings.signing_keys()
+        self.default_max_tokens = min(settings.max_new_tokens, MAX_TOKENS)
+        self._clients: dict[str, AsyncInferqClient] = {}
+        self._models: tuple[frozenset[str], float] = (frozenset(), 0.0)
+
+    async def tenant(self, request: Request) -> TenantKey:
+        """The request's tenant (401), within its rate (429)."""
+        key = await self.auth.tenant(request.headers.get("authorization"))
+        await check_rate(self.client.redis, key)
+        return key
+
+    def client_for(self, tenant: str) -> AsyncInferqClient:
+        """The tenant's client: it signs with the tenant's first key in INFERQ_TENANT_KEYS
+        (the workers' own setting), so what the gateway enqueues is the tenant's alone."""
+        client = self._clients.get(tenant)
+        if client is None:
+            key = self.signing.get(tenant, (None,))[0]
+            client = self._clients[tenant] = self.client.for_tenant(tenant, key, shared=True)
+        return client
+
+    async def models(self) -> frozenset[str]:
+        """The models live workers serve (their heartbeats), re-read every few seconds."""
+        served, until = self._models
+        if time.monotonic() < until:
+            return served
+        dead_after = self.settings.worker_dead_after_s
+        served = frozenset(await asyncio.to_thread(live_models, self.repo, dead_after))
+        self._models = (served, time.monotonic() + self.settings.gateway_models_cache_s)
+        return served
+
+    async def require_model(self, name: str) -> None:
+        if name not in await self.models():
+            raise ApiError(
+                503,
+                f"No worker serves the model '{name}' now.",
+                code="model_not_available",
+                param="model",
+            )
