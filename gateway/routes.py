@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 from celery.exceptions import TaskRevokedError
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api_client import AsyncInferqClient, InvalidJobError, JobExpired, JobFailed
@@ -19,6 +20,7 @@ from gateway.responses import DONE, Answer, Kind, model_object, sse
 from gateway.schema import ChatRequest, CompletionRequest
 from gateway.state import Gateway
 from inferq.logs import get_logger
+from storage.api_keys import TenantKey
 from storage.records import JobStatus, JobView
 
 JOB_HEADER = "x-inferq-job-id"
@@ -33,29 +35,33 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
+async def _tenant(request: Request) -> TenantKey:
+    """The caller (401 before anything else is looked at; 429 over its rate)."""
+    return await _gateway(request).tenant(request)
+
+
+Caller = Annotated[TenantKey, Depends(_tenant)]
+
+
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request) -> Response:
-    return await _answer(request, body, "chat")
+async def chat_completions(caller: Caller, body: ChatRequest, request: Request) -> Response:
+    return await _answer(request, caller, body, "chat")
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await _answer(request, body, "text")
+async def completions(caller: Caller, body: CompletionRequest, request: Request) -> Response:
+    return await _answer(request, caller, body, "text")
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> dict:
-    gateway = _gateway(request)
-    await gateway.tenant(request)
-    names = sorted(await gateway.models())
+async def list_models(caller: Caller, request: Request) -> dict:
+    names = sorted(await _gateway(request).models())
     return {"object": "list", "data": [model_object(name) for name in names]}
 
 
 @router.get("/v1/models/{name:path}")
-async def get_model(name: str, request: Request) -> dict:
-    gateway = _gateway(request)
-    await gateway.tenant(request)
-    if name not in await gateway.models():
+async def get_model(caller: Caller, name: str, request: Request) -> dict:
+    if name not in await _gateway(request).models():
         raise ApiError(
             404,
             f"The model '{name}' does not exist or no worker serves it.",
@@ -77,12 +83,13 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-async def _answer(request: Request, body: ChatRequest | CompletionRequest, kind: Kind) -> Response:
+async def _answer(
+    request: Request, caller: TenantKey, body: ChatRequest | CompletionRequest, kind: Kind
+) -> Response:
     gateway = _gateway(request)
-    tenant = await gateway.tenant(request)
     fields = body.job_fields(gateway.default_max_tokens)
     await gateway.require_model(body.model)
-    client = gateway.client_for(tenant.tenant)
+    client = gateway.client_for(caller.tenant)
     try:
         job_id = await client.submit(
             **fields, idempotency_key=request.headers.get("idempotency-key")
