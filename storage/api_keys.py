@@ -14,7 +14,7 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from storage.db import db_now, make_engine
-from storage.models import api_keys_table
+from storage.gateway_models import api_keys_table
 
 K = api_keys_table
 KEY_PREFIX = "iq-"

@@ -318,25 +318,6 @@ class WebhookAttempt(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the database's clock
 
 
-class ApiKey(Base):
-    """A gateway API key (`inferq keys create TENANT`): only its SHA-256 is stored; the key
-    acts as `tenant`, until revoked (docs/gateway.md)."""
-
-    __tablename__ = "api_keys"
-    __table_args__ = (
-        sa.UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),
-        sa.Index("ix_api_keys_tenant", "tenant"),
-    )
-
-    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
-    tenant: Mapped[str] = mapped_column(sa.String(128))
-    key_hash: Mapped[str] = mapped_column(sa.String(64))  # sha256 hex
-    prefix: Mapped[str] = mapped_column(sa.String(16))  # the key's first characters, to tell
-    rate_limit_rpm: Mapped[int | None] = mapped_column(sa.Integer)  # requests a minute; None: any
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
-    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-
-
 jobs_table: sa.Table = Job.__table__  # type: ignore[assignment]
 batches_table: sa.Table = Batch.__table__  # type: ignore[assignment]
 results_table: sa.Table = Result.__table__  # type: ignore[assignment]
@@ -348,4 +329,7 @@ dead_letters_table: sa.Table = DeadLetter.__table__  # type: ignore[assignment]
 workers_table: sa.Table = Worker.__table__  # type: ignore[assignment]
 webhook_deliveries_table: sa.Table = WebhookDelivery.__table__  # type: ignore[assignment]
 webhook_attempts_table: sa.Table = WebhookAttempt.__table__  # type: ignore[assignment]
-api_keys_table: sa.Table = ApiKey.__table__  # type: ignore[assignment]
+
+# The gateway's tables (API keys, files, batches) are declared on the same Base: importing
+# this module registers them (Alembic's target metadata holds every table).
+import storage.gateway_models  # noqa: E402, F401
