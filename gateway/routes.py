@@ -8,17 +8,16 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
 
 from celery.exceptions import TaskRevokedError
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api_client import AsyncInferqClient, InvalidJobError, JobExpired, JobFailed
+from gateway.deps import Caller, gateway_of
 from gateway.errors import ApiError, invalid
 from gateway.responses import DONE, Answer, Kind, model_object, sse
 from gateway.schema import ChatRequest, CompletionRequest
-from gateway.state import Gateway
 from inferq.logs import get_logger
 from storage.api_keys import TenantKey
 from storage.records import JobStatus, JobView
@@ -29,18 +28,6 @@ JOB_HEADER = "x-inferq-job-id"
 REQUEST_FAULTS = ("prompt has ", "prompt (", "prompt is empty", "max_tokens ")
 log = get_logger("inferq.gateway")
 router = APIRouter()
-
-
-def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
-
-
-async def _tenant(request: Request) -> TenantKey:
-    """The caller (401 before anything else is looked at; 429 over its rate)."""
-    return await _gateway(request).tenant(request)
-
-
-Caller = Annotated[TenantKey, Depends(_tenant)]
 
 
 @router.post("/v1/chat/completions")
@@ -55,13 +42,13 @@ async def completions(caller: Caller, body: CompletionRequest, request: Request)
 
 @router.get("/v1/models")
 async def list_models(caller: Caller, request: Request) -> dict:
-    names = sorted(await _gateway(request).models())
+    names = sorted(await gateway_of(request).models())
     return {"object": "list", "data": [model_object(name) for name in names]}
 
 
 @router.get("/v1/models/{name:path}")
 async def get_model(caller: Caller, name: str, request: Request) -> dict:
-    if name not in await _gateway(request).models():
+    if name not in await gateway_of(request).models():
         raise ApiError(
             404,
             f"The model '{name}' does not exist or no worker serves it.",
@@ -74,7 +61,7 @@ async def get_model(caller: Caller, name: str, request: Request) -> dict:
 @router.get("/healthz")
 async def healthz(request: Request) -> Response:
     """200 while Redis (the queue and results) and PostgreSQL (keys, workers) answer."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     try:
         await gateway.client.redis.ping()
         await gateway.models()
@@ -86,7 +73,7 @@ async def healthz(request: Request) -> Response:
 async def _answer(
     request: Request, caller: TenantKey, body: ChatRequest | CompletionRequest, kind: Kind
 ) -> Response:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     fields = body.job_fields(gateway.default_max_tokens)
     await gateway.require_model(body.model)
     client = gateway.client_for(caller.tenant)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from fastapi import Request
 
@@ -15,6 +17,7 @@ from gateway.errors import ApiError
 from inferq.params import MAX_TOKENS
 from inferq.settings import Settings
 from storage.api_keys import ApiKeys, TenantKey
+from storage.batch_store import BatchStore
 from storage.fleet import live_models
 from storage.repository import Repository
 
@@ -25,6 +28,8 @@ class Gateway:
         url = settings.resolved_database_url
         self.repo = Repository(url)
         self.auth = Authenticator(ApiKeys(self.repo.engine), settings.gateway_key_cache_s)
+        self.store = BatchStore(self.repo.engine)
+        self._tasks: set[asyncio.Task] = set()
         self.signing = settings.signing_keys()
         self.default_max_tokens = min(settings.max_new_tokens, MAX_TOKENS)
         self._clients: dict[str, AsyncInferqClient] = {}
@@ -63,3 +68,15 @@ class Gateway:
                 code="model_not_available",
                 param="model",
             )
+
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` beside the requests (a batch's enqueueing), holding on to it."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout: float) -> None:
+        """At shutdown: let background work finish (a batch enqueued again later is the
+        same jobs), up to `timeout` s."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)

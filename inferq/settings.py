@@ -240,6 +240,9 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = Field(
         4 << 20, ge=1024, description="gateway: a larger request body is refused (413)"
     )
+    gateway_max_file_bytes: int = Field(
+        200 << 20, ge=1024, description="gateway: a larger uploaded file is refused (413)"
+    )
     gateway_key_cache_s: float = Field(
         5.0, ge=0, description="gateway: API key lookups are cached this long (a revoke "
         "takes at most this long to reach every replica)",
