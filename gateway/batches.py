@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from api_client import AsyncInferqClient, InvalidJobError
 from gateway.deps import Caller, gateway_of
-from gateway.errors import ApiError, invalid
+from gateway.errors import ApiError, from_errors, invalid, job_refused
 from gateway.files import file_id_of, file_name
 from gateway.schema import ChatRequest, CompletionRequest
 from gateway.state import Gateway
@@ -287,9 +287,9 @@ def _jobs(
             fields = {**request.job_fields(gateway.default_max_tokens), "ttl_s": max(left, 1)}
             job = client.build(**fields, idempotency_key=f"{batch_name(row['id'])}:{line_no}")
         except ValidationError as exc:
-            entry["error"] = _refusal(str(exc.errors()[0]["msg"]), exc.errors()[0]["loc"])
+            entry["error"] = json.dumps(from_errors(exc.errors()).body())
         except InvalidJobError as exc:
-            entry["error"] = _refusal(str(exc), ())
+            entry["error"] = json.dumps(job_refused(str(exc)).body())
         except ApiError as exc:
             entry["error"] = json.dumps(exc.body())
         else:
@@ -297,11 +297,6 @@ def _jobs(
             jobs.append(job)
         requests.append(entry)
     return requests, jobs
-
-
-def _refusal(message: str, loc: tuple) -> str:
-    param = ".".join(map(str, loc)) or None
-    return json.dumps(invalid(f"{param}: {message}" if param else message, param=param).body())
 
 
 async def _cancel_jobs(client: AsyncInferqClient, gateway: Gateway, batch_id: uuid.UUID) -> None:

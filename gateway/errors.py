@@ -3,6 +3,7 @@ status codes OpenAI's SDKs map to their exception classes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -62,13 +63,22 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return ApiError(400, message, param=param, code=code)
 
 
-def _from_validation(exc: RequestValidationError) -> ApiError:
-    errors = exc.errors()
+def from_errors(errors: Sequence[Any]) -> ApiError:
+    """A 400 naming the first field a request's validation refused (pydantic's errors)."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     message = f"{param}: {first['msg']}" if param else str(first["msg"])
     return invalid(message, param=param)
+
+
+def job_refused(message: str) -> ApiError:
+    """A job the wire schema refused (`InvalidJobError`: `invalid job: params.x: ...`): a
+    400 naming the field as the request names it."""
+    detail = message.removeprefix("invalid job: ")
+    field, sep, _ = detail.partition(": ")
+    param = field.removeprefix("params.") if sep and " " not in field else None
+    return invalid(detail, param=param)
 
 
 def install(app: FastAPI) -> None:
@@ -80,7 +90,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _from_validation(exc).response()
+        return from_errors(exc.errors()).response()
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:

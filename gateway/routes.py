@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api_client import AsyncInferqClient, InvalidJobError, JobExpired, JobFailed
 from gateway.deps import Caller, gateway_of
-from gateway.errors import ApiError, invalid
+from gateway.errors import ApiError, invalid, job_refused
 from gateway.responses import DONE, Answer, Kind, model_object, sse
 from gateway.schema import ChatRequest, CompletionRequest
 from inferq.logs import get_logger
@@ -82,7 +82,7 @@ async def _answer(
             **fields, idempotency_key=request.headers.get("idempotency-key")
         )
     except InvalidJobError as exc:
-        raise _refused(str(exc)) from None
+        raise job_refused(str(exc)) from None
     answer = Answer(kind, job_id, body.model)
     headers = {JOB_HEADER: str(job_id)}
     timeout = gateway.settings.gateway_timeout_s
@@ -92,14 +92,6 @@ async def _answer(
     view = await _ended(client, job_id, timeout)
     assert view.result is not None
     return JSONResponse(answer.complete(view.result), headers=headers)
-
-
-def _refused(message: str) -> ApiError:
-    """A job the wire schema refused: 400 naming the field (`invalid job: params.x: ...`)."""
-    detail = message.removeprefix("invalid job: ")
-    field, sep, _ = detail.partition(": ")
-    param = field.removeprefix("params.") if sep and " " not in field else None
-    return invalid(detail, param=param)
 
 
 async def _ended(client: AsyncInferqClient, job_id: uuid.UUID, timeout: float) -> JobView:

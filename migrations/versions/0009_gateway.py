@@ -34,6 +34,30 @@ BATCH_STATUSES = (
 STAMPS = ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
 
 
+# The batches report: each batch with what its jobs did and cost (job_metrics: one row per
+# ended job). Plain SQL that PostgreSQL and SQLite both run.
+BATCH_USAGE = """
+CREATE VIEW api_batch_usage AS
+SELECT b.id AS batch_id, b.tenant, b.endpoint, b.status, b.created_at, b.completed_at,
+       count(r.line_no) AS requests,
+       count(m.job_id) AS ended_jobs,
+       sum(CASE WHEN m.status = 'done' THEN 1 ELSE 0 END) AS completed,
+       sum(CASE WHEN r.job_id IS NULL THEN 1 ELSE 0 END) AS refused,
+       coalesce(sum(m.prompt_tokens), 0) AS prompt_tokens,
+       coalesce(sum(m.cached_prompt_tokens), 0) AS cached_prompt_tokens,
+       coalesce(sum(m.completion_tokens), 0) AS completion_tokens,
+       sum(m.compute_s) AS compute_s,
+       sum(m.list_cost) AS list_cost,
+       sum(m.compute_cost) AS compute_cost,
+       avg(m.queue_wait_s) AS avg_queue_wait_s,
+       max(m.finished_at) AS last_finished_at
+FROM api_batches b
+JOIN api_batch_requests r ON r.batch_id = b.id
+LEFT JOIN job_metrics m ON m.job_id = r.job_id
+GROUP BY b.id, b.tenant, b.endpoint, b.status, b.created_at, b.completed_at
+"""
+
+
 def upgrade() -> None:
     op.create_table(
         "api_keys",
@@ -112,9 +136,11 @@ def upgrade() -> None:
         sa.UniqueConstraint("batch_id", "custom_id", name="uq_api_batch_requests_custom_id"),
     )
     op.create_index("ix_api_batch_requests_job_id", "api_batch_requests", ["job_id"])
+    op.execute(BATCH_USAGE)
 
 
 def downgrade() -> None:
+    op.execute("DROP VIEW IF EXISTS api_batch_usage")
     op.drop_index("ix_api_batch_requests_job_id", table_name="api_batch_requests")
     op.drop_table("api_batch_requests")
     op.drop_index("ix_api_batches_tenant_created_at", table_name="api_batches")

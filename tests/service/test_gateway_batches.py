@@ -7,12 +7,14 @@ from __future__ import annotations
 import io
 import json
 import time
+import uuid
 from collections.abc import Iterator
 
 import openai
 import pytest
+import sqlalchemy as sa
 from gateway_helpers import new_key, serving
-from service_helpers import running_worker
+from service_helpers import records, running_worker
 
 from worker.engine.null import NullEngine
 
@@ -91,6 +93,13 @@ def test_a_batch_round_trip_one_line_per_custom_id(settings, client) -> None:
     assert errors["two-choices"]["body"]["error"]["param"] == "n"
     assert errors["too-long"]["body"]["error"]["type"] == "invalid_request_error"
     assert [b.id for b in client.batches.list()] == [done.id]
+    with records(settings).engine.connect() as conn:  # the batches report, beside job_metrics
+        usage = conn.execute(
+            sa.text("SELECT * FROM api_batch_usage WHERE batch_id = :id"),
+            {"id": uuid.UUID(done.id.removeprefix("batch_"))},
+        ).one()
+    assert (usage.requests, usage.completed, usage.refused) == (42, 40, 2)
+    assert usage.completion_tokens == sum(1 + i % 3 for i in range(40))
 
     other_key = new_key(settings, "other")
     with openai.OpenAI(
