@@ -192,3 +192,29 @@ def test_rate_limit_and_revocation(settings, base_url) -> None:
         assert keys.revoke(key_id) and not keys.revoke(key_id)
         with pytest.raises(openai.AuthenticationError):  # the cache is off in these tests
             limited.models.list()
+
+
+def test_keys_cli_prints_the_key_alone_last_and_stores_only_its_hash(
+    settings, monkeypatch, capsys
+) -> None:
+    from inferq.cli import main
+    from storage.api_keys import ApiKeys
+
+    monkeypatch.setenv("INFERQ_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("INFERQ_HOME", str(settings.home))
+    assert main(["keys", "create", "cli-tenant", "--rpm", "5"]) == 0
+    key = capsys.readouterr().out.splitlines()[-1]
+    keys = ApiKeys(settings.database_url)
+    found = keys.lookup(key)
+    assert found is not None and (found.tenant, found.rate_limit_rpm) == ("cli-tenant", 5)
+    assert main(["keys", "list", "cli-tenant"]) == 0
+    listed = capsys.readouterr().out
+    assert str(found.id) in listed and key not in listed and key[:10] in listed
+    with records(settings).engine.connect() as conn:  # the table holds no key
+        stored = conn.execute(
+            sa.text("SELECT * FROM api_keys WHERE id = :id"), {"id": found.id}
+        ).one()
+    assert key not in [str(v) for v in stored]
+    assert main(["keys", "revoke", str(found.id)]) == 0 and keys.lookup(key) is None
+    assert main(["keys", "revoke", str(found.id)]) == 1
+    assert main(["keys", "create", "not a tenant!"]) == 2
