@@ -1,14 +1,11 @@
 // A backend in another language, with nothing of inferq installed: the official `openai` npm
 // package against the gateway. Prints one JSON object for tests/service/test_gateway_node.py.
-// Env: INFERQ_GATEWAY_URL (…/v1), INFERQ_API_KEY, INFERQ_MODEL.
+// Env: OPENAI_BASE_URL (the gateway's …/v1) and OPENAI_API_KEY, as the SDK reads them, and
+// MODEL.
 import OpenAI from "openai";
 
-const client = new OpenAI({
-  baseURL: process.env.INFERQ_GATEWAY_URL,
-  apiKey: process.env.INFERQ_API_KEY,
-  maxRetries: 0,
-});
-const model = process.env.INFERQ_MODEL;
+const client = new OpenAI({ maxRetries: 0 });
+const model = process.env.MODEL;
 const messages = [{ role: "user", content: "Say hello." }];
 
 const { data: done, response } = await client.chat.completions

@@ -44,9 +44,9 @@ def test_the_openai_npm_package_chats_streams_and_lists_models(node, service_set
     with running_worker(settings, {"null": NullEngine()}), serving(settings) as url:
         env = {
             **os.environ,
-            "INFERQ_GATEWAY_URL": url,
-            "INFERQ_MODEL": "null",
-            "INFERQ_API_KEY": new_key(settings, "node-app"),
+            "OPENAI_BASE_URL": url,
+            "MODEL": "null",
+            "OPENAI_API_KEY": new_key(settings, "node-app"),
         }
         ran = subprocess.run(
             [node, "gateway_check.mjs"],
