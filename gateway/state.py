@@ -34,6 +34,7 @@ class Gateway:
         self.default_max_tokens = min(settings.max_new_tokens, MAX_TOKENS)
         self._clients: dict[str, AsyncInferqClient] = {}
         self._models: tuple[frozenset[str], float] = (frozenset(), 0.0)
+        self._models_read = asyncio.Lock()  # one re-read at a time, however many ask
 
     async def tenant(self, request: Request) -> TenantKey:
         """The request's tenant (401), within its rate (429)."""
@@ -52,13 +53,14 @@ class Gateway:
 
     async def models(self) -> frozenset[str]:
         """The models live workers serve (their heartbeats), re-read every few seconds."""
-        served, until = self._models
-        if time.monotonic() < until:
+        async with self._models_read:
+            served, until = self._models
+            if time.monotonic() < until:
+                return served
+            dead_after = self.settings.worker_dead_after_s
+            served = frozenset(await asyncio.to_thread(live_models, self.repo, dead_after))
+            self._models = (served, time.monotonic() + self.settings.gateway_models_cache_s)
             return served
-        dead_after = self.settings.worker_dead_after_s
-        served = frozenset(await asyncio.to_thread(live_models, self.repo, dead_after))
-        self._models = (served, time.monotonic() + self.settings.gateway_models_cache_s)
-        return served
 
     async def require_model(self, name: str) -> None:
         if name not in await self.models():
