@@ -4,6 +4,7 @@ worker on the null engine, the real Redis and PostgreSQL: shapes, job ids, usage
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -218,3 +219,37 @@ def test_keys_cli_prints_the_key_alone_last_and_stores_only_its_hash(
     assert main(["keys", "revoke", str(found.id)]) == 0 and keys.lookup(key) is None
     assert main(["keys", "revoke", str(found.id)]) == 1
     assert main(["keys", "create", "not a tenant!"]) == 2
+
+
+def test_concurrent_waits_share_one_subscription(settings, base_url) -> None:
+    """The gateway's waits (every request's) hold one Redis connection between them."""
+    import redis
+
+    from api_client import AsyncInferqClient
+
+    admin = redis.Redis.from_url(settings.broker_url)
+
+    def subscribers() -> int:
+        return len(admin.client_list(_type="pubsub"))
+
+    before = subscribers()
+
+    async def main() -> tuple[int, list]:
+        client = AsyncInferqClient(settings.model_copy(update={"result_poll_s": 30.0}))
+        never = [uuid.uuid4() for _ in range(30)]  # no such jobs: they wait out their time
+        waits = [asyncio.create_task(client.wait(j, timeout=1.5)) for j in never]
+        await asyncio.sleep(0.5)
+        during = subscribers()
+        done = await asyncio.gather(*waits, return_exceptions=True)
+        job = await client.submit("hi", model="null", params={"max_tokens": 2})
+        started = time.monotonic()
+        ended = await client.wait(job, timeout=30)
+        assert time.monotonic() - started < 5  # woken by the notification, not a re-read
+        await client.aclose()
+        return during, [*done, ended]
+
+    during, outcomes = asyncio.run(main())
+    assert during == before + 1
+    assert all(isinstance(o, TimeoutError) for o in outcomes[:-1])
+    assert outcomes[-1].status == "done"
+    assert subscribers() == before
