@@ -18,7 +18,6 @@ from gateway.deps import Caller, gateway_of
 from gateway.errors import ApiError, invalid, job_refused
 from gateway.responses import DONE, Answer, Kind, model_object, sse
 from gateway.schema import ChatRequest, CompletionRequest
-from inferq.logs import get_logger
 from storage.api_keys import TenantKey
 from storage.records import JobStatus, JobView
 
@@ -26,7 +25,6 @@ JOB_HEADER = "x-inferq-job-id"
 # What a worker refuses a job for that the request itself caused (worker/service/intake.py,
 # `_admission_error`): a 400, not a server error.
 REQUEST_FAULTS = ("prompt has ", "prompt (", "prompt is empty", "max_tokens ")
-log = get_logger("inferq.gateway")
 router = APIRouter()
 
 
