@@ -24,7 +24,7 @@ RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 
 WORKDIR /app
 COPY . .
-RUN pip install -c constraints.txt ".[worker]" \
+RUN pip install -c constraints.txt ".[worker,gateway]" \
     && useradd --create-home --uid 1000 --user-group inferq \
     && mkdir -p /data \
     && chown inferq:inferq /data

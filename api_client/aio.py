@@ -15,8 +15,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from api_client import plans
-from api_client.producer import Producer, job_id_of, tenant_view
+from api_client.producer import Producer, tenant_view
 from api_client.results import result_key
+from api_client.subscriptions import Subscriptions
 from storage.records import JobView
 
 
@@ -24,8 +25,18 @@ class AsyncInferqClient(Producer):
     """`InferqClient`'s methods as coroutines (and async iterators: `as_completed`,
     `stream`), for one event loop. `await client.aclose()` when done."""
 
-    def for_tenant(self, tenant: str, key: str | None = None) -> AsyncInferqClient:
-        return AsyncInferqClient(self.settings, tenant, key)
+    def for_tenant(
+        self, tenant: str, key: str | None = None, *, shared: bool = False
+    ) -> AsyncInferqClient:
+        """A client for another tenant; `shared`: over this client's Celery app and Redis
+        pool (a gateway serving many tenants), so only this one is to be closed."""
+        client = AsyncInferqClient(self.settings, tenant, key)
+        if shared:
+            client.celery.close()
+            client.celery = self.celery
+            client.__dict__["redis"] = self.redis
+            client.__dict__["subscriptions"] = self.subscriptions
+        return client
 
     @cached_property
     def redis(self) -> aioredis.Redis:
@@ -33,8 +44,15 @@ class AsyncInferqClient(Producer):
             self.result_url, health_check_interval=30, max_connections=plans.MAX_CONNECTIONS
         )
 
+    @cached_property
+    def subscriptions(self) -> Subscriptions:
+        """The one Redis subscription every waiting call of this client shares."""
+        return Subscriptions(self.redis)
+
     async def aclose(self) -> None:
         await asyncio.to_thread(self.celery.close)
+        if "subscriptions" in self.__dict__:
+            await self.subscriptions.aclose()
         if "redis" in self.__dict__:
             await self.redis.aclose()
 
@@ -83,8 +101,10 @@ class AsyncInferqClient(Producer):
         return self._run(plans.stream(uuid.UUID(str(job_id)), self.tenant, timeout, self.poll_s))
 
     async def _run(self, plan: plans.Plan) -> AsyncIterator[Any]:
-        """Run a plan with asyncio Redis calls; yield what it emits."""
-        pubsub: aioredis.client.PubSub | None = None
+        """Run a plan with asyncio Redis calls; yield what it emits. Its subscription is a
+        share of the client's one (`Subscriptions`)."""
+        channels: list[str] = []
+        notified: asyncio.Queue[str] | None = None
         reply: Any = None
         try:
             while True:
@@ -99,11 +119,10 @@ class AsyncInferqClient(Producer):
                     case plans.Read(keys):
                         reply = await self.redis.mget(keys)
                     case plans.Subscribe(channels):
-                        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                        await pubsub.subscribe(*channels)
+                        notified = await self.subscriptions.add(channels)
                     case plans.Listen(seconds):
-                        assert pubsub is not None
-                        reply = await _notified(pubsub, seconds)
+                        assert notified is not None
+                        reply = await Subscriptions.listen(notified, seconds)
                     case plans.XRead(key, last_id, count, block_ms):
                         got = await self.redis.xread({key: last_id}, count, block_ms)
                         reply = got[0][1] if got else []
@@ -114,15 +133,5 @@ class AsyncInferqClient(Producer):
                             reply = await pipe.execute()
         finally:
             plan.close()
-            if pubsub is not None:
-                await pubsub.aclose()
-
-
-async def _notified(pubsub: aioredis.client.PubSub, seconds: float) -> set[uuid.UUID]:
-    woken: set[uuid.UUID] = set()
-    message = await pubsub.get_message(timeout=seconds)
-    while message is not None:
-        if message["type"] == "message" and (job_id := job_id_of(message["channel"])):
-            woken.add(job_id)
-        message = await pubsub.get_message(timeout=0.0)
-    return woken
+            if notified is not None:
+                await self.subscriptions.remove(channels, notified)

@@ -301,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--tenant", help="default: INFERQ_TENANT")
     cancel.set_defaults(func=_cmd_cancel)
 
-    from inferq.report_cli import add_parsers
+    from inferq import gateway_cli, report_cli
 
-    add_parsers(verbs)  # report, prices
+    report_cli.add_parsers(verbs)  # report, prices
+    gateway_cli.add_parsers(verbs)  # serve, keys
     return parser
 
 

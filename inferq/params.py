@@ -14,6 +14,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+MAX_TOKENS = 4096  # the most tokens one job may ask for
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
 MIN_TEMPERATURE = 1e-2  # a smaller positive temperature overflows the logits (as vLLM clamps)
@@ -39,7 +40,7 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
-    max_tokens: int = Field(64, ge=1, le=4096)
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     temperature: float = Field(
         0.0,
         ge=0.0,

@@ -235,6 +235,23 @@ class Settings(BaseSettings):
     cancel_poll_s: float = Field(
         5.0, gt=0, description="worker: cancel requests are re-read this often (fallback)"
     )
+    # -- the OpenAI-compatible gateway (docs/gateway.md) --
+    gateway_timeout_s: float = Field(
+        600.0, gt=0, description="gateway: how long a request waits for its job (then 504)"
+    )
+    gateway_max_body_bytes: int = Field(
+        4 << 20, ge=1024, description="gateway: a larger request body is refused (413)"
+    )
+    gateway_max_file_bytes: int = Field(
+        200 << 20, ge=1024, description="gateway: a larger uploaded file is refused (413)"
+    )
+    gateway_key_cache_s: float = Field(
+        5.0, ge=0, description="gateway: API key lookups are cached this long (a revoke "
+        "takes at most this long to reach every replica)",
+    )  # fmt: skip
+    gateway_models_cache_s: float = Field(
+        2.0, ge=0, description="gateway: the live workers' models are re-read this often"
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz here (0: any port)"
     )

@@ -329,3 +329,7 @@ dead_letters_table: sa.Table = DeadLetter.__table__  # type: ignore[assignment]
 workers_table: sa.Table = Worker.__table__  # type: ignore[assignment]
 webhook_deliveries_table: sa.Table = WebhookDelivery.__table__  # type: ignore[assignment]
 webhook_attempts_table: sa.Table = WebhookAttempt.__table__  # type: ignore[assignment]
+
+# The gateway's tables (API keys, files, batches) are declared on the same Base: importing
+# this module registers them (Alembic's target metadata holds every table).
+import storage.gateway_models  # noqa: E402, F401

@@ -28,7 +28,7 @@ SECRET_LINE = re.compile(
     re.IGNORECASE,
 )
 URL_CREDENTIALS = re.compile(r"://[^:/@\s]+:([^@\s]+)@")
-SERVICES = {"redis", "postgres", "migrate", "model", "worker", "worker-gpu", "enqueue"}
+SERVICES = {"redis", "postgres", "migrate", "model", "worker", "worker-gpu", "enqueue", "gateway"}
 
 
 def _docker_compose(*args: str) -> subprocess.CompletedProcess[str]:
@@ -160,3 +160,12 @@ def test_no_plaintext_secrets(compose: dict[str, Any]) -> None:
         if match:
             value = match.group(2).strip().strip("'\"")
             assert DEV_DEFAULT.match(value), f"plaintext secret: {line.strip()}"
+
+
+def test_gateway_serves_on_its_port_after_migrate(compose: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    args = build_parser().parse_args(gateway["command"])
+    assert (args.verb, args.host, args.port) == ("serve", "0.0.0.0", 8000)
+    assert f"{args.port}/healthz" in " ".join(gateway["healthcheck"]["test"])
+    assert gateway["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert _env(gateway)["INFERQ_BROKER_URL"] == "redis://redis:6379/0"

@@ -12,7 +12,7 @@
   storage); the rest of the worker uses it only through the package `worker.broker`.
 - worker/service/: the service; talks to engines only through worker.engine.api (no torch).
 - No import cycles inside worker/ (function-level imports count).
-- storage/, api_client/: no worker code and no torch (a producer installs without torch).
+- storage/, api_client/, gateway/: no worker code and no torch (a producer installs without torch).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ FORBIDDEN = {
     "worker/engine": IO_AND_SERVICES,
     "worker/broker": NOT_IN_BROKER,
     "worker/service": {"torch", "transformers", "worker.engine.runner", "worker.engine.attention"},
-    "storage": {"torch", "worker", "api_client"},
-    "api_client": {"torch", "transformers", "worker"},
+    "storage": {"torch", "worker", "api_client", "gateway"},
+    "api_client": {"torch", "transformers", "worker", "gateway"},
+    "gateway": {"torch", "transformers", "worker"},
 }
 ALLOWED = {"worker/engine": {"inferq.params"}}  # exceptions to FORBIDDEN, see the docstring
 LEAF = "inferq/params.py"
@@ -98,6 +99,13 @@ def test_the_engine_api_loads_no_io_or_service_code() -> None:
 def test_the_client_imports_without_torch_or_worker_code() -> None:
     banned = {"torch", "transformers", "gptqmodel", "worker"}
     done = _loaded_after("api_client, api_client.wire, storage.repository", banned)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_gateway_imports_without_torch_or_worker_code() -> None:
+    """`inferq[gateway]` is a producer: FastAPI and the client, no model code."""
+    banned = {"torch", "transformers", "gptqmodel", "worker"}
+    done = _loaded_after("gateway, gateway.app", banned)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -223,7 +231,7 @@ def test_jobs_are_enqueued_only_through_send_job() -> None:
     client's and the sweeper's); nothing else of ours calls `send_task`."""
     callers = sorted(
         str(path.relative_to(ROOT))
-        for package in ("api_client", "inferq", "storage", "worker")
+        for package in ("api_client", "gateway", "inferq", "storage", "worker")
         for path in (ROOT / package).rglob("*.py")
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Attribute) and node.attr == "send_task"

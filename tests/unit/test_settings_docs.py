@@ -12,7 +12,7 @@ from inferq.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "configuration.md"
 NOT_FIELDS = {"INFERQ_SETTINGS_FILE"}  # names the settings file itself
-CODE = ("api_client", "inferq", "kv", "migrations", "scheduler", "storage", "worker")
+CODE = ("api_client", "gateway", "inferq", "kv", "migrations", "scheduler", "storage", "worker")
 BENCH_ONLY = {"INFERQ_BENCH_REDIS"}  # bench/ and tests/ are not the product
 
 

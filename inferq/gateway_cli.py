@@ -1,0 +1,92 @@
+"""`inferq serve` (the OpenAI-compatible gateway under uvicorn) and `inferq keys` (its API
+keys: create, list, revoke)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+
+from inferq.settings import get_settings
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway import create_app
+    from inferq.logs import configure_logging
+
+    configure_logging(args.loglevel)
+    uvicorn.run(
+        create_app(),
+        host=args.host,
+        port=args.port,
+        workers=1,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+    )
+    return 0
+
+
+def _keys():
+    from storage.api_keys import ApiKeys
+
+    return ApiKeys(get_settings().resolved_database_url)
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    try:
+        key_id, key = _keys().create(args.tenant, args.rpm)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    limit = f"{args.rpm} requests/minute" if args.rpm else "no rate limit"
+    print(f"tenant {args.tenant}, key id {key_id}, {limit}; the key (shown once):")
+    print(key)
+    return 0
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    for row in _keys().rows(args.tenant):
+        state = f"revoked {row.revoked_at.isoformat()}" if row.revoked_at else "active"
+        rpm = row.rate_limit_rpm or "-"
+        print(
+            f"{row.id}  {row.tenant}  {row.prefix}...  rpm={rpm}  "
+            f"created {row.created_at.isoformat()}  {state}"
+        )
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    try:
+        key_id = uuid.UUID(args.key_id)
+    except ValueError:
+        print(f"not a key id: {args.key_id!r} (see `inferq keys list`)", file=sys.stderr)
+        return 2
+    if not _keys().revoke(key_id):
+        print(f"no active key {key_id}", file=sys.stderr)
+        return 1
+    print(f"revoked {key_id}")
+    return 0
+
+
+def add_parsers(verbs: argparse._SubParsersAction) -> None:
+    serve = verbs.add_parser("serve", help="the OpenAI-compatible HTTP gateway (docs/gateway.md)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    serve.set_defaults(func=_cmd_serve)
+
+    keys = verbs.add_parser("keys", help="the gateway's API keys (one tenant each)")
+    key_verbs = keys.add_subparsers(dest="keys_verb", required=True)
+    create = key_verbs.add_parser("create", help="a new key for TENANT (printed alone, last)")
+    create.add_argument("tenant")
+    create.add_argument("--rpm", type=int, help="requests a minute the key may make")
+    create.set_defaults(func=_cmd_keys_create)
+    listing = key_verbs.add_parser("list", help="keys (ids, tenants, prefixes; never the keys)")
+    listing.add_argument("tenant", nargs="?")
+    listing.set_defaults(func=_cmd_keys_list)
+    revoke = key_verbs.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=_cmd_keys_revoke)

@@ -1,0 +1,219 @@
+"""The gateway's files and batches in the database (`storage.gateway_models`): an uploaded
+file's lines go in and out in chunks (a 50,000-line file is never held whole), a batch's
+request lines name their jobs, and its counts and output come from those jobs' records."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from storage.db import db_now, make_engine
+from storage.gateway_models import (
+    api_batch_requests_table,
+    api_batches_table,
+    file_lines_table,
+    files_table,
+)
+from storage.models import jobs_table, results_table
+
+F, L, B, R = files_table, file_lines_table, api_batches_table, api_batch_requests_table
+J, RES = jobs_table, results_table
+CHUNK = 1000  # lines per insert or read
+FAILED_JOBS = ("failed", "expired", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    total: int
+    completed: int
+    failed: int
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.completed - self.failed
+
+
+@dataclass(frozen=True, slots=True)
+class OutputLine:
+    """One request line and what became of it."""
+
+    line_no: int
+    custom_id: str
+    job_id: uuid.UUID | None
+    refused: str | None  # why the line never became a job
+    status: str | None  # the job's (None: not taken by a worker yet)
+    error: str | None
+    model: str | None
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None
+    finished_at: datetime | None
+
+
+class BatchStore:
+    def __init__(self, url_or_engine: str | sa.Engine) -> None:
+        is_url = isinstance(url_or_engine, str)
+        self.engine = make_engine(url_or_engine) if is_url else url_or_engine
+
+    # -- files --
+    def create_file(
+        self, tenant: str, purpose: str, filename: str, lines: Iterable[str]
+    ) -> dict[str, Any]:
+        """Store an uploaded file's lines (blank ones dropped), `CHUNK` at a time."""
+        file_id, size, n = uuid.uuid4(), 0, 0
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.insert(F).values(id=file_id, tenant=tenant, purpose=purpose, filename=filename)
+            )
+            chunk: list[dict[str, Any]] = []
+            for line in lines:
+                size += len(line.encode())
+                if not line.strip():
+                    continue
+                n += 1
+                chunk.append({"file_id": file_id, "line_no": n, "body": line.rstrip("\r\n")})
+                if len(chunk) == CHUNK:
+                    conn.execute(sa.insert(L), chunk)
+                    chunk = []
+            if chunk:
+                conn.execute(sa.insert(L), chunk)
+            conn.execute(sa.update(F).where(F.c.id == file_id).values(bytes=size, lines=n))
+        found = self.file(tenant, file_id)
+        assert found is not None
+        return found
+
+    def output_file(self, batch_id: uuid.UUID, tenant: str, kind: str) -> uuid.UUID:
+        """A batch's output or error file: a row only (its lines are the jobs' records)."""
+        file_id = uuid.uuid4()
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.insert(F).values(
+                    id=file_id,
+                    tenant=tenant,
+                    purpose="batch_output",
+                    batch_id=batch_id,
+                    kind=kind,
+                    filename=f"batch_{batch_id.hex}_{kind}.jsonl",
+                )
+            )
+        return file_id
+
+    def file(self, tenant: str, file_id: uuid.UUID) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(F).where(F.c.id == file_id, F.c.tenant == tenant)).first()
+        return dict(row._mapping) if row else None
+
+    def lines(self, file_id: uuid.UUID) -> Iterator[list[tuple[int, str]]]:
+        """The file's lines in chunks, by line number (keyset: each chunk one short query)."""
+        after = 0
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(L.c.line_no, L.c.body)
+                    .where(L.c.file_id == file_id, L.c.line_no > after)
+                    .order_by(L.c.line_no)
+                    .limit(CHUNK)
+                ).all()
+            if not rows:
+                return
+            after = rows[-1].line_no
+            yield [(r.line_no, r.body) for r in rows]
+
+    # -- batches --
+    def create_batch(self, **values: Any) -> uuid.UUID:
+        batch_id = uuid.uuid4()
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(B).values(id=batch_id, status="validating", **values))
+        return batch_id
+
+    def batch(self, tenant: str, batch_id: uuid.UUID) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(B).where(B.c.id == batch_id, B.c.tenant == tenant)).first()
+        return dict(row._mapping) if row else None
+
+    def batches(self, tenant: str, limit: int) -> list[dict[str, Any]]:
+        query = sa.select(B).where(B.c.tenant == tenant).order_by(B.c.created_at.desc())
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query.limit(limit))]
+
+    def add_requests(self, batch_id: uuid.UUID, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(R), [{"batch_id": batch_id, **row} for row in rows])
+
+    def move(self, batch_id: uuid.UUID, from_: Iterable[str], to: str, **values: Any) -> bool:
+        """Set the batch's status (and `<status>_at` to the database's clock) if it is in one
+        of `from_`: one replica wins a race, the others see False."""
+        with self.engine.begin() as conn:
+            stamp = {f"{to}_at": db_now(conn)} if f"{to}_at" in B.c else {}
+            moved = conn.execute(
+                sa.update(B)
+                .where(B.c.id == batch_id, B.c.status.in_(list(from_)))
+                .values(status=to, **stamp, **values)
+                .returning(B.c.id)
+            ).first()
+        return moved is not None
+
+    def counts(self, batch_id: uuid.UUID) -> Counts:
+        done = sa.func.count().filter(J.c.status == "done")
+        failed = sa.func.count().filter(sa.or_(R.c.job_id.is_(None), J.c.status.in_(FAILED_JOBS)))
+        query = (
+            sa.select(sa.func.count(), done, failed)
+            .select_from(R.outerjoin(J, J.c.id == R.c.job_id))
+            .where(R.c.batch_id == batch_id)
+        )
+        with self.engine.connect() as conn:
+            total, completed, failures = conn.execute(query).one()
+        return Counts(total, completed, failures)
+
+    def unended_jobs(self, batch_id: uuid.UUID) -> list[uuid.UUID]:
+        """Jobs of the batch not ended yet (queued ones have no row yet)."""
+        query = (
+            sa.select(R.c.job_id)
+            .select_from(R.outerjoin(J, J.c.id == R.c.job_id))
+            .where(R.c.batch_id == batch_id, R.c.job_id.is_not(None))
+            .where(sa.or_(J.c.id.is_(None), J.c.status.in_(["queued", "running"])))
+        )
+        with self.engine.connect() as conn:
+            return list(conn.scalars(query))
+
+    def outputs(self, batch_id: uuid.UUID) -> Iterator[list[OutputLine]]:
+        """Every request line with its job's outcome, in chunks by line number."""
+        columns = [
+            R.c.line_no,
+            R.c.custom_id,
+            R.c.job_id,
+            R.c.error.label("refused"),
+            J.c.status,
+            J.c.error,
+            J.c.model,
+            RES.c.text,
+            RES.c.finish_reason,
+            RES.c.prompt_tokens,
+            RES.c.completion_tokens,
+            RES.c.cached_tokens,
+            J.c.finished_at,
+        ]
+        joined = R.outerjoin(J, J.c.id == R.c.job_id).outerjoin(RES, RES.c.job_id == R.c.job_id)
+        after = 0
+        while True:
+            query = (
+                sa.select(*columns)
+                .select_from(joined)
+                .where(R.c.batch_id == batch_id, R.c.line_no > after)
+                .order_by(R.c.line_no)
+                .limit(CHUNK)
+            )
+            with self.engine.connect() as conn:
+                rows = [OutputLine(*row) for row in conn.execute(query)]
+            if not rows:
+                return
+            after = rows[-1].line_no
+            yield rows

@@ -1,0 +1,146 @@
+"""The Batch API through the official `openai` SDK: upload a JSONL file, create a batch,
+poll it, download its output and error files (one line per custom_id), cancel one; against
+a real worker on the null engine, the real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import openai
+import pytest
+import sqlalchemy as sa
+from gateway_helpers import new_key, serving
+from service_helpers import records, running_worker
+
+from worker.engine.null import NullEngine
+
+pytestmark = pytest.mark.services
+ENDPOINT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def settings(service_settings):
+    return service_settings.model_copy(update={"model": "null", "gateway_key_cache_s": 0.0})
+
+
+def _line(custom_id: str, **body) -> str:
+    request = {"model": "null", "messages": [{"role": "user", "content": custom_id}], **body}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": request})
+
+
+def _upload(client: openai.OpenAI, lines: list[str]) -> str:
+    data = io.BytesIO(("\n".join(lines) + "\n").encode())
+    return client.files.create(file=("requests.jsonl", data), purpose="batch").id
+
+
+def _until(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while (batch := client.batches.retrieve(batch_id)).status not in statuses:
+        assert time.monotonic() < deadline, f"batch still {batch.status}"
+        time.sleep(0.2)
+    return batch
+
+
+def _jsonl(client: openai.OpenAI, file_id: str) -> list[dict]:
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+@pytest.fixture
+def client(settings) -> Iterator[openai.OpenAI]:
+    with (
+        serving(settings) as url,
+        openai.OpenAI(base_url=url, api_key=new_key(settings, "acme"), max_retries=0) as c,
+    ):
+        c.base_url_for_tests = url
+        yield c
+
+
+def test_a_batch_round_trip_one_line_per_custom_id(settings, client) -> None:
+    good = [f"req-{i}" for i in range(40)]
+    lines = [_line(c, max_tokens=1 + i % 3) for i, c in enumerate(good)]
+    lines += [_line("two-choices", n=2), _line("too-long", max_tokens=5000)]
+    input_id = _upload(client, lines)
+    assert client.files.retrieve(input_id).bytes == len(("\n".join(lines) + "\n").encode())
+    assert client.files.content(input_id).text.splitlines() == lines
+    with running_worker(settings, {"null": NullEngine()}):
+        batch = client.batches.create(
+            input_file_id=input_id,
+            endpoint=ENDPOINT,
+            completion_window="24h",
+            metadata={"run": "1"},
+        )
+        assert batch.status in ("validating", "in_progress") and batch.metadata == {"run": "1"}
+        done = _until(client, batch.id, {"completed", "failed"})
+    assert done.status == "completed", done.errors
+    counts = done.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (42, 40, 2)
+    assert done.completed_at >= done.in_progress_at >= done.created_at
+    output = _jsonl(client, done.output_file_id)
+    assert [o["custom_id"] for o in output] == good  # one line each, in the input's order
+    for i, line in enumerate(output):
+        body = line["response"]["body"]
+        assert line["response"]["status_code"] == 200 and line["error"] is None
+        assert body["object"] == "chat.completion"
+        assert body["usage"]["completion_tokens"] == 1 + i % 3
+        assert body["id"] == f"chatcmpl-{line['response']['request_id'].replace('-', '')}"
+    errors = {e["custom_id"]: e["response"] for e in _jsonl(client, done.error_file_id)}
+    assert set(errors) == {"two-choices", "too-long"}
+    assert errors["two-choices"]["status_code"] == 400
+    assert errors["two-choices"]["body"]["error"]["param"] == "n"
+    assert errors["too-long"]["body"]["error"]["type"] == "invalid_request_error"
+    assert [b.id for b in client.batches.list()] == [done.id]
+    with records(settings).engine.connect() as conn:  # the batches report, beside job_metrics
+        usage = conn.execute(
+            sa.text("SELECT * FROM api_batch_usage WHERE batch_id = :id"),
+            {"id": uuid.UUID(done.id.removeprefix("batch_"))},
+        ).one()
+    assert (usage.requests, usage.completed, usage.refused) == (42, 40, 2)
+    assert usage.completion_tokens == sum(1 + i % 3 for i in range(40))
+
+    other_key = new_key(settings, "other")
+    with openai.OpenAI(
+        base_url=client.base_url_for_tests, api_key=other_key, max_retries=0
+    ) as other:
+        with pytest.raises(openai.NotFoundError):
+            other.batches.retrieve(done.id)
+        with pytest.raises(openai.NotFoundError):
+            other.files.content(done.output_file_id)
+
+
+def test_a_malformed_file_fails_validation_and_nothing_runs(settings, client) -> None:
+    lines = [
+        _line("a"),
+        _line("a"),
+        "not json",
+        json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {}}),
+    ]
+    batch = client.batches.create(
+        input_file_id=_upload(client, lines), endpoint=ENDPOINT, completion_window="24h"
+    )
+    failed = _until(client, batch.id, {"failed", "in_progress", "completed"})
+    assert failed.status == "failed"
+    assert [e.line for e in failed.errors.data] == [2, 3, 4]
+    assert failed.request_counts.total == 4 and failed.output_file_id is None
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(
+            input_file_id=batch.input_file_id, endpoint="/v1/embeddings", completion_window="24h"
+        )
+
+
+def test_cancel_a_batch_before_any_worker_takes_it(settings, client) -> None:
+    lines = [_line(f"c-{i}", max_tokens=2) for i in range(10)]
+    batch = client.batches.create(
+        input_file_id=_upload(client, lines), endpoint=ENDPOINT, completion_window="24h"
+    )
+    _until(client, batch.id, {"in_progress"})
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    with running_worker(settings, {"null": NullEngine()}):  # takes them: they never run
+        cancelled = _until(client, batch.id, {"cancelled"})
+    assert cancelled.request_counts.completed == 0 and cancelled.request_counts.failed == 10
+    errors = _jsonl(client, cancelled.error_file_id)
+    assert sorted(e["custom_id"] for e in errors) == sorted(f"c-{i}" for i in range(10))
+    assert {e["response"]["body"]["error"]["code"] for e in errors} == {"job_cancelled"}
