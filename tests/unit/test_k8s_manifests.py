@@ -97,9 +97,7 @@ def test_every_rendered_object_validates_against_its_schema(objects) -> None:
         assert not _errors(obj), (obj["kind"], _errors(obj))
 
 
-def test_the_example_secret_validates_and_holds_every_key_the_manifests_read(
-    keda, hpa
-) -> None:
+def test_the_example_secret_validates_and_holds_every_key_the_manifests_read(keda, hpa) -> None:
     secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
     assert not _errors(secret)
     read = set()

@@ -4,7 +4,8 @@ KB instead of the full 1.4 MB set), for tests/unit/test_k8s_manifests.py to vali
 
 Usage (once per Kubernetes version bump; needs the registry, the test does not):
     pip download --no-deps kubernetes-validate==1.37.0 -d /tmp/kv
-    .venv/bin/python deploy/k8s/schemas/vendor_k8s.py /tmp/kv/kubernetes_validate-1.37.0-py3-none-any.whl
+    .venv/bin/python deploy/k8s/schemas/vendor_k8s.py \
+        /tmp/kv/kubernetes_validate-1.37.0-py3-none-any.whl
 The schemas are kubernetes-validate's "local-strict" set (generated from the Kubernetes
 OpenAPI document; additionalProperties false): an unknown or misspelt field fails.
 """
