@@ -1,13 +1,15 @@
-"""deploy/k8s, checked offline: `kubectl kustomize` renders both variants (KEDA, and the
-plain HPA on Prometheus), every object validates against the vendored strict schemas
-(deploy/k8s/schemas: Kubernetes and KEDA), and the facts that cross files hold: the grace
-period outlasts the drain, the probes hit paths the worker serves, the ScaledObject counts
-exactly the Redis lists a job can wait on, the HPA reads metrics the worker exports."""
+"""deploy/k8s, checked offline: `kubectl kustomize` renders every variant (KEDA on the Redis
+lists, KEDA with Prometheus, the plain HPA on Prometheus), every object validates against the
+vendored strict schemas (deploy/k8s/schemas: Kubernetes and KEDA), and the facts that cross
+files hold: the grace period outlasts the drain, the probes hit paths the worker serves, the
+ScaledObject counts exactly the Redis lists a job can wait on, the autoscalers read metrics
+the worker exports."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -26,7 +28,7 @@ yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
-VARIANTS = {"keda": K8S, "hpa": K8S / "hpa-prometheus"}
+VARIANTS = {"keda": K8S, "hpa": K8S / "hpa-prometheus", "keda-prom": K8S / "keda-prometheus"}
 SCHEMAS = sorted((K8S / "schemas").glob("*.json"))
 DRAIN_MARGIN_S = 10  # writing what finished and handing the rest back, after the drain
 
@@ -211,6 +213,31 @@ def test_the_scaledobject_counts_exactly_the_queue_lists(keda) -> None:
     for t in triggers:
         assert t["type"] == "redis" and t["authenticationRef"]["name"] == auth
         assert t["metadata"]["listLength"] == modifiers["target"]
+
+
+def _hpa_targets(hpa: list[dict[str, Any]]) -> dict[str, str]:
+    metrics = _one(hpa, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    return {m[m["type"].lower()]["metric"]["name"]: m[m["type"].lower()]["target"]["averageValue"]
+            for m in metrics}  # fmt: skip
+
+
+def test_keda_with_prometheus_asks_for_what_the_hpa_variant_asks_for(keda, hpa) -> None:
+    """max(waiting / the lists' target, held / the HPA's held target): the same two wishes."""
+    base = _one(keda, "ScaledObject")["spec"]
+    spec = _one(_render(VARIANTS["keda-prom"]), "ScaledObject")["spec"]
+    modifiers = spec["advanced"]["scalingModifiers"]
+    match = re.fullmatch(r"max\(\((.+)\) / (\d+), (\w+) / (\d+)\)", modifiers["formula"])
+    assert match, modifiers["formula"]
+    lists, per_pod, held, held_per_pod = match.groups()
+    assert lists == base["advanced"]["scalingModifiers"]["formula"]
+    assert per_pod == base["advanced"]["scalingModifiers"]["target"]
+    assert modifiers["target"] == "1" and modifiers["metricType"] == "AverageValue"
+    (prom,) = [t for t in spec["triggers"] if t["name"] == held]
+    assert prom["type"] == "prometheus" and prom["metadata"]["threshold"] == held_per_pod
+    assert held_per_pod == _hpa_targets(hpa)["inferq_held_jobs"]
+    assert per_pod == _hpa_targets(hpa)["inferq_queue_depth"]
+    exported = {m.name for m in Metrics().registry.collect()}
+    assert re.match(r"sum\((\w+)\{", prom["metadata"]["query"]).group(1) in exported
 
 
 def test_the_hpa_reads_metrics_the_worker_exports(hpa) -> None:
