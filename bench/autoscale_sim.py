@@ -31,7 +31,7 @@ from inferq.params import EngineConfig
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 MU = 12.1  # jobs/s: docs/benchmarks.md, service (Redis + PostgreSQL) bf16, 256 jobs / 21.2 s
-FIXED = (1, 2, 4, 6, 8, 10)
+FIXED = (2, 4, 5, 6, 8, 10)
 
 
 def shipped() -> tuple[Policy, dict[str, float]]:
