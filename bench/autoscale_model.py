@@ -94,7 +94,7 @@ class Sim:
         self.pods: list[Pod] = []
         self.events: list = []
         self.seq = 0
-        self.waits: list[float] = []
+        self.waits: dict[int, float] = {}  # job -> arrival to its (last) start
         self.restarted = 0
         self.history: deque = deque()  # (t, desired) for the scale-down window
         self.last_down = -1e18
@@ -124,8 +124,6 @@ class Sim:
                 i += 1
                 self._dispatch(t)
                 continue
-            if t_next > horizon_s and i >= n:
-                break
             t, _, kind, data = heapq.heappop(self.events)
             getattr(self, "_on_" + kind)(t, *data)
             if t > horizon_s and i >= n and not self.queue and not any(p.held for p in self._up()):
@@ -133,7 +131,8 @@ class Sim:
         end = max(horizon_s, t)
         billed = sum((p.gone_at if p.gone_at is not None else end) - p.created for p in self.pods)
         unfinished = len(self.queue) + sum(p.held for p in self.pods if p.gone_at is None)
-        return Result(self.waits, billed, end, self.restarted, self.timeline, unfinished)
+        waits = list(self.waits.values())
+        return Result(waits, billed, end, self.restarted, self.timeline, unfinished)
 
     def _up(self) -> list[Pod]:
         return [p for p in self.pods if p.gone_at is None]
@@ -173,7 +172,7 @@ class Sim:
 
     def _start(self, pod: Pod, job: int, arrival: float, t: float) -> None:
         pod.running[job] = arrival
-        self.waits.append(t - arrival)
+        self.waits[job] = t - arrival  # a job run again counts its whole wait
         self._push(t + self.rng.lognormvariate(self.mu_log, self.sigma), "done", pod, job)
 
     def _pull(self, pod: Pod, t: float) -> None:
