@@ -120,17 +120,19 @@ def plot(runs: dict[str, dict[str, Result]], arrivals: dict[str, list[float]], p
         top.set_ylabel("jobs/s")
         top.set_title(f"{trace}")
         top.legend(loc="upper left", fontsize=8)
-        name = next(n for n in results if n.startswith("KEDA shipped ("))
-        line = results[name].timeline
-        bottom.step([x[0] / 3600 for x in line], [x[1] for x in line], where="post",
-                    label="pods (shipped KEDA)", color="tab:blue")  # fmt: skip
+        for prefix, color in (("KEDA shipped (", "tab:blue"), ("HPA on Prometheus", "tab:green")):
+            name = next(n for n in results if n.startswith(prefix))
+            line = results[name].timeline
+            bottom.step([x[0] / 3600 for x in line], [x[1] for x in line], where="post",
+                        label=f"pods: {name}", color=color, linewidth=1)  # fmt: skip
+        line = results[next(n for n in results if n.startswith("KEDA shipped ("))].timeline
         queue = bottom.twinx()
         queue.plot([x[0] / 3600 for x in line], [x[3] for x in line], color="tab:red",
-                   linewidth=0.7, label="waiting in Redis")  # fmt: skip
-        queue.set_ylabel("jobs waiting in Redis", color="tab:red")
+                   linewidth=0.5, label="waiting in Redis")  # fmt: skip
+        queue.set_ylabel("jobs waiting in Redis (shipped KEDA)", color="tab:red")
         bottom.set_ylabel("pods")
         bottom.set_xlabel("hours")
-        bottom.legend(loc="upper left", fontsize=8)
+        bottom.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
 
