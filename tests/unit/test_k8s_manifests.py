@@ -74,14 +74,19 @@ def _errors(obj: dict[str, Any]) -> list[str]:
             for e in _validator(obj).iter_errors(obj)]  # fmt: skip
 
 
-def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [o for o in objects if o["kind"] == kind]
-    assert len(found) == 1, f"{len(found)} {kind} objects"
+WORKER, GATEWAY = "inferq-worker", "inferq-gateway"
+
+
+def _one(objects: list[dict[str, Any]], kind: str, name: str = WORKER) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind} objects named {name}"
     return found[0]
 
 
-def _worker(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    deployment = _one(objects, "Deployment")
+def _worker(
+    objects: list[dict[str, Any]], name: str = WORKER
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    deployment = _one(objects, "Deployment", name)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return deployment, container
 
@@ -185,11 +190,37 @@ def _get(port: int, path: str) -> int:
         return exc.code
 
 
-def test_the_pdb_selects_the_worker_pods(objects) -> None:
-    deployment, _ = _worker(objects)
-    pdb = _one(objects, "PodDisruptionBudget")
+def test_each_pdb_selects_its_own_pods(objects) -> None:
+    for name in (WORKER, GATEWAY):
+        deployment, _ = _worker(objects, name)
+        pdb = _one(objects, "PodDisruptionBudget", name)
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        others = [o for o in objects if o["kind"] == "Deployment" and o is not deployment]
+        for other in others:  # and no other Deployment's
+            own = other["spec"]["template"]["metadata"]["labels"]
+            assert not pdb["spec"]["selector"]["matchLabels"].items() <= own.items()
+
+
+def test_the_gateway_probes_a_path_it_serves_and_scales_apart(objects) -> None:
+    from gateway.routes import router
+
+    deployment, container = _worker(objects, GATEWAY)
+    assert container["args"][0] == "serve"
+    port = int(container["args"][container["args"].index("--port") + 1])
+    assert [p["containerPort"] for p in container["ports"] if p["name"] == "http"] == [port]
+    readiness = container["readinessProbe"]["httpGet"]
+    assert readiness["path"] in {r.path for r in router.routes}
+    assert "tcpSocket" in container["livenessProbe"]  # an outage must not restart it
+    pod = deployment["spec"]["template"]["spec"]
+    assert (
+        pod["terminationGracePeriodSeconds"] > container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    )
+    service = _one(objects, "Service", GATEWAY)
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    autoscaler = _one(objects, "HorizontalPodAutoscaler", GATEWAY)
+    assert autoscaler["spec"]["scaleTargetRef"]["name"] == GATEWAY
 
 
 # -- autoscalers -------------------------------------------------------------------------
@@ -209,7 +240,7 @@ def test_the_scaledobject_counts_exactly_the_queue_lists(keda) -> None:
     terms = [t.strip() for t in modifiers["formula"].split("+")]
     assert sorted(terms) == sorted(t["name"] for t in triggers)  # a sum over every list
     assert modifiers["metricType"] == "AverageValue"
-    auth = _one(keda, "TriggerAuthentication")["metadata"]["name"]
+    auth = _one(keda, "TriggerAuthentication", "inferq-redis")["metadata"]["name"]
     for t in triggers:
         assert t["type"] == "redis" and t["authenticationRef"]["name"] == auth
         assert t["metadata"]["listLength"] == modifiers["target"]
