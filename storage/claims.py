@@ -92,6 +92,26 @@ def take(
         )
 
 
+def release(conn: sa.Connection, ids: Sequence[uuid.UUID], worker: str, now: datetime) -> int:
+    """Jobs `worker` claimed and hands back unrun (a drain, a scale-in): queued again, their
+    attempt not counted, marked sent at `now` (`requeued_at`): the next worker's claim takes
+    them at once, no sweeper resends them. Rows that ended or moved on stay as they are."""
+    released = 0
+    for part in chunks(ids):
+        released += conn.execute(
+            sa.update(J)
+            .where(J.c.id.in_(part), J.c.worker == worker, J.c.status == JobStatus.RUNNING)
+            .values(
+                status=JobStatus.QUEUED,
+                attempts=J.c.attempts - 1,
+                started_at=None,
+                worker=None,
+                requeued_at=now,
+            )
+        ).rowcount
+    return released
+
+
 def claim_states(
     conn: sa.Connection, ids: set[uuid.UUID], contents: Mapping[uuid.UUID, tuple[Any, ...]]
 ) -> dict[uuid.UUID, JobState]:

@@ -22,6 +22,7 @@ from storage.claims import (
     DEFAULT_LIVE_FOR_S,
     EXPIRED_ERROR,
     claim_states,
+    release,
     stored_contents,
     take,
     takeable,
@@ -225,6 +226,11 @@ class Repository:
             accounting.settle(conn, mine)
             states = claim_states(conn, set(canonical.values()), contents)
         return {job_id: states[c] for job_id, c in canonical.items() if c in states}
+
+    def release(self, job_ids: Sequence[uuid.UUID], worker: str) -> int:
+        """`storage.claims.release` in one transaction; how many rows went back to queued."""
+        with self.writer.begin() as conn:
+            return release(conn, job_ids, worker, db_now(conn))
 
     def store_outcomes(
         self,

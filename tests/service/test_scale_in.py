@@ -128,3 +128,5 @@ def test_sigterm_three_of_four_workers_mid_run_loses_and_duplicates_nothing(
     assert not late, f"a stopped worker finished jobs after it stopped: {late}"
     assert queue_depth(broker, queue) == 0
     assert not any(broker.llen(affinity_queue(queue, n)) for n in WORKERS)
+    assert sum(handed_back.values()) > 0  # the stopping workers did hold messages
+    assert tuple(facts) == (0, 0), "a hand-back counted an attempt or waited for a sweeper"

@@ -143,10 +143,21 @@ class Intake:
         self.unserved.release(source, everything=True)
         held = self._holding()
         if held:
+            self._release(list(self._unacked))
             source.requeue(held)
             log.info("intake.requeued", messages=len(held))
         self._unacked.clear()
         source.retire()
+
+    def _release(self, job_ids: list[uuid.UUID]) -> None:
+        """The jobs handed back go back to queued, their attempt not counted (the database
+        away: the sweepers send them again instead)."""
+        try:
+            released = self.repo.release(job_ids, self.worker)
+        except Exception as exc:
+            log.warning("intake.release_failed", error=type(exc).__name__)
+            return
+        log.info("intake.released", jobs=released)
 
     def _holding(self) -> list[Any]:
         """The handles of the messages taken and not acknowledged yet."""
