@@ -6,12 +6,13 @@ A waiting call `watch`es its jobs' result channels: the channels nobody watched 
 SUBSCRIBEd, and `watch` returns once Redis has confirmed every channel of the call (another
 call's SUBSCRIBE of the same channel included): only then does the call read its keys, so a
 state written between its subscription and its read is not missed (see `api_client.plans`).
-`wait` hands it the jobs announced since it last looked; `unwatch` UNSUBSCRIBEs the channels
-no call watches any more. After the connection was lost (a Redis restart, a killed client)
-every channel is subscribed again and every watching call is woken to read its keys again
-(what was published in between is lost); the calls' own re-reads every `INFERQ_RESULT_POLL_S`
-stay the fallback for anything else. A notification only says which key to read: its payload
-is not looked at.
+`wait` hands it the jobs announced since it last looked, each with its key's value: the
+reader reads the keys of a burst of notifications in one MGET, for all the calls they wake (a
+notification only says which key to read: its payload is not looked at). `unwatch`
+UNSUBSCRIBEs the channels no call watches any more. After the connection was lost (a Redis
+restart, a killed client) every channel is subscribed again and its key read again for its
+calls (what was published in between is lost, what was written is not); the calls' own
+re-reads every `INFERQ_RESULT_POLL_S` stay the fallback for anything else.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import redis.asyncio as aioredis
 
 from api_client.producer import job_id_of
 
+Value = bytes | str | None  # a result key's value (None: no key)
 READ_S = 1.0  # the reader looks at `closed` (and pings, when idle long enough) this often
 PING_S = 30.0  # a silently dead connection is found after at most this long idle
 RETRY_S = (0.05, 2.0)  # backoff after a failed connection: first and longest wait
+BURST = 256  # notifications read (then their keys, in one MGET) before the calls are woken
 
 
 async def _until(event: asyncio.Event, seconds: float) -> bool:
@@ -47,15 +50,21 @@ def _text(value: bytes | str) -> str:
 
 
 class Watch:
-    """One waiting call: its channels, and the jobs announced since it last looked. `event`
-    (a `threading.Event` or an `asyncio.Event`) is set when either changes."""
+    """One waiting call: its channels, and the jobs announced since it last looked, each with
+    its key's value read after the announcement. `event` (a `threading.Event` or an
+    `asyncio.Event`) is set when either changes."""
 
     __slots__ = ("channels", "event", "woken")
 
     def __init__(self, channels: Iterable[str], event: threading.Event | asyncio.Event):
         self.channels = list(dict.fromkeys(channels))
         self.event = event
-        self.woken: set[uuid.UUID] = set()
+        self.woken: dict[uuid.UUID, Value] = {}
+
+    def take(self) -> dict[uuid.UUID, Value]:
+        woken, self.woken = self.woken, {}
+        self.event.clear()
+        return woken
 
 
 class Registry:
@@ -90,25 +99,39 @@ class Registry:
     def confirmed(self, watch: Watch) -> bool:
         return not any(c in self.unconfirmed for c in watch.channels)
 
-    def handle(self, message: dict[str, Any]) -> set[Watch]:
-        """The calls to wake for a pub/sub message: those a notification or a confirmation
-        concerns. A confirmation nobody asked for is a resubscription after the connection
-        was lost: its calls read their keys again."""
-        kind, channel = message["type"], message["channel"]
-        if kind not in ("message", "subscribe") or channel is None:
-            return set()
-        channel = _text(channel)
-        watchers = self.watchers.get(channel, set())
-        if kind == "subscribe" and (left := self.unconfirmed.get(channel, 0)):
-            if left > 1:
-                self.unconfirmed[channel] = left - 1
-                return set()
-            del self.unconfirmed[channel]
-            return set(watchers)  # they may be waiting for it
-        if (job_id := job_id_of(channel)) is not None:
-            for watch in watchers:
-                watch.woken.add(job_id)
-        return set(watchers)
+    def handle(self, messages: Iterable[dict[str, Any]]) -> tuple[set[Watch], list[str]]:
+        """For pub/sub messages: the calls to wake now (a confirmation they wait for), and
+        the keys to read for the others (then `deliver`). A confirmation nobody asked for is
+        a resubscription after the connection was lost: its key is read again."""
+        confirmed: set[Watch] = set()
+        announced: dict[str, None] = {}
+        for message in messages:
+            kind, channel = message["type"], message["channel"]
+            if kind not in ("message", "subscribe") or channel is None:
+                continue
+            channel = _text(channel)
+            if channel not in self.watchers:
+                continue
+            if kind == "subscribe" and (left := self.unconfirmed.get(channel, 0)):
+                if left > 1:
+                    self.unconfirmed[channel] = left - 1
+                else:
+                    del self.unconfirmed[channel]
+                    confirmed |= self.watchers[channel]
+            elif job_id_of(channel) is not None:
+                announced[channel] = None
+        return confirmed, list(announced)
+
+    def deliver(self, keys: list[str], values: list[Value]) -> set[Watch]:
+        """The announced keys' values to their calls; the calls to wake."""
+        woken: set[Watch] = set()
+        for key, value in zip(keys, values, strict=True):
+            job_id = job_id_of(key)
+            for watch in self.watchers.get(key, ()):
+                if job_id is not None:
+                    watch.woken[job_id] = value
+                    woken.add(watch)
+        return woken
 
     def reconnected(self) -> list[str]:
         """A new connection: every watched channel to SUBSCRIBE again. A channel some call
@@ -162,20 +185,19 @@ class Subscriptions:
             with self._lock:
                 if self._registry.confirmed(watch) or self._closed:
                     return watch
-                watch.event.clear()  # what `wait` looks at first is `woken`, kept
+                watch.event.clear()  # `wait` looks at `woken` first: nothing is lost
             left = deadline - time.monotonic()
             if left <= 0:
                 return watch
             watch.event.wait(left)
 
-    def wait(self, watch: Watch, seconds: float) -> set[uuid.UUID]:
-        """The jobs announced since the call last looked (waiting up to `seconds` for one)."""
+    def wait(self, watch: Watch, seconds: float) -> dict[uuid.UUID, Value]:
+        """The jobs announced since the call last looked, with their keys' values read after
+        the announcement (waiting up to `seconds` for one)."""
         if not watch.woken:
             watch.event.wait(seconds)
         with self._lock:
-            woken, watch.woken = watch.woken, set()
-            watch.event.clear()
-        return woken
+            return watch.take()
 
     def unwatch(self, watch: Watch) -> None:
         with self._lock:
@@ -213,7 +235,15 @@ class Subscriptions:
             if messages:
                 idle_since = time.monotonic()
                 with self._lock:
-                    woken = set().union(*(self._registry.handle(m) for m in messages))
+                    woken, keys = self._registry.handle(messages)
+                if keys:
+                    try:
+                        values = self._redis.mget(keys)
+                    except Exception:  # read again after a reconnect (unasked confirmations)
+                        self._broken = True
+                        keys, values = [], []
+                    with self._lock:
+                        woken |= self._registry.deliver(keys, values)
                 for watch in woken:
                     watch.event.set()
             elif time.monotonic() - idle_since > PING_S:
@@ -228,6 +258,8 @@ class Subscriptions:
         message = self._pubsub.get_message(timeout=READ_S)
         while message is not None:
             out.append(message)
+            if len(out) >= BURST:
+                break
             message = self._pubsub.get_message(timeout=0.0)
         return out
 
@@ -278,12 +310,10 @@ class AsyncSubscriptions:
                 break
         return watch
 
-    async def wait(self, watch: Watch, seconds: float) -> set[uuid.UUID]:
+    async def wait(self, watch: Watch, seconds: float) -> dict[uuid.UUID, Value]:
         if not watch.woken:
             await _until(watch.event, seconds)
-        woken, watch.woken = watch.woken, set()
-        watch.event.clear()
-        return woken
+        return watch.take()
 
     async def unwatch(self, watch: Watch) -> None:
         gone = self._registry.remove(watch)
@@ -317,7 +347,13 @@ class AsyncSubscriptions:
             retry = RETRY_S[0]
             if messages:
                 idle_since = time.monotonic()
-                for watch in set().union(*(self._registry.handle(m) for m in messages)):
+                woken, keys = self._registry.handle(messages)
+                if keys:
+                    try:
+                        woken |= self._registry.deliver(keys, await self._redis.mget(keys))
+                    except Exception:  # read again after a reconnect (unasked confirmations)
+                        self._broken = True
+                for watch in woken:
                     watch.event.set()
             elif time.monotonic() - idle_since > PING_S and self._pubsub.subscribed:
                 idle_since = time.monotonic()
@@ -331,6 +367,8 @@ class AsyncSubscriptions:
         message = await self._pubsub.get_message(timeout=READ_S)
         while message is not None:
             out.append(message)
+            if len(out) >= BURST:
+                break
             message = await self._pubsub.get_message(timeout=0.0)
         return out
 
