@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from api_client.producer import job_id_of
 
 Value = bytes | str | None  # a result key's value (None: no key)
+NAME = "inferq-notify"  # the shared connections' name (CLIENT LIST)
 READ_S = 1.0  # the reader looks at `closed` (and pings, when idle long enough) this often
 PING_S = 30.0  # a silently dead connection is found after at most this long idle
 RETRY_S = (0.05, 2.0)  # backoff after a failed connection: first and longest wait
@@ -147,10 +148,10 @@ class Subscriptions:
     """The shared subscription of a blocking client: one connection, one reader thread
     (started with the first watch)."""
 
-    def __init__(self, url: str, **options: Any) -> None:
+    def __init__(self, url: str) -> None:
         # A connection of its own (no health check from redis-py: its PING would be sent
         # by the reader while a waiting call sends a SUBSCRIBE; the reader pings here).
-        self._redis = redis.Redis.from_url(url, **options, health_check_interval=0)
+        self._redis = redis.Redis.from_url(url, client_name=NAME, health_check_interval=0)
         self._start()
 
     def _start(self) -> None:
@@ -276,8 +277,8 @@ class AsyncSubscriptions:
     """The shared subscription of an asyncio client: one connection, one reader task on the
     event loop of the first watch (a watch from another loop starts afresh there)."""
 
-    def __init__(self, url: str, **options: Any) -> None:
-        self._redis = aioredis.Redis.from_url(url, **options, health_check_interval=0)
+    def __init__(self, url: str) -> None:
+        self._redis = aioredis.Redis.from_url(url, client_name=NAME, health_check_interval=0)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
