@@ -166,8 +166,8 @@ class Subscriptions:
     def watch(self, channels: Iterable[str], confirm_s: float) -> Watch:
         """Register a waiting call; returns once its channels are subscribed (or after
         `confirm_s`: then its re-reads are the fallback)."""
-        if self._pid != os.getpid():  # a forked child: the parent's reader is not here
-            self._start()
+        if self._pid != os.getpid() or self._closed:  # a forked child (the parent's reader
+            self._start()  # is not here), or a client used again after `close`
         watch = Watch(channels, threading.Event())
         with self._lock:
             if self._thread is None:
@@ -217,6 +217,7 @@ class Subscriptions:
             self._pubsub.reset()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(READ_S + 1)
+        self._redis.close()
 
     def _read(self) -> None:
         idle_since, retry = time.monotonic(), RETRY_S[0]
