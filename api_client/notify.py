@@ -171,8 +171,9 @@ class Subscriptions:
         watch = Watch(channels, threading.Event())
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._read, name="inferq-notify",
-                                                daemon=True)  # fmt: skip
+                self._thread = threading.Thread(
+                    target=self._read, name="inferq-notify", daemon=True
+                )
                 self._thread.start()
             new = self._registry.add(watch)
             try:

@@ -156,15 +156,21 @@ class StreamReaders:
 
 
 def service_row(
-    name: str, dtype: str, jobs, messages, out: Path, keep: bool = False, prices: bool = False,
+    name: str,
+    dtype: str,
+    jobs,
+    messages,
+    out: Path,
+    keep: bool = False,
+    prices: bool = False,
     stream: bool = True,
-) -> Row:  # fmt: skip
+) -> Row:
     with ServiceEnv("svc", keep=keep) as env:
         if prices:  # the demo's example prices, so `inferq report` shows costs
             seed_example_prices(env.db_engine, FP_MODEL)
         log = out / f"service_worker_{dtype}{'' if stream else '_stream_off'}.log"
-        extra = {"INFERQ_MODEL": FP_MODEL, "INFERQ_DTYPE": dtype, "INFERQ_ENGINE": "paged",
-                 "INFERQ_STREAM": "1" if stream else "0"}  # fmt: skip
+        extra = {"INFERQ_MODEL": FP_MODEL, "INFERQ_DTYPE": dtype, "INFERQ_ENGINE": "paged"}
+        extra["INFERQ_STREAM"] = "1" if stream else "0"
         proc = start_worker(env, extra, log, loglevel="INFO")
         try:
             _wait_ready(log, proc)
@@ -233,9 +239,16 @@ def main() -> None:
         for mode in modes:
             label = f"service (Redis + PostgreSQL) {tag}"
             label += f", streaming {mode}" if len(modes) > 1 else ""
-            served[mode] = row = service_row(label, dtype, jobs, codec.messages, args.out,
-                                             args.keep_db, args.example_prices,
-                                             mode == "on")  # fmt: skip
+            served[mode] = row = service_row(
+                label,
+                dtype,
+                jobs,
+                codec.messages,
+                args.out,
+                args.keep_db,
+                args.example_prices,
+                stream=mode == "on",
+            )
             lines.append("| " + " | ".join(row.cells(shareable)) + " |")
             print(lines[-1], flush=True)
             share = (row.out_tokens / row.wall_s) / (alone.out_tokens / alone.wall_s)
