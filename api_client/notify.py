@@ -178,8 +178,11 @@ class Subscriptions:
             new = self._registry.add(watch)
             try:
                 if new:
-                    self._pubsub.subscribe(*new)
-            except BaseException:
+                    try:
+                        self._pubsub.subscribe(*new)
+                    except redis.ConnectionError:  # it died under us: a new one, all channels
+                        self._resubscribe()
+            except BaseException:  # Redis is away: the call fails, as a read would
                 self._registry.remove(watch)
                 raise
         deadline = time.monotonic() + confirm_s
@@ -268,11 +271,15 @@ class Subscriptions:
 
     def _reconnect(self) -> None:
         with self._lock:
-            self._pubsub.reset()
-            channels = self._registry.reconnected()
-            if channels:
-                self._pubsub.subscribe(*channels)
-            self._broken = False
+            self._resubscribe()
+
+    def _resubscribe(self) -> None:
+        """A new connection, every watched channel subscribed again (the lock held)."""
+        self._pubsub.reset()
+        channels = self._registry.reconnected()
+        if channels:
+            self._pubsub.subscribe(*channels)
+        self._broken = False
 
 
 class AsyncSubscriptions:
@@ -300,10 +307,13 @@ class AsyncSubscriptions:
         new = self._registry.add(watch)
         try:
             if new:
-                async with self._sending:
-                    await self._pubsub.subscribe(*new)
-                self._subscribed.set()
-        except BaseException:
+                try:
+                    async with self._sending:
+                        await self._pubsub.subscribe(*new)
+                    self._subscribed.set()
+                except redis.ConnectionError:  # it died under us: a new one, all channels
+                    await self._reconnect()
+        except BaseException:  # Redis is away: the call fails, as a read would
             self._registry.remove(watch)
             raise
         deadline = time.monotonic() + confirm_s
