@@ -370,7 +370,8 @@ class AsyncSubscriptions:
                     watch.event.set()
             elif time.monotonic() - idle_since > PING_S and self._pubsub.subscribed:
                 idle_since = time.monotonic()
-                await self._pubsub.ping()
+                async with self._sending:
+                    await self._pubsub.ping()
 
     async def _messages(self) -> list[dict[str, Any]]:
         if self._pubsub.connection is None:
