@@ -15,9 +15,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from api_client import plans
+from api_client.notify import AsyncSubscriptions, Watch
 from api_client.producer import Producer, tenant_view
 from api_client.results import result_key
-from api_client.subscriptions import Subscriptions
 from storage.records import JobView
 
 
@@ -45,9 +45,9 @@ class AsyncInferqClient(Producer):
         )
 
     @cached_property
-    def subscriptions(self) -> Subscriptions:
-        """The one Redis subscription every waiting call of this client shares."""
-        return Subscriptions(self.redis)
+    def subscriptions(self) -> AsyncSubscriptions:
+        """The one subscription all this client's waits share (`api_client.notify`)."""
+        return AsyncSubscriptions(self.result_url)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.celery.close)
@@ -102,9 +102,8 @@ class AsyncInferqClient(Producer):
 
     async def _run(self, plan: plans.Plan) -> AsyncIterator[Any]:
         """Run a plan with asyncio Redis calls; yield what it emits. Its subscription is a
-        share of the client's one (`Subscriptions`)."""
-        channels: list[str] = []
-        notified: asyncio.Queue[str] | None = None
+        share of the client's one (`AsyncSubscriptions`)."""
+        watch: Watch | None = None
         reply: Any = None
         try:
             while True:
@@ -119,10 +118,10 @@ class AsyncInferqClient(Producer):
                     case plans.Read(keys):
                         reply = await self.redis.mget(keys)
                     case plans.Subscribe(channels):
-                        notified = await self.subscriptions.add(channels)
+                        watch = await self.subscriptions.watch(channels, self.poll_s)
                     case plans.Listen(seconds):
-                        assert notified is not None
-                        reply = await Subscriptions.listen(notified, seconds)
+                        assert watch is not None
+                        reply = await self.subscriptions.wait(watch, seconds)
                     case plans.XRead(key, last_id, count, block_ms):
                         got = await self.redis.xread({key: last_id}, count, block_ms)
                         reply = got[0][1] if got else []
@@ -133,5 +132,5 @@ class AsyncInferqClient(Producer):
                             reply = await pipe.execute()
         finally:
             plan.close()
-            if notified is not None:
-                await self.subscriptions.remove(channels, notified)
+            if watch is not None:
+                await self.subscriptions.unwatch(watch)

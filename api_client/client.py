@@ -12,7 +12,8 @@ from typing import Any
 import redis
 
 from api_client import plans
-from api_client.producer import InvalidJobError, Producer, job_id_of, tenant_view
+from api_client.notify import Subscriptions, Watch
+from api_client.producer import InvalidJobError, Producer, tenant_view
 from api_client.results import result_key
 from storage.records import JobView
 
@@ -36,8 +37,15 @@ class InferqClient(Producer):
             self.result_url, health_check_interval=30, max_connections=plans.MAX_CONNECTIONS
         )
 
+    @cached_property
+    def subscriptions(self) -> Subscriptions:
+        """The one subscription all this client's waits share (`api_client.notify`)."""
+        return Subscriptions(self.result_url)
+
     def close(self) -> None:
         self.celery.close()
+        if "subscriptions" in self.__dict__:
+            self.subscriptions.close()
         if "redis" in self.__dict__:
             self.redis.close()
 
@@ -97,7 +105,7 @@ class InferqClient(Producer):
 
     def _run(self, plan: plans.Plan) -> Iterator[Any]:
         """Run a plan with blocking Redis calls; yield what it emits."""
-        pubsub: redis.client.PubSub | None = None
+        watch: Watch | None = None
         reply: Any = None
         try:
             while True:
@@ -112,11 +120,10 @@ class InferqClient(Producer):
                     case plans.Read(keys):
                         reply = self.redis.mget(keys)
                     case plans.Subscribe(channels):
-                        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                        pubsub.subscribe(*channels)
+                        watch = self.subscriptions.watch(channels, self.poll_s)
                     case plans.Listen(seconds):
-                        assert pubsub is not None
-                        reply = _notified(pubsub, seconds)
+                        assert watch is not None
+                        reply = self.subscriptions.wait(watch, seconds)
                     case plans.XRead(key, last_id, count, block_ms):
                         got = self.redis.xread({key: last_id}, count, block_ms)
                         reply = got[0][1] if got else []
@@ -127,16 +134,5 @@ class InferqClient(Producer):
                             reply = pipe.execute()
         finally:
             plan.close()
-            if pubsub is not None:
-                pubsub.close()
-
-
-def _notified(pubsub: redis.client.PubSub, seconds: float) -> set[uuid.UUID]:
-    """The jobs whose result keys were announced within `seconds` (all that came at once)."""
-    woken: set[uuid.UUID] = set()
-    message = pubsub.get_message(timeout=seconds)
-    while message is not None:
-        if message["type"] == "message" and (job_id := job_id_of(message["channel"])):
-            woken.add(job_id)
-        message = pubsub.get_message(timeout=0.0)
-    return woken
+            if watch is not None:
+                self.subscriptions.unwatch(watch)

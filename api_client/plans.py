@@ -5,8 +5,8 @@ with asyncio: one logic, two ways of doing the I/O.
 
 A waiter subscribes to its jobs' result channels first, then reads the keys (so no state is
 missed in between), then blocks on the notifications; a notification only says which key to
-read again, its payload is never trusted. Every `poll` s it reads all its keys anyway: a lost
-notification costs that much, not the result.
+read again (the client's shared subscription reads it), its payload is never trusted. Every
+`poll` s it reads all its keys anyway: a lost notification costs that much, not the result.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from api_client.results import CANCEL_CHANNEL, cancel_key, result_key
 from api_client.streams import StreamReader
 from storage.records import TERMINAL_STATUSES, JobStatus, JobView
 
-# Redis connections one client may hold: each waiting call holds one (its subscription), so an
-# app with a thousand concurrent waits needs a thousand (redis-py's own default is 100).
+# Redis connections one client may hold: waits share one subscription, but each stream being
+# read blocks one connection (XREAD), so an app with a thousand concurrent streams needs a
+# thousand (redis-py's own default is 100).
 MAX_CONNECTIONS = 10_000
 
 
@@ -37,14 +38,16 @@ class Read:
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
-    """SUBSCRIBE on the plan's own connection (closed when the plan ends)."""
+    """Watch these channels through the client's shared subscription (`api_client.notify`),
+    from when Redis has them until the plan ends."""
 
     channels: list[str]
 
 
 @dataclass(frozen=True, slots=True)
 class Listen:
-    """Wait up to `seconds` for notifications; reply, the job ids announced (all that came)."""
+    """Wait up to `seconds` for notifications; reply, the jobs announced (all that came),
+    each with its result key's value read after the announcement."""
 
     seconds: float
 
@@ -109,22 +112,22 @@ def ended(waiting: Waiting, timeout: float, poll: float) -> Plan:
     """Emit each job's view as it ends; TimeoutError when some have not after `timeout` s."""
     deadline = time.monotonic() + timeout
     yield Subscribe([result_key(i) for i in waiting.ids])
-    woken, next_read = set(waiting.pending), 0.0
+    heard: dict[uuid.UUID, Any] = {}
+    next_read = 0.0
     while True:
         now = time.monotonic()
-        if now >= next_read:
-            woken, next_read = set(waiting.pending), now + poll
-        ids = [i for i in waiting.pending if i in woken]
-        if ids:
+        if now >= next_read:  # every key: the first time, then every `poll` s
+            ids, next_read = waiting.pending, now + poll
             values = yield Read([result_key(i) for i in ids])
-            for job_id, raw in zip(ids, values, strict=True):
-                if (view := waiting.update(job_id, raw)) is not None:
-                    yield Emit(view)
+            heard = dict(zip(ids, values, strict=True))
+        for job_id in [i for i in waiting.pending if i in heard]:
+            if (view := waiting.update(job_id, heard[job_id])) is not None:
+                yield Emit(view)
         if not waiting.pending:
             return
         if now >= deadline:
             raise waiting.timed_out(timeout)
-        woken = yield Listen(max(min(deadline, next_read) - time.monotonic(), 0.001))
+        heard = yield Listen(max(min(deadline, next_read) - time.monotonic(), 0.001))
 
 
 def cancel(job_id: uuid.UUID, tenant: str, key: str | None, wait: float, poll: float) -> Plan:

@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python bench/service_bench.py [--jobs 256] [--dtypes float32,bfloat16]
        [--max-new 128] [--seed 0] [--out bench/out] [--keep-db] [--example-prices]
+       [--streaming on|off|on,off]
 Per dtype, two rows with the same default settings (`Settings()`: max_num_seqs, KV size,
 prefix cache, ...) and the same seeded jobs (bench/engine_bench.py's build_workload):
 - engine alone: the engine the worker builds (`load_engine`), every job added at t=0 and run
@@ -12,16 +13,25 @@ prefix cache, ...) and the same seeded jobs (bench/engine_bench.py's build_workl
 Latency and TTFT count from t=0 (enqueue); mean running = sum over jobs of (finished -
 admitted) / wall; prefix hit = cached prompt tokens / shareable system-prompt tokens.
 The null-engine figures (jobs/s, worker CPU per job) come from bench/service_null.py.
+Streaming (`--streaming`, default on: the worker's default): one service row per setting
+(INFERQ_STREAM); with it on, this process reads every job's stream while the jobs run
+(`AsyncInferqClient.stream`, all at once, as producers would) and checks that each job's
+joined deltas equal its stored text (the summary's "streamed = stored"; a mismatch fails the
+run after the table is written); with both, the summary gives the throughput with streaming
+on as a share of off.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
 import statistics
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +40,7 @@ from engine_bench import build_workload, shareable_tokens  # bench/, beside this
 from service_harness import ServiceEnv, start_worker, stop_worker
 from transformers import AutoTokenizer
 
+from api_client import AsyncInferqClient
 from inferq.demo import seed_example_prices
 from inferq.settings import FP_MODEL, get_settings
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
@@ -48,6 +59,7 @@ class Row:
     running_s: float  # sum of admitted -> finished over jobs
     cached: int
     texts: dict[int, str]
+    streamed_same: int | None = None  # jobs whose joined stream equals their stored text
 
     def cells(self, shareable: int) -> list[str]:
         q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]  # noqa: E731
@@ -111,14 +123,54 @@ def _wait_ready(log: Path, proc, timeout: float = 600) -> None:
     raise SystemExit(f"worker not ready after {timeout}s: see {log}")
 
 
+class StreamReaders:
+    """Every job's stream read at once in a thread of its own (an asyncio loop, as a producer
+    app would); `texts()` waits for them and gives each job's joined deltas."""
+
+    def __init__(self, client: AsyncInferqClient, ids: list[uuid.UUID]) -> None:
+        self.client, self.ids, self._texts = client, ids, {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bench-streams")
+        self._thread.start()
+
+    def _run(self) -> None:
+        async def one(job_id: uuid.UUID) -> None:
+            self._texts[job_id] = "".join([d async for d in self.client.stream(job_id, 3600)])
+
+        async def main() -> None:
+            try:
+                await asyncio.gather(*(one(i) for i in self.ids))
+            finally:
+                await self.client.aclose()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            self._error = exc
+
+    def texts(self) -> dict[uuid.UUID, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._texts
+
+
 def service_row(
-    name: str, dtype: str, jobs, messages, out: Path, keep: bool = False, prices: bool = False
+    name: str,
+    dtype: str,
+    jobs,
+    messages,
+    out: Path,
+    keep: bool = False,
+    prices: bool = False,
+    stream: bool = True,
 ) -> Row:
     with ServiceEnv("svc", keep=keep) as env:
         if prices:  # the demo's example prices, so `inferq report` shows costs
             seed_example_prices(env.db_engine, FP_MODEL)
-        log = out / f"service_worker_{dtype}.log"
+        log = out / f"service_worker_{dtype}{'' if stream else '_stream_off'}.log"
         extra = {"INFERQ_MODEL": FP_MODEL, "INFERQ_DTYPE": dtype, "INFERQ_ENGINE": "paged"}
+        extra["INFERQ_STREAM"] = "1" if stream else "0"
         proc = start_worker(env, extra, log, loglevel="INFO")
         try:
             _wait_ready(log, proc)
@@ -131,7 +183,11 @@ def service_row(
                 }
                 for j in jobs
             )
+            readers = (
+                StreamReaders(AsyncInferqClient(env.settings, "bench"), ids) if stream else None
+            )
             views = client.wait_many(ids, timeout=3600)  # on Redis: no database reads
+            streamed = readers.texts() if readers is not None else None
         finally:
             stop_worker(proc)
         assert all(v.status == "done" for v in views), {v.status for v in views}
@@ -139,13 +195,14 @@ def service_row(
         finished = [v.queued_at + timedelta(seconds=v.metrics.total_s) for v in views]
         wall = (max(finished) - t0).total_seconds()
         lag = [(v.queued_at - t0).total_seconds() for v in views]
+        same = None if streamed is None else sum(streamed[v.id] == v.result.text for v in views)
         return Row(
             name, wall, sum(v.result.completion_tokens for v in views),
             [g + v.metrics.total_s for g, v in zip(lag, views, strict=True)],
             [g + v.metrics.ttft_s for g, v in zip(lag, views, strict=True)],
             sum(v.metrics.total_s - v.metrics.queue_wait_s for v in views),
             sum(v.result.cached_tokens for v in views),
-            {i: v.result.text for i, v in enumerate(views)},
+            {i: v.result.text for i, v in enumerate(views)}, same,
         )  # fmt: skip
 
 
@@ -158,7 +215,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--keep-db", action="store_true", help="keep the service's database")
     parser.add_argument("--example-prices", action="store_true", help="bill at the demo's prices")
+    parser.add_argument("--streaming", default="on", help="on, off, or on,off (a row each)")
     args = parser.parse_args()
+    modes = args.streaming.split(",")
+    assert set(modes) <= {"on", "off"}, f"--streaming: on, off or on,off, not {args.streaming}"
     args.out.mkdir(parents=True, exist_ok=True)
     settings = get_settings()
     path = resolve_model(settings, FP_MODEL)
@@ -169,24 +229,45 @@ def main() -> None:
     header = ["row", "out tok/s", "p50 / p95 latency s", "p50 / p95 TTFT s",
               "mean running seqs", "prefix hit", "wall s"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    summary = []
+    summary, mismatched = [], False
     for dtype in args.dtypes.split(","):
         tag = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
         alone = engine_row(f"engine alone {tag}", dtype, jobs)
-        served = service_row(f"service (Redis + PostgreSQL) {tag}", dtype, jobs,
-                             codec.messages, args.out, args.keep_db,
-                             args.example_prices)  # fmt: skip
-        for row in (alone, served):
+        lines.append("| " + " | ".join(alone.cells(shareable)) + " |")
+        print(lines[-1], flush=True)
+        served = {}
+        for mode in modes:
+            label = f"service (Redis + PostgreSQL) {tag}"
+            label += f", streaming {mode}" if len(modes) > 1 else ""
+            served[mode] = row = service_row(
+                label,
+                dtype,
+                jobs,
+                codec.messages,
+                args.out,
+                args.keep_db,
+                args.example_prices,
+                stream=mode == "on",
+            )
             lines.append("| " + " | ".join(row.cells(shareable)) + " |")
             print(lines[-1], flush=True)
-        share = (served.out_tokens / served.wall_s) / (alone.out_tokens / alone.wall_s)
-        same = sum(alone.texts[i] == served.texts[i] for i in alone.texts)
-        summary.append(f"{tag}: service / engine alone = {share:.1%}; "
-                       f"same text {same}/{len(jobs)}")  # fmt: skip
+            share = (row.out_tokens / row.wall_s) / (alone.out_tokens / alone.wall_s)
+            same = sum(alone.texts[i] == row.texts[i] for i in alone.texts)
+            who = f"{tag}, streaming {mode}" if len(modes) > 1 else tag
+            line = f"{who}: service / engine alone = {share:.1%}; same text {same}/{len(jobs)}"
+            if row.streamed_same is not None:
+                line += f"; streamed = stored {row.streamed_same}/{len(jobs)}"
+                mismatched |= row.streamed_same != len(jobs)
+            summary.append(line)
+        if len(served) == 2:
+            on, off = (served[m].out_tokens / served[m].wall_s for m in ("on", "off"))
+            summary.append(f"{tag}: service throughput with streaming on / off = {on / off:.1%}")
     text = "\n".join([*lines, "", *summary]) + "\n"
     print(text)
     (args.out / "service_bench.md").write_text(text)
     (args.out / "service_bench.json").write_text(json.dumps({"summary": summary}, indent=1))
+    if mismatched:
+        raise SystemExit("a job's streamed text differs from its stored text")
 
 
 if __name__ == "__main__":

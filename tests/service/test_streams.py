@@ -1,11 +1,14 @@
 """Token streaming through the queue, on the real Redis, PostgreSQL, worker and model: every
-job of a batch streams deltas that join to its stored text (stop strings included), a reader
-that comes late gets the text so far, and with streaming off a reader still gets the text."""
+job of a batch streams deltas that join to its stored text (stop strings included; and on
+the service benchmark's workload), a reader that comes late gets the text so far, and with
+streaming off a reader still gets the text."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,6 +18,7 @@ from api_client import AsyncInferqClient, InferqClient
 from api_client.results import stream_key
 
 pytestmark = [pytest.mark.model, pytest.mark.services]
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 QUESTIONS = [
     ("What is the capital of France?", ()),
     ("Name three colors.", (",",)),
@@ -89,3 +93,32 @@ def test_with_streaming_off_a_reader_still_gets_the_text(service_settings, paged
         view = client.wait(job, timeout=10)
     assert "".join(deltas) == view.result.text and "Paris" in view.result.text
     assert redis.Redis.from_url(settings.broker_url).exists(stream_key(job)) == 0
+
+
+def test_on_the_service_benchmark_workload_every_stream_joins_to_the_stored_text(
+    service_settings, fp_worker, model_path
+) -> None:
+    """bench/service_bench.py's jobs (fewer, shorter), read as it reads them with streaming on:
+    every job's stream at once while they run, then compared with the stored texts."""
+    sys.path[:0] = [str(BENCH), str(BENCH / "peers")]
+    from engine_bench import build_workload
+    from service_bench import RecordingCodec, StreamReaders
+    from transformers import AutoTokenizer
+
+    from worker.engine.codec import TextCodec
+
+    codec = RecordingCodec(TextCodec.from_model_dir(model_path))
+    jobs, _ = build_workload(AutoTokenizer.from_pretrained(model_path), codec, 16, 0, 48)
+    client = InferqClient(service_settings)
+    ids = client.submit_many({"messages": codec.messages[id(j.prompt_ids)],
+                              "params": {"max_tokens": j.max_tokens}} for j in jobs)  # fmt: skip
+    streamed = StreamReaders(AsyncInferqClient(service_settings), ids).texts()
+    views = client.wait_many(ids, timeout=60)
+    assert [v.status for v in views] == ["done"] * len(jobs)
+    assert streamed == {v.id: v.result.text for v in views}
+    r = redis.Redis.from_url(service_settings.broker_url)
+    for view in views:  # the stream itself says it all (not the reader's fallback to the result)
+        entries = r.xrange(stream_key(view.id))
+        assert "".join(e[b"d"].decode() for _, e in entries if b"d" in e) == view.result.text
+        assert entries[-1][1][b"end"] in (b"stop", b"length")
+    client.close()

@@ -155,10 +155,10 @@ class WorkerService:
         return states
 
     def _acknowledge(self, job_ids: list[uuid.UUID]) -> None:
-        """Outcomes committed (the sink): their messages are done, their states published."""
+        """Outcomes committed (the sink): their states published, their messages done."""
+        self._publish(job_ids)
         self.intake.acknowledge(job_ids)
         self.webhooks.wake()  # the outcomes just committed may owe webhooks
-        self._publish(job_ids)
 
     def _abort(self, job_id: uuid.UUID) -> None:
         self.engine_loop.abort(job_id)

@@ -39,7 +39,7 @@ from worker.service.priority import as_helper_thread
 from worker.service.retry import Backoff
 
 log = get_logger("inferq.results")
-MAX_PER_WRITE = 512
+MAX_PER_WRITE = 128  # jobs per write: the first ones of a large batch are out sooner
 IDLE_WAIT_S = 0.5
 # STARTED never replaces an ended state (a late claim on another worker, say).
 SET_STARTED = """

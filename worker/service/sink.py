@@ -200,6 +200,8 @@ class ResultSink:
         done_ids = [f.result.job_id for f in finished] + list(failures) + expired
         for job_id in done_ids:
             self.ledger.pop(job_id)
+        self._count(pending, finished, failures)
+        self._acknowledge(done_ids)  # before the log lines: their waiters wake meanwhile
         for f in finished:
             log.info(
                 "job.done",
@@ -211,8 +213,6 @@ class ResultSink:
             log.warning("job.failed", job_id=str(job_id), error=error)
         for job_id in expired:
             log.info("job.expired", job_id=str(job_id))
-        self._count(pending, finished, failures)
-        self._acknowledge(done_ids)
         return True
 
     def _count(

@@ -1,0 +1,203 @@
+"""The clients' shared subscription (`api_client/notify.py`) on the real Redis: one connection
+for all of a client's waits, no wake-up lost between a wait's subscription and a result, a
+result written before the wait found, and waits that carry on after the connection is lost.
+
+The re-read fallback is set to a minute: within these tests a wait ends by a notification
+(or by its first read), never by a poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import redis
+
+from api_client import AsyncInferqClient, InferqClient
+from api_client.notify import NAME
+from api_client.results import encode, result_key, to_meta
+from inferq.settings import get_settings
+from storage.records import JobView, ResultRow
+
+pytestmark = pytest.mark.services
+TENANT = "notify"
+NO_POLL_S = 60.0
+
+
+def _done(job_id: uuid.UUID) -> bytes:
+    now = datetime.now(UTC)
+    view = JobView(job_id, TENANT, "m", "done", 0, 1, None, now, now, now, "w", None)
+    view.result = ResultRow(job_id, f"text of {job_id}", "stop", 1, 1, 0)
+    meta = to_meta(view)
+    assert meta is not None
+    return encode(meta)
+
+
+def _finish(r: redis.Redis, job_ids: list[uuid.UUID], kill: list[int] = ()) -> None:
+    """What a worker writes for ended jobs: SET, then PUBLISH on the key's channel; after
+    closing the connections `kill` in the same transaction, when given (nobody hears it)."""
+    pipe = r.pipeline(transaction=bool(kill))
+    for conn_id in kill:
+        pipe.client_kill_filter(_id=conn_id)
+    for job_id in job_ids:
+        pipe.set(result_key(job_id), _done(job_id), px=60_000)
+        pipe.publish(result_key(job_id), b"")
+    pipe.execute()
+
+
+def _notify_connections(r: redis.Redis) -> list[dict]:
+    """The shared subscriptions' connections that subscribe to something."""
+    return [c for c in r.client_list() if c.get("name") == NAME and int(c.get("sub", 0)) > 0]
+
+
+@pytest.fixture
+def settings(tmp_path, redis_url):
+    return get_settings(home=tmp_path, broker_url=redis_url, result_poll_s=NO_POLL_S,
+                        tenant=TENANT)  # fmt: skip
+
+
+@pytest.fixture
+def r(redis_url):
+    client = redis.Redis.from_url(redis_url, max_connections=1000)
+    yield client
+    client.close()
+
+
+def test_no_wake_up_is_lost_after_a_watch_returns(settings, r) -> None:
+    """A watch returns once Redis has the subscription: a result published right after it
+    wakes the call (a watch that returned before would lose some of these)."""
+    client = InferqClient(settings)
+    hub, ids = client.subscriptions, [uuid.uuid4() for _ in range(200)]
+    heard: dict[uuid.UUID, bytes | str | None] = {}
+
+    def one(job_id: uuid.UUID) -> None:
+        watch = hub.watch([result_key(job_id)], confirm_s=10)
+        _finish(r, [job_id])
+        deadline = time.monotonic() + 10
+        while job_id not in heard and time.monotonic() < deadline:
+            heard.update(hub.wait(watch, deadline - time.monotonic()))
+        hub.unwatch(watch)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    client.close()
+    assert sorted(heard) == sorted(ids)
+    assert all(heard[i] == r.get(result_key(i)) for i in ids)  # the key's value, read
+
+
+def test_async_no_wake_up_is_lost_after_a_watch_returns(settings, redis_url) -> None:
+    async def main() -> dict[uuid.UUID, bool]:
+        client = AsyncInferqClient(settings)
+        r = redis.asyncio.Redis.from_url(redis_url, max_connections=1000)
+        hub, got = client.subscriptions, {}
+
+        async def one(job_id: uuid.UUID) -> None:
+            watch = await hub.watch([result_key(job_id)], confirm_s=10)
+            await r.publish(result_key(job_id), b"")
+            deadline = time.monotonic() + 10
+            while job_id not in got and time.monotonic() < deadline:
+                got.update(await hub.wait(watch, deadline - time.monotonic()))
+            await hub.unwatch(watch)
+
+        try:
+            await asyncio.gather(*(one(uuid.uuid4()) for _ in range(200)))
+        finally:
+            await r.aclose()
+            await client.aclose()
+        return got
+
+    assert len(asyncio.run(main())) == 200  # every one heard (no key: its value is None)
+
+
+def test_a_result_written_before_the_wait_is_found(settings, r) -> None:
+    job_id = uuid.uuid4()
+    r.set(result_key(job_id), _done(job_id))  # no notification at all
+    client = InferqClient(settings)
+    started = time.monotonic()
+    view = client.wait(job_id, timeout=5)
+    assert view.status == "done" and view.result.text == f"text of {job_id}"
+    assert time.monotonic() - started < 2
+    client.close()
+
+
+def test_concurrent_waits_share_one_connection_and_all_wake(settings, r) -> None:
+    client = InferqClient(settings)
+    ids = [uuid.uuid4() for _ in range(100)]
+    ended: dict[uuid.UUID, str] = {}
+    threads = [threading.Thread(target=lambda i=i: ended.update({i: client.wait(i, 20).status}))
+               for i in ids]  # fmt: skip
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while sum(int(c["sub"]) for c in _notify_connections(r)) < len(ids):
+        assert time.monotonic() < deadline, _notify_connections(r)
+        time.sleep(0.02)
+    assert len(_notify_connections(r)) == 1  # a hundred waits, one subscription
+    started = time.monotonic()
+    _finish(r, ids)
+    for t in threads:
+        t.join(20)
+    assert ended == dict.fromkeys(ids, "done")
+    assert time.monotonic() - started < 5
+    while _notify_connections(r):  # each ended wait unsubscribed its channel
+        assert time.monotonic() < started + 10, _notify_connections(r)
+        time.sleep(0.02)
+    client.close()
+
+
+def _subscription(r: redis.Redis) -> list[int]:
+    """The ids of the shared subscriptions' connections, once there is one."""
+    deadline = time.monotonic() + 10
+    while not (conns := _notify_connections(r)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return [int(c["id"]) for c in conns]
+
+
+def test_a_wait_carries_on_after_its_connection_is_lost(settings, r) -> None:
+    """The server closes the shared connection (as a restart does) and the result is written
+    and announced at once, before the client is subscribed again: the resubscription reads
+    the key."""
+    client = InferqClient(settings)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    got: list[str] = []
+    waiting = threading.Thread(target=lambda: got.append(client.wait(first, 20).status))
+    waiting.start()
+    kill = _subscription(r)
+    started = time.monotonic()
+    _finish(r, [first], kill=kill)
+    waiting.join(20)
+    assert got == ["done"] and time.monotonic() - started < 5
+    waiting = threading.Thread(target=lambda: got.append(client.wait(second, 20).status))
+    waiting.start()  # a wait that starts after the loss: a working subscription
+    while not _notify_connections(r):
+        time.sleep(0.02)
+    _finish(r, [second])
+    waiting.join(20)
+    assert got == ["done", "done"] and time.monotonic() - started < 10
+    client.close()
+
+
+def test_an_async_wait_carries_on_after_its_connection_is_lost(settings, r) -> None:
+    async def main() -> tuple[str, float]:
+        client = AsyncInferqClient(settings)
+        job_id = uuid.uuid4()
+        try:
+            waiting = asyncio.create_task(client.wait(job_id, 20))
+            kill = await asyncio.to_thread(_subscription, r)
+            started = time.monotonic()
+            _finish(r, [job_id], kill=kill)
+            view = await waiting
+            return view.status, time.monotonic() - started
+        finally:
+            await client.aclose()
+
+    status, took = asyncio.run(main())
+    assert status == "done" and took < 5
