@@ -331,11 +331,35 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
                 _show_defaults(sub)
 
 
+# what a verb may need beyond `pip install inferq` (the producer's install), by top-level module
+EXTRAS = {
+    "sqlalchemy": "sql",
+    "alembic": "sql",
+    "psycopg": "sql",
+    "rich": "report",
+    "matplotlib": "report",
+    "fastapi": "gateway",
+    "uvicorn": "gateway",
+    "torch": "worker",
+    "transformers": "worker",
+    "gptqmodel": "worker",
+    "prometheus_client": "worker",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _show_defaults(parser)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as exc:  # a producer's install runs a verb of another role
+        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        hint = f"pip install 'inferq[{extra}]'"
+        print(f"inferq {args.verb}: needs {exc.name}: {hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
