@@ -49,6 +49,7 @@ class Variant:
     dispatch: bool
     gather: bool = False
     tied: bool = False
+    head: bool = False  # our dispatch wraps the (4-bit) lm_head too
 
 
 VARIANTS = {
@@ -69,16 +70,27 @@ VARIANTS = {
         "gptq_torch_fused",
         False,
     ),
-    "b8-g32-sym": Variant({"bits": 8, "group_size": 32, "sym": True}, "gptq_torch", False),
     "b8-g128-asym-descact": Variant(
         {"bits": 8, "group_size": 128, "sym": False, "desc_act": True}, "gptq_torch", False
     ),
     "b4-g32-asym-gptq_v2": Variant(
         {"bits": 4, "group_size": 32, "sym": False, "format": "gptq_v2"}, FAST, True
     ),
-    # gptqmodel 7 quantizes lm_head to 8 bits (a `dynamic` override): no 4-bit-only kernel
-    # takes the model, so every layer runs on the eager one
-    "b4-g32-asym-lm_head": Variant(
+    "b4-g32-asym-lm_head4": Variant(  # a 4-bit head (older GPTQModel and AutoGPTQ write one)
+        {
+            "bits": 4,
+            "group_size": 32,
+            "sym": False,
+            "lm_head": True,
+            "dynamic": {"lm_head": {"bits": 4, "group_size": 32, "sym": False}},
+        },
+        FAST,
+        True,
+        head=True,
+    ),
+    # gptqmodel 7 quantizes lm_head to 8 bits by default (a `dynamic` override): the 4-bit-only
+    # kernels refuse the model, so every layer runs on the eager one
+    "b4-g32-asym-lm_head8": Variant(
         {"bits": 4, "group_size": 32, "sym": False, "lm_head": True}, "gptq_torch", False
     ),
     "tied-b4-g32-asym": Variant({"bits": 4, "group_size": 32, "sym": False}, FAST, True, tied=True),
@@ -101,7 +113,7 @@ def _marlin_format(path: Path) -> None:
 REFUSED: dict[str, tuple[str, Callable[[Path], None], str]] = {
     # gptqmodel will not write these here: a written variant, edited
     "tied-quantized-lm_head": (
-        "b4-g32-asym-lm_head",
+        "b4-g32-asym-lm_head4",
         _tie_config,
         r"lm_head is quantized but .*tie_word_embeddings",
     ),
@@ -189,7 +201,7 @@ def test_variant_routes_and_matches_gptqmodel(checkpoints: Checkpoints, name: st
     assert engine.runner.kernel == variant.kernel
     assert engine.runner.lean is not None  # the engine's fast path runs every variant
     wrapped = [m for m in model.modules() if isinstance(m, DispatchLinear)]
-    assert len(wrapped) == (7 * 2 if variant.dispatch else 0)
+    assert len(wrapped) == (7 * 2 + variant.head if variant.dispatch else 0)
     assert any(m.rowmap is not None for m in wrapped) == variant.gather
     if variant.tied:
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

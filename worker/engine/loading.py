@@ -207,11 +207,23 @@ def gptq_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def kernel_order(device: torch.device, backend: str = "auto") -> tuple[str, ...]:
-    """The GPTQ kernels to try, fastest first: `auto` picks by device, else just `backend`."""
+def kernel_order(
+    device: torch.device, backend: str = "auto", bits: set[int] | None = None
+) -> tuple[str, ...]:
+    """The GPTQ kernels to try, fastest first: `auto` picks by device and the checkpoint's
+    `bits` (CPU: the int4 kernels take 4-bit layers only: any other width, in any layer, leaves
+    gptqmodel's eager `gptq_torch` for the whole model), else just `backend`."""
     if backend != "auto":
         return (backend,)
-    return CPU_BACKENDS if device.type == "cpu" else CUDA_BACKENDS
+    if device.type != "cpu":
+        return CUDA_BACKENDS
+    return CPU_BACKENDS if bits is None or bits == {4} else CPU_BACKENDS[-1:]
+
+
+def layer_bits(qc: dict[str, Any]) -> set[int]:
+    """Every bit width a quantize config gives its layers (its own and `dynamic` overrides)."""
+    overrides = (qc.get("dynamic") or {}).values()
+    return {int(qc["bits"])} | {int(o["bits"]) for o in overrides if o and "bits" in o}
 
 
 def load_gptq(
@@ -228,7 +240,7 @@ def load_gptq(
     gptqmodel = import_gptqmodel()
 
     errors = []
-    for name in kernel_order(device, backend):
+    for name in kernel_order(device, backend, layer_bits(qc)):
         try:
             with contextlib.redirect_stdout(sys.stderr):  # its load report, too
                 model = gptqmodel.GPTQModel.load(
