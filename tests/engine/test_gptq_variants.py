@@ -30,7 +30,8 @@ from worker.engine.api import run_to_completion
 from worker.engine.engine import PagedEngine
 from worker.engine.gptq_dispatch import DispatchLinear
 from worker.engine.loading import GptqCheckpointError, import_gptqmodel
-from worker.prep.quantize import calibration_texts
+from worker.prep.portable import settle_act_order, trivial_act_order
+from worker.prep.quantize import GptqSpec, calibration_texts, quantize
 
 pytestmark = pytest.mark.model
 TOKENS = 12
@@ -206,8 +207,20 @@ def test_variant_routes_and_matches_gptqmodel(checkpoints: Checkpoints, name: st
     if variant.tied:
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
+    _check_against_gptqmodel(path, engine)
+
+
+def _greedy_tokens(engine: PagedEngine) -> tuple[list[list[int]], list]:
+    """The tiny prompts' ids and the engine's greedy outputs for them, in one batch."""
     prompts = [engine.codec.encode(p, None) for p in TINY_PROMPTS]
-    outs = run_to_completion(engine, _greedy(prompts, TOKENS, name))
+    return prompts, run_to_completion(engine, _greedy(prompts, TOKENS, engine.model_name))
+
+
+def _check_against_gptqmodel(path: Path, engine: PagedEngine) -> None:
+    """The engine's greedy tokens against gptqmodel's own generate on the same checkpoint (same
+    kernel): equal up to a bf16 near-tie (test_gptq's rule); the reference continuations are
+    full length and distinct (a degenerate model would prove nothing)."""
+    prompts, outs = _greedy_tokens(engine)
     reference = _load_reference(str(path), engine)
     refs = _reference(reference, prompts, TOKENS, engine.codec.eos_ids)
     assert all(len(r) == TOKENS for r in refs) and len({tuple(r) for r in refs}) == len(refs)
@@ -224,3 +237,53 @@ def test_unservable_variant_refused_clearly(
     edit(path)
     with pytest.raises(GptqCheckpointError, match=message):
         PagedEngine(str(path), name, "cpu", "auto")
+
+
+# -- portable configs ----------------------------------------------------------------------
+
+
+def _set_desc_act(path: Path, value: bool) -> None:
+    for name in ("config.json", "quantize_config.json"):
+        config = json.loads((path / name).read_text())
+        config.get("quantization_config", config)["desc_act"] = value
+        (path / name).write_text(json.dumps(config))
+
+
+def _engine_tokens(path: Path) -> list[list[int]]:
+    engine = PagedEngine(str(path), path.name, "cpu", "auto")
+    return [o.token_ids for o in _greedy_tokens(engine)[1]]
+
+
+def test_default_recipe_writes_portable_config(checkpoints: Checkpoints, tmp_path: Path) -> None:
+    """The preparation path's default recipe (asymmetric, act-order with static groups) leaves
+    every g_idx trivial, so the written configs say desc_act: false; the tokens are those of the
+    same weights under gptqmodel's desc_act: true, and match gptqmodel's own generate."""
+    ours = tmp_path / "ours"
+    quantize(checkpoints.source(False), ours, GptqSpec(group_size=32, samples=16, batch_size=8))
+    qc = _quantize_config(ours)
+    assert (qc["sym"], qc["desc_act"], qc["meta"]["static_groups"]) == (False, False, True)
+    assert json.loads((ours / "quantize_config.json").read_text())["desc_act"] is False
+    assert trivial_act_order(ours)
+    as_written = tmp_path / "as-gptqmodel-wrote"
+    shutil.copytree(ours, as_written)
+    _set_desc_act(as_written, True)
+    assert _engine_tokens(ours) == _engine_tokens(as_written)
+
+    assert settle_act_order(as_written) and not settle_act_order(as_written)  # idempotent
+    assert _quantize_config(as_written)["desc_act"] is False
+    _check_against_gptqmodel(ours, PagedEngine(str(ours), "ours", "cpu", "auto"))
+
+
+@pytest.mark.parametrize(
+    ("name", "trivial"),
+    [("b4-g32-asym-descact", False), ("b4-g64-asym-descact-static", True)],
+)
+def test_settle_act_order_only_when_trivial(
+    checkpoints: Checkpoints, tmp_path: Path, name: str, trivial: bool
+) -> None:
+    path = tmp_path / name
+    shutil.copytree(checkpoints.get(name), path)
+    assert _quantize_config(path)["desc_act"] is True
+    assert trivial_act_order(path) is trivial
+    assert settle_act_order(path) is trivial
+    assert _quantize_config(path)["desc_act"] is not trivial
