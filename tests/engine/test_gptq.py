@@ -245,11 +245,12 @@ def test_default_model_recipe_keeps_groups_consecutive(
     gptq_model_path: str, gptq_engine: PagedEngine
 ) -> None:
     """The default recipe (asymmetric, act-order with static groups) leaves every layer's
-    groups on consecutive input columns, so no layer gathers its input at inference."""
+    groups on consecutive input columns, so no layer gathers its input at inference, and its
+    config says desc_act: false (worker.prep.portable), as engines without act-order read."""
     from worker.engine.gptq_dispatch import DispatchLinear
 
     qc = json.loads((Path(gptq_model_path) / "config.json").read_text())["quantization_config"]
-    assert (qc["sym"], qc["desc_act"], qc["meta"]["static_groups"]) == (False, True, True)
+    assert (qc["sym"], qc["desc_act"], qc["meta"]["static_groups"]) == (False, False, True)
     layers = [m for m in gptq_engine.runner.model.modules() if isinstance(m, DispatchLinear)]
     assert len(layers) == 7 * 30 and all(m.rowmap is None for m in layers)
 

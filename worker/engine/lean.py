@@ -105,7 +105,7 @@ class LeanLlama:
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         head = model.get_output_embeddings()
-        tied = head.weight.data_ptr() == self.embed.weight.data_ptr()
+        tied = type(head) is nn.Linear and head.weight.data_ptr() == self.embed.weight.data_ptr()
         self.head = _Projection([head], keep=tied)
         self.vocab = head.out_features
         cfg = model.config

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from inferq.params import EngineConfig
 
 CPU_BACKENDS = ("gptq_torch_aten", "gptq_torch_fused", "gptq_torch")
 CUDA_BACKENDS = ("gptq_marlin", "gptq_exllama_v2", "gptq_triton", "gptq_torch")
+CPU_FORMATS = ("gptq", "gptq_v2")  # packed layouts gptqmodel's CPU kernels read
 
 
 class GptqCheckpointError(ValueError):
@@ -138,9 +140,44 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
     layers = [k.removesuffix(".qweight") for k in shapes if k.endswith(".qweight")]
     if not layers:
         raise GptqCheckpointError(f"{path} has a GPTQ config but no quantized (qweight) tensors")
+    _check_head(path, layers)
     for layer in layers:
-        _check_layer(layer, shapes, bits, group)
+        override = dynamic_override(qc.get("dynamic"), layer) or {}
+        layer_bits = int(override.get("bits", bits))
+        if layer_bits not in (2, 3, 4, 8):
+            raise GptqCheckpointError(f"{path}: {layer}: unsupported bits {layer_bits!r}")
+        _check_layer(layer, shapes, layer_bits, int(override.get("group_size", group)))
     return qc
+
+
+def _check_head(path: Path, layers: list[str]) -> None:
+    """A quantized output head cannot share the input embedding's weights."""
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("tie_word_embeddings") is True and any(n.endswith("lm_head") for n in layers):
+        raise GptqCheckpointError(
+            f"{path}: lm_head is quantized but config.json says tie_word_embeddings: true "
+            "(a quantized head cannot share the embedding's weights; untie it or keep lm_head "
+            "unquantized)"
+        )
+
+
+def checkpoint_format(qc: dict[str, Any]) -> str:
+    """The packed layout a quantize config names (gptq: v1 zero points, stored minus one)."""
+    return str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+
+
+def dynamic_override(dynamic: dict[str, Any] | None, layer: str) -> dict[str, Any] | None:
+    """A layer's per-module overrides from a quantize config's `dynamic` (gptqmodel's rule: the
+    first pattern that matches, `-:` patterns mean "not quantized" and give None; a plain or
+    `+:` pattern, a regex matched at the start of the name, gives its settings)."""
+    for pattern, settings in (dynamic or {}).items():
+        negative = pattern.startswith("-:")
+        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        literal = re.escape(raw) == raw
+        if (layer == raw) if literal else re.match(raw, layer):
+            return None if negative else dict(settings)
+    return None
 
 
 def _check_layer(layer: str, shapes: dict[str, list[int]], bits: int, group: int) -> None:
@@ -170,22 +207,40 @@ def gptq_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def kernel_order(device: torch.device, backend: str = "auto") -> tuple[str, ...]:
-    """The GPTQ kernels to try, fastest first: `auto` picks by device, else just `backend`."""
+def kernel_order(
+    device: torch.device, backend: str = "auto", bits: set[int] | None = None
+) -> tuple[str, ...]:
+    """The GPTQ kernels to try, fastest first: `auto` picks by device and the checkpoint's
+    `bits` (CPU: the int4 kernels take 4-bit layers only: any other width, in any layer, leaves
+    gptqmodel's eager `gptq_torch` for the whole model), else just `backend`."""
     if backend != "auto":
         return (backend,)
-    return CPU_BACKENDS if device.type == "cpu" else CUDA_BACKENDS
+    if device.type != "cpu":
+        return CUDA_BACKENDS
+    return CPU_BACKENDS if bits is None or bits == {4} else CPU_BACKENDS[-1:]
+
+
+def layer_bits(qc: dict[str, Any]) -> set[int]:
+    """Every bit width a quantize config gives its layers (its own and `dynamic` overrides)."""
+    overrides = (qc.get("dynamic") or {}).values()
+    return {int(qc["bits"])} | {int(o["bits"]) for o in overrides if o and "bits" in o}
 
 
 def load_gptq(
     path: str, device: torch.device, dtype: torch.dtype, backend: str = "auto"
 ) -> tuple[torch.nn.Module, str]:
     """Load a checked GPTQ checkpoint; `auto` tries the fastest kernels for the device first."""
-    check_checkpoint(Path(path))
+    qc = check_checkpoint(Path(path))
+    fmt = checkpoint_format(qc)
+    if device.type == "cpu" and fmt not in CPU_FORMATS:
+        raise GptqCheckpointError(
+            f"{path}: checkpoint format {fmt!r} has no CPU kernel (CPU kernels read "
+            f"{' and '.join(CPU_FORMATS)}; {fmt} layouts are for CUDA kernels)"
+        )
     gptqmodel = import_gptqmodel()
 
     errors = []
-    for name in kernel_order(device, backend):
+    for name in kernel_order(device, backend, layer_bits(qc)):
         try:
             with contextlib.redirect_stdout(sys.stderr):  # its load report, too
                 model = gptqmodel.GPTQModel.load(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inferq.settings import DEFAULT_MODEL, FP_MODEL, Settings
+from worker.prep.portable import settle_act_order
 from worker.prep.progress import active_view, is_active
 from worker.prep.quantize import GptqSpec, quantize
 
@@ -87,6 +88,8 @@ def resolve_model(
     target, source = settings.models_dir / name, KNOWN_MODELS[name]
     marker = target / MARKER
     if marker.is_file() and marker.read_text() == made_from(source):
+        if isinstance(source, GptqOf) and settle_act_order(target):  # prepared before it
+            _say(f"{name}: trivial act-order, its config now says desc_act: false")
         return str(target)
     if not prepare:
         raise UnknownModelError(f"model {name!r} is not prepared: run `inferq model prepare`")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from worker.engine.loading import GptqCheckpointError, import_gptqmodel, pick_device
+from worker.prep.portable import settle_act_order
 from worker.prep.progress import active_view
 from worker.prep.recipe import GptqSpec
 
@@ -97,6 +98,8 @@ def _quantize(src, dst, spec, *, device, say, stage) -> GptqSpec:
         stage.update(note="saving")
         model.save(str(tmp))
         _settle_generation_config(src, tmp)
+        if settle_act_order(tmp):
+            say("act-order kept every group in place: the config says desc_act: false")
         (tmp / "inferq-gptq.json").write_text(json.dumps({"source": str(src), **asdict(spec)}))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
