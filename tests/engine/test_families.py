@@ -7,16 +7,18 @@ torch path. Prompts run past the sliding window of the windowed families."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 from inferq.params import EngineConfig
-from worker.engine import native
+from tests.engine.tiny_models import FAMILIES, VOCAB, WINDOW, build, config, reference, save
+from worker.engine import families, native
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
 from worker.engine.engine import PagedEngine
-
-from tests.engine.tiny_models import FAMILIES, VOCAB, WINDOW, build, reference
 
 MAX_TOKENS = 12
 #: families the lean forward runs (on CPU, where the C kernels build)
@@ -36,6 +38,16 @@ def _prompts() -> list[list[int]]:
 
 PROMPTS = _prompts()
 assert max(map(len, PROMPTS)) > 2 * WINDOW
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a loaded machine each OpenMP barrier of
+    a multi-threaded kernel waits for a descheduled thread (100x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +100,16 @@ def test_family_is_token_exact(family: str, use_native: bool, root: Path) -> Non
     for i in everything:
         (alone,) = run_to_completion(chunked, _requests("alone", [i], tenant=f"solo{i}"))
         assert alone.token_ids == refs[i], i
+
+
+def test_every_allowed_family_is_in_the_matrix() -> None:
+    assert {config(f).model_type for f in FAMILIES} == set(families.FAMILIES)
+
+
+def test_an_untested_family_is_refused_at_load_naming_its_architecture(tmp_path: Path) -> None:
+    cfg = transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    save(cfg, tmp_path / "neox")
+    with pytest.raises(families.UnsupportedModelError, match="'gpt_neox' \\(GPTNeoXForCausalLM\\)"):
+        _engine(str(tmp_path / "neox"), use_native=True)

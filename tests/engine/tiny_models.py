@@ -36,6 +36,7 @@ COMMON: dict[str, Any] = {
     "pad_token_id": 0,
 }
 ALTERNATING = ["sliding_attention", "full_attention"] * 2
+SEEDS = {"olmo2": 3}  # seed 0 gives OLMo 2 a continuation of only three distinct tokens
 
 #: family -> (config class name, its keyword arguments beyond COMMON)
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -120,13 +121,17 @@ def config(family: str) -> transformers.PretrainedConfig:
     return cls(**{**COMMON, **extra})
 
 
-def build(family: str, root: Path, seed: int = 0) -> Path:
+def build(family: str, root: Path) -> Path:
     """Save a random-weight `family` model (fp32) with a tokenizer under root/family."""
     path = root / family
-    if (path / "config.json").is_file():
-        return path
+    if not (path / "config.json").is_file():
+        save(config(family), path, SEEDS.get(family, 0))
+    return path
+
+
+def save(cfg: transformers.PretrainedConfig, path: Path, seed: int = 0) -> None:
+    """A random-weight model of `cfg` (fp32) with a tokenizer, saved at `path`."""
     torch.manual_seed(seed)
-    cfg = config(family)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     _perturb(model, seed)
     model.generation_config = GenerationConfig(
@@ -134,7 +139,6 @@ def build(family: str, root: Path, seed: int = 0) -> Path:
     )
     model.save_pretrained(path)
     _tokenizer().save_pretrained(path)
-    return path
 
 
 def reference(path: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
