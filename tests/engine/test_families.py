@@ -22,7 +22,7 @@ from worker.engine.engine import PagedEngine
 
 MAX_TOKENS = 12
 #: families the lean forward runs (on CPU, where the C kernels build)
-LEAN = {"llama", "llama3.1", "qwen2", "qwen3"}
+LEAN = {"llama", "llama3.1", "mistral", "qwen2", "qwen3", "gemma", "gemma3"}
 
 
 def _prompts() -> list[list[int]]:
