@@ -115,10 +115,11 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
-def config(family: str) -> transformers.PretrainedConfig:
+def config(family: str, **overrides: Any) -> transformers.PretrainedConfig:
+    """The family's test config; `overrides` (sizes, for benchmarks) replace its values."""
     cls_name, extra = FAMILIES[family]
     cls: Callable[..., transformers.PretrainedConfig] = getattr(transformers, cls_name)
-    return cls(**{**COMMON, **extra})
+    return cls(**{**COMMON, **extra, **overrides})
 
 
 def build(family: str, root: Path) -> Path:
