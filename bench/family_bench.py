@@ -4,7 +4,8 @@ Usage: PYTHONPATH=. .venv/bin/python bench/family_bench.py [--families llama,qwe
        [--jobs 32] [--max-new 64] [--out bench/out/family_bench.md]
 Each family's model is built offline by tests/engine/tiny_models.py at SmolLM2-135M's shape
 (hidden 576, 30 layers, 9 query heads of 64 over 3 KV heads, MLP 1536, vocabulary 49152,
-untied head), random weights, saved once under --cache. Workload: --jobs prompts of 4 shared
+untied head; windowed families a 512-token window, local and global layers alternating),
+random weights, saved once under --cache. Workload: --jobs prompts of 4 shared
 128-token prefixes plus 16-96 own tokens (random ids), --max-new tokens each, EOS ignored
 (equal work), all at t=0, through `run_to_completion` on the default engine config after a
 warm-up. Reports the path the engine took (lean, generic modules + C attention, torch
@@ -35,6 +36,20 @@ SHAPE = {
     "max_position_embeddings": 2048,
     "initializer_range": 0.02,
 }
+WINDOWED = {"sliding_window": 512}  # Gemma 3's own; Mistral v0.1 and Gemma 2 use 4096
+
+
+def _shape(family: str) -> dict:
+    """SHAPE, plus a real-size window and a per-layer pattern where the family has them."""
+    extra = FAMILIES[family][1]
+    shape = dict(SHAPE)
+    if "sliding_window" in extra:
+        shape.update(WINDOWED)
+    if "layer_types" in extra:  # local/global alternation over all the layers
+        shape["layer_types"] = (extra["layer_types"] * SHAPE["num_hidden_layers"])[
+            : SHAPE["num_hidden_layers"]
+        ]
+    return shape
 
 
 def _path(engine: PagedEngine) -> str:
@@ -77,7 +92,7 @@ def main() -> None:
     for family in args.families.split(","):
         path = args.cache / family
         if not (path / "config.json").is_file():
-            save(config(family, **SHAPE), path)
+            save(config(family, **_shape(family)), path)
         engine = PagedEngine(str(path), family, device="cpu", dtype="float32")
         engine.warm_up()
         jobs = _jobs(args.jobs, args.max_new, seed=0)
