@@ -25,15 +25,17 @@ def step(tables, seq_of, ctx_len, tiles=(), key_from=None) -> native.TokenTables
     return native.TokenTables(i32(tables), i32(seq_of), i32(ctx_len), i32(key_from), *cols)
 
 
-def reference(q, k_cache, v_cache, tables, seq_of, ctx_len, block_size, scale):
-    """Each token's keys gathered through its block table, softmax in fp64."""
+def reference(q, k_cache, v_cache, tables, seq_of, ctx_len, block_size, scale, window=None):
+    """Each token's keys (its last `window` ones) gathered through its block table, softmax
+    in fp64."""
     tokens, heads, dim = q.shape
     g = heads // k_cache.shape[0]
     out = torch.empty(tokens, heads, dim, dtype=torch.float64)
     for t in range(tokens):
         n = int(ctx_len[t])
+        lo = max(0, n - window) if window else 0
         slots = [int(tables[seq_of[t], p // block_size]) * block_size + p % block_size
-                 for p in range(n)]  # fmt: skip
+                 for p in range(lo, n)]  # fmt: skip
         k = k_cache[:, slots].double().repeat_interleave(g, 0)  # [heads, n, d]
         v = v_cache[:, slots].double().repeat_interleave(g, 0)
         w = (q[t].double()[:, None, :] @ k.transpose(1, 2) * scale).softmax(-1)
@@ -79,6 +81,29 @@ def test_matches_dense_attention(dtype, tol, heads, kv_heads, dim, block, tiling
     want = reference(q, k_cache, v_cache, tables, seq_of, ctx_len, block, scale)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("window", [1, 7, 24, 100])
+def test_a_sliding_window_matches_dense_attention(dtype, tol, window):
+    """`TokenTables.windowed`: each token over its last `window` keys only (from inside a
+    block, across block boundaries, or all of them), the tiles dropped."""
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, block = 9, 3, 64, 16
+    k_cache, v_cache = torch.randn(2, kv_heads, 16 * 40, dim, generator=gen).to(dtype).unbind(0)
+    tables = [[5, 9, 2, 30, 31, 7], [5, 9, 11, 12, 0, 0], [17, 0, 0, 0, 0, 0]]
+    seq_of, ctx_len = [0, 0, 0, 1, 2], [81, 82, 83, 50, 1]
+    tiled = step(tables, seq_of, ctx_len, [(0, 3, 0, 80)], [80] * 3 + [0, 0])
+    layout = tiled.windowed(window)
+    q = torch.randn(len(seq_of), heads, dim, generator=gen).to(dtype)
+    got = native.paged_attention(q, k_cache.contiguous(), v_cache.contiguous(), layout, block,
+                                 dim**-0.5)  # fmt: skip
+    want = reference(q, k_cache, v_cache, layout.tables, layout.seq_of, layout.ctx_len, block,
+                     dim**-0.5, window)  # fmt: skip
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    tiled.key_lo = layout.key_lo  # a first key per token with tiles: refused, not wrong
+    with pytest.raises(ValueError, match="limits"):
+        native.paged_attention(q, k_cache.contiguous(), v_cache.contiguous(), tiled, block, 1.0)
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -2,7 +2,11 @@
 
 The model runs on a packed batch (one row holding every sequence's new tokens); each
 layer's attention writes the new K/V into our block-laid cache, then attends each sequence
-over its own block table. The step's layout travels in the `inferq_step` kwarg.
+over its own block table. The step's layout is set around the forward (`stepping`), not passed
+as a kwarg: not every family's layers forward their kwargs to the attention. A layer's
+sliding window and logit soft-capping (the `sliding_window` and `softcap` kwargs of Mistral,
+Qwen2, Gemma 2/3 attention) are honoured on both paths, except soft-capping on the C kernel,
+which refuses it (the runner takes the torch path for such models).
 
 The cache is head-major ([kv_heads, slots, head_dim] per layer, a block = block_size
 adjacent slots). New K/V are written per token into its *slot row* of the flat
@@ -15,7 +19,10 @@ matmuls and SDPA consume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +95,7 @@ class DecodeGroup:
     prefix_rows: torch.Tensor | None  # [kv_heads, P blocks] block rows shared by every sequence
     suffix_rows: torch.Tensor  # [kv_heads, count, S blocks] each one's remaining blocks (padded)
     suffix_pad: torch.Tensor  # [1, count, 1, S * block_size] True past a sequence's end
+    positions: torch.Tensor  # [count] each sequence's position (of its query token)
 
 
 @dataclass
@@ -97,6 +105,29 @@ class StepLayout:
     prefills: list[Segment]  # empty when the C kernel runs the step
     decodes: list[DecodeGroup]
     tokens: native.TokenTables | None = None  # set when the C kernel runs the step
+    _windowed: dict[int, native.TokenTables] = field(default_factory=dict)
+
+    def tables(self, window: int | None) -> native.TokenTables:
+        """The C kernel's tables for a layer with this sliding window (None: full)."""
+        assert self.tokens is not None
+        if not window:
+            return self.tokens
+        if window not in self._windowed:
+            self._windowed[window] = self.tokens.windowed(window)
+        return self._windowed[window]
+
+
+_STEP: ContextVar[StepLayout | None] = ContextVar("inferq_step", default=None)
+
+
+@contextmanager
+def stepping(layout: StepLayout) -> Iterator[None]:
+    """Run the model's forward for the step `layout` (its paged attention reads it)."""
+    token = _STEP.set(layout)
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
 
 
 def _gather(blocks: torch.Tensor, rows: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -109,9 +140,24 @@ def _gather(blocks: torch.Tensor, rows: torch.Tensor, head_dim: int) -> torch.Te
     return out.view(*rows.shape[:-1], rows.shape[-1] * (blocks.shape[-1] // head_dim), head_dim)
 
 
-def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over the paged cache; query/key/value are [1, heads, T, head_dim]."""
-    step: StepLayout = kwargs["inferq_step"]
+def paged_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+):
+    """Attention over the paged cache; query/key/value are [1, heads, T, head_dim]. A query
+    at position p sees keys (p - sliding_window, p] when the layer has a window; scores are
+    soft-capped (softcap * tanh(score / softcap)) when the layer caps them."""
+    step = _STEP.get()
+    if step is None:
+        raise RuntimeError("paged attention outside a step: run the model inside `stepping`")
     dim, block = query.shape[-1], step.kv.block_size
     k_cache, v_cache = step.kv.k[module.layer_idx], step.kv.v[module.layer_idx]
     write = step.write_rows.flatten()
@@ -119,21 +165,29 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     v_cache.view(-1, dim).index_copy_(0, write, value[0].reshape(-1, dim))
     scale = scaling or dim**-0.5
     if step.tokens is not None:
+        if softcap:
+            raise ValueError("the C attention kernel has no logit soft-capping: use the torch path")
         q = query[0].transpose(0, 1)  # [T, heads, d]
-        out = native.paged_attention(q, k_cache, v_cache, step.tokens, block, scale)
+        tables = step.tables(sliding_window)
+        out = native.paged_attention(q, k_cache, v_cache, tables, block, scale)
         return out[None], None
     k_cache, v_cache = k_cache.view(-1, block * dim), v_cache.view(-1, block * dim)
     q = query[0]  # [heads, T, d]
     out = torch.empty_like(q)
-    prefill = _prefill_fused if _fused_prefill_pays(q) else _prefill_matmul
+    plain = not sliding_window and not softcap
     for seg in step.prefills:
         span = slice(seg.start, seg.start + seg.length)
         keys = _gather(k_cache, seg.rows, dim)[:, : seg.context]
         values = _gather(v_cache, seg.rows, dim)[:, : seg.context]
-        out[:, span] = prefill(q[:, span], keys, values, scale)
+        if plain and _fused_prefill_pays(q):
+            out[:, span] = _prefill_fused(q[:, span], keys, values, scale)
+        else:
+            out[:, span] = _prefill_matmul(q[:, span], keys, values, scale, sliding_window, softcap)
     for group in step.decodes:
         rows = slice(group.start, group.start + group.count)
-        out[:, rows] = _decode_group(q[:, rows], k_cache, v_cache, group, scale)
+        out[:, rows] = _decode_group(
+            q[:, rows], k_cache, v_cache, group, scale, sliding_window, softcap
+        )
     return out.transpose(0, 1)[None], None
 
 
@@ -162,25 +216,52 @@ def _prefill_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     )[0]
 
 
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if not softcap else torch.tanh(scores / softcap) * softcap
+
+
+def _out_of_window(keys: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """[len(positions), len(keys)]: True where key position is at or before position - window."""
+    return keys[None, :] <= positions[:, None] - window
+
+
 def _prefill_matmul(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """`_prefill_fused` as two batched matmuls (like HF's eager attention; the softmax
     accumulates in fp32). The last L keys are the segment's own: causal among themselves,
-    every earlier (cached) key is visible to every query, so only that square is masked."""
+    every earlier (cached) key is visible to every query (unless out of its window), so
+    without a window only that square is masked."""
     heads, length, dim = q.shape
     kv_heads, context = k.shape[0], k.shape[1]
     g = heads // kv_heads  # query heads per kv head, adjacent in head order
-    scores = torch.bmm((q * scale).reshape(kv_heads, g * length, dim), k.transpose(1, 2))
-    scores = scores.view(kv_heads, g, length, context)
+    if softcap:  # scaled after the product, then capped, as transformers' eager attention
+        scores = torch.bmm(q.reshape(kv_heads, g * length, dim), k.transpose(1, 2)) * scale
+    else:
+        scores = torch.bmm((q * scale).reshape(kv_heads, g * length, dim), k.transpose(1, 2))
+    scores = _capped(scores.view(kv_heads, g, length, context), softcap)
     future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
     scores[..., context - length :].masked_fill_(future, float("-inf"))
+    if window:
+        keys = torch.arange(context, device=q.device)
+        scores.masked_fill_(_out_of_window(keys, keys[context - length :], window), float("-inf"))
     probs = scores.softmax(-1).view(kv_heads, g * length, context)
     return torch.bmm(probs, v).view(heads, length, dim)
 
 
 def _decode_group(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: DecodeGroup,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence, q [heads, n, d]: softmax over shared-prefix and
     own-suffix keys together, the prefix scored with one matmul for the whole group."""
@@ -189,16 +270,25 @@ def _decode_group(
     g = heads // kv_heads
     qg = q.reshape(kv_heads, g, n, dim).transpose(1, 2)  # [kv, n, g, d] query heads per kv head
     ks, vs = _gather(k_cache, group.suffix_rows, dim), _gather(v_cache, group.suffix_rows, dim)
-    scores = torch.matmul(qg, ks.transpose(-1, -2)) * scale  # [kv, n, g, S]
+    scores = _capped(torch.matmul(qg, ks.transpose(-1, -2)) * scale, softcap)  # [kv, n, g, S]
     scores.masked_fill_(group.suffix_pad, float("-inf"))
+    blocks = 0 if group.prefix_rows is None else group.prefix_rows.shape[-1]
+    prefix = blocks * (k_cache.shape[-1] // dim)  # shared keys, before each one's own
+    if window:
+        keys = torch.arange(prefix, prefix + ks.shape[-2], device=q.device)
+        scores.masked_fill_(_out_of_window(keys, group.positions, window)[:, None], float("-inf"))
     if group.prefix_rows is None:
         out = torch.matmul(scores.softmax(-1), vs)
     else:
         kp = _gather(k_cache, group.prefix_rows, dim)
         vp = _gather(v_cache, group.prefix_rows, dim)
-        prefix = kp.shape[1]  # kp, vp: [kv, P, d]
         shared = torch.bmm(qg.reshape(kv_heads, n * g, dim), kp.transpose(1, 2)) * scale
-        probs = torch.cat([shared.view(kv_heads, n, g, prefix), scores], dim=-1).softmax(-1)
+        shared = _capped(shared.view(kv_heads, n, g, prefix), softcap)
+        if window:
+            keys = torch.arange(prefix, device=q.device)
+            hidden = _out_of_window(keys, group.positions, window)[:, None]
+            shared = shared.masked_fill(hidden, float("-inf"))
+        probs = torch.cat([shared, scores], dim=-1).softmax(-1)
         out = torch.matmul(probs[..., prefix:], vs)  # [kv, n, g, d]
         pp = probs[..., :prefix].reshape(kv_heads, n * g, prefix)
         out += torch.bmm(pp, vp).view(kv_heads, n, g, dim)

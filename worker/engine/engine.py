@@ -1,5 +1,6 @@
 """The paged engine: continuous batching over a block-laid KV cache with a prefix cache
-shared across jobs (per-tenant salted), on any transformers causal LM of the Llama family."""
+shared across jobs (per-tenant salted), on a transformers causal LM of a tested family
+(worker/engine/families.py; others are refused at load)."""
 
 from __future__ import annotations
 

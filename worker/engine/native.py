@@ -94,7 +94,8 @@ def library() -> ctypes.CDLL | None:
         return None
     fn = lib.inferq_paged_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr]
+    fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
+    fn.argtypes += [ptr]
     fn.argtypes += [ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     lib.inferq_paged_attention_supports.argtypes = [i64, i64, i64]
@@ -162,7 +163,7 @@ class TokenTables:
     `ctx_len[t]` positions of the sequence whose block table is row `seq_of[t]` of `tables`.
     Tile i: the `tile_rows[i]` tokens from `tile_first[i]` all see the first `tile_keys[i]`
     keys of row `tile_seq[i]` and score them together; `key_from[t]` is where token t goes on
-    alone."""
+    alone. With `key_lo` (a sliding window; no tiles) token t sees keys [key_lo[t], ctx_len[t])."""
 
     tables: torch.Tensor  # [seqs, max_blocks]
     seq_of: torch.Tensor  # [T]
@@ -172,6 +173,15 @@ class TokenTables:
     tile_rows: torch.Tensor  # [tiles], each <= TILE_ROWS
     tile_seq: torch.Tensor  # [tiles]
     tile_keys: torch.Tensor  # [tiles]
+    key_lo: torch.Tensor | None = None  # [T]
+
+    def windowed(self, window: int) -> TokenTables:
+        """The same step where each token sees only its last `window` keys (itself included),
+        as transformers' sliding-window layers do: no tiles (rows no longer share keys)."""
+        none = self.tile_seq[:0]
+        lo = (self.ctx_len - window).clamp_(min=0)
+        zero = torch.zeros_like(self.key_from)
+        return TokenTables(self.tables, self.seq_of, self.ctx_len, zero, none, none, none, none, lo)
 
 
 def paged_attention(
@@ -203,6 +213,7 @@ def paged_attention(
         step.seq_of.data_ptr(),
         step.ctx_len.data_ptr(),
         step.key_from.data_ptr(),
+        None if step.key_lo is None else step.key_lo.data_ptr(),
         tiles,
         step.tile_first.data_ptr(),
         step.tile_rows.data_ptr(),

@@ -10,6 +10,7 @@ only for the rows that are sampled: the last token of each final chunk, and each
 from __future__ import annotations
 
 import torch
+from transformers import AutoConfig
 
 from inferq.params import EngineConfig
 from scheduler import DecodeWork, PrefillWork
@@ -20,7 +21,9 @@ from worker.engine.attention import (
     PagedKV,
     Segment,
     StepLayout,
+    stepping,
 )
+from worker.engine.families import attention_softcap, check_supported
 from worker.engine.lean import LeanLlama
 from worker.engine.loading import load_causal_lm
 
@@ -38,6 +41,7 @@ class PagedRunner:
         block_size: int,
         config: EngineConfig,
     ):
+        check_supported(AutoConfig.from_pretrained(model_path))
         native.configure(config.kernel_dir)
         loaded = load_causal_lm(
             model_path, device, dtype, attn_implementation=ATTN_IMPLEMENTATION, config=config
@@ -47,8 +51,10 @@ class PagedRunner:
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         group = cfg.num_attention_heads // cfg.num_key_value_heads
-        self.native = config.native and native.supports(
-            self.dtype, device, head_dim, group, block_size
+        self.native = (
+            config.native
+            and not attention_softcap(cfg)
+            and native.supports(self.dtype, device, head_dim, group, block_size)
         )
         if self.native and config.keep_heap:
             native.keep_heap()
@@ -109,8 +115,14 @@ class PagedRunner:
         lengths = torch.tensor([d.pos + 1 - shared * bs for d in members], device=self.device)
         pad = torch.arange(width * bs, device=self.device)[None, :] >= lengths[:, None]
         prefix_rows = self._blocks(members[0].block_table[:shared]) if shared else None
+        positions = torch.tensor([d.pos for d in members], device=self.device)
         return DecodeGroup(
-            start, len(members), prefix_rows, self._blocks(tables), pad[None, :, None, :]
+            start,
+            len(members),
+            prefix_rows,
+            self._blocks(tables),
+            pad[None, :, None, :],
+            positions,
         )
 
     def _segment(self, start: int, p: PrefillWork) -> Segment:
@@ -205,11 +217,11 @@ class PagedRunner:
         last_t = torch.tensor(last, dtype=torch.long, device=self.device)
         if self.lean is not None and layout.tokens is not None:
             return self.lean.forward(ids_t, positions_t, self.kv, write_rows, layout.tokens, last_t)
-        out = self.model(
-            input_ids=ids_t[None],
-            position_ids=positions_t[None],
-            use_cache=False,
-            logits_to_keep=last_t,
-            inferq_step=layout,
-        )
+        with stepping(layout):
+            out = self.model(
+                input_ids=ids_t[None],
+                position_ids=positions_t[None],
+                use_cache=False,
+                logits_to_keep=last_t,
+            )
         return out.logits[0]

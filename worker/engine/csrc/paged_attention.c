@@ -133,11 +133,12 @@ static inline void prefetch_chunk(const void *base, int64_t at, int64_t count, i
     for (int64_t b = 0; b < count * (bf16 ? 2 : 4); b += 64) __builtin_prefetch(p + b);
 }
 
-/* Pass 2: one (token, kv head) over keys [from, ctx), from the tile's state when from > 0. */
+/* Pass 2: one (token, kv head) over keys [from, ctx), from the tile's state when from > 0;
+ * else over keys [lo, ctx) (a sliding window's first key, or 0) from a fresh state. */
 #define ATTEND(NAME, NV, G)                                                                    \
     static void NAME(const void *q, const int64_t q_at[], const void *kc, const void *vc,       \
-                     int64_t head_base, const int32_t *table, int64_t from, int64_t ctx,       \
-                     const float *st, int64_t st_rows, int64_t st_at, void *out,               \
+                     int64_t head_base, const int32_t *table, int64_t from, int64_t lo,        \
+                     int64_t ctx, const float *st, int64_t st_rows, int64_t st_at, void *out,               \
                      int64_t out_at, int64_t bs, float scale, int bf16) {                      \
         enum { D = VL * (NV) };                                                                \
         vf qv[G][NV], acc[G][NV];                                                              \
@@ -151,7 +152,7 @@ static inline void prefetch_chunk(const void *base, int64_t at, int64_t count, i
                                  : (vf){0};                                                    \
             }                                                                                  \
         }                                                                                      \
-        for (int64_t start = from, n, first; start < ctx; start += n) {                        \
+        for (int64_t start = from ? from : lo, n, first; start < ctx; start += n) {            \
             n = chunk(table, head_base, start, ctx, bs, D, &first);                            \
             prefetch_chunk(vc, first, n * D, bf16);                                            \
             if (start + n < ctx) {                                                             \
@@ -282,7 +283,7 @@ static inline vf krow(const float *x) { /* one transposed key row (VL keys' dime
 #endif
 
 typedef void attend_fn(const void *, const int64_t[], const void *, const void *, int64_t,
-                       const int32_t *, int64_t, int64_t, const float *, int64_t, int64_t, void *,
+                       const int32_t *, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, void *,
                        int64_t, int64_t, float, int);
 typedef void tile_fn(const void *, int64_t, int64_t, int64_t, int64_t, int64_t, const void *,
                      const void *, int64_t, const int32_t *, int64_t, float *, int64_t, int64_t,
@@ -331,12 +332,13 @@ int inferq_paged_attention_supports(int64_t d, int64_t g, int64_t bs) {
 
 /* Returns 0, or -1 for sizes `inferq_paged_attention_supports` refuses. Tile i covers tokens
  * [tile_first[i], tile_first[i] + tile_rows[i]) over keys [0, tile_keys[i]) of table row tile_seq[i];
- * key_from[t] is where token t's own pass starts (its tile's keys, or 0). `state` holds
+ * key_from[t] is where token t's own pass starts (its tile's keys, or 0). `key_lo` (NULL, or
+ * with no tiles): token t's first key, for a sliding window. `state` holds
  * tokens * heads * (D + 2) floats when there are tiles. */
 int inferq_paged_attention(const void *q, int64_t q_st, int64_t q_sh, const void *k_cache,
                            const void *v_cache, int64_t slots, const int32_t *block_tables,
                            int64_t max_blocks, const int32_t *seq_of, const int32_t *ctx_len,
-                           const int32_t *key_from, int64_t n_tiles, const int32_t *tile_first,
+                           const int32_t *key_from, const int32_t *key_lo, int64_t n_tiles, const int32_t *tile_first,
                            const int32_t *tile_rows,
                            const int32_t *tile_seq, const int32_t *tile_keys, float *state,
                            void *out, int64_t tokens, int64_t heads, int64_t kv_heads,
@@ -344,6 +346,7 @@ int inferq_paged_attention(const void *q, int64_t q_st, int64_t q_sh, const void
     int64_t g = heads / kv_heads, st_rows = tokens * heads;
     kernels fn = pick(d, g);
     if (fn.attend == 0 || g * kv_heads != heads || bs < 1 || bs > MAX_BS) return -1;
+    if (key_lo && n_tiles) return -1;
     for (int64_t i = 0; i < n_tiles; i++)
         if (tile_rows[i] > TILE_ROWS || tile_rows[i] < 1) return -1;
 #if BF16_TILES
@@ -372,7 +375,8 @@ int inferq_paged_attention(const void *q, int64_t q_st, int64_t q_sh, const void
             int64_t t = it / kv_heads, kvh = it % kv_heads, q_at[8];
             for (int64_t j = 0; j < g; j++) q_at[j] = t * q_st + (kvh * g + j) * q_sh;
             fn.attend(q, q_at, k_cache, v_cache, kvh * slots,
-                      block_tables + (int64_t)seq_of[t] * max_blocks, key_from[t], ctx_len[t],
+                      block_tables + (int64_t)seq_of[t] * max_blocks, key_from[t],
+                      key_lo ? key_lo[t] : 0, ctx_len[t],
                       state, st_rows, t * heads + kvh * g, out, (t * heads + kvh * g) * d, bs,
                       scale, bf16);
         }
