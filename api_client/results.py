@@ -85,8 +85,11 @@ def _exception(view: JobView) -> dict[str, Any]:
     """Celery's JSON form (`Backend.prepare_exception`) of the job's `job_error`."""
     exc = job_error(view)
     kind = type(exc)
-    return {"exc_type": kind.__qualname__, "exc_message": list(exc.args),
-            "exc_module": kind.__module__}  # fmt: skip
+    return {
+        "exc_type": kind.__qualname__,
+        "exc_message": list(exc.args),
+        "exc_module": kind.__module__,
+    }
 
 
 def to_meta(view: JobView) -> dict[str, Any] | None:

@@ -188,8 +188,9 @@ class Sim:
         """Whoever has room takes from the queue (the least loaded first)."""
         if not self.queue:
             return
-        ready = [p for p in self.pods if p.gone_at is None and p.stopping_at is None
-                 and p.ready_at <= t]  # fmt: skip
+        ready = [
+            p for p in self.pods if p.gone_at is None and p.stopping_at is None and p.ready_at <= t
+        ]
         for pod in sorted(ready, key=lambda p: p.held):
             self._pull(pod, t)
             if not self.queue:
@@ -259,8 +260,14 @@ class Sim:
             self._scale_to(t, 0)
 
 
-def bursty(hours: float, base: float, bursts_per_h: float, burst_jobs: tuple[int, int],
-           burst_s: float, seed: int) -> list[float]:  # fmt: skip
+def bursty(
+    hours: float,
+    base: float,
+    bursts_per_h: float,
+    burst_jobs: tuple[int, int],
+    burst_s: float,
+    seed: int,
+) -> list[float]:
     """Poisson arrivals at `base` jobs/s, plus bursts (Poisson in time) of a uniform number
     of jobs in `burst_jobs`, spread evenly at random over `burst_s`."""
     rng, horizon = random.Random(seed), hours * 3600

@@ -44,13 +44,18 @@ def shipped() -> tuple[Policy, dict[str, float]]:
     (down_policy,) = down["policies"]
     assert down_policy["type"] == "Pods"
     policy = Policy(
-        min_replicas=spec["minReplicaCount"], max_replicas=spec["maxReplicaCount"],
+        min_replicas=spec["minReplicaCount"],
+        max_replicas=spec["maxReplicaCount"],
         target=float(spec["advanced"]["scalingModifiers"]["target"]),
-        poll_s=spec["pollingInterval"], cooldown_s=spec["cooldownPeriod"],
-        up_window_s=up["stabilizationWindowSeconds"], up_percent=up_policies["Percent"],
-        up_pods=up_policies["Pods"], down_window_s=down["stabilizationWindowSeconds"],
-        down_pods=down_policy["value"], down_period_s=down_policy["periodSeconds"],
-    )  # fmt: skip
+        poll_s=spec["pollingInterval"],
+        cooldown_s=spec["cooldownPeriod"],
+        up_window_s=up["stabilizationWindowSeconds"],
+        up_percent=up_policies["Percent"],
+        up_pods=up_policies["Pods"],
+        down_window_s=down["stabilizationWindowSeconds"],
+        down_pods=down_policy["value"],
+        down_period_s=down_policy["periodSeconds"],
+    )
     deployment = yaml.safe_load((K8S / "base" / "worker.yaml").read_text())
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -61,8 +66,12 @@ def shipped() -> tuple[Policy, dict[str, float]]:
 def hpa_policy(keda: Policy) -> Policy:
     """deploy/k8s/hpa-prometheus: the queue and the jobs held per pod, the same behaviour."""
     hpa = yaml.safe_load((K8S / "hpa-prometheus" / "hpa.yaml").read_text())["spec"]
-    targets = {m[m["type"].lower()]["metric"]["name"]: float(
-        m[m["type"].lower()]["target"]["averageValue"]) for m in hpa["metrics"]}  # fmt: skip
+    targets = {
+        m[m["type"].lower()]["metric"]["name"]: float(
+            m[m["type"].lower()]["target"]["averageValue"]
+        )
+        for m in hpa["metrics"]
+    }
     return replace(
         keda,
         min_replicas=hpa["minReplicas"],
@@ -78,30 +87,62 @@ Scenario = tuple[str, Policy | None, int, WorkerSpec]
 def scenarios(policy: Policy, spec: WorkerSpec) -> list[Scenario]:
     t, hpa = int(policy.target), hpa_policy(policy)
     rows: list[Scenario] = [
-        (f"KEDA shipped (target {t}, min {policy.min_replicas}, max {policy.max_replicas})",
-         policy, 0, spec),
+        (
+            f"KEDA shipped (target {t}, min {policy.min_replicas}, max {policy.max_replicas})",
+            policy,
+            0,
+            spec,
+        ),
         (f"KEDA, target {t // 4}", replace(policy, target=policy.target / 4), 0, spec),
         (f"KEDA, target {t * 4}", replace(policy, target=policy.target * 4), 0, spec),
         ("KEDA, min 0 (scale to zero)", replace(policy, min_replicas=0), 0, spec),
         ("KEDA shipped, pod start 180 s", policy, 0, replace(spec, start_s=180.0)),
-        ("KEDA, waiting room 3.0 (the worker default)", policy, 0,
-         replace(spec, room=3 * spec.slots)),
-        (f"HPA on Prometheus shipped (queue {int(hpa.target)}, held "
-         f"{int(hpa.held_target or 0)}/pod)", hpa, 0, spec),
-    ]  # fmt: skip
+        (
+            "KEDA, waiting room 3.0 (the worker default)",
+            policy,
+            0,
+            replace(spec, room=3 * spec.slots),
+        ),
+        (
+            f"HPA on Prometheus shipped (queue {int(hpa.target)}, held "
+            f"{int(hpa.held_target or 0)}/pod)",
+            hpa,
+            0,
+            spec,
+        ),
+    ]
     rows += [(f"fixed {n}", None, n, spec) for n in FIXED]
     return rows
 
 
-HEADER = ["trace", "fleet", "jobs", "wait p50 s", "p95 s", "p99 s", "max s", "worker-hours",
-          "mean pods", "restarted"]  # fmt: skip
+HEADER = [
+    "trace",
+    "fleet",
+    "jobs",
+    "wait p50 s",
+    "p95 s",
+    "p99 s",
+    "max s",
+    "worker-hours",
+    "mean pods",
+    "restarted",
+]
 
 
 def cells(trace: str, name: str, r: Result) -> list[str]:
     hours = r.pod_seconds / 3600
-    return [trace, name, str(len(r.waits)), f"{r.pct(0.5):.2f}", f"{r.pct(0.95):.1f}",
-            f"{r.pct(0.99):.1f}", f"{max(r.waits):.0f}", f"{hours:.1f}",
-            f"{r.pod_seconds / r.horizon_s:.2f}", str(r.restarted)]  # fmt: skip
+    return [
+        trace,
+        name,
+        str(len(r.waits)),
+        f"{r.pct(0.5):.2f}",
+        f"{r.pct(0.95):.1f}",
+        f"{r.pct(0.99):.1f}",
+        f"{max(r.waits):.0f}",
+        f"{hours:.1f}",
+        f"{r.pod_seconds / r.horizon_s:.2f}",
+        str(r.restarted),
+    ]
 
 
 def plot(runs: dict[str, dict[str, Result]], arrivals: dict[str, list[float]], png: Path) -> None:
@@ -115,20 +156,37 @@ def plot(runs: dict[str, dict[str, Result]], arrivals: dict[str, list[float]], p
         top, bottom = axes[0][col], axes[1][col]
         times = arrivals[trace]
         bins = int(times[-1] // 300) + 1
-        top.hist([t / 3600 for t in times], bins=bins, weights=[1 / 300] * len(times),
-                 color="tab:gray", alpha=0.5, label="arrivals, jobs/s (5-min bins)")  # fmt: skip
+        top.hist(
+            [t / 3600 for t in times],
+            bins=bins,
+            weights=[1 / 300] * len(times),
+            color="tab:gray",
+            alpha=0.5,
+            label="arrivals, jobs/s (5-min bins)",
+        )
         top.set_ylabel("jobs/s")
         top.set_title(f"{trace}")
         top.legend(loc="upper left", fontsize=8)
         for prefix, color in (("KEDA shipped (", "tab:blue"), ("HPA on Prometheus", "tab:green")):
             name = next(n for n in results if n.startswith(prefix))
             line = results[name].timeline
-            bottom.step([x[0] / 3600 for x in line], [x[1] for x in line], where="post",
-                        label=f"pods: {name}", color=color, linewidth=1)  # fmt: skip
+            bottom.step(
+                [x[0] / 3600 for x in line],
+                [x[1] for x in line],
+                where="post",
+                label=f"pods: {name}",
+                color=color,
+                linewidth=1,
+            )
         line = results[next(n for n in results if n.startswith("KEDA shipped ("))].timeline
         queue = bottom.twinx()
-        queue.plot([x[0] / 3600 for x in line], [x[3] for x in line], color="tab:red",
-                   linewidth=0.5, label="waiting in Redis")  # fmt: skip
+        queue.plot(
+            [x[0] / 3600 for x in line],
+            [x[3] for x in line],
+            color="tab:red",
+            linewidth=0.5,
+            label="waiting in Redis",
+        )
         queue.set_ylabel("jobs waiting in Redis (shipped KEDA)", color="tab:red")
         bottom.set_ylabel("pods")
         bottom.set_xlabel("hours")
@@ -147,8 +205,13 @@ def main() -> None:
     args = parser.parse_args()
     policy, worker = shipped()
     slots = EngineConfig().max_num_seqs
-    spec = WorkerSpec(mu=args.mu, slots=slots, room=round(slots * worker["room"]),
-                      start_s=args.start_s, drain_s=worker["drain_s"])  # fmt: skip
+    spec = WorkerSpec(
+        mu=args.mu,
+        slots=slots,
+        room=round(slots * worker["room"]),
+        start_s=args.start_s,
+        drain_s=worker["drain_s"],
+    )
     traces = {
         "bursty": (bursty(6, 2.0, 2.0, (2000, 12000), 60.0, args.seed), 6 * 3600.0),
         "diurnal": (diurnal(24, 30.0, 0.8, args.seed), 24 * 3600.0),
@@ -174,7 +237,7 @@ def main() -> None:
         }
         for t, rs in runs.items()
     }
-    (args.out / "autoscale_sim.json").write_text(json.dumps(summary, indent=1))  # fmt: skip
+    (args.out / "autoscale_sim.json").write_text(json.dumps(summary, indent=1))
     if args.plot:
         plot(runs, {t: a for t, (a, _) in traces.items()}, args.plot)
     print(text)

@@ -55,8 +55,11 @@ def table_lines(rows: list[Row], dense: int, peaks: dict[str, float]) -> list[st
     """The Markdown table; "-" where a row cannot tell (a peer's computed positions, latency)."""
     lines = ["| " + HEAD.replace("|", " | ") + " |", "|" + "---|" * (HEAD.count("|") + 1)]
     for r in rows:
-        pct = [f"{np.percentile(v, q):.2f}" if v else "-"
-               for v in (r.latency, r.ttft) for q in (50, 95)]  # fmt: skip
+        pct = [
+            f"{np.percentile(v, q):.2f}" if v else "-"
+            for v in (r.latency, r.ttft)
+            for q in (50, 95)
+        ]
         hit = "-" if r.hit is None else f"{r.hit:.1%}"
         cells = [r.name, str(r.jobs), str(r.out_tokens), f"{r.wall_s:.1f}", f"{r.tps:.1f}", *pct]
         if r.computed:

@@ -86,8 +86,15 @@ def measure(name: str, chunk: int, path: str, args: argparse.Namespace) -> Resul
     running, longs = texts(engine, args)
     decode = SamplingParams(max_tokens=4096)
     for i, prompt in enumerate(running):
-        engine.add(EngineRequest(seq_id=f"run-{i}", prompt_ids=prompt, params=decode,
-                                 tenant=f"run-{i}", ignore_eos=True))  # fmt: skip
+        engine.add(
+            EngineRequest(
+                seq_id=f"run-{i}",
+                prompt_ids=prompt,
+                params=decode,
+                tenant=f"run-{i}",
+                ignore_eos=True,
+            )
+        )
     seqs = [cast(Sequence, engine.scheduler.get(f"run-{i}")) for i in range(args.running)]
     while any(s.num_outputs == 0 for s in seqs):
         engine.step()
@@ -119,12 +126,19 @@ def measure(name: str, chunk: int, path: str, args: argparse.Namespace) -> Resul
 def header(args: argparse.Namespace) -> list[str]:
     """Date, CPU, commit and the command: what a figure must carry."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return [
         f"- {datetime.date.today()}, {cpu}, {torch.get_num_threads()} threads, {args.device}, "
         f"{args.dtype}, commit {commit}",

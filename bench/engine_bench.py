@@ -247,8 +247,18 @@ def gptq_rows(args, jobs: list[Job], shareable: int) -> list[Row]:
     if args.equal_work:
         fp = str(resolve_model(get_settings(), FP_MODEL))
         for name, path, dtype in (("bf16", fp, "bfloat16"), ("gptq", gptq, "auto")):
-            rows.append(engine_row(f"engine-prefix-cache-to-max {name}", path, args.device, jobs,
-                                   cfg, shareable, dtype, ignore_eos=True))  # fmt: skip
+            rows.append(
+                engine_row(
+                    f"engine-prefix-cache-to-max {name}",
+                    path,
+                    args.device,
+                    jobs,
+                    cfg,
+                    shareable,
+                    dtype,
+                    ignore_eos=True,
+                )
+            )
     return rows
 
 
@@ -286,8 +296,11 @@ def verdict_lines(
     for tag in tags:
         best, one = rows[f"engine-prefix-cache {tag}"], rows[f"hf-one-at-a-time {tag}"]
         static = rows[f"hf-static-{BATCH} {tag}"]
-        lines += [f"- {best.name} vs {r.name}: {best.tps / r.tps:.2f}x"
-                  for r in rows.values() if r is not best and r.name.endswith(tag)]  # fmt: skip
+        lines += [
+            f"- {best.name} vs {r.name}: {best.tps / r.tps:.2f}x"
+            for r in rows.values()
+            if r is not best and r.name.endswith(tag)
+        ]
         checks = [
             (f"≥4x {static.name}", best.tps / static.tps >= 4),
             (f"≥20x {one.name}", best.tps / one.tps >= 20),
@@ -305,8 +318,10 @@ def verdict_lines(
             if r is not one and r.name.endswith(tag):
                 bad = [s for s, t in one.outputs.items() if r.outputs.get(s) != t]
                 wrong[r.name] = bad
-                lines.append(f"- greedy tokens equal to {one.name}: {r.name} "
-                             f"{len(one.outputs) - len(bad)}/{len(one.outputs)}")  # fmt: skip
+                lines.append(
+                    f"- greedy tokens equal to {one.name}: {r.name} "
+                    f"{len(one.outputs) - len(bad)}/{len(one.outputs)}"
+                )
     if len(tags) > 1:  # the issue's reference baseline is HF generate in fp32
         fast, ref = rows[f"engine-prefix-cache {tags[-1]}"], rows[f"hf-one-at-a-time {tags[0]}"]
         lines.append(f"- across dtypes: {fast.name} vs {ref.name}: {fast.tps / ref.tps:.2f}x")
@@ -315,8 +330,13 @@ def verdict_lines(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for flag, default in [("jobs", 256), ("baseline-jobs", 48), ("seed", 0), ("max-num-seqs", 128),
-                          ("max-new", 128)]:  # fmt: skip
+    for flag, default in [
+        ("jobs", 256),
+        ("baseline-jobs", 48),
+        ("seed", 0),
+        ("max-num-seqs", 128),
+        ("max-new", 128),
+    ]:
         ap.add_argument(f"--{flag}", type=int, default=default)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated, fp32 first")
@@ -342,8 +362,9 @@ def main() -> None:
     device = torch.device(args.device)
     runs_as = {SHORT[d]: matmul_dtype(getattr(torch, d), device) for d in dtypes}
     peaks = {tag: matmul_peak_gflops(device, dt) for tag, dt in runs_as.items()}
-    ceilings = {tag: Ceiling.measure(model, args.max_num_seqs, device, dt)
-                for tag, dt in runs_as.items()}  # fmt: skip
+    ceilings = {
+        tag: Ceiling.measure(model, args.max_num_seqs, device, dt) for tag, dt in runs_as.items()
+    }
     del model
     lens = sorted(len(j.prompt_ids) for j in jobs)
     print(f"{len(jobs)} jobs; system blocks {sys_lens}; prompts {lens[0]}-{lens[-1]} tokens")
@@ -358,8 +379,10 @@ def main() -> None:
     peak_text = ", ".join(f"{t} {g:.1f}" for t, g in peaks.items())
     widened = [SHORT[d] for d in dtypes if runs_as[SHORT[d]] != getattr(torch, d)]
     if widened:
-        peak_text += (f" ({', '.join(widened)}: the engine's matmuls run in fp32 on this CPU, "
-                      "no bf16 matmul in oneDNN here; peak and ceiling are fp32's)")  # fmt: skip
+        peak_text += (
+            f" ({', '.join(widened)}: the engine's matmuls run in fp32 on this CPU, "
+            "no bf16 matmul in oneDNN here; peak and ceiling are fp32's)"
+        )
     lines = table_lines(rows, dense, peaks) + verdicts
     lines.append(
         f"- baselines ran the first {args.baseline_jobs} of {len(jobs)} jobs (arrival order); "

@@ -49,18 +49,26 @@ def shape_rows(k: int, n: int, group: int, rows: list[int]) -> int | None:
         return gptq_dequant.dequantize(packed, scales_and_zeros, group, buf)
 
     unpack = timed(dequantize)
-    print(f"{k:>5} -> {n:<5} dequantize {unpack * 1e3:7.1f} µs = "
-          f"{k * n * 2.5 / unpack / 1e6:5.1f} GB/s", flush=True)  # fmt: skip
+    print(
+        f"{k:>5} -> {n:<5} dequantize {unpack * 1e3:7.1f} µs = "
+        f"{k * n * 2.5 / unpack / 1e6:5.1f} GB/s",
+        flush=True,
+    )
     crossover = None
     for r in rows:
         x = torch.rand(r, k, dtype=torch.bfloat16)
-        int4 = timed(lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, packed, group, scales_and_zeros))  # fmt: skip
+        int4 = timed(
+            lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, packed, group, scales_and_zeros
+            )
+        )
         both = timed(lambda x=x: torch.nn.functional.linear(x, dequantize().t()))
         if crossover is None and both < int4:
             crossover = r
-        print(f"{k:>5} -> {n:<5} rows {r:>4}: int4 {int4:7.3f} ms | dequant + dense "
-              f"{both:7.3f} ms", flush=True)  # fmt: skip
+        print(
+            f"{k:>5} -> {n:<5} rows {r:>4}: int4 {int4:7.3f} ms | dequant + dense {both:7.3f} ms",
+            flush=True,
+        )
     return crossover
 
 
@@ -74,8 +82,10 @@ def main() -> None:
         gptq_dequant.c_kernel = lambda: None
     rows = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
-    print(f"{torch.get_num_threads()} threads, dequantizer: "
-          f"{'torch ops' if gptq_dequant.c_kernel() is None else 'compiled C'}")  # fmt: skip
+    print(
+        f"{torch.get_num_threads()} threads, dequantizer: "
+        f"{'torch ops' if gptq_dequant.c_kernel() is None else 'compiled C'}"
+    )
     found = {f"{k}->{n}": shape_rows(k, n, args.group, rows) for k, n in SHAPES}
     print("crossover rows (dequant + dense wins from):", found)
 

@@ -126,8 +126,10 @@ def main() -> None:
     rows = [("fp32", fp, "float32"), ("fp bf16", fp, "bfloat16")]
     models = args.models or [resolve_model(settings, DEFAULT_MODEL)]
     rows += [(Path(m).name, m, "auto") for m in models]
-    lines = ["| model | top-1 = fp32 | KL vs fp32 | output tokens | vs fp32 | identical | "
-             "perplexity |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model | top-1 = fp32 | KL vs fp32 | output tokens | vs fp32 | identical | perplexity |",
+        "|---|---|---|---|---|---|---|",
+    ]
     base, ref_lp = None, None
     for name, path, dtype in rows:
         r, lp = measure(name, path, dtype, prompts, refs, ref_lp, args)

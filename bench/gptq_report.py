@@ -126,8 +126,13 @@ def decode_tps(model: torch.nn.Module, prompt: list[int], pad_id: int, new: int 
     kw = dict(do_sample=False, pad_token_id=pad_id, attention_mask=torch.ones_like(ids))
     model.generate(ids, max_new_tokens=4, **kw)  # warm-up
     clock = eb.RowMaxTokens(ids.shape[1], [eb.Job("b1", 0, prompt, new)])
-    model.generate(ids, max_new_tokens=new, min_new_tokens=new,
-                   stopping_criteria=StoppingCriteriaList([clock]), **kw)  # fmt: skip
+    model.generate(
+        ids,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        stopping_criteria=StoppingCriteriaList([clock]),
+        **kw,
+    )
     return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
@@ -234,8 +239,10 @@ def speed_rows(args: argparse.Namespace, jobs: list[eb.Job], shareable: int) -> 
     from worker.engine import gptq_dispatch, gptq_gemm
 
     cfg = get_settings().engine_config(max_num_seqs=args.max_num_seqs)
-    lines = ["| round | variant | engine out tok/s | engine batch-1 decode tok/s |",
-             "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| round | variant | engine out tok/s | engine batch-1 decode tok/s |",
+        "|---|---|---|---|",
+    ]
     got: dict[str, list[tuple[float, float]]] = {v[0]: [] for v in SPEED_VARIANTS}
     for rnd in range(args.rounds):
         for name, model, dtype, crossover in SPEED_VARIANTS:
@@ -256,12 +263,15 @@ def speed_rows(args: argparse.Namespace, jobs: list[eb.Job], shareable: int) -> 
             ratios = ", ".join(f"{q[i] / f[i]:.2f}x" for q, f in zip(runs, ref, strict=True))
             lines.append(f"- {name} / bf16 {what}, per round: {ratios}")
     found = sorted(gptq_dispatch._crossovers.items())
-    lines.append("- many-row path (rows from which it runs): "
-                 + ", ".join(f"{k}->{n}: {'fused' if f else 'dense'} {c}"
-                             for ((k, n, _), f), c in found))  # fmt: skip
+    lines.append(
+        "- many-row path (rows from which it runs): "
+        + ", ".join(f"{k}->{n}: {'fused' if f else 'dense'} {c}" for ((k, n, _), f), c in found)
+    )
     gemv = sorted(f"{k}->{n}" for ((k, n, _), _), on in gptq_dispatch._gemv.items() if on)
-    lines.append(f"- fused GEMM below {gptq_gemm.GEMV_ROWS} rows (straight from the codes): "
-                 + (", ".join(gemv) or "none"))  # fmt: skip
+    lines.append(
+        f"- fused GEMM below {gptq_gemm.GEMV_ROWS} rows (straight from the codes): "
+        + (", ".join(gemv) or "none")
+    )
     return lines
 
 

@@ -50,8 +50,11 @@ class Ceiling:
     @classmethod
     def measure(cls, model, rows: int, device: torch.device, dtype: torch.dtype) -> Ceiling:
         head = model.get_output_embeddings()
-        shapes = [(m.in_features, m.out_features) for m in model.modules()
-                  if isinstance(m, torch.nn.Linear) and m is not head]  # fmt: skip
+        shapes = [
+            (m.in_features, m.out_features)
+            for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and m is not head
+        ]
 
         def seconds(fan_in: int, fan_out: int) -> float:
             x = torch.randn(rows, fan_in, device=device, dtype=dtype)

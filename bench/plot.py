@@ -22,8 +22,10 @@ def read_table(md: Path) -> list[dict[str, str]]:
     """Rows of the first Markdown table in `md`, keyed by header."""
     lines = [ln for ln in md.read_text().splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
-            for ln in lines[2:]]  # fmt: skip
+    return [
+        dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
+        for ln in lines[2:]
+    ]
 
 
 def plot_table(md: Path, png: Path) -> None:
@@ -43,17 +45,29 @@ def plot_table(md: Path, png: Path) -> None:
     tps.bar_label(bars, fmt="%.1f")
     tps.set_ylabel("output tokens/s (higher is better)")
     width, xs = 0.4, range(len(rows))
-    ttft.bar([x - width / 2 for x in xs], [number(r["p50 TTFT s"]) for r in rows], width,
-             label="p50", color="tab:gray")  # fmt: skip
-    ttft.bar([x + width / 2 for x in xs], [number(r["p95 TTFT s"]) for r in rows], width,
-             label="p95", color="black")  # fmt: skip
+    ttft.bar(
+        [x - width / 2 for x in xs],
+        [number(r["p50 TTFT s"]) for r in rows],
+        width,
+        label="p50",
+        color="tab:gray",
+    )
+    ttft.bar(
+        [x + width / 2 for x in xs],
+        [number(r["p95 TTFT s"]) for r in rows],
+        width,
+        label="p95",
+        color="black",
+    )
     ttft.set_xticks(list(xs), names)
     ttft.set_ylabel("time to first token, s (lower is better)")
     ttft.legend()
     for ax in (tps, ttft):
         ax.tick_params(axis="x", labelsize=6, labelrotation=45)
-    fig.suptitle("SmolLM2-135M, 2 CPU cores, fp32 (blue), bf16 (orange), GPTQ (green): HF generate "
-                 "vs inferq; peer engines hatched")  # fmt: skip
+    fig.suptitle(
+        "SmolLM2-135M, 2 CPU cores, fp32 (blue), bf16 (orange), GPTQ (green): HF generate "
+        "vs inferq; peer engines hatched"
+    )
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

@@ -75,13 +75,22 @@ def recreate(args: argparse.Namespace, db: str, create: str | None = "") -> None
 def gen_params(n_jobs: int, t0: float) -> dict[str, Any]:
     weights = [1 / rank for rank in range(1, len(TENANTS) + 1)]
     cdf = [sum(weights[: i + 1]) / sum(weights) for i in range(len(TENANTS) - 1)]
-    return {"tcdf": cdf, "mcdf": MODEL_CDF, "t0": t0, "step": DAYS * 86400 / n_jobs,
-            "models": MODELS, "tenants": TENANTS, "workers": [w for w, _ in WORKERS],
-            "devices": [d for _, d in WORKERS], "lorem": LOREM}  # fmt: skip
+    return {
+        "tcdf": cdf,
+        "mcdf": MODEL_CDF,
+        "t0": t0,
+        "step": DAYS * 86400 / n_jobs,
+        "models": MODELS,
+        "tenants": TENANTS,
+        "workers": [w for w, _ in WORKERS],
+        "devices": [d for _, d in WORKERS],
+        "lorem": LOREM,
+    }
 
 
-def load_chunks(conn: psycopg.Connection, params: dict[str, Any], lo: int, hi: int,
-                chunk: int) -> None:  # fmt: skip
+def load_chunks(
+    conn: psycopg.Connection, params: dict[str, Any], lo: int, hi: int, chunk: int
+) -> None:
     start = time.perf_counter()
     for first in range(lo, hi, chunk):
         with conn.transaction():
@@ -105,10 +114,12 @@ def load(args: argparse.Namespace) -> dict[str, float]:
         conn.cursor().executemany(
             "INSERT INTO prices (model, effective_from, prompt_per_mtok, cached_prompt_per_mtok, "
             "completion_per_mtok) VALUES (%s, %s, %s, %s, %s)",
-            [(m, since, *p) for m, p in zip(MODELS, PRICES, strict=True)])  # fmt: skip
+            [(m, since, *p) for m, p in zip(MODELS, PRICES, strict=True)],
+        )
         conn.cursor().executemany(
             "INSERT INTO compute_rates (target, effective_from, per_hour) VALUES (%s, %s, %s)",
-            [(t, since, r) for t, r in DEVICES.items()])  # fmt: skip
+            [(t, since, r) for t, r in DEVICES.items()],
+        )
         conn.execute(USAGE, params)
         print(f"loading {args.jobs:,} jobs into {args.db} in chunks of {args.chunk:,}")
         load_chunks(conn, params, 0, args.jobs, args.chunk)
@@ -132,39 +143,75 @@ def queries(conn: psycopg.Connection) -> list[Query]:
     def win(d0: date, days: int, **more: Any) -> dict[str, Any]:
         d1 = d0 + timedelta(days=days)
         t0, t1 = (datetime(d.year, d.month, d.day, tzinfo=UTC) for d in (d0, d1))
-        return {"d0": d0, "d1": d1, "t0": t0, "t1": t1, "h0": t0.replace(tzinfo=None),
-                "h1": t1.replace(tzinfo=None), **more}  # fmt: skip
+        return {
+            "d0": d0,
+            "d1": d1,
+            "t0": t0,
+            "t1": t1,
+            "h0": t0.replace(tzinfo=None),
+            "h1": t1.replace(tzinfo=None),
+            **more,
+        }
 
     def view(where: str = "") -> str:
-        return (f"SELECT {USAGE_COLS} FROM usage_daily WHERE day >= %(d0)s AND day < %(d1)s "
-                f"{where} ORDER BY day, tenant, model")  # fmt: skip
+        return (
+            f"SELECT {USAGE_COLS} FROM usage_daily WHERE day >= %(d0)s AND day < %(d1)s "
+            f"{where} ORDER BY day, tenant, model"
+        )
 
     r30, r90, week = (win(d_end - timedelta(days=k), k) for k in (30, DAYS + 1, 7))
-    out = [("1a daily, all tenants, 30 d (view)", view(), r30),
-           ("1b daily, all tenants, 30 d (range)", RAW_USAGE.format(extra=""), r30),
-           ("2a daily, all tenants, 90 d (view)", view(), r90),
-           ("2b daily, all tenants, 90 d (range)", RAW_USAGE.format(extra=""), r90)]  # fmt: skip
+    out = [
+        ("1a daily, all tenants, 30 d (view)", view(), r30),
+        ("1b daily, all tenants, 30 d (range)", RAW_USAGE.format(extra=""), r30),
+        ("2a daily, all tenants, 90 d (view)", view(), r90),
+        ("2b daily, all tenants, 90 d (range)", RAW_USAGE.format(extra=""), r90),
+    ]
     for label, tenant in ((f"mid {mid}", mid), (f"largest {big}", big)):
         p = win(month1, (month2 - month1).days, tenant=tenant)
-        out += [(f"3 one tenant, {month1:%Y-%m}, {label} (view)",
-                 view("AND tenant = %(tenant)s"), p), (f"3 one tenant, {month1:%Y-%m}, {label} "
-                 "(range)", RAW_USAGE.format(extra="AND tenant = %(tenant)s"), p)]  # fmt: skip
+        out += [
+            (f"3 one tenant, {month1:%Y-%m}, {label} (view)", view("AND tenant = %(tenant)s"), p),
+            (
+                f"3 one tenant, {month1:%Y-%m}, {label} (range)",
+                RAW_USAGE.format(extra="AND tenant = %(tenant)s"),
+                p,
+            ),
+        ]
     day = win(d_end - timedelta(days=1), 1)
-    return [*out,
-        ("4a latency p50/95/99 per model per hour, 1 d (view)", "SELECT * FROM latency_hourly "
-         "WHERE hour >= %(h0)s AND hour < %(h1)s ORDER BY model, hour", day),
-        ("4a latency p50/95/99 per model per hour, 1 d (range)",
-         RAW_LAT.format(bucket="date_trunc('hour', finished_at AT TIME ZONE 'UTC')"), day),
+    return [
+        *out,
+        (
+            "4a latency p50/95/99 per model per hour, 1 d (view)",
+            "SELECT * FROM latency_hourly "
+            "WHERE hour >= %(h0)s AND hour < %(h1)s ORDER BY model, hour",
+            day,
+        ),
+        (
+            "4a latency p50/95/99 per model per hour, 1 d (range)",
+            RAW_LAT.format(bucket="date_trunc('hour', finished_at AT TIME ZONE 'UTC')"),
+            day,
+        ),
         ("4b latency p50/95/99 per model per day, 7 d (range)", RAW_LAT.format(bucket=DAY), week),
-        ("5 top 10 tenants by cost, 7 d (view)", TOP_COST.format(
-            jobs="sum(jobs)", src="usage_daily WHERE day >= %(d0)s AND day < %(d1)s"), week),
-        ("5 top 10 tenants by cost, 7 d (range)", TOP_COST.format(jobs="count(*)",
-         src="job_metrics WHERE finished_at >= %(t0)s AND finished_at < %(t1)s"), week),
-    ]  # fmt: skip
+        (
+            "5 top 10 tenants by cost, 7 d (view)",
+            TOP_COST.format(
+                jobs="sum(jobs)", src="usage_daily WHERE day >= %(d0)s AND day < %(d1)s"
+            ),
+            week,
+        ),
+        (
+            "5 top 10 tenants by cost, 7 d (range)",
+            TOP_COST.format(
+                jobs="count(*)",
+                src="job_metrics WHERE finished_at >= %(t0)s AND finished_at < %(t1)s",
+            ),
+            week,
+        ),
+    ]
 
 
-def time_all(conn: psycopg.Connection, qs: Sequence[Query], explain: bool,
-             prepare: bool = False) -> list[dict]:  # fmt: skip
+def time_all(
+    conn: psycopg.Connection, qs: Sequence[Query], explain: bool, prepare: bool = False
+) -> list[dict]:
     """Each query once untimed, 5 times timed; prepare=False: planned for its parameters."""
     rows = []
     for name, sql, params in qs:
@@ -194,9 +241,15 @@ def rollup(conn: psycopg.Connection, qs: Sequence[Query]) -> dict[str, Any]:
     fill_s = time.perf_counter() - start
     conn.execute("VACUUM ANALYZE usage_daily_rollup")
     n = conn.execute("SELECT count(*) FROM usage_daily_rollup").fetchone()[0]  # type: ignore[index]
-    swapped = [(name.replace("(view)", "(rollup)"),
-                sql.replace("FROM usage_daily ", "FROM usage_daily_rollup "), p)
-               for name, sql, p in qs if "FROM usage_daily " in sql]  # fmt: skip
+    swapped = [
+        (
+            name.replace("(view)", "(rollup)"),
+            sql.replace("FROM usage_daily ", "FROM usage_daily_rollup "),
+            p,
+        )
+        for name, sql, p in qs
+        if "FROM usage_daily " in sql
+    ]
     timed = time_all(conn, swapped, explain=True)
     # the write path: 200 transactions (savepoints in one rolled-back transaction, so the
     # database stays as loaded) each change the facts of 32 recent jobs, as a re-end would
@@ -219,9 +272,11 @@ def rollup(conn: psycopg.Connection, qs: Sequence[Query]) -> dict[str, Any]:
             f"WHERE jobs <> 0 EXCEPT SELECT {EXACT} FROM ({fresh}) f) d"
         )
         drift = drift.fetchone()[0]  # type: ignore[index]
-    print(f"  write path: retract + add {statistics.median(upserts):.2f} ms median per "
-          f"32-job transaction, max {max(upserts):.2f} ms; rows differing from a fresh "
-          f"aggregate: {drift}")  # fmt: skip
+    print(
+        f"  write path: retract + add {statistics.median(upserts):.2f} ms median per "
+        f"32-job transaction, max {max(upserts):.2f} ms; rows differing from a fresh "
+        f"aggregate: {drift}"
+    )
     conn.execute("DROP TABLE usage_daily_rollup")
     return {"fill_s": fill_s, "rows": n, "timed": timed, "upserts": upserts, "drift": drift}
 
@@ -255,8 +310,10 @@ def retention(args: argparse.Namespace) -> dict[str, Any]:
             out["vacuum_s"] = time.perf_counter() - t
             out["steps"].append(("after VACUUM", sizes(conn)))
             took = sum(s for _, s in out["batches"])
-            print(f"  deleted {deleted:,} jobs in {len(out['batches'])} batches, {took:.1f} s; "
-                  f"VACUUM {out['vacuum_s']:.1f} s")  # fmt: skip
+            print(
+                f"  deleted {deleted:,} jobs in {len(out['batches'])} batches, {took:.1f} s; "
+                f"VACUUM {out['vacuum_s']:.1f} s"
+            )
             params = gen_params(args.jobs, time.time() - DAYS * 86400)  # later in time
             bounds = [args.jobs + deleted * k // 3 for k in range(4)]
             for k in range(3):
@@ -282,40 +339,67 @@ def cell(r: dict[str, Any]) -> str:
 
 def write_doc(path: Path, info: dict[str, Any]) -> None:
     load = info["load"]
-    md = [MARK[0], f"Run: {info['when']}, {info['jobs']:,} jobs" + (
-          f", loaded in {load['total_s']:.0f} s (inserts {load['insert_s']:.0f} s, then VACUUM "
-          "ANALYZE)." if load else " (`--skip-load`: the kept database)."), "",
-          "| machine | |", "|---|---|"]  # fmt: skip
+    md = [
+        MARK[0],
+        f"Run: {info['when']}, {info['jobs']:,} jobs"
+        + (
+            f", loaded in {load['total_s']:.0f} s (inserts {load['insert_s']:.0f} s, then VACUUM "
+            "ANALYZE)."
+            if load
+            else " (`--skip-load`: the kept database)."
+        ),
+        "",
+        "| machine | |",
+        "|---|---|",
+    ]
     md += [f"| {k} | {v} |" for k, v in info["machine"].items()]
     labels = [label for label, _, _ in info["phases"]]
-    md += ["", "Timings: median / max ms of 5 warm runs (after 1 untimed); **over** = median "
-           "at or over 2 s. Phases are cumulative: " + "; ".join(
-           f"{label} ({setup:.1f} s to set up)" for label, setup, _ in info["phases"]) + ".", "",
-           "| query | rows | " + " | ".join(labels) + " |",
-           "|---|---:|" + "---:|" * len(labels)]  # fmt: skip
+    md += [
+        "",
+        "Timings: median / max ms of 5 warm runs (after 1 untimed); **over** = median "
+        "at or over 2 s. Phases are cumulative: "
+        + "; ".join(f"{label} ({setup:.1f} s to set up)" for label, setup, _ in info["phases"])
+        + ".",
+        "",
+        "| query | rows | " + " | ".join(labels) + " |",
+        "|---|---:|" + "---:|" * len(labels),
+    ]
     for k, r in enumerate(info["phases"][0][2]):
-        md.append(f"| {r['name']} | {r['rows']} | "
-                  + " | ".join(cell(p[2][k]) for p in info["phases"]) + " |")  # fmt: skip
+        md.append(
+            f"| {r['name']} | {r['rows']} | "
+            + " | ".join(cell(p[2][k]) for p in info["phases"])
+            + " |"
+        )
     ro = info["rollup"]
-    md += ["", f"Rollup prototype: `usage_daily_rollup` ({ro['rows']:,} rows) filled from "
-           f"job_metrics by one INSERT ... SELECT in {ro['fill_s']:.1f} s. Write path: "
-           f"{len(ro['upserts'])} transactions each change the facts of 32 recent jobs (status, "
-           "day, tokens, cost), retracting their rows from the rollup before (sign -1) and "
-           f"adding them after (+1): {statistics.median(ro['upserts']):.2f} ms median, "
-           f"{max(ro['upserts']):.2f} ms max for the two upserts; rollup rows differing from a "
-           f"fresh aggregate after: {ro['drift']}.", "",
-           "| query | rows | median / max ms |", "|---|---:|---:|"]  # fmt: skip
+    md += [
+        "",
+        f"Rollup prototype: `usage_daily_rollup` ({ro['rows']:,} rows) filled from "
+        f"job_metrics by one INSERT ... SELECT in {ro['fill_s']:.1f} s. Write path: "
+        f"{len(ro['upserts'])} transactions each change the facts of 32 recent jobs (status, "
+        "day, tokens, cost), retracting their rows from the rollup before (sign -1) and "
+        f"adding them after (+1): {statistics.median(ro['upserts']):.2f} ms median, "
+        f"{max(ro['upserts']):.2f} ms max for the two upserts; rollup rows differing from a "
+        f"fresh aggregate after: {ro['drift']}.",
+        "",
+        "| query | rows | median / max ms |",
+        "|---|---:|---:|",
+    ]
     md += [f"| {r['name']} | {r['rows']} | {cell(r)} |" for r in ro["timed"]]
     if ret := info.get("retention"):
         per = [s for _, s in ret["batches"]]
-        md += ["", f"### Retention: the oldest 30 days, batches of {ret['batch']:,}", "",
-               f"{ret['deleted']:,} jobs deleted (their job_metrics and results rows by ON "
-               f"DELETE CASCADE) in {len(per)} batches, {sum(per):.1f} s: per batch median "
-               f"{statistics.median(per):.2f} s, min {min(per):.2f} s, max {max(per):.2f} s. "
-               f"Plain VACUUM of the three tables after: {ret['vacuum_s']:.1f} s. Sizes in MiB,"
-               " heap / indexes (total with TOAST):", "",
-               "| step | " + " | ".join(ret["steps"][0][1]) + " | all three |",
-               "|---|---:|---:|---:|---:|"]  # fmt: skip
+        md += [
+            "",
+            f"### Retention: the oldest 30 days, batches of {ret['batch']:,}",
+            "",
+            f"{ret['deleted']:,} jobs deleted (their job_metrics and results rows by ON "
+            f"DELETE CASCADE) in {len(per)} batches, {sum(per):.1f} s: per batch median "
+            f"{statistics.median(per):.2f} s, min {min(per):.2f} s, max {max(per):.2f} s. "
+            f"Plain VACUUM of the three tables after: {ret['vacuum_s']:.1f} s. Sizes in MiB,"
+            " heap / indexes (total with TOAST):",
+            "",
+            "| step | " + " | ".join(ret["steps"][0][1]) + " | all three |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for label, sz in ret["steps"]:
             parts = [f"{mib(h)} / {mib(i)} ({mib(t)})" for h, i, t in sz.values()]
             md.append(f"| {label} | {' | '.join(parts)} | {mib(sum(t for *_, t in sz.values()))} |")
@@ -353,10 +437,16 @@ def main() -> None:
             got = conn.execute(
                 f"SELECT version(), {', '.join(map('current_setting({!r})'.format, SHOW))}"
             )
-            info["machine"] = {"CPUs (nproc)": os.cpu_count(), **dict(zip(("PostgreSQL", *SHOW),
-                               got.fetchone(), strict=True))}  # type: ignore[arg-type]  # fmt: skip
-            info["machine"].update({f"{t} MiB (heap / indexes / total)": " / ".join(map(mib, s))
-                                    for t, s in sizes(conn).items()})  # fmt: skip
+            info["machine"] = {
+                "CPUs (nproc)": os.cpu_count(),
+                **dict(zip(("PostgreSQL", *SHOW), got.fetchone(), strict=True)),
+            }  # type: ignore[arg-type]
+            info["machine"].update(
+                {
+                    f"{t} MiB (heap / indexes / total)": " / ".join(map(mib, s))
+                    for t, s in sizes(conn).items()
+                }
+            )
             qs = queries(conn)
             for k, (label, setup, generic) in enumerate(PHASES):
                 start = time.perf_counter()

@@ -10,8 +10,12 @@ MODELS = ["tinyllama-1.1b-chat", "qwen2.5-7b-instruct", "llama-3.1-70b-instruct"
 MODEL_CDF = [0.55, 0.9]  # 55 %, 35 %, 10 % of the jobs
 PRICES = [("0.10", "0.025", "0.40"), ("0.30", "0.075", "1.20"), ("2.00", "0.50", "6.00")]
 DEVICES = {"cpu": "0.20", "cuda:NVIDIA H200": "4.50"}  # compute rate per hour
-WORKERS = [("worker-0", "cuda:NVIDIA H200"), ("worker-1", "cuda:NVIDIA H200"),
-           ("worker-2", "cpu"), ("worker-3", "cpu")]  # fmt: skip
+WORKERS = [
+    ("worker-0", "cuda:NVIDIA H200"),
+    ("worker-1", "cuda:NVIDIA H200"),
+    ("worker-2", "cpu"),
+    ("worker-3", "cpu"),
+]
 DAYS = 90
 LOREM = (
     "Please summarise the conversation below for the support lead, keep the customer's own "
@@ -107,17 +111,32 @@ FROM unnest(%(workers)s::text[], %(devices)s::text[]) AS w(worker, device),
      LATERAL (SELECT 0.3 + 0.6 * random() + 0 * extract(epoch FROM h) AS r) AS x"""
 
 DAY = "CAST(finished_at AT TIME ZONE 'UTC' AS DATE)"
-SUMMED = ("prompt_tokens", "cached_prompt_tokens", "computed_prompt_tokens", "completion_tokens",
-          "compute_s", "list_cost", "compute_cost", "cache_savings")  # fmt: skip
+SUMMED = (
+    "prompt_tokens",
+    "cached_prompt_tokens",
+    "computed_prompt_tokens",
+    "completion_tokens",
+    "compute_s",
+    "list_cost",
+    "compute_cost",
+    "cache_savings",
+)
 STATUSES = ("done", "failed", "cancelled", "expired")
-AGGS = ", ".join(["count(*) AS jobs", *(f"count(*) FILTER (WHERE status = '{s}') AS {s}"
-                  for s in STATUSES), *(f"sum({c}) AS {c}" for c in SUMMED)])  # fmt: skip
+AGGS = ", ".join(
+    [
+        "count(*) AS jobs",
+        *(f"count(*) FILTER (WHERE status = '{s}') AS {s}" for s in STATUSES),
+        *(f"sum({c}) AS {c}" for c in SUMMED),
+    ]
+)
 USAGE_COLS = ", ".join(["tenant, model, day, jobs", *STATUSES, *SUMMED])
 RAW_USAGE = f"""SELECT tenant, model, {DAY} AS day, {AGGS} FROM job_metrics
 WHERE finished_at >= %(t0)s AND finished_at < %(t1)s {{extra}}
 GROUP BY tenant, model, {DAY} ORDER BY day, tenant, model"""
-LAT = ", ".join(f"percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY {c}) AS {c}"
-                for c in ("queue_wait_s", "ttft_s", "total_s", "decode_tokens_per_s"))  # fmt: skip
+LAT = ", ".join(
+    f"percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY {c}) AS {c}"
+    for c in ("queue_wait_s", "ttft_s", "total_s", "decode_tokens_per_s")
+)
 RAW_LAT = f"""SELECT model, {{bucket}} AS bucket, count(*) AS jobs, {LAT} FROM job_metrics
 WHERE status = 'done' AND finished_at >= %(t0)s AND finished_at < %(t1)s
 GROUP BY model, {{bucket}} ORDER BY model, bucket"""
@@ -127,23 +146,34 @@ ORDER BY list_cost DESC NULLS LAST LIMIT 10"""
 ROLLUP_COLS = ("jobs", *STATUSES, *SUMMED)
 ROLLUP_DDL = [
     "CREATE TABLE usage_daily_rollup (tenant varchar(128) NOT NULL, model varchar(256) NOT NULL, "
-    "day date NOT NULL, " + ", ".join(f"{c} bigint NOT NULL DEFAULT 0" for c in ROLLUP_COLS[:9])
-    + ", compute_s double precision NOT NULL DEFAULT 0, " + ", ".join(f"{c} numeric(30, 10) "
-    "NOT NULL DEFAULT 0" for c in SUMMED[5:]) + ", PRIMARY KEY (tenant, model, day))",
+    "day date NOT NULL, "
+    + ", ".join(f"{c} bigint NOT NULL DEFAULT 0" for c in ROLLUP_COLS[:9])
+    + ", compute_s double precision NOT NULL DEFAULT 0, "
+    + ", ".join(f"{c} numeric(30, 10) NOT NULL DEFAULT 0" for c in SUMMED[5:])
+    + ", PRIMARY KEY (tenant, model, day))",
     "CREATE INDEX ix_usage_daily_rollup_day ON usage_daily_rollup (day)",
-]  # fmt: skip
+]
 # The facts of the given jobs, signed: the write path would retract (-1) a batch's rows before
 # it changes them and add them (+1) after, in the same transaction.
-ROLLUP_SELECT = f"""SELECT coalesce(tenant, '') AS tenant, coalesce(model, '') AS model,
-{DAY} AS day, {{sign}} * count(*) AS jobs, """ + ", ".join(
-    [*(f"{{sign}} * count(*) FILTER (WHERE status = '{s}') AS {s}" for s in STATUSES),
-     *(f"{{sign}} * coalesce(sum({c}), 0) AS {c}" for c in SUMMED)]
-) + " FROM job_metrics WHERE finished_at IS NOT NULL {where} GROUP BY 1, 2, 3"  # fmt: skip
+ROLLUP_SELECT = (
+    f"""SELECT coalesce(tenant, '') AS tenant, coalesce(model, '') AS model,
+{DAY} AS day, {{sign}} * count(*) AS jobs, """
+    + ", ".join(
+        [
+            *(f"{{sign}} * count(*) FILTER (WHERE status = '{s}') AS {s}" for s in STATUSES),
+            *(f"{{sign}} * coalesce(sum({c}), 0) AS {c}" for c in SUMMED),
+        ]
+    )
+    + " FROM job_metrics WHERE finished_at IS NOT NULL {where} GROUP BY 1, 2, 3"
+)
 ROLLUP_FILL = "INSERT INTO usage_daily_rollup " + ROLLUP_SELECT.format(sign=1, where="")
-ROLLUP_UPSERT = ("INSERT INTO usage_daily_rollup AS r " + ROLLUP_SELECT.format(
-    sign="%(sign)s", where="AND job_id = ANY(%(ids)s)") + " ORDER BY 1, 2, 3 ON CONFLICT "
-    "(tenant, model, day) DO UPDATE SET " + ", ".join(f"{c} = r.{c} + EXCLUDED.{c}"
-                                                       for c in ROLLUP_COLS))  # fmt: skip
+ROLLUP_UPSERT = (
+    "INSERT INTO usage_daily_rollup AS r "
+    + ROLLUP_SELECT.format(sign="%(sign)s", where="AND job_id = ANY(%(ids)s)")
+    + " ORDER BY 1, 2, 3 ON CONFLICT "
+    "(tenant, model, day) DO UPDATE SET "
+    + ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in ROLLUP_COLS)
+)
 REFACT = """UPDATE job_metrics SET finished_at = finished_at + interval '20 hours',
   status = CASE status WHEN 'done' THEN 'failed' ELSE 'done' END,
   completion_tokens = completion_tokens + 1, list_cost = coalesce(list_cost, 0) + 0.001
@@ -155,16 +185,32 @@ EXACT = ", ".join(c for c in ("tenant", "model", "day", *ROLLUP_COLS) if c != "c
 # index entry per job each). Each: (label, setup statements, prepared with generic plans?).
 PHASES = [
     ("as migrated", [], False),
-    ("+ statistics", [f"CREATE STATISTICS st_job_metrics_usage_day (ndistinct) ON tenant, "
-                      f"model, ({DAY}) FROM job_metrics", "ANALYZE job_metrics"], False),
+    (
+        "+ statistics",
+        [
+            f"CREATE STATISTICS st_job_metrics_usage_day (ndistinct) ON tenant, "
+            f"model, ({DAY}) FROM job_metrics",
+            "ANALYZE job_metrics",
+        ],
+        False,
+    ),
     ("+ statistics, generic plans", ["SET plan_cache_mode = force_generic_plan"], True),
-    ("+ day indexes", ["RESET plan_cache_mode",
-                       f"CREATE INDEX ix_job_metrics_utc_day ON job_metrics (({DAY}))",
-                       "CREATE INDEX ix_job_metrics_tenant_utc_day ON job_metrics "
-                       f"(tenant, ({DAY}))", "ANALYZE job_metrics"], False),
-]  # fmt: skip
-UNDO = ["DROP INDEX IF EXISTS ix_job_metrics_utc_day, ix_job_metrics_tenant_utc_day",
-        "DROP STATISTICS IF EXISTS st_job_metrics_usage_day", "ANALYZE job_metrics"]  # fmt: skip
+    (
+        "+ day indexes",
+        [
+            "RESET plan_cache_mode",
+            f"CREATE INDEX ix_job_metrics_utc_day ON job_metrics (({DAY}))",
+            f"CREATE INDEX ix_job_metrics_tenant_utc_day ON job_metrics (tenant, ({DAY}))",
+            "ANALYZE job_metrics",
+        ],
+        False,
+    ),
+]
+UNDO = [
+    "DROP INDEX IF EXISTS ix_job_metrics_utc_day, ix_job_metrics_tenant_utc_day",
+    "DROP STATISTICS IF EXISTS st_job_metrics_usage_day",
+    "ANALYZE job_metrics",
+]
 RETENTION = """DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queued_at < %s
   AND status IN ('done', 'failed', 'cancelled', 'expired') ORDER BY queued_at LIMIT %s)"""
 SIZES = """SELECT relname, pg_relation_size(oid), pg_indexes_size(oid), pg_total_relation_size(oid)

@@ -101,8 +101,9 @@ def run(mode: str, waiters: int, hold_s: float) -> dict:
         errors: list[BaseException] = []
         with WorkerService(env.settings, engines={"null": gated}, repo=worker_repo) as worker:
             published = _timed_writes(worker)
-            ids = client.submit_many({"prompt": f"job {n}", "params": {"max_tokens": 1}}
-                                     for n in range(waiters))  # fmt: skip
+            ids = client.submit_many(
+                {"prompt": f"job {n}", "params": {"max_tokens": 1}} for n in range(waiters)
+            )
             deadline = time.monotonic() + 120
             while len(worker.ledger) < waiters:  # every job claimed and held
                 assert time.monotonic() < deadline, f"{len(worker.ledger)} of {waiters} held"
@@ -138,8 +139,15 @@ def run(mode: str, waiters: int, hold_s: float) -> dict:
     lat_ms = sorted((woke[i] - worker_repo.committed[i]) * 1000 for i in ids)
     pub_ms = [(published[i] - worker_repo.committed[i]) * 1000 for i in ids]
     q = statistics.quantiles(lat_ms, n=20) if len(lat_ms) > 1 else lat_ms * 19
-    return {"mode": mode, "waiters": waiters, "p50": statistics.median(lat_ms), "p95": q[18],
-            "max": lat_ms[-1], "pub": statistics.median(pub_ms), "tps": held_tps}  # fmt: skip
+    return {
+        "mode": mode,
+        "waiters": waiters,
+        "p50": statistics.median(lat_ms),
+        "p95": q[18],
+        "max": lat_ms[-1],
+        "pub": statistics.median(pub_ms),
+        "tps": held_tps,
+    }
 
 
 def _timed_writes(worker: WorkerService) -> dict[uuid.UUID, float]:
@@ -169,17 +177,23 @@ def main() -> None:
         for mode in args.modes.split(","):
             row = run(mode, waiters, args.hold_s)
             rows.append(row)
-            print(f"{mode:>6} {waiters:>5} waiters: wake-up after commit p50 {row['p50']:.1f} ms, "
-                  f"p95 {row['p95']:.1f} ms, max {row['max']:.1f} ms (published p50 "
-                  f"{row['pub']:.1f} ms); PostgreSQL {row['tps']:.1f} transactions/s while "
-                  "waiting", flush=True)  # fmt: skip
+            print(
+                f"{mode:>6} {waiters:>5} waiters: wake-up after commit p50 {row['p50']:.1f} ms, "
+                f"p95 {row['p95']:.1f} ms, max {row['max']:.1f} ms (published p50 "
+                f"{row['pub']:.1f} ms); PostgreSQL {row['tps']:.1f} transactions/s while "
+                "waiting",
+                flush=True,
+            )
     lines = [
         "| waiters | mode | wake-up after commit p50 ms | p95 ms | max ms | published after "
         "commit p50 ms | PostgreSQL transactions/s while waiting |",
         "|---|---|---|---|---|---|---|",
-        *(f"| {r['waiters']} | {r['mode']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['max']:.1f} "
-          f"| {r['pub']:.1f} | {r['tps']:.1f} |" for r in rows),
-    ]  # fmt: skip
+        *(
+            f"| {r['waiters']} | {r['mode']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['max']:.1f} "
+            f"| {r['pub']:.1f} | {r['tps']:.1f} |"
+            for r in rows
+        ),
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -101,18 +101,33 @@ class Row:
         lo, hi = min(self.jobs_per_worker), max(self.jobs_per_worker)
         hits = [h for h in self.hit_worker if h is not None]
         return [
-            self.config, " ".join(map(str, self.jobs_per_worker)),
-            f"{hi / lo:.2f}" if lo else "inf", f"{self.hit:.1%}",
-            f"{min(hits):.1%} - {max(hits):.1%}" if hits else "-", str(self.cold),
+            self.config,
+            " ".join(map(str, self.jobs_per_worker)),
+            f"{hi / lo:.2f}" if lo else "inf",
+            f"{self.hit:.1%}",
+            f"{min(hits):.1%} - {max(hits):.1%}" if hits else "-",
+            str(self.cold),
             f"{self.cached_share:.1%}",
-            "{:.1f} / {:.1f}".format(*self.latency), "{:.1f} / {:.1f}".format(*self.ttft),
-            f"{self.out_tps:.1f}", f"{self.wall_s:.1f}",
-        ]  # fmt: skip
+            "{:.1f} / {:.1f}".format(*self.latency),
+            "{:.1f} / {:.1f}".format(*self.ttft),
+            f"{self.out_tps:.1f}",
+            f"{self.wall_s:.1f}",
+        ]
 
 
-HEADER = ["workload/routing", "jobs per worker", "max/min", "prefix hit", "hit per worker",
-          "cold prefixes", "cached/prompt", "p50 / p95 latency s", "p50 / p95 TTFT s", "out tok/s",
-          "wall s"]  # fmt: skip
+HEADER = [
+    "workload/routing",
+    "jobs per worker",
+    "max/min",
+    "prefix hit",
+    "hit per worker",
+    "cold prefixes",
+    "cached/prompt",
+    "p50 / p95 latency s",
+    "p50 / p95 TTFT s",
+    "out tok/s",
+    "wall s",
+]
 
 
 def build_specs(n: int, seed: int, max_new: int) -> tuple[dict[str, list[Spec]], list[int]]:
@@ -137,8 +152,9 @@ def build_specs(n: int, seed: int, max_new: int) -> tuple[dict[str, list[Spec]],
     for s in bench:
         text = f"Desk {rng.randrange(DESKS)} of {DESKS}. {systems[s.system]}"
         index = variants.setdefault(text, len(sys_lens) + len(variants))
-        many.append(Spec(index, [{"role": "system", "content": text}, *s.messages[1:]],
-                         s.max_tokens))  # fmt: skip
+        many.append(
+            Spec(index, [{"role": "system", "content": text}, *s.messages[1:]], s.max_tokens)
+        )
     for text in variants:  # in index order
         block = tok.apply_chat_template([{"role": "system", "content": text}])
         sys_lens.append(len(list(block["input_ids"])))
@@ -180,11 +196,15 @@ class Fleet:
 
 def worker_env(args: argparse.Namespace, routing: str, kill: bool = False) -> dict[str, str]:
     env = {
-        "INFERQ_MODEL": FP_MODEL, "INFERQ_DTYPE": args.dtype, "INFERQ_ENGINE": "paged",
-        "INFERQ_AFFINITY": ROUTINGS[routing], "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        "INFERQ_MODEL": FP_MODEL,
+        "INFERQ_DTYPE": args.dtype,
+        "INFERQ_ENGINE": "paged",
+        "INFERQ_AFFINITY": ROUTINGS[routing],
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
         "INFERQ_MAX_NUM_SEQS": str(args.max_num_seqs),
         "INFERQ_KV_CACHE_TOKENS": str(args.kv_cache_tokens),
-    }  # fmt: skip
+    }
     env.update(KILL_ENV if kill else {})
     env.update(kv.split("=", 1) for kv in args.env)
     return env
@@ -206,9 +226,13 @@ def pct(xs: list[float]) -> tuple[float, float]:
 
 
 def collect(
-    env: ServiceEnv, config: str, ids: list[uuid.UUID], specs: list[Spec], sys_lens: list[int],
+    env: ServiceEnv,
+    config: str,
+    ids: list[uuid.UUID],
+    specs: list[Spec],
+    sys_lens: list[int],
     workers: int,
-) -> Row:  # fmt: skip
+) -> Row:
     """The row for one configuration, from job_metrics (done jobs only)."""
     system = {i: s.system for i, s in zip(ids, specs, strict=True)}
     with env.db_engine.connect() as conn:
@@ -226,12 +250,18 @@ def collect(
     t0 = min(r["queued_at"] for r in facts)
     wall = (max(r["finished_at"] for r in facts) - t0).total_seconds()
     return Row(
-        config, [len(rows) for rows in per.values()],
-        cached / shareable_tokens(specs, sys_lens), hit_worker, cold,
+        config,
+        [len(rows) for rows in per.values()],
+        cached / shareable_tokens(specs, sys_lens),
+        hit_worker,
+        cold,
         cached / max(1, sum(r["prompt_tokens"] for r in facts)),
-        pct([r["total_s"] for r in facts]), pct([r["ttft_s"] for r in facts]),
-        sum(r["completion_tokens"] for r in facts) / wall, wall, len(facts),
-    )  # fmt: skip
+        pct([r["total_s"] for r in facts]),
+        pct([r["ttft_s"] for r in facts]),
+        sum(r["completion_tokens"] for r in facts) / wall,
+        wall,
+        len(facts),
+    )
 
 
 def run_config(
@@ -267,49 +297,81 @@ def run_kill(args: argparse.Namespace, specs: list[Spec], sys_lens: list[int]) -
             if time.monotonic() > deadline:
                 raise TimeoutError("a third of the jobs not done")
             time.sleep(0.5)
-        running = scalar_rows(env, "SELECT worker, count(*) FROM jobs WHERE status='running' "
-                                   "GROUP BY worker ORDER BY count(*) DESC, worker")  # fmt: skip
+        running = scalar_rows(
+            env,
+            "SELECT worker, count(*) FROM jobs WHERE status='running' "
+            "GROUP BY worker ORDER BY count(*) DESC, worker",
+        )
         if not running:
             raise SystemExit("no worker holds running jobs a third of the way: nothing to kill")
         victim = running[0][0]
         fl.procs[victim].send_signal(signal.SIGKILL)
         t_kill, killed_at = time.monotonic(), datetime.now(UTC)
         fl.procs[victim].wait()  # dead before its jobs are read: it writes nothing more
-        held = [r[0] for r in scalar_rows(
-            env, "SELECT id FROM jobs WHERE status='running' AND worker=:w", w=victim)]  # fmt: skip
+        held = [
+            r[0]
+            for r in scalar_rows(
+                env, "SELECT id FROM jobs WHERE status='running' AND worker=:w", w=victim
+            )
+        ]
         done_at_kill = scalar_rows(env, "SELECT count(*) FROM jobs WHERE status='done'")[0][0]
-        print(f"killed {victim} at {done_at_kill}/{n} done; running then: {dict(running)}; "
-              f"{len(held)} running on it", flush=True)  # fmt: skip
+        print(
+            f"killed {victim} at {done_at_kill}/{n} done; running then: {dict(running)}; "
+            f"{len(held)} running on it",
+            flush=True,
+        )
         recovery_s = None
         while time.monotonic() < deadline:
-            left = scalar_rows(env, "SELECT count(*) FROM jobs WHERE id = ANY(:ids) AND "
-                                    "status <> 'done'", ids=held)[0][0]  # fmt: skip
+            left = scalar_rows(
+                env, "SELECT count(*) FROM jobs WHERE id = ANY(:ids) AND status <> 'done'", ids=held
+            )[0][0]
             if left == 0 and recovery_s is None:
                 recovery_s = time.monotonic() - t_kill
                 print(f"all {len(held)} recovered after {recovery_s:.1f}s", flush=True)
-            ended = scalar_rows(env, "SELECT count(*) FROM jobs WHERE status IN "
-                                     "('done','failed','cancelled','expired')")[0][0]  # fmt: skip
+            ended = scalar_rows(
+                env,
+                "SELECT count(*) FROM jobs WHERE status IN ('done','failed','cancelled','expired')",
+            )[0][0]
             if ended == n and recovery_s is not None:
                 break
             time.sleep(1.0)
         row = collect(env, "bench/affinity+kill", ids, specs, sys_lens, args.workers)
-        requeued = scalar_rows(env, "SELECT min(requeued_at), max(requeued_at) FROM jobs "
-                                    "WHERE id = ANY(:ids)", ids=held)[0]  # fmt: skip
-        rerun = dict(scalar_rows(env, "SELECT worker, count(*) FROM job_metrics WHERE "
-                                      "job_id = ANY(:ids) GROUP BY worker", ids=held))  # fmt: skip
+        requeued = scalar_rows(
+            env,
+            "SELECT min(requeued_at), max(requeued_at) FROM jobs WHERE id = ANY(:ids)",
+            ids=held,
+        )[0]
+        rerun = dict(
+            scalar_rows(
+                env,
+                "SELECT worker, count(*) FROM job_metrics WHERE job_id = ANY(:ids) GROUP BY worker",
+                ids=held,
+            )
+        )
         lost, dupes = env.lost_and_duplicates(ids)
-        multi = scalar_rows(env, "SELECT job_id, count(*) FROM results GROUP BY job_id "
-                                 "HAVING count(*) > 1")  # fmt: skip
-        attempts = dict(scalar_rows(env, "SELECT attempts, count(*) FROM jobs GROUP BY attempts "
-                                         "ORDER BY attempts"))  # fmt: skip
+        multi = scalar_rows(
+            env, "SELECT job_id, count(*) FROM results GROUP BY job_id HAVING count(*) > 1"
+        )
+        attempts = dict(
+            scalar_rows(
+                env, "SELECT attempts, count(*) FROM jobs GROUP BY attempts ORDER BY attempts"
+            )
+        )
         unacked = redis.Redis.from_url(REDIS).hlen("unacked")
         row.extra = {
-            "victim": victim, "done_at_kill": done_at_kill, "running_at_kill": dict(running),
-            "held": len(held), "recovery_s": recovery_s, "done": n - lost, "lost": lost,
-            "duplicate_results": len(multi) + dupes, "attempts": attempts,
-            "redis_unacked_at_end": unacked, "rerun_on": rerun,
+            "victim": victim,
+            "done_at_kill": done_at_kill,
+            "running_at_kill": dict(running),
+            "held": len(held),
+            "recovery_s": recovery_s,
+            "done": n - lost,
+            "lost": lost,
+            "duplicate_results": len(multi) + dupes,
+            "attempts": attempts,
+            "redis_unacked_at_end": unacked,
+            "rerun_on": rerun,
             "requeued_after_s": [(t - killed_at).total_seconds() if t else None for t in requeued],
-        }  # fmt: skip
+        }
         return row
 
 
@@ -336,9 +398,8 @@ def write(args: argparse.Namespace, rows: list[Row]) -> str:
     text = (
         f"{args.workers} workers, {args.jobs} jobs, max_new {args.max_new}, {args.dtype}, "
         f"max_num_seqs {args.max_num_seqs}, KV {args.kv_cache_tokens} tokens"
-        f"{', worker env ' + ' '.join(args.env) if args.env else ''}\n\n"
-        + "\n".join(lines) + "\n"
-    )  # fmt: skip
+        f"{', worker env ' + ' '.join(args.env) if args.env else ''}\n\n" + "\n".join(lines) + "\n"
+    )
     (args.out / "scale_bench.md").write_text(text)
     params = {k: str(v) for k, v in vars(args).items()}
     data = {"args": params, "rows": [asdict(r) for r in rows]}
@@ -355,11 +416,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--kv-cache-tokens", type=int, default=16384)
-    parser.add_argument("--only", default=",".join(CONFIGS),
-                        help=f"comma-separated of {CONFIGS}, or none")  # fmt: skip
+    parser.add_argument(
+        "--only", default=",".join(CONFIGS), help=f"comma-separated of {CONFIGS}, or none"
+    )
     parser.add_argument("--kill", action="store_true", help="add the recovery run")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="one more worker environment variable (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more worker environment variable (repeatable)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="per run, seconds")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
@@ -370,8 +437,11 @@ def main() -> None:
     workloads, sys_lens = build_specs(args.jobs, args.seed, args.max_new)
     for name, specs in workloads.items():
         counts = Counter(s.system for s in specs)
-        print(f"{name}: jobs per system prompt {dict(sorted(counts.items()))}, "
-              f"system block tokens {sys_lens}", flush=True)  # fmt: skip
+        print(
+            f"{name}: jobs per system prompt {dict(sorted(counts.items()))}, "
+            f"system block tokens {sys_lens}",
+            flush=True,
+        )
     rows: list[Row] = []
     for config in (c for c in CONFIGS if c in only):
         rows.append(run_config(args, config, workloads[config.split("/")[0]], sys_lens))

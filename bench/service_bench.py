@@ -102,11 +102,15 @@ def engine_row(name: str, dtype: str, jobs) -> Row:
     outs = run_to_completion(engine, reqs)
     wall = max(o.finished_at for o in outs) - t0
     row = Row(
-        name, wall, sum(len(o.token_ids) for o in outs),
-        [o.finished_at - t0 for o in outs], [o.first_token_at - t0 for o in outs],
-        sum(o.finished_at - o.admitted_at for o in outs), sum(o.cached_tokens for o in outs),
+        name,
+        wall,
+        sum(len(o.token_ids) for o in outs),
+        [o.finished_at - t0 for o in outs],
+        [o.first_token_at - t0 for o in outs],
+        sum(o.finished_at - o.admitted_at for o in outs),
+        sum(o.cached_tokens for o in outs),
         {i: o.text for i, o in enumerate(outs)},
-    )  # fmt: skip
+    )
     del engine
     gc.collect()
     return row
@@ -197,13 +201,16 @@ def service_row(
         lag = [(v.queued_at - t0).total_seconds() for v in views]
         same = None if streamed is None else sum(streamed[v.id] == v.result.text for v in views)
         return Row(
-            name, wall, sum(v.result.completion_tokens for v in views),
+            name,
+            wall,
+            sum(v.result.completion_tokens for v in views),
             [g + v.metrics.total_s for g, v in zip(lag, views, strict=True)],
             [g + v.metrics.ttft_s for g, v in zip(lag, views, strict=True)],
             sum(v.metrics.total_s - v.metrics.queue_wait_s for v in views),
             sum(v.result.cached_tokens for v in views),
-            {i: v.result.text for i, v in enumerate(views)}, same,
-        )  # fmt: skip
+            {i: v.result.text for i, v in enumerate(views)},
+            same,
+        )
 
 
 def main() -> None:
@@ -226,8 +233,15 @@ def main() -> None:
     codec = RecordingCodec(TextCodec.from_model_dir(path))
     jobs, sys_lens = build_workload(tok, codec, args.jobs, args.seed, args.max_new)
     shareable = shareable_tokens(jobs, sys_lens)
-    header = ["row", "out tok/s", "p50 / p95 latency s", "p50 / p95 TTFT s",
-              "mean running seqs", "prefix hit", "wall s"]  # fmt: skip
+    header = [
+        "row",
+        "out tok/s",
+        "p50 / p95 latency s",
+        "p50 / p95 TTFT s",
+        "mean running seqs",
+        "prefix hit",
+        "wall s",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     summary, mismatched = [], False
     for dtype in args.dtypes.split(","):

@@ -33,9 +33,8 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 #: so a refusal says what was hit).
 METADATA = frozenset(
     ipaddress.ip_address(a)
-    for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200",
-              "192.0.0.192")
-)  # fmt: skip
+    for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "192.0.0.192")
+)
 #: Refused address classes, checked in order (anything else not global is "reserved").
 _CLASSES: tuple[tuple[str, tuple[IPNetwork, ...]], ...] = tuple(
     (name, tuple(ipaddress.ip_network(n) for n in nets))
@@ -146,8 +145,10 @@ class CallbackPolicy:
                 pass
             name = entry.lower().rstrip(".")
             if not _HOST_NAME.match(name):
-                raise ValueError(f"INFERQ_WEBHOOK_ALLOW: entry {n} is not a host name, an "
-                                 "address or a CIDR range")  # fmt: skip
+                raise ValueError(
+                    f"INFERQ_WEBHOOK_ALLOW: entry {n} is not a host name, an "
+                    "address or a CIDR range"
+                )
             names.add(name)
         return cls(frozenset(names), tuple(networks))
 

@@ -307,16 +307,32 @@ def cmd_prices_list(args: argparse.Namespace) -> int:
 
     prices, rates = list_prices(_engine())
     rows = [
-        {"kind": "price", "id": p.id, "target": p.model, "effective_from": p.effective_from,
-         "prompt_per_mtok": p.prompt_per_mtok, "cached_prompt_per_mtok": p.cached_prompt_per_mtok,
-         "completion_per_mtok": p.completion_per_mtok, "per_hour": None, "currency": p.currency}
+        {
+            "kind": "price",
+            "id": p.id,
+            "target": p.model,
+            "effective_from": p.effective_from,
+            "prompt_per_mtok": p.prompt_per_mtok,
+            "cached_prompt_per_mtok": p.cached_prompt_per_mtok,
+            "completion_per_mtok": p.completion_per_mtok,
+            "per_hour": None,
+            "currency": p.currency,
+        }
         for p in prices
     ] + [
-        {"kind": "rate", "id": r.id, "target": r.target, "effective_from": r.effective_from,
-         "prompt_per_mtok": None, "cached_prompt_per_mtok": None, "completion_per_mtok": None,
-         "per_hour": r.per_hour, "currency": r.currency}
+        {
+            "kind": "rate",
+            "id": r.id,
+            "target": r.target,
+            "effective_from": r.effective_from,
+            "prompt_per_mtok": None,
+            "cached_prompt_per_mtok": None,
+            "completion_per_mtok": None,
+            "per_hour": r.per_hour,
+            "currency": r.currency,
+        }
         for r in rates
-    ]  # fmt: skip
+    ]
     emit(rows, args.format, "prices (per million tokens) and compute rates", sys.stdout)
     return 0
 

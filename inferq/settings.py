@@ -190,9 +190,10 @@ class Settings(BaseSettings):
     webhook_backoff_cap_s: float = Field(1800.0, gt=0, description="the longest retry delay")
     webhook_senders: int = Field(4, ge=1, le=64, description="deliveries a worker runs at once")
     webhook_poll_s: float = Field(
-        1.0, gt=0, description="how often a worker looks for due deliveries (its own commits "
-        "wake it at once)",
-    )  # fmt: skip
+        1.0,
+        gt=0,
+        description="how often a worker looks for due deliveries (its own commits wake it at once)",
+    )
     dead_letters_per_minute: int = Field(
         10, ge=0, description="dead letters kept whole per reason and minute; more are folded"
     )
@@ -246,9 +247,11 @@ class Settings(BaseSettings):
         200 << 20, ge=1024, description="gateway: a larger uploaded file is refused (413)"
     )
     gateway_key_cache_s: float = Field(
-        5.0, ge=0, description="gateway: API key lookups are cached this long (a revoke "
+        5.0,
+        ge=0,
+        description="gateway: API key lookups are cached this long (a revoke "
         "takes at most this long to reach every replica)",
-    )  # fmt: skip
+    )
     gateway_models_cache_s: float = Field(
         2.0, ge=0, description="gateway: the live workers' models are re-read this often"
     )

@@ -297,8 +297,9 @@ class WebhookAttempt(Base):
         sa.Index("ix_webhook_attempts_started_at", "started_at"),
     )
 
-    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"),
-                                    primary_key=True, autoincrement=True)  # fmt: skip
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     delivery_id: Mapped[uuid.UUID] = mapped_column(
         sa.Uuid,
         sa.ForeignKey(

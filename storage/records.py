@@ -334,9 +334,17 @@ class JobView:
         return cls(**values)
 
 
-_VIEW_TYPES = {"id": uuid.UUID, "batch_id": uuid.UUID, "queued_at": datetime,
-               "started_at": datetime, "finished_at": datetime, "expires_at": datetime,
-               "list_cost": Decimal, "compute_cost": Decimal, "cache_savings": Decimal}  # fmt: skip
+_VIEW_TYPES = {
+    "id": uuid.UUID,
+    "batch_id": uuid.UUID,
+    "queued_at": datetime,
+    "started_at": datetime,
+    "finished_at": datetime,
+    "expires_at": datetime,
+    "list_cost": Decimal,
+    "compute_cost": Decimal,
+    "cache_savings": Decimal,
+}
 
 
 def _typed(kind: type | None, value: Any) -> Any:

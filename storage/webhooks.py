@@ -70,10 +70,20 @@ def body_of(row: Any) -> str:
 
 
 _ENDED = sa.select(
-    J.c.id, J.c.tenant, J.c.model, J.c.status, J.c.idempotency_key, J.c.error,
-    J.c.finished_at, R.c.job_id.label("r_job_id"), R.c.text, R.c.finish_reason,
-    R.c.prompt_tokens, R.c.completion_tokens, R.c.cached_tokens,
-).select_from(J.outerjoin(R, R.c.job_id == J.c.id))  # fmt: skip
+    J.c.id,
+    J.c.tenant,
+    J.c.model,
+    J.c.status,
+    J.c.idempotency_key,
+    J.c.error,
+    J.c.finished_at,
+    R.c.job_id.label("r_job_id"),
+    R.c.text,
+    R.c.finish_reason,
+    R.c.prompt_tokens,
+    R.c.completion_tokens,
+    R.c.cached_tokens,
+).select_from(J.outerjoin(R, R.c.job_id == J.c.id))
 
 
 def enqueue(conn: sa.Connection, job_ids: Iterable[uuid.UUID]) -> None:
@@ -90,10 +100,15 @@ def enqueue(conn: sa.Connection, job_ids: Iterable[uuid.UUID]) -> None:
             ~sent,
         )
         rows = [
-            {"id": uuid.uuid4(), "job_id": r.id, "tenant": r.tenant, "event": r.status,
-             "body": body_of(r)}
+            {
+                "id": uuid.uuid4(),
+                "job_id": r.id,
+                "tenant": r.tenant,
+                "event": r.status,
+                "body": body_of(r),
+            }
             for r in conn.execute(chosen)
-        ]  # fmt: skip
+        ]
         if rows:
             now = db_now(conn)
             for row in rows:
@@ -175,10 +190,11 @@ class Deliveries:
                 )
                 urls = {i: u for i, u in conn.execute(query)}
         return [
-            Claimed(r.id, r.job_id, r.tenant, urls.get(r.job_id), r.body, r.attempts,
-                    r.created_at, now)
+            Claimed(
+                r.id, r.job_id, r.tenant, urls.get(r.job_id), r.body, r.attempts, r.created_at, now
+            )
             for r in rows
-        ]  # fmt: skip
+        ]
 
     def record(
         self,
@@ -198,11 +214,17 @@ class Deliveries:
         with self.repo.writer.begin() as conn:
             now = db_now(conn)
             row = dict(
-                delivery_id=claimed.id, job_id=claimed.job_id, tenant=claimed.tenant,
-                attempt=claimed.attempt, status=outcome.status, http_status=outcome.http_status,
-                latency_ms=outcome.latency_ms, error=error, worker=worker,
+                delivery_id=claimed.id,
+                job_id=claimed.job_id,
+                tenant=claimed.tenant,
+                attempt=claimed.attempt,
+                status=outcome.status,
+                http_status=outcome.http_status,
+                latency_ms=outcome.latency_ms,
+                error=error,
+                worker=worker,
                 started_at=claimed.claimed_at,
-            )  # fmt: skip
+            )
             written = conn.execute(
                 dialect_insert(conn, A)
                 .values(row)
@@ -219,8 +241,10 @@ class Deliveries:
                 values = {"state": FAILED, "ended_at": now, "error": f"refused: {error}"}
             elif retry_at > claimed.created_at + timedelta(seconds=retry_for_s):
                 spent = (now - claimed.created_at).total_seconds()
-                reason = (f"gave up after {claimed.attempt} attempts in {spent:.0f} s (retried "
-                          f"for at most {retry_for_s:g} s); the last: {error}")  # fmt: skip
+                reason = (
+                    f"gave up after {claimed.attempt} attempts in {spent:.0f} s (retried "
+                    f"for at most {retry_for_s:g} s); the last: {error}"
+                )
                 values = {"state": FAILED, "ended_at": now, "error": reason}
             else:
                 values = {"next_attempt_at": retry_at}

@@ -61,8 +61,14 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, limit_s: float = 
 
 def complete(port: int, job: PeerJob, eos: set[int], t0: float) -> JobResult:
     """One streamed /completion; times are seconds since `t0`."""
-    body = {"prompt": job.prompt_ids, "n_predict": job.max_tokens, "temperature": 0,
-            "cache_prompt": True, "return_tokens": True, "stream": True}  # fmt: skip
+    body = {
+        "prompt": job.prompt_ids,
+        "n_predict": job.max_tokens,
+        "temperature": 0,
+        "cache_prompt": True,
+        "return_tokens": True,
+        "stream": True,
+    }
     resp = post(port, "/completion", body)
     if resp.status != 200:
         raise RuntimeError(f"{job.seq_id}: HTTP {resp.status}: {resp.read()[:500]!r}")
@@ -125,9 +131,25 @@ def main() -> None:
     settings, jobs = read_workload(args.workload)
     eos, n, port = set(settings["eos_ids"]), str(settings["threads"]), free_port()
     log = args.result.with_suffix(".server.log")
-    cmd = [str(args.server), "-m", str(args.gguf), "-t", n, "-tb", n, "-np", str(args.slots),
-           "-c", str(args.slots * 1024), "--host", "127.0.0.1", "--port", str(port),
-           "--slot-save-path", str(args.result.parent)]  # fmt: skip
+    cmd = [
+        str(args.server),
+        "-m",
+        str(args.gguf),
+        "-t",
+        n,
+        "-tb",
+        n,
+        "-np",
+        str(args.slots),
+        "-c",
+        str(args.slots * 1024),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--slot-save-path",
+        str(args.result.parent),
+    ]
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

@@ -55,14 +55,23 @@ def read_workload(path: Path) -> tuple[dict[str, Any], list[PeerJob]]:
 def write_workload(
     path: Path, model: str, eos_ids: list[int], threads: int, jobs: list[PeerJob]
 ) -> None:
-    body = {"model": model, "eos_ids": eos_ids, "threads": threads,
-            "jobs": [asdict(j) for j in jobs]}  # fmt: skip
+    body = {
+        "model": model,
+        "eos_ids": eos_ids,
+        "threads": threads,
+        "jobs": [asdict(j) for j in jobs],
+    }
     Path(path).write_text(json.dumps(body))
 
 
 def write_result(
     path: Path, system: str, settings: str, load_s: float, wall_s: float, jobs: list[JobResult]
 ) -> None:
-    body = {"system": system, "settings": settings, "load_s": load_s, "wall_s": wall_s,
-            "jobs": [asdict(j) for j in jobs]}  # fmt: skip
+    body = {
+        "system": system,
+        "settings": settings,
+        "load_s": load_s,
+        "wall_s": wall_s,
+        "jobs": [asdict(j) for j in jobs],
+    }
     Path(path).write_text(json.dumps(body))

@@ -75,8 +75,16 @@ def peer_runs(peers: list[str], dtype: str, tag: str, work: Path) -> list[PeerRu
     if "vllm" in peers:
         add(VLLM_ROW, [str(VLLM_PY), str(HERE / "vllm_row.py")], "--dtype", dtype)
     if "llama" in peers and tag in GGUF and GGUF[tag].exists():
-        add(LLAMA_ROW, [sys.executable, str(HERE / "llama_row.py")], "--server", str(LLAMA_SERVER),
-            "--gguf", str(GGUF[tag]), "--slots", str(SLOTS))  # fmt: skip
+        add(
+            LLAMA_ROW,
+            [sys.executable, str(HERE / "llama_row.py")],
+            "--server",
+            str(LLAMA_SERVER),
+            "--gguf",
+            str(GGUF[tag]),
+            "--slots",
+            str(SLOTS),
+        )
     return runs
 
 
@@ -114,8 +122,13 @@ def peer_rows(
         return []
     out.mkdir(parents=True, exist_ok=True)
     work = out / f"workload-{tag}.json"
-    write_workload(work, setup["model"], setup["eos_ids"], setup["threads"],
-                   [PeerJob(j.seq_id, j.prompt_ids, j.max_tokens) for j in jobs])  # fmt: skip
+    write_workload(
+        work,
+        setup["model"],
+        setup["eos_ids"],
+        setup["threads"],
+        [PeerJob(j.seq_id, j.prompt_ids, j.max_tokens) for j in jobs],
+    )
     env = {"HF_HUB_OFFLINE": "1", **os.environ}  # local model dir: nothing to fetch
     rows = []
     for run in peer_runs(peers, dtype, tag, work):
@@ -123,16 +136,24 @@ def peer_rows(
         start = time.perf_counter()
         try:
             with run.log.open("w") as f:
-                subprocess.run(run.cmd, stdout=f, stderr=subprocess.STDOUT, check=True,
-                               timeout=TIMEOUT_S, env=env)  # fmt: skip
+                subprocess.run(
+                    run.cmd,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    check=True,
+                    timeout=TIMEOUT_S,
+                    env=env,
+                )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             notes.append(f"- {run.name}: no row ({type(e).__name__}; log {run.log})")
             continue
         result = json.loads(run.result.read_text())
         rows.append(result_row(run.name, result, jobs, shareable))
         setup_s = time.perf_counter() - start - result["wall_s"]
-        notes.append(f"- {run.name}: {result['system']}, {result['settings']}; start-up and "
-                     f"warm-up {setup_s:.0f}s, not in wall")  # fmt: skip
+        notes.append(
+            f"- {run.name}: {result['system']}, {result['settings']}; start-up and "
+            f"warm-up {setup_s:.0f}s, not in wall"
+        )
     return rows
 
 
@@ -154,8 +175,9 @@ def peer_verdicts(rows: dict[str, Row], tags: list[str]) -> list[str]:
         peers = [r for r in rows.values() if r.tag == tag and is_peer(r.name)]
         if ref is None:
             continue
-        lines += [f"- greedy tokens equal to {ref.name}: {r.name} {same_tokens(r, ref)}"
-                  for r in peers]  # fmt: skip
+        lines += [
+            f"- greedy tokens equal to {ref.name}: {r.name} {same_tokens(r, ref)}" for r in peers
+        ]
         vllm = rows.get(f"{VLLM_ROW} {tag}")
         if vllm is not None:
             x = ref.tps / vllm.tps

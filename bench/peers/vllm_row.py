@@ -41,12 +41,18 @@ def main() -> None:
     from vllm.sampling_params import SamplingParams as Sampling
 
     def params(max_tokens: int, kind: RequestOutputKind = RequestOutputKind.DELTA) -> Sampling:
-        return Sampling(temperature=0.0, max_tokens=max_tokens, stop_token_ids=sorted(eos),
-                        output_kind=kind)  # fmt: skip
+        return Sampling(
+            temperature=0.0, max_tokens=max_tokens, stop_token_ids=sorted(eos), output_kind=kind
+        )
 
     start = time.perf_counter()
-    llm = LLM(model=settings["model"], dtype=args.dtype, block_size=args.block_size,
-              enable_prefix_caching=True, seed=0)  # fmt: skip
+    llm = LLM(
+        model=settings["model"],
+        dtype=args.dtype,
+        block_size=args.block_size,
+        enable_prefix_caching=True,
+        seed=0,
+    )
     load_s = time.perf_counter() - start
     warm = [TokensPrompt(prompt_token_ids=j.prompt_ids) for j in jobs[:2]]
     llm.generate(warm, params(8, RequestOutputKind.CUMULATIVE), use_tqdm=False)
@@ -55,8 +61,9 @@ def main() -> None:
     engine = llm.llm_engine
     t0 = time.perf_counter()
     for j in jobs:
-        engine.add_request(j.seq_id, TokensPrompt(prompt_token_ids=j.prompt_ids),
-                           params(j.max_tokens))  # fmt: skip
+        engine.add_request(
+            j.seq_id, TokensPrompt(prompt_token_ids=j.prompt_ids), params(j.max_tokens)
+        )
     tokens: dict[str, list[int]] = {j.seq_id: [] for j in jobs}  # DELTA: new ids per step
     first: dict[str, float] = {}
     done: dict[str, tuple[float, int]] = {}  # seq_id: (latency, cached prompt tokens)
@@ -77,8 +84,10 @@ def main() -> None:
         (end, cached), (kept, stopped) = done[j.seq_id], strip_eos(tokens[j.seq_id], eos)
         results.append(JobResult(j.seq_id, kept, stopped, cached, end, first.get(j.seq_id)))
     bind = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
-    setup = (f"APC on, block {args.block_size}, OMP bind {bind}, "
-             f"KV {os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB")  # fmt: skip
+    setup = (
+        f"APC on, block {args.block_size}, OMP bind {bind}, "
+        f"KV {os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB"
+    )
     write_result(args.result, f"vLLM {__version__} CPU", setup, load_s, wall_s, results)
     print(f"vllm {args.dtype}: {len(jobs)} jobs in {wall_s:.1f}s (load {load_s:.1f}s)")
 

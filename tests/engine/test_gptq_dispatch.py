@@ -145,8 +145,9 @@ def test_default_model_linears_all_dispatch(gptq_engine: PagedEngine) -> None:
 
 @pytest.mark.model
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("name", ["self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj",
-                                  "mlp.down_proj"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj", "mlp.down_proj"]
+)
 def test_default_model_many_row_path_matches_int4(
     gptq_engine: PagedEngine, name: str, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

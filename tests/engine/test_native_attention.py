@@ -34,8 +34,10 @@ def reference(q, k_cache, v_cache, tables, seq_of, ctx_len, block_size, scale, w
     for t in range(tokens):
         n = int(ctx_len[t])
         lo = max(0, n - window) if window else 0
-        slots = [int(tables[seq_of[t], p // block_size]) * block_size + p % block_size
-                 for p in range(lo, n)]  # fmt: skip
+        slots = [
+            int(tables[seq_of[t], p // block_size]) * block_size + p % block_size
+            for p in range(lo, n)
+        ]
         k = k_cache[:, slots].double().repeat_interleave(g, 0)  # [heads, n, d]
         v = v_cache[:, slots].double().repeat_interleave(g, 0)
         w = (q[t].double()[:, None, :] @ k.transpose(1, 2) * scale).softmax(-1)
@@ -96,10 +98,12 @@ def test_a_sliding_window_matches_dense_attention(dtype, tol, window):
     tiled = step(tables, seq_of, ctx_len, [(0, 3, 0, 80)], [80] * 3 + [0, 0])
     layout = tiled.windowed(window)
     q = torch.randn(len(seq_of), heads, dim, generator=gen).to(dtype)
-    got = native.paged_attention(q, k_cache.contiguous(), v_cache.contiguous(), layout, block,
-                                 dim**-0.5)  # fmt: skip
-    want = reference(q, k_cache, v_cache, layout.tables, layout.seq_of, layout.ctx_len, block,
-                     dim**-0.5, window)  # fmt: skip
+    got = native.paged_attention(
+        q, k_cache.contiguous(), v_cache.contiguous(), layout, block, dim**-0.5
+    )
+    want = reference(
+        q, k_cache, v_cache, layout.tables, layout.seq_of, layout.ctx_len, block, dim**-0.5, window
+    )
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
     tiled.key_lo = layout.key_lo  # a first key per token with tiles: refused, not wrong
     with pytest.raises(ValueError, match="limits"):
@@ -119,10 +123,12 @@ def test_a_wide_tile_matches_dense_attention(dtype, tol, dim):
     ctx_len = [shared + 2 + s % 20 for s in range(seqs)]  # 152-171: into its own blocks
     layout = step(tables, list(range(seqs)), ctx_len, [(0, seqs, 0, shared)], [shared] * seqs)
     q = torch.randn(seqs, heads, dim, generator=gen).to(dtype)
-    got = native.paged_attention(q, k_cache.contiguous(), v_cache.contiguous(), layout, block,
-                                 dim**-0.5)  # fmt: skip
-    want = reference(q, k_cache, v_cache, layout.tables, layout.seq_of, layout.ctx_len, block,
-                     dim**-0.5)  # fmt: skip
+    got = native.paged_attention(
+        q, k_cache.contiguous(), v_cache.contiguous(), layout, block, dim**-0.5
+    )
+    want = reference(
+        q, k_cache, v_cache, layout.tables, layout.seq_of, layout.ctx_len, block, dim**-0.5
+    )
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 

@@ -39,8 +39,14 @@ from storage.models import (
 DAY, HOUR = timedelta(days=1), timedelta(hours=1)
 LIST, SAVINGS, COMPUTE, FAILED_COMPUTE = (Decimal(v) for v in ("0.051", "0.009", "0.01", "0.004"))
 # (queue wait, TTFT, total, decode tokens/s) of tenant A's done jobs on model X, day 0
-A_X_LATENCIES = [(0.01, 0.1, 1.0, 10.0), (0.02, 0.2, 2.0, 20.0), (0.03, 0.3, 3.0, 30.0),
-                 (0.04, 0.4, 4.0, 40.0), (0.10, 1.0, 10.0, 100.0), None]  # fmt: skip
+A_X_LATENCIES = [
+    (0.01, 0.1, 1.0, 10.0),
+    (0.02, 0.2, 2.0, 20.0),
+    (0.03, 0.3, 3.0, 30.0),
+    (0.04, 0.4, 4.0, 40.0),
+    (0.10, 1.0, 10.0, 100.0),
+    None,
+]
 A_Y_LATENCIES = [(0.05, 0.5, 5.0, 50.0), (0.15, 1.5, 15.0, 150.0)]
 B_X_LATENCIES = [(t / 10, t, 2 * t, 10 * t) for t in map(float, range(1, 12))]
 USAGE = [  # (worker, model, hour offset, busy_s, idle_s, steps, seq_steps, prefill, decode,
@@ -79,29 +85,49 @@ class Dataset:
 Latency = tuple[float, float, float, float] | None
 
 
-def _metrics(ds: Dataset, tenant: str, model: str, status: str, at: datetime,
-             latency: Latency, priced: bool) -> dict[str, Any]:  # fmt: skip
+def _metrics(
+    ds: Dataset, tenant: str, model: str, status: str, at: datetime, latency: Latency, priced: bool
+) -> dict[str, Any]:
     """A job_metrics row (and what its jobs row needs) for one ended job."""
     done = status == "done"
     row: dict[str, Any] = {
-        "job_id": uuid.uuid4(), "tenant": ds.names[tenant], "model": ds.names[model],
-        "status": status, "worker": ds.w1, "device": "cpu", "attempts": 1, "finished_at": at,
-        "prompt_tokens": 10_000 if done else 0, "cached_prompt_tokens": 4_000 if done else 0,
+        "job_id": uuid.uuid4(),
+        "tenant": ds.names[tenant],
+        "model": ds.names[model],
+        "status": status,
+        "worker": ds.w1,
+        "device": "cpu",
+        "attempts": 1,
+        "finished_at": at,
+        "prompt_tokens": 10_000 if done else 0,
+        "cached_prompt_tokens": 4_000 if done else 0,
         "computed_prompt_tokens": 6_000 if done else 0,
-        "completion_tokens": 2_000 if done else 0, "compute_s": 12.5 if done else 5.0,
+        "completion_tokens": 2_000 if done else 0,
+        "compute_s": 12.5 if done else 5.0,
         "list_cost": LIST if done and priced else None,
         "cache_savings": SAVINGS if done and priced else None,
         "compute_cost": (COMPUTE if done else FAILED_COMPUTE) if status != "cancelled" else None,
-        "queue_wait_s": None, "ttft_s": None, "prefill_s": None, "decode_s": None,
-        "total_s": None, "decode_tokens_per_s": None, "first_token_at": None,
-    }  # fmt: skip
+        "queue_wait_s": None,
+        "ttft_s": None,
+        "prefill_s": None,
+        "decode_s": None,
+        "total_s": None,
+        "decode_tokens_per_s": None,
+        "first_token_at": None,
+    }
     if status == "cancelled":
         row["compute_s"] = 0.0
     if latency is not None:
         queue, ttft, total, rate = latency
-        row.update(queue_wait_s=queue, ttft_s=ttft, prefill_s=ttft - queue, decode_s=total - ttft,
-                   total_s=total, decode_tokens_per_s=rate,
-                   first_token_at=at - timedelta(seconds=total - ttft))  # fmt: skip
+        row.update(
+            queue_wait_s=queue,
+            ttft_s=ttft,
+            prefill_s=ttft - queue,
+            decode_s=total - ttft,
+            total_s=total,
+            decode_tokens_per_s=rate,
+            first_token_at=at - timedelta(seconds=total - ttft),
+        )
     return row
 
 
@@ -109,15 +135,19 @@ def _free_base(url: str) -> datetime:
     """Day 0 of a window in the past (1900-1982: tests that look at "since now" never see it)
     that no earlier dataset in this database uses (windows are drawn at random, and the
     datasets of earlier runs stay), a day either side included."""
-    windows = [(jobs_table, jobs_table.c.finished_at),
-               (dead_letters_table, dead_letters_table.c.received_at),
-               (worker_usage_table, worker_usage_table.c.hour)]  # fmt: skip
+    windows = [
+        (jobs_table, jobs_table.c.finished_at),
+        (dead_letters_table, dead_letters_table.c.received_at),
+        (worker_usage_table, worker_usage_table.c.hour),
+    ]
     with make_engine(url).connect() as conn:
         while True:
             base = datetime(1900, 1, 1, tzinfo=UTC) + 3 * DAY * (uuid.uuid4().int % 10_000)
             lo, hi = base - DAY, base + 3 * DAY
-            used = [sa.select(sa.literal(1)).select_from(t).where(at >= lo, at < hi).limit(1)
-                    for t, at in windows]  # fmt: skip
+            used = [
+                sa.select(sa.literal(1)).select_from(t).where(at >= lo, at < hi).limit(1)
+                for t, at in windows
+            ]
             if not any(conn.execute(q).first() for q in used):
                 return base
 
@@ -131,8 +161,14 @@ def build(url: str) -> Dataset:
     minute = timedelta(minutes=1)
     errors: dict[uuid.UUID, str | None] = {}
 
-    def add(tenant: str, model: str, status: str, at: datetime, latency: Any = None,
-            error: str | None = None) -> None:  # fmt: skip
+    def add(
+        tenant: str,
+        model: str,
+        status: str,
+        at: datetime,
+        latency: Any = None,
+        error: str | None = None,
+    ) -> None:
         row = _metrics(ds, tenant, model, status, at, latency, priced=model == "x")
         ds.jobs.append(row)
         errors[row["job_id"]] = error
@@ -155,34 +191,75 @@ def build(url: str) -> Dataset:
     with make_engine(url).begin() as conn:
         price = conn.execute(
             sa.insert(prices_table).returning(prices_table.c.id),
-            {"model": ds.x, "effective_from": base - DAY, "prompt_per_mtok": Decimal(3),
-             "cached_prompt_per_mtok": Decimal("0.75"), "completion_per_mtok": Decimal(15)},
-        ).scalar_one()  # fmt: skip
+            {
+                "model": ds.x,
+                "effective_from": base - DAY,
+                "prompt_per_mtok": Decimal(3),
+                "cached_prompt_per_mtok": Decimal("0.75"),
+                "completion_per_mtok": Decimal(15),
+            },
+        ).scalar_one()
         rate = conn.execute(
             sa.insert(compute_rates_table).returning(compute_rates_table.c.id),
             {"target": ds.w1, "effective_from": base - DAY, "per_hour": Decimal("2.88")},
         ).scalar_one()
-        conn.execute(sa.insert(jobs_table), [
-            {"id": r["job_id"], "tenant": r["tenant"], "model": r["model"], "params": {},
-             "status": r["status"], "queued_at": r["finished_at"] - DAY, "attempts": 1,
-             "finished_at": r["finished_at"], "worker": r["worker"], "priority": 0,
-             "error": errors[r["job_id"]]}
-            for r in ds.jobs
-        ])  # fmt: skip
+        conn.execute(
+            sa.insert(jobs_table),
+            [
+                {
+                    "id": r["job_id"],
+                    "tenant": r["tenant"],
+                    "model": r["model"],
+                    "params": {},
+                    "status": r["status"],
+                    "queued_at": r["finished_at"] - DAY,
+                    "attempts": 1,
+                    "finished_at": r["finished_at"],
+                    "worker": r["worker"],
+                    "priority": 0,
+                    "error": errors[r["job_id"]],
+                }
+                for r in ds.jobs
+            ],
+        )
         for r in ds.jobs:
-            r.update(price_id=price if r["list_cost"] is not None else None,
-                     rate_id=rate if r["compute_cost"] is not None else None)  # fmt: skip
+            r.update(
+                price_id=price if r["list_cost"] is not None else None,
+                rate_id=rate if r["compute_cost"] is not None else None,
+            )
         conn.execute(sa.insert(job_metrics_table), ds.jobs)
-        keys = ("worker", "model", "hour", "busy_s", "idle_s", "steps", "seq_steps",
-                "prefill_tokens", "decode_tokens", "recompute_tokens", "cache_queried_tokens",
-                "cache_hit_tokens")  # fmt: skip
-        conn.execute(sa.insert(worker_usage_table), [
-            dict(zip(keys, (names[w], names[m], base + offset, *figures), strict=True))
-            | {"device": "cpu"} for w, m, offset, *figures in USAGE
-        ])  # fmt: skip
-        conn.execute(sa.insert(dead_letters_table), [
-            {"received_at": at, "reason": reason, "error": f"{reason}: details"}
-            for at, reason in ((base + HOUR, "invalid job"), (base + 2 * HOUR, "invalid job"),
-                               (base + DAY, "not json"), (ds.until, "not json"))
-        ])  # fmt: skip
+        keys = (
+            "worker",
+            "model",
+            "hour",
+            "busy_s",
+            "idle_s",
+            "steps",
+            "seq_steps",
+            "prefill_tokens",
+            "decode_tokens",
+            "recompute_tokens",
+            "cache_queried_tokens",
+            "cache_hit_tokens",
+        )
+        conn.execute(
+            sa.insert(worker_usage_table),
+            [
+                dict(zip(keys, (names[w], names[m], base + offset, *figures), strict=True))
+                | {"device": "cpu"}
+                for w, m, offset, *figures in USAGE
+            ],
+        )
+        conn.execute(
+            sa.insert(dead_letters_table),
+            [
+                {"received_at": at, "reason": reason, "error": f"{reason}: details"}
+                for at, reason in (
+                    (base + HOUR, "invalid job"),
+                    (base + 2 * HOUR, "invalid job"),
+                    (base + DAY, "not json"),
+                    (ds.until, "not json"),
+                )
+            ],
+        )
     return ds

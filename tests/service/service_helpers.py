@@ -104,18 +104,20 @@ def envelope(
     headers = {"task": task, "id": str(task_id or uuid.uuid4()), "lang": "py"}
     if origin is not None:
         headers["origin"] = origin  # Celery's producer host header
-    return json.dumps({
-        "body": base64.b64encode(raw).decode(),
-        "content-encoding": "utf-8",
-        "content-type": content_type,
-        "headers": headers,
-        "properties": {
-            "delivery_tag": tag or str(uuid.uuid4()),
-            "delivery_info": {"exchange": queue, "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-        },
-    })  # fmt: skip
+    return json.dumps(
+        {
+            "body": base64.b64encode(raw).decode(),
+            "content-encoding": "utf-8",
+            "content-type": content_type,
+            "headers": headers,
+            "properties": {
+                "delivery_tag": tag or str(uuid.uuid4()),
+                "delivery_info": {"exchange": queue, "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+            },
+        }
+    )
 
 
 def workers_of(repo: Repository, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:

@@ -19,8 +19,11 @@ from storage.repository import Repository
 from worker.engine.null import NullEngine
 
 pytestmark = pytest.mark.services
-PRICE = {"prompt": Decimal("0.15"), "cached_prompt": Decimal("0.075"),
-         "completion": Decimal("0.60")}  # fmt: skip
+PRICE = {
+    "prompt": Decimal("0.15"),
+    "cached_prompt": Decimal("0.075"),
+    "completion": Decimal("0.60"),
+}
 RATE = Decimal("3.60")  # per hour: a cent per 10 s
 SYSTEM = {
     "role": "system",
@@ -57,8 +60,10 @@ def test_jobs_carry_their_compute_and_costs(service_settings, paged_engine) -> N
     client = InferqClient(settings).for_tenant(tenant)
     with running_worker(settings, {model: paged_engine}):
         questions = ["Where is Rome?", "Where is Oslo?", "Where is Lima?", "Where is Cairo?"]
-        first = client.submit(messages=[SYSTEM, {"role": "user", "content": "Where is Bern?"}],
-                              params={"max_tokens": 8})  # fmt: skip
+        first = client.submit(
+            messages=[SYSTEM, {"role": "user", "content": "Where is Bern?"}],
+            params={"max_tokens": 8},
+        )
         client.wait(first, timeout=120)
         later = client.submit_many(
             {"messages": [SYSTEM, {"role": "user", "content": q}], "params": {"max_tokens": 8}}
@@ -87,8 +92,11 @@ def test_jobs_carry_their_compute_and_costs(service_settings, paged_engine) -> N
         assert f.queue_wait_s == pytest.approx((f.admitted_at - f.enqueued_at).total_seconds())
         assert f.ttft_s == pytest.approx((f.first_token_at - f.enqueued_at).total_seconds())
         uncached = f.prompt_tokens - f.cached_prompt_tokens
-        list_cost = (uncached * PRICE["prompt"] + f.cached_prompt_tokens * PRICE["cached_prompt"]
-                     + f.completion_tokens * PRICE["completion"]) / 1_000_000  # fmt: skip
+        list_cost = (
+            uncached * PRICE["prompt"]
+            + f.cached_prompt_tokens * PRICE["cached_prompt"]
+            + f.completion_tokens * PRICE["completion"]
+        ) / 1_000_000
         assert f.list_cost == list_cost.quantize(Decimal("1e-10"))
         savings = f.cached_prompt_tokens * (PRICE["prompt"] - PRICE["cached_prompt"]) / 1_000_000
         assert f.cache_savings == savings.quantize(Decimal("1e-10"))
@@ -133,8 +141,11 @@ def test_queue_wait_counts_from_the_producer_clock(service_settings) -> None:
     """A message without `submitted_at` has no known enqueue time: its queue wait is NULL,
     not the time since the worker saw it; one with it counts the time spent in Redis."""
     app, now = producer(service_settings), datetime.now(UTC)
-    sent = {uuid.uuid4(): None, uuid.uuid4(): now - timedelta(seconds=30),
-            uuid.uuid4(): now - timedelta(days=40)}  # fmt: skip
+    sent = {
+        uuid.uuid4(): None,
+        uuid.uuid4(): now - timedelta(seconds=30),
+        uuid.uuid4(): now - timedelta(days=40),
+    }
     for job_id, at in sent.items():
         kwargs = {"job_id": str(job_id), "prompt": "hello", "model": "null"}
         if at is not None:
@@ -176,9 +187,11 @@ def test_every_ended_job_has_facts_and_null_engine_compute_sums_to_busy(service_
     with service.repo.engine.connect() as conn:
         reasons = dict(
             conn.execute(
-                sa.text("SELECT kind || '/' || reason, count FROM failures_daily "
-                        "WHERE kind <> 'dead_letter' AND reason LIKE :r"),
+                sa.text(
+                    "SELECT kind || '/' || reason, count FROM failures_daily "
+                    "WHERE kind <> 'dead_letter' AND reason LIKE :r"
+                ),
                 {"r": "unknown model 'no-such-model'%"},
             ).all()
-        )  # fmt: skip
+        )
     assert reasons.get("failed/unknown model 'no-such-model'", 0) >= 1

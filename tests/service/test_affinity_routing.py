@@ -32,8 +32,10 @@ def _wait_registered(settings, names: set[str], timeout: float = 10.0) -> None:
     client = redis.Redis.from_url(settings.broker_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        entries = {k.decode(): json.loads(v) for k, v in
-                   client.hgetall(f"inferq:workers:{settings.queue}").items()}  # fmt: skip
+        entries = {
+            k.decode(): json.loads(v)
+            for k, v in client.hgetall(f"inferq:workers:{settings.queue}").items()
+        }
         if names <= {n for n, e in entries.items() if time.time() - e["seen"] < 2}:
             time.sleep(1.2)  # every router has refreshed its view once more
             return
@@ -63,9 +65,13 @@ def test_jobs_sharing_a_prefix_meet_on_the_worker_that_owns_it(service_settings)
         ]
         _wait_registered(services[0].settings, set(names))
         client = InferqClient(_settings(service_settings, "client"))
-        jobs = {owner: client.submit_many({"prompt": f"{text} question {q}?",
-                                           "params": {"max_tokens": 2}} for q in range(SLACK - 1))
-                for owner, text in prefixes.items()}  # fmt: skip
+        jobs = {
+            owner: client.submit_many(
+                {"prompt": f"{text} question {q}?", "params": {"max_tokens": 2}}
+                for q in range(SLACK - 1)
+            )
+            for owner, text in prefixes.items()
+        }
         ids = [j for group in jobs.values() for j in group]
         views = wait_for(services[0].repo, ids, timeout=60)
         ran_on = workers_of(services[0].repo, ids)
@@ -82,9 +88,10 @@ def test_a_dead_workers_queue_is_drained_by_the_live_ones(service_settings) -> N
     broker.hset(registry, "aff-ghost", json.dumps(gone))
     stranded = uuid.uuid4()
     producer(settings).send_task(
-        "inferq.generate", queue=affinity_queue(settings.queue, "aff-ghost"),
+        "inferq.generate",
+        queue=affinity_queue(settings.queue, "aff-ghost"),
         kwargs={"job_id": str(stranded), "prompt": "waiting for a dead worker", "model": "null"},
-    )  # fmt: skip
+    )
     started = time.monotonic()
     with running_worker(settings, {"null": NullEngine()}) as service:
         view = wait_for(service.repo, [stranded], timeout=30)[stranded]
@@ -100,9 +107,10 @@ def test_messages_a_dead_worker_had_taken_come_back_within_seconds(service_setti
     settings = _settings(service_settings, "aff-live")
     job = uuid.uuid4()
     producer(settings).send_task(
-        "inferq.generate", queue=settings.queue,
+        "inferq.generate",
+        queue=settings.queue,
         kwargs={"job_id": str(job), "prompt": "taken by a worker that then died", "model": "null"},
-    )  # fmt: skip
+    )
     ghost = RedisSource(_settings(service_settings, "aff-ghost"), "aff-ghost", ["null"])
     assert len(ghost.receive(10, 2.0)) == 1  # taken, never acknowledged
     ghost.close()  # its heartbeat stops: dead 3 s later (affinity_dead_after_s)

@@ -54,8 +54,12 @@ print(json.dumps(out))
 def _produce(url: str, queue: str, cases: list[dict]) -> dict:
     done = subprocess.run(
         [sys.executable, "-c", PRODUCER, url, queue, json.dumps(cases)],
-        capture_output=True, text=True, timeout=300, check=False, cwd="/",
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd="/",
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     out = json.loads(done.stdout)
     assert out.pop("loaded") == []  # a producer with nothing of inferq
@@ -69,11 +73,13 @@ def test_a_plain_celery_producer_gets_success_failure_and_expiry(
     long_prompt = "word " * 400
     stale = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
     cases = [
-        {"name": "ok", "kwargs": {"prompt": "The capital of France is",
-                                  "params": {"max_tokens": 6}}},
+        {
+            "name": "ok",
+            "kwargs": {"prompt": "The capital of France is", "params": {"max_tokens": 6}},
+        },
         {"name": "refused", "kwargs": {"prompt": long_prompt, "params": {"max_tokens": 4}}},
         {"name": "expired", "kwargs": {"prompt": "Late.", "submitted_at": stale, "ttl_s": 1}},
-    ]  # fmt: skip
+    ]
     with running_worker(settings, {paged_engine.model_name: paged_engine}) as worker:
         out = _produce(settings.broker_url, settings.queue, cases)
         views = worker.repo.get_many([uuid.UUID(out[c["name"]]["id"]) for c in cases])
@@ -103,13 +109,22 @@ def test_a_plain_celery_producer_gets_success_failure_and_expiry(
 def test_celery_revoke_cancels_queued_and_running_jobs(service_settings, paged_engine) -> None:
     early = str(uuid.uuid4())
     cases = [
-        {"name": "early", "task_id": early, "revoke_first": True,
-         "kwargs": {"prompt": "Never run.", "params": {"max_tokens": 4}}},
-        {"name": "running", "revoke_when_started": True,
-         "kwargs": {"prompt": "Count slowly from one to one thousand:",
-                    "params": {"max_tokens": 400}}},
+        {
+            "name": "early",
+            "task_id": early,
+            "revoke_first": True,
+            "kwargs": {"prompt": "Never run.", "params": {"max_tokens": 4}},
+        },
+        {
+            "name": "running",
+            "revoke_when_started": True,
+            "kwargs": {
+                "prompt": "Count slowly from one to one thousand:",
+                "params": {"max_tokens": 400},
+            },
+        },
         {"name": "after", "kwargs": {"prompt": "Say hi.", "params": {"max_tokens": 4}}},
-    ]  # fmt: skip
+    ]
     with running_worker(service_settings, {paged_engine.model_name: paged_engine}) as worker:
         out = _produce(service_settings.broker_url, service_settings.queue, cases)
         views = worker.repo.get_many([uuid.UUID(out[c["name"]]["id"]) for c in cases])

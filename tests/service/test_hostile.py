@@ -38,13 +38,21 @@ def test_hostile_messages_never_stop_the_worker(service_settings, paged_engine) 
     names = ("nul", "surrogate", "nan", "future", "after", "tiny", "alice", "accent")
     ids = {name: uuid.uuid4() for name in names}
     raw_jobs = {  # a job row each: refused as invalid or run
-        "future": _job_body(job_id=str(ids["future"]), prompt="Hi", params={"max_tokens": 2},
-                            submitted_at="9999-01-01T00:00:00Z"),
-        "tiny": _job_body(job_id=str(ids["tiny"]), prompt="Hi",
-                          params={"max_tokens": 2, "temperature": 1e-300, "seed": 1}),
-        "alice": _job_body(job_id=str(ids["alice"]), tenant="alice", prompt="Say hi.",
-                           params={"max_tokens": 3}),
-    }  # fmt: skip
+        "future": _job_body(
+            job_id=str(ids["future"]),
+            prompt="Hi",
+            params={"max_tokens": 2},
+            submitted_at="9999-01-01T00:00:00Z",
+        ),
+        "tiny": _job_body(
+            job_id=str(ids["tiny"]),
+            prompt="Hi",
+            params={"max_tokens": 2, "temperature": 1e-300, "seed": 1},
+        ),
+        "alice": _job_body(
+            job_id=str(ids["alice"]), tenant="alice", prompt="Say hi.", params={"max_tokens": 3}
+        ),
+    }
     hostile = [
         "not json at all",
         json.dumps({"body": "%%% not base64", "properties": {"body_encoding": "base64"}}),
@@ -83,8 +91,12 @@ def test_hostile_messages_never_stop_the_worker(service_settings, paged_engine) 
     started = datetime.now(UTC)
     for item in hostile:
         r.lpush(q, item)
-    r.lpush(q, _envelope(q, _job_body(job_id=str(ids["after"]), prompt="Say hi.",
-                                      params={"max_tokens": 3})))  # fmt: skip
+    r.lpush(
+        q,
+        _envelope(
+            q, _job_body(job_id=str(ids["after"]), prompt="Say hi.", params={"max_tokens": 3})
+        ),
+    )
     with running_worker(settings, {paged_engine.model_name: paged_engine}) as worker:
         served = [ids[name] for name in ("future", "after", "tiny", "alice")]
         views = wait_for(worker.repo, served)
@@ -108,8 +120,7 @@ def test_hostile_messages_never_stop_the_worker(service_settings, paged_engine) 
     assert "signature" in invalid[ids["accent"]]["error"]
     [taken] = [d for d in letters if d["reason"] == "job id taken"]
     assert taken["job_id"] == ids["alice"] and "mallory" in taken["payload"]["body"]
-    assert any(d["reason"] == "undecodable message" and "Recursion" in d["error"]
-               for d in letters)  # fmt: skip
+    assert any(d["reason"] == "undecodable message" and "Recursion" in d["error"] for d in letters)
     big = next(d for d in letters if d["reason"] == "message too large")
     assert big["payload"]["truncated"] and big["payload"]["size"] > 2 << 20
     assert len(big["payload"]["body"]) <= 64 << 10

@@ -85,8 +85,15 @@ def test_sigterm_mid_run_drains_then_hands_the_rest_back_at_once(
         {"prompt": f"List {n} animals:", "params": PARAMS} for n in range(JOBS)
     )
     log = tmp_path / "worker.log"
-    first = worker_process(service_settings, model_path, log, "draining", INFERQ_DRAIN_S="1",
-                          INFERQ_VISIBILITY_TIMEOUT_S="3600", **SLOW)  # fmt: skip
+    first = worker_process(
+        service_settings,
+        model_path,
+        log,
+        "draining",
+        INFERQ_DRAIN_S="1",
+        INFERQ_VISIBILITY_TIMEOUT_S="3600",
+        **SLOW,
+    )
     try:
         _wait(
             lambda: "running" in repo.statuses(ids).values(),

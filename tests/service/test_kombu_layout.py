@@ -52,8 +52,12 @@ def kombu_version(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path, redis_url: str):
-    return get_settings(home=tmp_path / "home", broker_url=redis_url, affinity=False,
-                        queue=f"inferq-kombu-{uuid.uuid4().hex[:8]}")  # fmt: skip
+    return get_settings(
+        home=tmp_path / "home",
+        broker_url=redis_url,
+        affinity=False,
+        queue=f"inferq-kombu-{uuid.uuid4().hex[:8]}",
+    )
 
 
 @contextmanager
@@ -65,8 +69,12 @@ def _kombu(settings) -> Iterator[Connection]:
 
 def _send(settings, priority: int = 0) -> JobMessage:
     """One job published by Celery (our client's way: `send_job`, signed)."""
-    job = JobMessage(prompt=f"kombu layout at priority {priority}", tenant="acme",
-                     priority=priority, submitted_at=datetime.now(UTC))  # fmt: skip
+    job = JobMessage(
+        prompt=f"kombu layout at priority {priority}",
+        tenant="acme",
+        priority=priority,
+        submitted_at=datetime.now(UTC),
+    )
     send_job(producer_app(settings), settings.queue, job, KEY)
     return job
 
@@ -88,7 +96,10 @@ def test_kombus_redis_constants_are_the_layouts(kombu_version: str, settings) ->
     with _kombu(settings) as conn:
         channel = conn.default_channel
         assert (channel.sep, channel.unacked_key, channel.unacked_index_key) == (
-            SEP, UNACKED, UNACKED_INDEX)  # fmt: skip
+            SEP,
+            UNACKED,
+            UNACKED_INDEX,
+        )
         assert list(channel.priority_steps) == PRIORITY_STEPS
         assert channel.visibility_timeout == settings.visibility_timeout_s
         q = settings.queue
@@ -110,8 +121,12 @@ def test_a_celery_job_is_taken_read_and_acknowledged_as_kombu_does(
     [kombus_item] = _items(r, q)
     with _kombu(settings) as conn:
         got = []
-        with Consumer(conn.default_channel, queues=[job_queue(settings)], accept=["json"],
-                      on_message=got.append):  # fmt: skip
+        with Consumer(
+            conn.default_channel,
+            queues=[job_queue(settings)],
+            accept=["json"],
+            on_message=got.append,
+        ):
             conn.drain_events(timeout=5)
         [kombus_message] = got
         ours_job = _send(settings)
@@ -181,8 +196,12 @@ def test_a_plain_kombu_consumer_consumes_what_we_pushed_back(kombu_version: str,
         source.close()
     got = []
     with _kombu(settings) as conn:
-        with Consumer(conn.default_channel, queues=[job_queue(settings)], accept=["json"],
-                      on_message=got.append):  # fmt: skip
+        with Consumer(
+            conn.default_channel,
+            queues=[job_queue(settings)],
+            accept=["json"],
+            on_message=got.append,
+        ):
             while len(got) < 2:
                 conn.drain_events(timeout=5)
         assert [m.headers["id"] for m in got] == [str(urgent.job_id), str(low.job_id)]

@@ -54,8 +54,9 @@ def test_redis_loses_everything_and_drops_connections_mid_run(service_settings, 
     client = InferqClient(settings)
     r = redis.Redis.from_url(settings.broker_url)
     with running_worker(settings, {paged_engine.model_name: paged_engine}):
-        ids = client.submit_many({"prompt": f"List {n} colors:", "params": {"max_tokens": 24}}
-                                 for n in range(10))  # fmt: skip
+        ids = client.submit_many(
+            {"prompt": f"List {n} colors:", "params": {"max_tokens": 24}} for n in range(10)
+        )
         deadline, repo = time.monotonic() + 60, records(settings)
         while not (  # every job taken (recorded), some running
             len(statuses := repo.statuses(ids)) == len(ids) and "running" in statuses.values()

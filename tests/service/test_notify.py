@@ -56,8 +56,7 @@ def _notify_connections(r: redis.Redis) -> list[dict]:
 
 @pytest.fixture
 def settings(tmp_path, redis_url):
-    return get_settings(home=tmp_path, broker_url=redis_url, result_poll_s=NO_POLL_S,
-                        tenant=TENANT)  # fmt: skip
+    return get_settings(home=tmp_path, broker_url=redis_url, result_poll_s=NO_POLL_S, tenant=TENANT)
 
 
 @pytest.fixture
@@ -131,8 +130,10 @@ def test_concurrent_waits_share_one_connection_and_all_wake(settings, r) -> None
     client = InferqClient(settings)
     ids = [uuid.uuid4() for _ in range(100)]
     ended: dict[uuid.UUID, str] = {}
-    threads = [threading.Thread(target=lambda i=i: ended.update({i: client.wait(i, 20).status}))
-               for i in ids]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda i=i: ended.update({i: client.wait(i, 20).status}))
+        for i in ids
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10

@@ -36,8 +36,10 @@ def test_database_away_logs_no_password_and_backs_off(redis_url: str, tmp_path: 
     log = tmp_path / "worker.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "inferq.cli", "worker", "--loglevel", "DEBUG"],
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         time.sleep(4)  # started, and failing
         cpu0 = _cpu_s(proc.pid)

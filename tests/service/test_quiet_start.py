@@ -31,8 +31,10 @@ def test_worker_start_prints_only_its_own_json_lines(
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     proc = subprocess.Popen(
         [sys.executable, "-m", "inferq.cli", "worker"],
-        env=env, stdout=out.open("wb"), stderr=err.open("wb"),
-    )  # fmt: skip
+        env=env,
+        stdout=out.open("wb"),
+        stderr=err.open("wb"),
+    )
     try:
         deadline = time.monotonic() + 180
         while "worker.ready" not in err.read_text() and time.monotonic() < deadline:

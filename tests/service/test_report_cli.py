@@ -58,8 +58,10 @@ def test_usage_as_json_csv_and_table(inferq: Run, ds: Dataset) -> None:
     code, out, _ = inferq("report", "usage", "--model", ds.x, "--format", "csv", *_window(ds))
     assert code == 0
     table = list(csv.DictReader(io.StringIO(out)))
-    assert [(r["tenant"], r["jobs"], r["done"]) for r in table] == [(ds.a, "10", "6"),
-                                                                    (ds.b, "13", "11")]  # fmt: skip
+    assert [(r["tenant"], r["jobs"], r["done"]) for r in table] == [
+        (ds.a, "10", "6"),
+        (ds.b, "13", "11"),
+    ]
     assert Decimal(table[1]["list_cost"]) == Decimal("0.561")
 
     code, out, _ = inferq("report", "--tenant", ds.a, *_window(ds))
@@ -77,8 +79,9 @@ def test_latency_engine_failures_and_jobs(inferq: Run, ds: Dataset) -> None:
     assert float(rows[0]["ttft_s_p95"]) == pytest.approx(0.88)
     assert float(rows[1]["total_s_p99"]) == pytest.approx(21.8)
 
-    code, out, _ = inferq("report", "engine", "--worker", ds.w1, "--by", "day", "--format",
-                          "json", *_window(ds))  # fmt: skip
+    code, out, _ = inferq(
+        "report", "engine", "--worker", ds.w1, "--by", "day", "--format", "json", *_window(ds)
+    )
     assert code == 0
     (day,) = json.loads(out)
     assert (day["busy_share"], day["prefix_hit_rate"]) == (0.375, 0.5)
@@ -88,8 +91,9 @@ def test_latency_engine_failures_and_jobs(inferq: Run, ds: Dataset) -> None:
     failures = [(r["kind"], r["reason"], r["count"]) for r in json.loads(out)]
     assert ("failed", "CUDA OOM", 2) in failures and ("dead_letter", "not json", 1) in failures
 
-    code, out, _ = inferq("report", "jobs", "--tenant", ds.b, "--status", "failed", "--format",
-                          "json", *_window(ds))  # fmt: skip
+    code, out, _ = inferq(
+        "report", "jobs", "--tenant", ds.b, "--status", "failed", "--format", "json", *_window(ds)
+    )
     assert code == 0
     jobs = json.loads(out)
     assert [j["error"] for j in jobs] == ["x" * 100, "boom"]
@@ -123,8 +127,19 @@ def test_sql_and_refused_filters(inferq: Run, ds: Dataset) -> None:
 
 def test_prices_set_rate_and_list(inferq: Run) -> None:
     model, worker = f"m-{uuid.uuid4().hex[:8]}", f"w-{uuid.uuid4().hex[:8]}"
-    code, out, _ = inferq("prices", "set", model, "--prompt", "0.15", "--cached", "0.075",
-                          "--completion", "0.6", "--from", "2026-01-01T00:00:00Z")  # fmt: skip
+    code, out, _ = inferq(
+        "prices",
+        "set",
+        model,
+        "--prompt",
+        "0.15",
+        "--cached",
+        "0.075",
+        "--completion",
+        "0.6",
+        "--from",
+        "2026-01-01T00:00:00Z",
+    )
     assert code == 0 and model in out
     code, out, _ = inferq("prices", "rate", worker, "--per-hour", "2.5")
     assert code == 0 and "2.5 USD per hour" in out
@@ -140,8 +155,19 @@ def test_prices_set_rate_and_list(inferq: Run) -> None:
     assert code == 0 and model in out
 
     # the same version twice is refused by the database, reported on one line
-    code, _, err = inferq("prices", "set", model, "--prompt", "1", "--cached", "1",
-                          "--completion", "1", "--from", "2026-01-01")  # fmt: skip
+    code, _, err = inferq(
+        "prices",
+        "set",
+        model,
+        "--prompt",
+        "1",
+        "--cached",
+        "1",
+        "--completion",
+        "1",
+        "--from",
+        "2026-01-01",
+    )
     assert code == 1 and err.startswith("error: ")
     for bad in ("-1", "abc", "NaN", "0.00000000001"):
         with pytest.raises(SystemExit):

@@ -18,22 +18,54 @@ STARTED = FINISHED - timedelta(seconds=3)
 VIEWS = {"job_report", "usage_daily", "engine_hourly", "failures_daily"}
 NEW_TABLES = {"prices", "compute_rates", "worker_usage"}
 # the tables as they are at revision 0003 (only the columns written here)
-JOBS = sa.table("jobs", sa.column("id", sa.Uuid()), sa.column("tenant", sa.String()),
-                sa.column("model", sa.String()), sa.column("params", JSONType),
-                sa.column("status", sa.String()), sa.column("queued_at", UTCDateTime()),
-                sa.column("started_at", UTCDateTime()), sa.column("finished_at", UTCDateTime()),
-                sa.column("attempts", sa.Integer()), sa.column("worker", sa.String()))  # fmt: skip
-RESULTS = sa.table("results", sa.column("job_id", sa.Uuid()), sa.column("text", sa.String()),
-                   sa.column("finish_reason", sa.String()),
-                   *(sa.column(n, sa.Integer()) for n in ("prompt_tokens", "completion_tokens",
-                                                          "cached_tokens")))  # fmt: skip
-METRICS = sa.table("job_metrics", sa.column("job_id", sa.Uuid()),
-                   *(sa.column(n, sa.Float()) for n in ("queue_wait_s", "ttft_s")))  # fmt: skip
-FACTS = sa.table("job_metrics", *(sa.column(n) for n in ("tenant", "model", "status", "worker",
-                 "attempts", "prompt_tokens", "cached_prompt_tokens", "computed_prompt_tokens",
-                 "completion_tokens", "compute_s", "list_cost", "queue_wait_s")),
-                 sa.column("job_id", sa.Uuid()), sa.column("finished_at", UTCDateTime()),
-                 sa.column("first_seen_at", UTCDateTime()))  # fmt: skip
+JOBS = sa.table(
+    "jobs",
+    sa.column("id", sa.Uuid()),
+    sa.column("tenant", sa.String()),
+    sa.column("model", sa.String()),
+    sa.column("params", JSONType),
+    sa.column("status", sa.String()),
+    sa.column("queued_at", UTCDateTime()),
+    sa.column("started_at", UTCDateTime()),
+    sa.column("finished_at", UTCDateTime()),
+    sa.column("attempts", sa.Integer()),
+    sa.column("worker", sa.String()),
+)
+RESULTS = sa.table(
+    "results",
+    sa.column("job_id", sa.Uuid()),
+    sa.column("text", sa.String()),
+    sa.column("finish_reason", sa.String()),
+    *(sa.column(n, sa.Integer()) for n in ("prompt_tokens", "completion_tokens", "cached_tokens")),
+)
+METRICS = sa.table(
+    "job_metrics",
+    sa.column("job_id", sa.Uuid()),
+    *(sa.column(n, sa.Float()) for n in ("queue_wait_s", "ttft_s")),
+)
+FACTS = sa.table(
+    "job_metrics",
+    *(
+        sa.column(n)
+        for n in (
+            "tenant",
+            "model",
+            "status",
+            "worker",
+            "attempts",
+            "prompt_tokens",
+            "cached_prompt_tokens",
+            "computed_prompt_tokens",
+            "completion_tokens",
+            "compute_s",
+            "list_cost",
+            "queue_wait_s",
+        )
+    ),
+    sa.column("job_id", sa.Uuid()),
+    sa.column("finished_at", UTCDateTime()),
+    sa.column("first_seen_at", UTCDateTime()),
+)
 
 
 def _columns(engine: sa.Engine, table: str) -> set[str]:
@@ -51,15 +83,27 @@ def _assert_backfilled(engine: sa.Engine, done: uuid.UUID) -> None:
     assert facts["finished_at"] == FINISHED and facts["first_seen_at"] == STARTED
     del facts["finished_at"], facts["first_seen_at"], facts["job_id"]
     assert facts == {
-        "tenant": "t-mig", "model": "m-mig", "status": "done", "worker": "w-mig", "attempts": 2,
-        "prompt_tokens": 50, "cached_prompt_tokens": 20, "computed_prompt_tokens": 30,
-        "completion_tokens": 7, "compute_s": 0.0, "list_cost": None, "queue_wait_s": 0.25,
-    }  # fmt: skip
+        "tenant": "t-mig",
+        "model": "m-mig",
+        "status": "done",
+        "worker": "w-mig",
+        "attempts": 2,
+        "prompt_tokens": 50,
+        "cached_prompt_tokens": 20,
+        "computed_prompt_tokens": 30,
+        "completion_tokens": 7,
+        "compute_s": 0.0,
+        "list_cost": None,
+        "queue_wait_s": 0.25,
+    }
     day = FINISHED.replace(hour=0, minute=0, second=0, microsecond=0)
     (usage,) = reports.usage(engine, day, day + timedelta(days=1))  # the reports read it
     assert (usage["tenant"], usage["jobs"], usage["done"], usage["prompt_tokens"]) == (
-        "t-mig", 1, 1, 50,
-    )  # fmt: skip
+        "t-mig",
+        1,
+        1,
+        50,
+    )
 
 
 def _report_statistics(engine: sa.Engine) -> int | None:
@@ -82,18 +126,45 @@ def test_0004_backfills_downgrades_and_upgrades_again(
     done, queued = uuid.uuid4(), uuid.uuid4()
     try:
         with engine.begin() as conn:
-            conn.execute(sa.insert(JOBS), [
-                {"id": done, "tenant": "t-mig", "model": "m-mig", "params": {},
-                 "status": "done", "queued_at": STARTED - timedelta(seconds=1),
-                 "started_at": STARTED, "finished_at": FINISHED, "attempts": 2,
-                 "worker": "w-mig"},
-                {"id": queued, "tenant": "t-mig", "model": "m-mig", "params": {},
-                 "status": "queued", "queued_at": FINISHED, "started_at": None,
-                 "finished_at": None, "attempts": 0, "worker": None},
-            ])  # fmt: skip
-            conn.execute(sa.insert(RESULTS).values(
-                job_id=done, text="out", finish_reason="length", prompt_tokens=50,
-                completion_tokens=7, cached_tokens=20))  # fmt: skip
+            conn.execute(
+                sa.insert(JOBS),
+                [
+                    {
+                        "id": done,
+                        "tenant": "t-mig",
+                        "model": "m-mig",
+                        "params": {},
+                        "status": "done",
+                        "queued_at": STARTED - timedelta(seconds=1),
+                        "started_at": STARTED,
+                        "finished_at": FINISHED,
+                        "attempts": 2,
+                        "worker": "w-mig",
+                    },
+                    {
+                        "id": queued,
+                        "tenant": "t-mig",
+                        "model": "m-mig",
+                        "params": {},
+                        "status": "queued",
+                        "queued_at": FINISHED,
+                        "started_at": None,
+                        "finished_at": None,
+                        "attempts": 0,
+                        "worker": None,
+                    },
+                ],
+            )
+            conn.execute(
+                sa.insert(RESULTS).values(
+                    job_id=done,
+                    text="out",
+                    finish_reason="length",
+                    prompt_tokens=50,
+                    completion_tokens=7,
+                    cached_tokens=20,
+                )
+            )
             conn.execute(sa.insert(METRICS).values(job_id=done, queue_wait_s=0.25, ttft_s=0.5))
 
         migrate.upgrade(url)
@@ -112,9 +183,15 @@ def test_0004_backfills_downgrades_and_upgrades_again(
         inspector = sa.inspect(engine)
         assert not VIEWS & set(inspector.get_view_names())
         assert not NEW_TABLES & set(inspector.get_table_names())
-        assert _columns(engine, "job_metrics") == {"job_id", "queue_wait_s", "ttft_s",
-                                                   "prefill_s", "decode_s", "total_s",
-                                                   "decode_tokens_per_s"}  # fmt: skip
+        assert _columns(engine, "job_metrics") == {
+            "job_id",
+            "queue_wait_s",
+            "ttft_s",
+            "prefill_s",
+            "decode_s",
+            "total_s",
+            "decode_tokens_per_s",
+        }
         assert not {"enqueued_at", "first_seen_at"} & _columns(engine, "jobs")
         with engine.connect() as conn:  # the 0003 row is still there
             kept = conn.execute(sa.select(METRICS).where(METRICS.c.job_id == done)).one()

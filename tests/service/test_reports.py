@@ -33,14 +33,20 @@ def test_usage_by_day_counts_sums_and_costs(ds: Dataset) -> None:
     mine = [r for r in rows if r["tenant"] in (ds.a, ds.b)]
     assert mine == rows  # nothing else in this window
     day0, day1 = ds.base.date(), (ds.base + DAY).date()
-    assert _pick(rows, "day", "tenant", "model", "jobs", "done", "failed", "cancelled",
-                 "expired") == [
+    assert _pick(
+        rows, "day", "tenant", "model", "jobs", "done", "failed", "cancelled", "expired"
+    ) == [
         (day0, ds.a, ds.x, 10, 6, 2, 1, 1),
         (day0, ds.a, ds.y, 2, 2, 0, 0, 0),
         (day1, ds.b, ds.x, 13, 11, 2, 0, 0),
-    ]  # fmt: skip
-    tokens = ("prompt_tokens", "cached_prompt_tokens", "computed_prompt_tokens",
-              "completion_tokens", "compute_s")  # fmt: skip
+    ]
+    tokens = (
+        "prompt_tokens",
+        "cached_prompt_tokens",
+        "computed_prompt_tokens",
+        "completion_tokens",
+        "compute_s",
+    )
     assert _pick(rows, *tokens) == [
         (60_000, 24_000, 36_000, 12_000, 6 * 12.5 + 3 * 5.0),
         (20_000, 8_000, 12_000, 4_000, 25.0),
@@ -62,8 +68,17 @@ def test_usage_by_day_counts_sums_and_costs(ds: Dataset) -> None:
 
 
 def test_usage_by_day_matches_the_usage_daily_view(ds: Dataset) -> None:
-    columns = ("tenant", "model", "jobs", "done", "failed", "cancelled", "expired",
-               "prompt_tokens", "completion_tokens")  # fmt: skip
+    columns = (
+        "tenant",
+        "model",
+        "jobs",
+        "done",
+        "failed",
+        "cancelled",
+        "expired",
+        "prompt_tokens",
+        "completion_tokens",
+    )
     view = sa.table("usage_daily", *(sa.column(c) for c in ("day", *columns)))
     with _engine(ds).connect() as conn:
         rows = conn.execute(
@@ -96,8 +111,11 @@ def _latency(row: dict[str, Any], column: str) -> list[float | None]:
 def test_latency_percentiles_by_day(ds: Dataset) -> None:
     rows = reports.latency(_engine(ds), ds.since, ds.until)
     day0, day1 = ds.base.date(), (ds.base + DAY).date()
-    assert _pick(rows, "day", "model", "jobs") == [(day0, ds.x, 6), (day0, ds.y, 2),
-                                                   (day1, ds.x, 11)]  # fmt: skip
+    assert _pick(rows, "day", "model", "jobs") == [
+        (day0, ds.x, 6),
+        (day0, ds.y, 2),
+        (day1, ds.x, 11),
+    ]
     a_x, a_y, b_x = rows
     # five values (the sixth job has none): position q * 4 between the closest ranks
     assert _latency(a_x, "ttft_s") == pytest.approx([0.3, 0.4 + 0.8 * 0.6, 0.4 + 0.96 * 0.6])
@@ -116,8 +134,11 @@ def test_latency_percentiles_by_day(ds: Dataset) -> None:
 
 def test_latency_percentiles_by_hour(ds: Dataset) -> None:
     rows = reports.latency(_engine(ds), ds.since, ds.until, model=ds.x, by="hour")
-    assert _pick(rows, "hour", "jobs") == [(ds.base + 10 * HOUR, 3), (ds.base + 11 * HOUR, 3),
-                                           (ds.base + DAY + 8 * HOUR, 11)]  # fmt: skip
+    assert _pick(rows, "hour", "jobs") == [
+        (ds.base + 10 * HOUR, 3),
+        (ds.base + 11 * HOUR, 3),
+        (ds.base + DAY + 8 * HOUR, 11),
+    ]
     assert _latency(rows[0], "ttft_s") == pytest.approx([0.2, 0.29, 0.298])
     assert _latency(rows[1], "ttft_s") == pytest.approx([0.7, 0.97, 0.994])  # NULL ignored
     assert _latency(rows[1], "queue_wait_s") == pytest.approx([0.07, 0.097, 0.0994])
@@ -134,10 +155,18 @@ def test_latency_percentiles_by_hour(ds: Dataset) -> None:
 
 def test_engine_efficiency_by_hour_and_day(ds: Dataset) -> None:
     engine = _engine(ds)
-    rows = [r for r in reports.engine_efficiency(engine, ds.since, ds.until)
-            if r["worker"] in (ds.w1, ds.w2)]  # fmt: skip
-    ratios = ("busy_share", "output_tokens_per_s", "computed_tokens_per_busy_s",
-              "mean_running_seqs", "prefix_hit_rate")  # fmt: skip
+    rows = [
+        r
+        for r in reports.engine_efficiency(engine, ds.since, ds.until)
+        if r["worker"] in (ds.w1, ds.w2)
+    ]
+    ratios = (
+        "busy_share",
+        "output_tokens_per_s",
+        "computed_tokens_per_busy_s",
+        "mean_running_seqs",
+        "prefix_hit_rate",
+    )
     assert _pick(rows, "hour", "worker", "model", "device") == [
         (ds.base + 10 * HOUR, ds.w1, ds.x, "cpu"),
         (ds.base + 11 * HOUR, ds.w1, ds.x, "cpu"),
@@ -157,9 +186,8 @@ def test_engine_efficiency_by_hour_and_day(ds: Dataset) -> None:
 
     days = reports.engine_efficiency(engine, ds.since, ds.until, worker=ds.w1, by="day")
     assert _pick(days, "day", "busy_s", "idle_s", "steps", *ratios) == [
-        (ds.base.date(), 2700.0, 4500.0, 1300, 0.375, 4600 / 7200, 10600 / 2700, 4600 / 1300,
-         0.5),
-    ]  # fmt: skip
+        (ds.base.date(), 2700.0, 4500.0, 1300, 0.375, 4600 / 7200, 10600 / 2700, 4600 / 1300, 0.5),
+    ]
     only_y = reports.engine_efficiency(engine, ds.since, ds.until, model=ds.y)
     assert _pick(only_y, "worker") == [(ds.w2,)]
 
@@ -187,8 +215,11 @@ def test_failures_by_reason_per_day(ds: Dataset) -> None:
 def test_jobs_from_job_report_newest_first(ds: Dataset) -> None:
     engine = _engine(ds)
     rows = reports.jobs(engine, ds.since, ds.until, tenant=ds.a, limit=3)
-    a_jobs = sorted((j for j in ds.jobs if j["tenant"] == ds.a and ds.since <= j["finished_at"]
-                     < ds.until), key=lambda j: j["finished_at"], reverse=True)  # fmt: skip
+    a_jobs = sorted(
+        (j for j in ds.jobs if j["tenant"] == ds.a and ds.since <= j["finished_at"] < ds.until),
+        key=lambda j: j["finished_at"],
+        reverse=True,
+    )
     assert [r["job_id"] for r in rows] == [j["job_id"] for j in a_jobs[:3]]
     newest = rows[0]
     assert (newest["model"], newest["status"], newest["device"]) == (ds.y, "done", "cpu")
@@ -198,8 +229,12 @@ def test_jobs_from_job_report_newest_first(ds: Dataset) -> None:
     assert newest["prompt_tokens"] == 10_000 and newest["error"] is None
 
     failed = reports.jobs(engine, ds.since, ds.until, model=ds.x, status="failed")
-    assert [r["error"] for r in failed] == ["x" * 100, "boom", "CUDA OOM: step 3",
-                                            "CUDA OOM: out of memory"]  # fmt: skip
+    assert [r["error"] for r in failed] == [
+        "x" * 100,
+        "boom",
+        "CUDA OOM: step 3",
+        "CUDA OOM: out of memory",
+    ]
     assert (
         reports.jobs(engine, ds.since, ds.until, tenant=ds.a, limit=100)[-1]["job_id"]
         == (a_jobs[-1]["job_id"])

@@ -30,8 +30,12 @@ def _chat(question: str, max_tokens: int = 8) -> dict:
 
 def _broker_only(service_settings, home: Path):
     """A producer's settings: the broker and the queue, and no database URL at all."""
-    settings = get_settings(home=home, broker_url=service_settings.broker_url,
-                            queue=service_settings.queue, model=service_settings.model)  # fmt: skip
+    settings = get_settings(
+        home=home,
+        broker_url=service_settings.broker_url,
+        queue=service_settings.queue,
+        model=service_settings.model,
+    )
     assert settings.database_url is None
     return settings
 

@@ -30,16 +30,23 @@ def test_purge_deletes_old_ended_jobs_in_batches(empty_db_url: str) -> None:
     repo = Repository(engine)
     now = utcnow()
     old, recent = now - timedelta(days=100), now - timedelta(days=1)
-    jobs = {at: [NewJob(uuid.uuid4(), "t", "m", "hi", queued_at=at) for _ in range(7)]
-            for at in (old, recent)}  # fmt: skip
+    jobs = {
+        at: [NewJob(uuid.uuid4(), "t", "m", "hi", queued_at=at) for _ in range(7)]
+        for at in (old, recent)
+    }
     stuck = NewJob(uuid.uuid4(), "t", "m", "hi", queued_at=old)  # old but still queued
     repo.submit(stuck)
     for at, group in jobs.items():
         repo.claim(group, "w", now=at)
         batch = BatchRecord(uuid.uuid4(), "w", "m", len(group), 1, at, at, 0.0)
-        finished = [FinishedJob(ResultRow(j.id, "out", "length", 3, 2),
-                                JobUsage(j.id, "m", "w", "cpu", at, 0.5), batch.id)
-                    for j in group]  # fmt: skip
+        finished = [
+            FinishedJob(
+                ResultRow(j.id, "out", "length", 3, 2),
+                JobUsage(j.id, "m", "w", "cpu", at, 0.5),
+                batch.id,
+            )
+            for j in group
+        ]
         repo.store_outcomes(finished, [batch])
     repo.record_dead_letter("not json", {"raw": "x"}, job_id=None)
     assert _count(engine, "job_metrics") == 14 and _count(engine, "results") == 14

@@ -78,8 +78,11 @@ def test_sigterm_three_of_four_workers_mid_run_loses_and_duplicates_nothing(
         # and not yet claimed when the SIGTERM comes (a scale-in during a slow database).
         with repo.engine.connect() as conn, conn.begin():
             conn.exec_driver_sql("LOCK TABLE jobs IN EXCLUSIVE MODE")
-            _wait(lambda: all(broker.scard(held_key(queue, n)) for n in stopping), 10,
-                  "every stopping worker holding messages")  # fmt: skip
+            _wait(
+                lambda: all(broker.scard(held_key(queue, n)) for n in stopping),
+                10,
+                "every stopping worker holding messages",
+            )
             for name in stopping:  # a scale-in 4 -> 1: all at once
                 procs[name].send_signal(signal.SIGTERM)
             done_at_stop, stopped_at = _done(repo.engine), time.monotonic()
@@ -105,25 +108,32 @@ def test_sigterm_three_of_four_workers_mid_run_loses_and_duplicates_nothing(
     with repo.engine.connect() as conn:
         per_job = dict(
             conn.execute(
-                sa.text("SELECT job_id, count(*) FROM results WHERE job_id = ANY(:ids) "
-                        "GROUP BY job_id"),
+                sa.text(
+                    "SELECT job_id, count(*) FROM results WHERE job_id = ANY(:ids) GROUP BY job_id"
+                ),
                 {"ids": ids},
             ).all()
-        )  # fmt: skip
+        )
         late = conn.execute(
-            sa.text("SELECT DISTINCT m.worker FROM job_metrics m JOIN workers w ON "
-                    "w.name = m.worker WHERE m.job_id = ANY(:ids) AND w.stopped_at IS NOT NULL "
-                    "AND m.finished_at > w.stopped_at"),
+            sa.text(
+                "SELECT DISTINCT m.worker FROM job_metrics m JOIN workers w ON "
+                "w.name = m.worker WHERE m.job_id = ANY(:ids) AND w.stopped_at IS NOT NULL "
+                "AND m.finished_at > w.stopped_at"
+            ),
             {"ids": ids},
-        ).all()  # fmt: skip
+        ).all()
         facts = conn.execute(
-            sa.text("SELECT count(*) FILTER (WHERE attempts > 1), count(*) FILTER (WHERE "
-                    "resends > 0) FROM jobs WHERE id = ANY(:ids)"),
+            sa.text(
+                "SELECT count(*) FILTER (WHERE attempts > 1), count(*) FILTER (WHERE "
+                "resends > 0) FROM jobs WHERE id = ANY(:ids)"
+            ),
             {"ids": ids},
-        ).one()  # fmt: skip
-    print(f"scale-in 4 -> 1 at {done_at_stop}/{JOBS} done: handed back {handed_back}, all done "
-          f"{all_done_s:.1f} s after SIGTERM; attempts > 1: {facts[0]}, sent again by a "
-          f"sweeper: {facts[1]}")  # fmt: skip
+        ).one()
+    print(
+        f"scale-in 4 -> 1 at {done_at_stop}/{JOBS} done: handed back {handed_back}, all done "
+        f"{all_done_s:.1f} s after SIGTERM; attempts > 1: {facts[0]}, sent again by a "
+        f"sweeper: {facts[1]}"
+    )
     assert len(per_job) == JOBS and set(per_job.values()) == {1}  # 0 lost, 0 duplicates
     assert not late, f"a stopped worker finished jobs after it stopped: {late}"
     assert queue_depth(broker, queue) == 0

@@ -56,9 +56,19 @@ def _usage(
     before it finished)."""
     enqueued = finished_at - timedelta(seconds=total_s) if total_s is not None else None
     after = lambda s: enqueued + timedelta(seconds=s) if enqueued and s is not None else None  # noqa: E731
-    return JobUsage(job_id, "m", "w", "cpu", finished_at, compute_s=0.25, enqueued_at=enqueued,
-                    admitted_at=after(queue_wait_s), first_token_at=after(ttft_s),
-                    prompt_tokens=3, completion_tokens=tokens)  # fmt: skip
+    return JobUsage(
+        job_id,
+        "m",
+        "w",
+        "cpu",
+        finished_at,
+        compute_s=0.25,
+        enqueued_at=enqueued,
+        admitted_at=after(queue_wait_s),
+        first_token_at=after(ttft_s),
+        prompt_tokens=3,
+        completion_tokens=tokens,
+    )
 
 
 def _batch(at: datetime = T0, size: int = 1) -> BatchRecord:
@@ -78,10 +88,11 @@ def _finish(
     assert batch.finished_at is not None
     at = batch.finished_at
     finished = [
-        FinishedJob(_result(i, text, tokens), _usage(i, at, tokens=tokens, **(metrics or {})),
-                    batch.id)
+        FinishedJob(
+            _result(i, text, tokens), _usage(i, at, tokens=tokens, **(metrics or {})), batch.id
+        )
         for i in ids
-    ]  # fmt: skip
+    ]
     return repo.store_outcomes(finished, [batch])
 
 
@@ -256,8 +267,9 @@ def test_store_outcomes_writes_each_result_once(db_url: str) -> None:
     assert [views[i].result.text for i in ids] == ["out", "out", "second"]  # type: ignore[union-attr]
     assert all(v.status == "done" and v.finished_at == batch.finished_at for v in views.values())
     assert all(v.batch_id == batch.id for v in views.values())
-    expected = MetricsRow(ids[0], **times, prefill_s=0.1, decode_s=0.8, decode_tokens_per_s=5.0,
-                          compute_s=0.25)  # fmt: skip
+    expected = MetricsRow(
+        ids[0], **times, prefill_s=0.1, decode_s=0.8, decode_tokens_per_s=5.0, compute_s=0.25
+    )
     assert dataclasses.asdict(views[ids[0]].metrics) == pytest.approx(dataclasses.asdict(expected))
     batches = Base.metadata.tables["batches"]
     with repo.engine.connect() as conn:
@@ -357,17 +369,25 @@ def test_summary_figures(db_url: str) -> None:
     end = T0 + timedelta(seconds=10)
     b1 = BatchRecord(uuid.uuid4(), "w", "m", 3, 1, T0, end)
     finished = [
-        FinishedJob(_result(i, tokens=10),
-                    _usage(i, end, queue_wait_s=float(n), ttft_s=0.5, total_s=5.0, tokens=10),
-                    b1.id)
+        FinishedJob(
+            _result(i, tokens=10),
+            _usage(i, end, queue_wait_s=float(n), ttft_s=0.5, total_s=5.0, tokens=10),
+            b1.id,
+        )
         for n, i in enumerate(ids[:3])
-    ]  # fmt: skip
+    ]
     repo.store_outcomes(finished, [b1], {ids[3]: "bad"})
     repo.cancel(ids[4])
     s = repo.summary(ids)
     assert s["total"] == 5
-    assert s["counts"] == {"queued": 0, "running": 0, "done": 3, "failed": 1, "cancelled": 1,
-                           "expired": 0}  # fmt: skip
+    assert s["counts"] == {
+        "queued": 0,
+        "running": 0,
+        "done": 3,
+        "failed": 1,
+        "cancelled": 1,
+        "expired": 0,
+    }
     assert s["completion_tokens"] == 30
     assert s["mean_queue_wait_s"] == pytest.approx(1.0)
     assert s["mean_ttft_s"] == pytest.approx(0.5)

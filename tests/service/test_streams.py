@@ -36,8 +36,10 @@ QUESTIONS = [
 
 
 def _job(question: str, stop: tuple[str, ...], max_tokens: int = 40) -> dict:
-    return {"messages": [{"role": "user", "content": question}],
-            "params": {"max_tokens": max_tokens, "stop": list(stop)}}  # fmt: skip
+    return {
+        "messages": [{"role": "user", "content": question}],
+        "params": {"max_tokens": max_tokens, "stop": list(stop)},
+    }
 
 
 def test_every_jobs_streamed_deltas_join_to_its_stored_text(service_settings, fp_worker) -> None:
@@ -110,8 +112,10 @@ def test_on_the_service_benchmark_workload_every_stream_joins_to_the_stored_text
     codec = RecordingCodec(TextCodec.from_model_dir(model_path))
     jobs, _ = build_workload(AutoTokenizer.from_pretrained(model_path), codec, 16, 0, 48)
     client = InferqClient(service_settings)
-    ids = client.submit_many({"messages": codec.messages[id(j.prompt_ids)],
-                              "params": {"max_tokens": j.max_tokens}} for j in jobs)  # fmt: skip
+    ids = client.submit_many(
+        {"messages": codec.messages[id(j.prompt_ids)], "params": {"max_tokens": j.max_tokens}}
+        for j in jobs
+    )
     streamed = StreamReaders(AsyncInferqClient(service_settings), ids).texts()
     views = client.wait_many(ids, timeout=60)
     assert [v.status for v in views] == ["done"] * len(jobs)

@@ -13,9 +13,15 @@ T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def _job(queued_at: datetime) -> NewJob:
-    return NewJob(id=uuid.uuid4(), tenant=f"t-{uuid.uuid4().hex[:8]}", model="m",
-                  messages=[{"role": "user", "content": "hi"}], params={"max_tokens": 3},
-                  priority=4, queued_at=queued_at)  # fmt: skip
+    return NewJob(
+        id=uuid.uuid4(),
+        tenant=f"t-{uuid.uuid4().hex[:8]}",
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        params={"max_tokens": 3},
+        priority=4,
+        queued_at=queued_at,
+    )
 
 
 def test_requeue_finds_orphans_of_silent_workers_and_stranded_jobs(db_url: str) -> None:
@@ -27,8 +33,12 @@ def test_requeue_finds_orphans_of_silent_workers_and_stranded_jobs(db_url: str) 
     sweeps.heartbeat(dead, ["m"], T0, now=T0 + timedelta(seconds=10))
     sweeps.heartbeat(stopped, ["m"], T0, stopped=True, now=T0 + timedelta(seconds=100))
     on_alive, on_dead, on_stopped, on_unknown = (_job(T0) for _ in range(4))
-    for job, worker in ((on_alive, alive), (on_dead, dead), (on_stopped, stopped),
-                        (on_unknown, f"never-seen-{suffix}")):  # fmt: skip
+    for job, worker in (
+        (on_alive, alive),
+        (on_dead, dead),
+        (on_stopped, stopped),
+        (on_unknown, f"never-seen-{suffix}"),
+    ):
         repo.claim([job], worker, now=T0 + timedelta(seconds=5))
     fresh, old = _job(T0 + timedelta(seconds=90)), _job(T0)
     repo.submit(fresh)
@@ -39,7 +49,11 @@ def test_requeue_finds_orphans_of_silent_workers_and_stranded_jobs(db_url: str) 
     assert got.keys() & mine == {on_dead.id, on_stopped.id, on_unknown.id, old.id}
     job = got[old.id]
     assert (job.tenant, job.model, job.priority, job.params) == (
-        old.tenant, "m", 4, {"max_tokens": 3})  # fmt: skip
+        old.tenant,
+        "m",
+        4,
+        {"max_tokens": 3},
+    )
     assert job.messages == [{"role": "user", "content": "hi"}] and job.queued_at == T0
     statuses = repo.statuses(mine)
     assert statuses[on_dead.id] == statuses[on_unknown.id] == "queued"

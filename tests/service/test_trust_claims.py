@@ -33,8 +33,14 @@ TASK = "inferq.generate"
 
 
 def _job(**fields) -> NewJob:
-    base = {"id": uuid.uuid4(), "tenant": f"alice-{uuid.uuid4().hex[:6]}", "model": "m",
-            "prompt": "Alice's question", "params": {"max_tokens": 3}, "priority": 1}  # fmt: skip
+    base = {
+        "id": uuid.uuid4(),
+        "tenant": f"alice-{uuid.uuid4().hex[:6]}",
+        "model": "m",
+        "prompt": "Alice's question",
+        "params": {"max_tokens": 3},
+        "priority": 1,
+    }
     return NewJob(**{**base, **fields})
 
 
@@ -139,9 +145,14 @@ class GatedEngine(NullEngine):
 
 def _settings(service_settings, name: str, **extra):
     return service_settings.model_copy(
-        update={"model": "null", "worker_name": f"{name}-{uuid.uuid4().hex[:6]}",
-                "affinity": False, "heartbeat_s": 0.2, **extra}
-    )  # fmt: skip
+        update={
+            "model": "null",
+            "worker_name": f"{name}-{uuid.uuid4().hex[:6]}",
+            "affinity": False,
+            "heartbeat_s": 0.2,
+            **extra,
+        }
+    )
 
 
 def _drained(settings, *services: WorkerService, timeout: float = 20.0) -> None:
@@ -183,11 +194,20 @@ def test_job_id_of_another_tenant_is_refused(service_settings, alice_done: bool)
     with running_worker(settings, {"null": gated}) as service:
         job_id = alice.submit(prompt, params={"max_tokens": 3})
         wait_status(alice, job_id, "done" if alice_done else "running", timeout=30)
-        kwargs = {"job_id": str(job_id), "tenant": "mallory", "prompt": "Mallory's words",
-                  "params": {"max_tokens": 7}, "priority": 9}  # fmt: skip
+        kwargs = {
+            "job_id": str(job_id),
+            "tenant": "mallory",
+            "prompt": "Mallory's words",
+            "params": {"max_tokens": 7},
+            "priority": 9,
+        }
         for extra in ({}, {"model": "no-such-model"}):
-            app.send_task(TASK, queue=settings.queue, kwargs={**kwargs, **extra},
-                          priority=celery_priority(kwargs["priority"]))  # fmt: skip
+            app.send_task(
+                TASK,
+                queue=settings.queue,
+                kwargs={**kwargs, **extra},
+                priority=celery_priority(kwargs["priority"]),
+            )
         _drained(settings, service)
         gated.gate.set()
         view = wait_for(service.repo, [job_id], timeout=30)[job_id]
@@ -224,8 +244,9 @@ def test_a_duplicate_of_a_job_running_live_elsewhere_is_not_run(service_settings
     assert (view.status, view.attempts, view.worker) == ("done", 1, one.worker)
     assert other.added == [] and gated.added == [job_id]
     with records(first).engine.connect() as conn:
-        results = conn.scalar(sa.text("SELECT count(*) FROM results WHERE job_id = :i"),
-                              {"i": job_id})  # fmt: skip
+        results = conn.scalar(
+            sa.text("SELECT count(*) FROM results WHERE job_id = :i"), {"i": job_id}
+        )
     assert results == 1
 
 
@@ -241,15 +262,25 @@ def _fast_clock(service: WorkerService, skew_s: float, monkeypatch) -> Iterator[
     import worker.service.sweeper
 
     true_now = storage.records.utcnow
-    threads = {service.sweeper.thread, service._intake_thread, service.sink.thread,
-               service.engine_loop.thread}  # fmt: skip
+    threads = {
+        service.sweeper.thread,
+        service._intake_thread,
+        service.sink.thread,
+        service.engine_loop.thread,
+    }
 
     def skewed() -> datetime:
         fast = threading.current_thread() in threads
         return true_now() + timedelta(seconds=skew_s if fast else 0)
 
-    for module in (storage.records, storage.repository, storage.sweeps, worker.service.intake,
-                   worker.service.sink, worker.service.sweeper):  # fmt: skip
+    for module in (
+        storage.records,
+        storage.repository,
+        storage.sweeps,
+        worker.service.intake,
+        worker.service.sink,
+        worker.service.sweeper,
+    ):
         monkeypatch.setattr(module, "utcnow", skewed, raising=False)
     yield
 

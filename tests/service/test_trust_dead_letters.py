@@ -82,8 +82,11 @@ def test_dead_letter_flood_is_folded_per_reason(settings) -> None:
         folded = [d["payload"] for d in rows if "folded" in d["payload"]]
         assert len(whole) == 3 and len(folded) == 1, [d["payload"] for d in rows]
         assert folded[0]["folded"] == total - 3 == len(folded[0]["sha256"])
-    unknown = next(d for d in letters if d["reason"] == "unknown task name" and d["job_id"] is None
-                   and "folded" in d["payload"])  # fmt: skip
+    unknown = next(
+        d
+        for d in letters
+        if d["reason"] == "unknown task name" and d["job_id"] is None and "folded" in d["payload"]
+    )
     assert unknown["payload"]["sources"] == {"gen1@producer": 17}
     assert r.hlen("unacked") == 0
 

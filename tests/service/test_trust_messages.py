@@ -34,10 +34,14 @@ def tenant() -> str:
 @pytest.fixture
 def settings(service_settings, tenant: str):
     """A null-engine worker that knows `tenant`'s keys (new first, then old)."""
-    return service_settings.model_copy(update={
-        "engine": "null", "tenant_keys": f"{tenant}={KEY},{tenant}={OLD_KEY}",
-        "visibility_timeout_s": 2, "heartbeat_s": 0.5,
-    })  # fmt: skip
+    return service_settings.model_copy(
+        update={
+            "engine": "null",
+            "tenant_keys": f"{tenant}={KEY},{tenant}={OLD_KEY}",
+            "visibility_timeout_s": 2,
+            "heartbeat_s": 0.5,
+        }
+    )
 
 
 def _job(tenant: str, job_id: uuid.UUID | None = None, **extra: object) -> dict:

@@ -26,9 +26,15 @@ pytestmark = pytest.mark.services
 
 def _settings(service_settings, name: str, model: str, **more):
     return service_settings.model_copy(
-        update={"model": model, "worker_name": name, "metrics_port": 0, "heartbeat_s": 0.2,
-                "unserved_hold_s": 0.2, **more}
-    )  # fmt: skip
+        update={
+            "model": model,
+            "worker_name": name,
+            "metrics_port": 0,
+            "heartbeat_s": 0.2,
+            "unserved_hold_s": 0.2,
+            **more,
+        }
+    )
 
 
 def _wait_ready(services: list[WorkerService], timeout: float = 15.0) -> None:

@@ -89,10 +89,14 @@ def test_tiny_temperature_job_is_clamped_and_done(service_settings, fp_worker) -
     ids = [uuid.uuid4() for _ in range(2)]
     for job_id, t in zip(ids, (1e-300, 1e-45), strict=True):
         producer(service_settings).send_task(
-            "inferq.generate", queue=service_settings.queue,
-            kwargs={"job_id": str(job_id), "prompt": "Say hi.",
-                    "params": {"max_tokens": 4, "temperature": t, "seed": 3}},
-        )  # fmt: skip
+            "inferq.generate",
+            queue=service_settings.queue,
+            kwargs={
+                "job_id": str(job_id),
+                "prompt": "Say hi.",
+                "params": {"max_tokens": 4, "temperature": t, "seed": 3},
+            },
+        )
     views = wait_for(fp_worker.repo, ids)
     assert [views[i].status for i in ids] == ["done", "done"], [views[i].error for i in ids]
     with fp_worker.repo.engine.connect() as conn:

@@ -52,9 +52,10 @@ def _peak_rss_kb(reset: bool = False) -> int:
 def _send(settings, prompt: str) -> uuid.UUID:
     job_id = uuid.uuid4()
     producer(settings).send_task(
-        "inferq.generate", queue=settings.queue,
+        "inferq.generate",
+        queue=settings.queue,
         kwargs={"job_id": str(job_id), "prompt": prompt, "model": "null"},
-    )  # fmt: skip
+    )
     return job_id
 
 
@@ -213,8 +214,9 @@ def test_a_live_workers_held_messages_stay_visible(service_settings, monkeypatch
     settings = _settings(service_settings, "vis-live", visibility_timeout_s=2)
     r = redis.Redis.from_url(settings.broker_url)
     dead_job = _send(settings, "taken by a worker that then died")
-    ghost = RedisSource(_settings(service_settings, "vis-ghost", visibility_timeout_s=2),
-                        "vis-ghost", ["null"])  # fmt: skip
+    ghost = RedisSource(
+        _settings(service_settings, "vis-ghost", visibility_timeout_s=2), "vis-ghost", ["null"]
+    )
     [dead_msg] = ghost.receive(1, 2.0)
     ghost.close()
     long_job = _send(settings, "runs three visibility timeouts")
@@ -243,8 +245,9 @@ def test_one_clock_a_fast_host_neither_restores_nor_reaps_a_live_peer(
 ) -> None:
     """Finding 7 (Redis): a worker whose host clock is 60 s fast sees a live peer as live
     and leaves the messages it holds alone (both use Redis TIME, not the host's clock)."""
-    settings = _settings(service_settings, "clk-live", visibility_timeout_s=30,
-                         affinity_dead_after_s=10.0)  # fmt: skip
+    settings = _settings(
+        service_settings, "clk-live", visibility_timeout_s=30, affinity_dead_after_s=10.0
+    )
     r = redis.Redis.from_url(settings.broker_url)
     r.lpush(settings.queue, _envelope(settings.queue, {"prompt": "held by a live worker"}))
     live = RedisSource(settings, "clk-live", ["null"])
@@ -253,8 +256,13 @@ def test_one_clock_a_fast_host_neither_restores_nor_reaps_a_live_peer(
         [held] = live.receive(1, 2.0)
         for module in (redis_source, registry, unacked, layout):
             monkeypatch.setattr(module, "time", _FastOnMainThread(), raising=False)
-        fast = RedisSource(_settings(service_settings, "clk-fast", visibility_timeout_s=30,
-                                     affinity_dead_after_s=10.0), "clk-fast", ["null"])  # fmt: skip
+        fast = RedisSource(
+            _settings(
+                service_settings, "clk-fast", visibility_timeout_s=30, affinity_dead_after_s=10.0
+            ),
+            "clk-fast",
+            ["null"],
+        )
         assert fast.restore_expired() == 0
         fast.tick(list)  # looks at its peers and reaps the dead ones
         assert "clk-live" in fast.router.peers

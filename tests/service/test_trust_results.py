@@ -44,9 +44,14 @@ class GatedEngine(NullEngine):
 @pytest.fixture
 def settings(service_settings):
     return service_settings.model_copy(
-        update={"model": "null", "tenant_keys": f"alice={KEY}", "cancel_poll_s": 0.3,
-                "result_poll_s": 0.3, "affinity": False}
-    )  # fmt: skip
+        update={
+            "model": "null",
+            "tenant_keys": f"alice={KEY}",
+            "cancel_poll_s": 0.3,
+            "result_poll_s": 0.3,
+            "affinity": False,
+        }
+    )
 
 
 def test_cancels_and_revokes_of_another_tenants_job_change_nothing(settings) -> None:
@@ -100,12 +105,16 @@ def test_no_message_writes_another_jobs_result(settings) -> None:
         before = r.get(result_key(job))
         own = uuid.uuid4()
         kwargs = {"tenant": "mallory", "prompt": "Mallory's", "params": {"max_tokens": 3}}
-        app.send_task(TASK, queue=settings.queue, task_id=str(job),
-                      kwargs={**kwargs, "job_id": str(own)})  # fmt: skip
+        app.send_task(
+            TASK, queue=settings.queue, task_id=str(job), kwargs={**kwargs, "job_id": str(own)}
+        )
         app.send_task(TASK, queue=settings.queue, task_id=str(job), kwargs=kwargs)
         app.send_task(TASK, queue=settings.queue, kwargs={**kwargs, "job_id": str(job)})
-        app.send_task(TASK, queue=settings.queue,  # bob's name, other content
-                      kwargs={**kwargs, "tenant": "bob", "job_id": str(job)})  # fmt: skip
+        app.send_task(
+            TASK,
+            queue=settings.queue,  # bob's name, other content
+            kwargs={**kwargs, "tenant": "bob", "job_id": str(job)},
+        )
         mine = wait_for(worker.repo, [own], timeout=30)[own]
         time.sleep(1.0)  # the rest are refused ("job id taken")
         letters = [d for d in worker.repo.dead_letters(100) if d["job_id"] == job]
@@ -122,12 +131,28 @@ def producer_acl(queue: str, db: int) -> list[str]:
     Celery with `backend=`): push to the queue, read results and streams, subscribe to
     results, add cancel requests, publish cancel notices and Celery's revokes."""
     return [
-        f"~{queue}", f"~{queue}[^:]*", "~_kombu.binding*", "~inferq:cancel:*",
-        "%R~celery-task-meta-*", "%R~inferq:stream:*", "&celery-task-meta-*",
-        "-@all", "+lpush", "+sadd", "+llen", "+ping", "+select", "+multi", "+exec",
-        "+get", "+mget", "+xread", "+subscribe", "+unsubscribe",
+        f"~{queue}",
+        f"~{queue}[^:]*",
+        "~_kombu.binding*",
+        "~inferq:cancel:*",
+        "%R~celery-task-meta-*",
+        "%R~inferq:stream:*",
+        "&celery-task-meta-*",
+        "-@all",
+        "+lpush",
+        "+sadd",
+        "+llen",
+        "+ping",
+        "+select",
+        "+multi",
+        "+exec",
+        "+get",
+        "+mget",
+        "+xread",
+        "+subscribe",
+        "+unsubscribe",
         f"(+publish &{CANCEL_CHANNEL} &{pidbox_channel(db)})",
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture

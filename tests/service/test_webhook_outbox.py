@@ -58,8 +58,10 @@ def test_a_job_end_writes_its_delivery_in_the_same_transaction(db_url: str) -> N
     repo.fail_jobs({failed: "boom"})
     assert repo.cancel(cancelled)
     _done(repo, no_url)
-    rows = {r.job_id: r for r in _rows(repo, "webhook_deliveries", [done, failed, cancelled,
-                                                                    running, no_url])}  # fmt: skip
+    rows = {
+        r.job_id: r
+        for r in _rows(repo, "webhook_deliveries", [done, failed, cancelled, running, no_url])
+    }
     assert set(rows) == {done, failed, cancelled}
     assert {j: r.event for j, r in rows.items()} == {
         done: "done",
@@ -70,11 +72,17 @@ def test_a_job_end_writes_its_delivery_in_the_same_transaction(db_url: str) -> N
     body = json.loads(rows[done].body)
     assert body["type"] == "job.done" and body["timestamp"] == body["data"]["finished_at"]
     assert body["data"] | {"finished_at": None} == {
-        "job_id": str(done), "tenant": rows[done].tenant, "model": "m", "status": "done",
-        "idempotency_key": None, "error": None, "finished_at": None, "text": "Paris.",
+        "job_id": str(done),
+        "tenant": rows[done].tenant,
+        "model": "m",
+        "status": "done",
+        "idempotency_key": None,
+        "error": None,
+        "finished_at": None,
+        "text": "Paris.",
         "finish_reason": "stop",
         "usage": {"prompt_tokens": 4, "completion_tokens": 2, "cached_tokens": 0},
-    }  # fmt: skip
+    }
     failure = json.loads(rows[failed].body)["data"]
     assert (failure["error"], failure["text"], failure["usage"]) == ("boom", None, None)
     # ending again (a repeated write, a result racing in after the failure): one per status
@@ -101,14 +109,19 @@ def test_claims_lease_skip_each_other_and_a_stale_claim_moves_nothing(db_url: st
     # w1 comes back with a 200: the attempt is recorded, the delivery stays w2's
     ok = Outcome("delivered", 200, 12)
     assert deliveries.record(first, ok, "w1", retry_in_s=1, retry_for_s=60) is None
-    assert deliveries.record(second, Outcome("failed", 503, 8, "HTTP 503"), "w2",
-                             retry_in_s=30, retry_for_s=60) == "pending"  # fmt: skip
+    assert (
+        deliveries.record(
+            second, Outcome("failed", 503, 8, "HTTP 503"), "w2", retry_in_s=30, retry_for_s=60
+        )
+        == "pending"
+    )
     # the same outcome written again (its commit's answer was lost): nothing more
     assert deliveries.record(second, ok, "w2", retry_in_s=1, retry_for_s=60) is None
     (row,) = _rows(repo, "webhook_deliveries", [job_id])
     assert (row.state, row.attempts, row.leased_by) == ("pending", 2, "w2")
-    tried = sorted((a.attempt, a.status, a.worker) for a in _rows(repo, "webhook_attempts",
-                                                                   [job_id]))  # fmt: skip
+    tried = sorted(
+        (a.attempt, a.status, a.worker) for a in _rows(repo, "webhook_attempts", [job_id])
+    )
     assert tried == [(1, "delivered", "w1"), (2, "failed", "w2")]
 
 

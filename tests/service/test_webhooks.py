@@ -37,16 +37,18 @@ def test_a_finished_job_posts_one_signed_webhook_that_standardwebhooks_verifies(
 ) -> None:
     """Done and cancelled jobs each get one webhook, signed with both of the tenant's
     secrets (a rotation), its body the stored outcome; a job without a callback URL none."""
-    settings = webhook_settings(service_settings, webhook_secrets=f"default={SECRET},"
-                                f"default={OTHER}")  # fmt: skip
+    settings = webhook_settings(
+        service_settings, webhook_secrets=f"default={SECRET},default={OTHER}"
+    )
     client = InferqClient(settings)
     with Receiver() as receiver:
         cancelled = client.submit("Name a color:", params=PARAMS, callback_url=receiver.url("/c"))
         assert client.cancel(cancelled)  # before any worker: the producer's cancel owes one
         before = time.time()
         with running_worker(settings, {paged_engine.model_name: paged_engine}):
-            done = client.submit("List three fruits:", params=PARAMS,
-                                 callback_url=receiver.url("/d?token=t0k"))  # fmt: skip
+            done = client.submit(
+                "List three fruits:", params=PARAMS, callback_url=receiver.url("/d?token=t0k")
+            )
             silent = client.submit("Say hi:", params=PARAMS)
             client.wait_many([done, silent], timeout=120)
             rows = settled(records(settings), [done, cancelled])
@@ -74,9 +76,11 @@ def test_a_finished_job_posts_one_signed_webhook_that_standardwebhooks_verifies(
     data = json.loads(hits["/d?token=t0k"].body)["data"]
     result = view.result
     assert (data["text"], data["finish_reason"]) == (result.text, result.finish_reason)
-    assert data["usage"] == {"prompt_tokens": result.prompt_tokens,
-                             "completion_tokens": result.completion_tokens,
-                             "cached_tokens": result.cached_tokens}  # fmt: skip
+    assert data["usage"] == {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "cached_tokens": result.cached_tokens,
+    }
     assert json.loads(hits["/c"].body)["data"]["text"] is None
 
 
@@ -106,9 +110,16 @@ def test_refused_targets_fail_their_delivery_with_the_reason_and_nothing_is_sent
         sent = {uuid.uuid4(): url for url in targets}
         app = producer(settings)
         for job_id, url in sent.items():
-            app.send_task("inferq.generate", queue=settings.queue, kwargs={
-                "job_id": str(job_id), "prompt": "Say yes:", "params": PARAMS,
-                "callback_url": url})  # fmt: skip
+            app.send_task(
+                "inferq.generate",
+                queue=settings.queue,
+                kwargs={
+                    "job_id": str(job_id),
+                    "prompt": "Say yes:",
+                    "params": PARAMS,
+                    "callback_url": url,
+                },
+            )
         with running_worker(settings, {paged_engine.model_name: paged_engine}):
             rows = settled(records(settings), list(sent), timeout=120)
         assert receiver.hits == []
@@ -126,8 +137,9 @@ def test_a_receiver_that_keeps_failing_is_given_up_after_the_bounded_time(
 ) -> None:
     """Every attempt answered 500: retried with growing delays for webhook_retry_for_s, then
     given up with the reason; the webhook-id is the same on every attempt."""
-    settings = webhook_settings(service_settings, webhook_retry_for_s=3.0,
-                                webhook_backoff_s=0.25, webhook_backoff_cap_s=1.0)  # fmt: skip
+    settings = webhook_settings(
+        service_settings, webhook_retry_for_s=3.0, webhook_backoff_s=0.25, webhook_backoff_cap_s=1.0
+    )
     client = InferqClient(settings)
     with Receiver(default=500) as receiver:
         with running_worker(settings, {paged_engine.model_name: paged_engine}):
@@ -159,9 +171,12 @@ def test_a_slow_receiver_delays_no_result(service_settings, paged_engine) -> Non
         first = client.submit("Name a city:", params=PARAMS, callback_url=slow.url())
         slow.wait_hits(1, timeout=120)
         held_since = time.monotonic()
-        others = [client.submit(f"Name {n} birds:", params=PARAMS,
-                                callback_url=fast.url() if n % 2 else None)
-                  for n in range(6)]  # fmt: skip
+        others = [
+            client.submit(
+                f"Name {n} birds:", params=PARAMS, callback_url=fast.url() if n % 2 else None
+            )
+            for n in range(6)
+        ]
         views = client.wait_many(others, timeout=120)
         fast.wait_hits(3, timeout=30)
         results_in = time.monotonic() - held_since

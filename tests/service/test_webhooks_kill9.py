@@ -45,8 +45,9 @@ def test_kill9_between_attempts_loses_no_callback_and_delivers_once(
     client = InferqClient(settings)
     log = tmp_path / "workers.log"
     with Receiver(statuses=[500, 500]) as receiver:
-        job_id = client.submit("List two animals:", params=PARAMS,
-                               callback_url=receiver.url(f"/hook?token={TOKEN}"))  # fmt: skip
+        job_id = client.submit(
+            "List two animals:", params=PARAMS, callback_url=receiver.url(f"/hook?token={TOKEN}")
+        )
         victim = worker_process(settings, model_path, log, "victim", **WEBHOOK_ENV)
         try:
             _wait(lambda: len(attempts(repo, job_id)) == 2, 180, "two failed attempts")
@@ -59,8 +60,11 @@ def test_kill9_between_attempts_loses_no_callback_and_delivers_once(
         assert before.state == "pending" and len(receiver.hits) == 2, "not killed in between"
         survivor = worker_process(settings, model_path, log, "survivor", **WEBHOOK_ENV)
         try:
-            _wait(lambda: deliveries(repo, [job_id])[job_id].state != "pending", 180,
-                  "the delivery to end")  # fmt: skip
+            _wait(
+                lambda: deliveries(repo, [job_id])[job_id].state != "pending",
+                180,
+                "the delivery to end",
+            )
             time.sleep(1.0)  # nothing more is sent
         finally:
             os.killpg(survivor.pid, signal.SIGTERM)
@@ -68,8 +72,11 @@ def test_kill9_between_attempts_loses_no_callback_and_delivers_once(
         hits = list(receiver.hits)
     row = deliveries(repo, [job_id])[job_id]
     tried = [(t.attempt, t.status, t.http_status, t.worker) for t in attempts(repo, job_id)]
-    assert tried == [(1, "failed", 500, "victim"), (2, "failed", 500, "victim"),
-                     (3, "delivered", 200, "survivor")], log.read_text()[-3000:]  # fmt: skip
+    assert tried == [
+        (1, "failed", 500, "victim"),
+        (2, "failed", 500, "victim"),
+        (3, "delivered", 200, "survivor"),
+    ], log.read_text()[-3000:]
     assert (row.state, row.attempts, row.error) == ("delivered", 3, None)
     assert len(hits) == 3 and {h.headers["webhook-id"] for h in hits} == {str(row.id)}
     assert {h.body for h in hits} == {row.body.encode()}  # the same body on every attempt

@@ -156,11 +156,17 @@ def test_bad_input_fails_clearly_and_worker_keeps_serving(service_settings, fp_w
     q, started = service_settings.queue, datetime.now(UTC)
     unknown, oversized, invalid, good = (uuid.uuid4() for _ in range(4))
     send = app.send_task
-    send("inferq.generate", queue=q, kwargs={"job_id": str(unknown), "prompt": "hi",
-                                             "model": "no-such-model"})  # fmt: skip
+    send(
+        "inferq.generate",
+        queue=q,
+        kwargs={"job_id": str(unknown), "prompt": "hi", "model": "no-such-model"},
+    )
     send("inferq.generate", queue=q, kwargs={"job_id": str(oversized), "prompt": "word " * 3000})
-    send("inferq.generate", queue=q, kwargs={"job_id": str(invalid), "prompt": "hi",
-                                             "params": {"max_tokens": -1}})  # fmt: skip
+    send(
+        "inferq.generate",
+        queue=q,
+        kwargs={"job_id": str(invalid), "prompt": "hi", "params": {"max_tokens": -1}},
+    )
     send("inferq.generate", queue=q, args=[1], serializer="pickle")
     send("inferq.no_such_task", queue=q, kwargs={"x": 1})
     send("inferq.generate", queue=q, kwargs={"job_id": str(good), "prompt": "Hi"})
@@ -265,10 +271,15 @@ def test_database_outage_during_steps_delays_results_and_aborts_nothing(
 
     reference = run_to_completion(
         paged_engine,
-        [EngineRequest(seq_id=f"ref-{i}", prompt_ids=codec.encode(p, None),
-                       params=SamplingParams(max_tokens=12))
-         for i, p in enumerate(prompts)],
-    )  # fmt: skip
+        [
+            EngineRequest(
+                seq_id=f"ref-{i}",
+                prompt_ids=codec.encode(p, None),
+                params=SamplingParams(max_tokens=12),
+            )
+            for i, p in enumerate(prompts)
+        ],
+    )
     flaky = FlakyRepository(service_settings.database_url, result_failures=4, claim_failures=1)
     client = InferqClient(service_settings)
     with running_worker(service_settings, {paged_engine.model_name: paged_engine}, repo=flaky):
@@ -323,8 +334,9 @@ def test_metrics_and_health_endpoints(service_settings, paged_engine) -> None:
     settings = service_settings.model_copy(update={"metrics_port": 0, "heartbeat_s": 0.2})
     client = InferqClient(settings)
     with running_worker(settings, {paged_engine.model_name: paged_engine}) as worker:
-        ids = client.submit_many({"prompt": f"Say {n}.", "params": {"max_tokens": 3}}
-                                 for n in range(2))  # fmt: skip
+        ids = client.submit_many(
+            {"prompt": f"Say {n}.", "params": {"max_tokens": 3}} for n in range(2)
+        )
         client.wait_many(ids, timeout=120)
         base = f"http://127.0.0.1:{worker.http.port}"
         deadline = time.monotonic() + 10
@@ -353,8 +365,9 @@ def test_deadlines_expire_jobs_before_and_while_they_run(service_settings, fp_wo
         update={"submitted_at": datetime.now(UTC) - timedelta(seconds=60), "ttl_s": 30.0}
     )
     stale = client.enqueue(late)  # its deadline passed while it sat in the queue
-    slow = client.submit("Count slowly from one to one thousand:", params={"max_tokens": 400},
-                         ttl_s=2.0)  # fmt: skip
+    slow = client.submit(
+        "Count slowly from one to one thousand:", params={"max_tokens": 400}, ttl_s=2.0
+    )
     quick = client.submit("Say hi.", params={"max_tokens": 4}, ttl_s=120.0)
     views = {v.id: v for v in client.wait_many([stale, slow, quick], timeout=120)}
     assert views[stale].status == "expired" and views[stale].attempts == 0

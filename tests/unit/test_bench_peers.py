@@ -23,9 +23,17 @@ def test_strip_eos_cuts_at_the_first_eos() -> None:
 
 def test_result_json_becomes_a_row(tmp_path: Path) -> None:
     jobs = [Job("a", 0, [1] * 10, 4), Job("b", 0, [1] * 12, 4)]
-    write_result(tmp_path / "r.json", "peer", "settings", 3.0, 2.0,
-                 [JobResult("b", [7, 8, 9, 10], False, 8, 1.5, 0.5),
-                  JobResult("a", [7], True, 0, 1.0, 0.25)])  # fmt: skip
+    write_result(
+        tmp_path / "r.json",
+        "peer",
+        "settings",
+        3.0,
+        2.0,
+        [
+            JobResult("b", [7, 8, 9, 10], False, 8, 1.5, 0.5),
+            JobResult("a", [7], True, 0, 1.0, 0.25),
+        ],
+    )
     row = result_row("vllm-cpu-apc fp32", json.loads((tmp_path / "r.json").read_text()), jobs, 16)
     assert row.outputs == {"a": [7], "b": [7, 8, 9, 10]}
     assert (row.out_tokens, row.tps, row.hit) == (5, 2.5, 0.5)

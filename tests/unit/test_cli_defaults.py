@@ -19,8 +19,9 @@ def test_submit_has_every_sampling_parameter_with_the_wire_defaults() -> None:
     args = _parser().parse_args(["submit", "hi"])
     defaults = SamplingParams()
     for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"):
-        assert getattr(args, name) == (list(defaults.stop) if name == "stop" else
-                                       getattr(defaults, name)), name  # fmt: skip
+        assert getattr(args, name) == (
+            list(defaults.stop) if name == "stop" else getattr(defaults, name)
+        ), name
     args = _parser().parse_args(["submit", "hi", "--ttl", "30", "--top-k", "5", "--top-p", ".9"])
     assert (args.ttl, args.top_k, args.top_p) == (30.0, 5, 0.9)
 

@@ -25,10 +25,31 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-IO_AND_SERVICES = {"celery", "kombu", "redis", "sqlalchemy", "psycopg", "storage", "api_client",
-                   "inferq", "worker.service", "worker.prep", "requests", "socket"}  # fmt: skip
-NOT_IN_BROKER = {"torch", "transformers", "worker.engine", "worker.service", "worker.prep",
-                 "storage", "sqlalchemy", "psycopg", "scheduler"}  # fmt: skip
+IO_AND_SERVICES = {
+    "celery",
+    "kombu",
+    "redis",
+    "sqlalchemy",
+    "psycopg",
+    "storage",
+    "api_client",
+    "inferq",
+    "worker.service",
+    "worker.prep",
+    "requests",
+    "socket",
+}
+NOT_IN_BROKER = {
+    "torch",
+    "transformers",
+    "worker.engine",
+    "worker.service",
+    "worker.prep",
+    "storage",
+    "sqlalchemy",
+    "psycopg",
+    "scheduler",
+}
 FORBIDDEN = {
     "kv": {"torch", "worker", "scheduler", *IO_AND_SERVICES},
     "scheduler": {"torch", "worker", *IO_AND_SERVICES},
@@ -84,14 +105,30 @@ def _loaded_after(imports: str, banned: set[str]) -> subprocess.CompletedProcess
         f"import sys, {imports}; bad = sorted(m for m in sys.modules if any(m == b or "
         f"m.startswith(b + '.') for b in {sorted(banned)!r})); print(bad); sys.exit(bool(bad))"
     )
-    return subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_the_engine_api_loads_no_io_or_service_code() -> None:
     """Transitively too: `inferq.params` must not drag in settings, the client or storage."""
-    banned = {"celery", "kombu", "redis", "sqlalchemy", "psycopg", "storage", "api_client",
-              "inferq.settings", "inferq.logs", "worker.service"}  # fmt: skip
+    banned = {
+        "celery",
+        "kombu",
+        "redis",
+        "sqlalchemy",
+        "psycopg",
+        "storage",
+        "api_client",
+        "inferq.settings",
+        "inferq.logs",
+        "worker.service",
+    }
     done = _loaded_after("worker.engine.api, worker.engine.null", banned)
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -70,8 +70,10 @@ def _validator(obj: dict[str, Any]) -> jsonschema.Draft202012Validator:
 
 
 def _errors(obj: dict[str, Any]) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in _validator(obj).iter_errors(obj)]  # fmt: skip
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in _validator(obj).iter_errors(obj)
+    ]
 
 
 WORKER, GATEWAY = "inferq-worker", "inferq-gateway"
@@ -165,8 +167,9 @@ def test_probes_hit_paths_the_worker_serves_on_its_metrics_port(objects) -> None
     _, container = _worker(objects)
     (port,) = [p for p in container["ports"] if p["name"] == "metrics"]
     assert port["containerPort"] == int(_env(container)["INFERQ_METRICS_PORT"])
-    probes = {k: container[k]["httpGet"] for k in
-              ("startupProbe", "livenessProbe", "readinessProbe")}  # fmt: skip
+    probes = {
+        k: container[k]["httpGet"] for k in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
     assert {p["port"] for p in probes.values()} == {"metrics"}
     assert probes["readinessProbe"]["path"] == "/readyz"
     assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/healthz"
@@ -248,8 +251,10 @@ def test_the_scaledobject_counts_exactly_the_queue_lists(keda) -> None:
 
 def _hpa_targets(hpa: list[dict[str, Any]]) -> dict[str, str]:
     metrics = _one(hpa, "HorizontalPodAutoscaler")["spec"]["metrics"]
-    return {m[m["type"].lower()]["metric"]["name"]: m[m["type"].lower()]["target"]["averageValue"]
-            for m in metrics}  # fmt: skip
+    return {
+        m[m["type"].lower()]["metric"]["name"]: m[m["type"].lower()]["target"]["averageValue"]
+        for m in metrics
+    }
 
 
 def test_keda_with_prometheus_asks_for_what_the_hpa_variant_asks_for(keda, hpa) -> None:

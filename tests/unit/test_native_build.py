@@ -23,10 +23,21 @@ def test_kernels_compile_for(march: str, tmp_path: Path) -> None:
     flags = [f for f in native.FLAGS if f not in ("-march=native", "-O3", "-shared")]
     for source in native.SOURCES:
         run = subprocess.run(
-            [CC, f"-march={march}", "-O0", *flags, "-Wall", "-Werror", "-c", str(source),
-             "-o", str(tmp_path / f"{source.stem}.o")],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                CC,
+                f"-march={march}",
+                "-O0",
+                *flags,
+                "-Wall",
+                "-Werror",
+                "-c",
+                str(source),
+                "-o",
+                str(tmp_path / f"{source.stem}.o"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0, f"{source.name} for {march}:\n{run.stderr[-3000:]}"
 
 

@@ -24,8 +24,14 @@ from worker.service.jobs import LiveJob
 from worker.service.messages import Trust, read_job
 
 #: A value other than the default for every sampling parameter (a new one must be added here).
-SENT = {"max_tokens": 9, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 11,
-        "stop": ["\n\n", "END"]}  # fmt: skip
+SENT = {
+    "max_tokens": 9,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 5,
+    "seed": 11,
+    "stop": ["\n\n", "END"],
+}
 ENGINE_ONLY = {"ignore_eos"}  # request fields no job sets (benchmarks' equal-work runs)
 CODEC = ByteCodec()  # the sequence only keeps it; nothing here decodes
 
@@ -49,8 +55,7 @@ def test_every_sampling_param_sent_on_the_wire_reaches_the_sampler() -> None:
     """Wire JSON -> the worker's reader -> the intake's `LiveJob.from_job` -> the engine's
     sequence: every field arrives with the value sent, in the very object the wire made."""
     job_id = uuid.uuid4()
-    sent = {"job_id": str(job_id), "tenant": "acme", "prompt": "hi", "priority": 4,
-            "params": SENT}  # fmt: skip
+    sent = {"job_id": str(job_id), "tenant": "acme", "prompt": "hi", "priority": 4, "params": SENT}
     job = _read(sent)
     live = LiveJob.from_job(job, [1, 2, 3], model="m")
     seq = EngineSequence.start(live, CODEC, torch.device("cpu"), salt="s", arrival=0.0)

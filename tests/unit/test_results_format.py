@@ -33,9 +33,20 @@ KEY = "a-signing-key-of-32-characters!!"
 
 
 def _view(status: str, **more) -> JobView:
-    base = dict(id=uuid.uuid4(), tenant="acme", model="m", status=status, priority=0, attempts=1,
-                error=None, queued_at=NOW, started_at=NOW, finished_at=None, worker="w",
-                batch_id=None)  # fmt: skip
+    base = dict(
+        id=uuid.uuid4(),
+        tenant="acme",
+        model="m",
+        status=status,
+        priority=0,
+        attempts=1,
+        error=None,
+        queued_at=NOW,
+        started_at=NOW,
+        finished_at=None,
+        worker="w",
+        batch_id=None,
+    )
     return JobView(**{**base, **more})
 
 
@@ -148,9 +159,16 @@ def test_cancel_requests_cancel_only_what_the_rules_allow() -> None:
     assert not cancels.allowed(revoke, "bob", keys, require_signature=True)
     replayed = cancels.CancelRequest(job, "alice", for_other_job.signature)
     assert not cancels.allowed(replayed, "alice", keys)  # a signature is for one job
-    for raw in (b"x", b"{}", b'{"job_id": "nope"}', b'{"job_id": 1}', b"[" * 5000,
-                json.dumps({"job_id": str(job), "tenant": 3}).encode(), b"{" + b" " * 2000 + b"}",
-                for_other_job.encode().encode()):  # fmt: skip
+    for raw in (
+        b"x",
+        b"{}",
+        b'{"job_id": "nope"}',
+        b'{"job_id": 1}',
+        b"[" * 5000,
+        json.dumps({"job_id": str(job), "tenant": 3}).encode(),
+        b"{" + b" " * 2000 + b"}",
+        for_other_job.encode().encode(),
+    ):
         assert cancels.parse(raw, job) is None
 
 
@@ -175,9 +193,13 @@ def test_only_revoke_commands_are_read() -> None:
     assert revoked_ids(_broadcast(many)) == ids
     huge = {"method": "revoke", "arguments": {"task_id": [str(uuid.uuid4())] * 1000}}
     assert len(revoked_ids(_broadcast(huge))) == 100
-    for command in ({"method": "shutdown"}, {"method": "pool_restart", "arguments": {}},
-                    {"method": "revoke"}, {"method": "revoke", "arguments": {"task_id": 7}},
-                    ["revoke"]):  # fmt: skip
+    for command in (
+        {"method": "shutdown"},
+        {"method": "pool_restart", "arguments": {}},
+        {"method": "revoke"},
+        {"method": "revoke", "arguments": {"task_id": 7}},
+        ["revoke"],
+    ):
         assert revoked_ids(_broadcast(command)) == []
     assert revoked_ids(_broadcast(revoke, "application/x-python-serialize")) == []
     for raw in (b"", b"not json", b'{"body": "%%%"}', b"[" * 100_000):
@@ -188,8 +210,10 @@ def test_only_revoke_commands_are_read() -> None:
 
 
 def _entries(*fields: dict) -> list:
-    return [(f"{n}-0".encode(), {k.encode(): str(v).encode() for k, v in f.items()})
-            for n, f in enumerate(fields, 1)]  # fmt: skip
+    return [
+        (f"{n}-0".encode(), {k.encode(): str(v).encode() for k, v in f.items()})
+        for n, f in enumerate(fields, 1)
+    ]
 
 
 def test_stream_reader_joins_deltas_and_ends() -> None:

@@ -182,8 +182,9 @@ def _stream(aging_s: float) -> int | None:
     sched.add(known[0])
     for n in range(40):
         for _ in range(4):  # arrivals outpace service: the short queue never empties
-            known.append(make(f"s{len(known)}", 16, 3, base=100 * len(known), priority=5,
-                              arrival=float(n)))  # fmt: skip
+            known.append(
+                make(f"s{len(known)}", 16, 3, base=100 * len(known), priority=5, arrival=float(n))
+            )
             sched.add(known[-1])
         plan = sched.schedule(float(n))
         check_plan(sched, plan, known)

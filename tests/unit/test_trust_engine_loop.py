@@ -24,9 +24,16 @@ from worker.service.outcomes import Finished
 
 @pytest.mark.parametrize(
     ("sent", "kept"),
-    [(0.0, 0.0), (1e-300, MIN_TEMPERATURE), (1e-45, MIN_TEMPERATURE), (5e-3, MIN_TEMPERATURE),
-     (MIN_TEMPERATURE, MIN_TEMPERATURE), (0.7, 0.7), (5.0, 5.0)],
-)  # fmt: skip
+    [
+        (0.0, 0.0),
+        (1e-300, MIN_TEMPERATURE),
+        (1e-45, MIN_TEMPERATURE),
+        (5e-3, MIN_TEMPERATURE),
+        (MIN_TEMPERATURE, MIN_TEMPERATURE),
+        (0.7, 0.7),
+        (5.0, 5.0),
+    ],
+)
 def test_tiny_temperature_is_clamped_at_validation(sent: float, kept: float) -> None:
     assert SamplingParams(temperature=sent).temperature == kept
     job = JobMessage(prompt="hi", params={"temperature": sent})
@@ -40,14 +47,19 @@ def test_tiny_temperature_row_is_marked_invalid_alone_and_greedy_rows_unchanged(
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 5
     unvalidated = SamplingParams.model_construct(temperature=1e-45, seed=1)
-    params = [SamplingParams(), unvalidated, SamplingParams(temperature=0.8, seed=2),
-              SamplingParams()]  # fmt: skip
+    params = [
+        SamplingParams(),
+        unvalidated,
+        SamplingParams(temperature=0.8, seed=2),
+        SamplingParams(),
+    ]
     gens = [make_generator(p, torch.device("cpu")) for p in params]
     tokens = sample_next(logits.clone(), params, gens).tolist()
     assert tokens[1] == INVALID
     clean = [params[0], params[2], params[3]]
-    alone = sample_next(logits[[0, 2, 3]].clone(), clean,
-                        [make_generator(p, torch.device("cpu")) for p in clean])  # fmt: skip
+    alone = sample_next(
+        logits[[0, 2, 3]].clone(), clean, [make_generator(p, torch.device("cpu")) for p in clean]
+    )
     assert [tokens[0], tokens[2], tokens[3]] == alone.tolist()
     poisoned = logits.clone()
     poisoned[3, 7] = float("nan")

@@ -78,9 +78,13 @@ def test_a_job_without_a_callback_keeps_the_wire_as_it_was() -> None:
 
 def test_the_worker_dead_letters_a_message_with_a_bad_callback_url() -> None:
     body = json.dumps([[], {"prompt": "hi", "callback_url": "gopher://x/"}, {}])
-    got = read_job(Received(body, "application/json", {"task": "inferq.generate",
-                                                       "id": str(uuid.uuid4())}, None),
-                   Trust(), utcnow())  # fmt: skip
+    got = read_job(
+        Received(
+            body, "application/json", {"task": "inferq.generate", "id": str(uuid.uuid4())}, None
+        ),
+        Trust(),
+        utcnow(),
+    )
     assert isinstance(got, Refusal) and got.reason == "invalid job message"
     assert "callback_url" in got.error
 
@@ -152,8 +156,13 @@ def test_webhook_secrets_parse_rotate_and_never_echo() -> None:
     settings = Settings(webhook_secrets=f"acme={SECRET}, acme={OTHER}, beta={OTHER}")
     assert settings.webhook_signing_secrets() == {"acme": (SECRET, OTHER), "beta": (OTHER,)}
     short = "whsec_" + base64.b64encode(b"x" * 23).decode()
-    for bad in (f"acme={short}", f"acme={SECRET[6:]}", "acme=whsec_not*base64*at*all*here",
-                "acme", f"={SECRET}"):  # fmt: skip
+    for bad in (
+        f"acme={short}",
+        f"acme={SECRET[6:]}",
+        "acme=whsec_not*base64*at*all*here",
+        "acme",
+        f"={SECRET}",
+    ):
         with pytest.raises(ValidationError, match="INFERQ_WEBHOOK_SECRETS") as caught:
             Settings(webhook_secrets=bad)
         assert SECRET[6:] not in str(caught.value) and short not in str(caught.value)

@@ -95,23 +95,43 @@ class WorkerService:
         devices = {name: engine.device_class for name, engine in self.engines.items()}
         self.publisher, self.cancels, self.streamer = self._results()
         self.sink = ResultSink(
-            self.repo, self.ledger, self.worker, self._acknowledge, self._abort, self.metrics,
+            self.repo,
+            self.ledger,
+            self.worker,
+            self._acknowledge,
+            self._abort,
+            self.metrics,
             devices,
-        )  # fmt: skip
+        )
         stream = self.streamer.put if self.streamer is not None else None
-        self.engine_loop = EngineLoop(self.engines, self.sink.put, self.metrics, self.worker,
-                                      stream)  # fmt: skip
+        self.engine_loop = EngineLoop(
+            self.engines, self.sink.put, self.metrics, self.worker, stream
+        )
         served = {n: Served(e.new_codec(), e.max_context) for n, e in self.engines.items()}
         room = 1 + settings.waiting_room  # the scheduler picks among these what to admit next
         prefetch = sum(round(e.max_num_seqs * room) for e in self.engines.values())
         self.intake = Intake(
-            settings, self.repo, self.ledger, self.engine_loop, self.sink.put, served,
-            self.load_errors, self.worker, prefetch, self.metrics, self._claimed,
-        )  # fmt: skip
+            settings,
+            self.repo,
+            self.ledger,
+            self.engine_loop,
+            self.sink.put,
+            served,
+            self.load_errors,
+            self.worker,
+            prefetch,
+            self.metrics,
+            self._claimed,
+        )
         self.sweeper = Sweeper(
-            settings, self.repo, self.worker, sorted(self.engines), self.metrics,
-            lambda: len(self.ledger), self._publish,
-        )  # fmt: skip
+            settings,
+            self.repo,
+            self.worker,
+            sorted(self.engines),
+            self.metrics,
+            lambda: len(self.ledger),
+            self._publish,
+        )
         self.housekeeping = Housekeeping(settings, self.repo)
         self.webhooks = WebhookSender(settings, self.repo, self.worker, self.metrics)
         self.http = (
@@ -136,8 +156,9 @@ class WorkerService:
         if broker_url != url and broker_url.startswith(("redis://", "rediss://")):
             broker = redis.Redis.from_url(broker_url, health_check_interval=30)
         publisher = ResultPublisher(self.settings, self.repo, client, self.metrics)
-        listener = CancelListener(self.settings, self.repo, self.ledger, client, broker,
-                                  self._drop, publisher.publish)  # fmt: skip
+        listener = CancelListener(
+            self.settings, self.repo, self.ledger, client, broker, self._drop, publisher.publish
+        )
         streamer = Streamer(self.settings, client, self.metrics) if self.settings.stream else None
         return publisher, listener, streamer
 
@@ -172,8 +193,13 @@ class WorkerService:
         self.intake.acknowledge(job_ids)
 
     def _threads(self) -> tuple[threading.Thread, ...]:
-        return (self._intake_thread, self._engine_thread, self.sink.thread, self.sweeper.thread,
-                self.webhooks.thread)  # fmt: skip
+        return (
+            self._intake_thread,
+            self._engine_thread,
+            self.sink.thread,
+            self.sweeper.thread,
+            self.webhooks.thread,
+        )
 
     def alive(self) -> bool:
         """Liveness: every service thread is running."""

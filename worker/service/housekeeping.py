@@ -60,5 +60,9 @@ class Housekeeping:
         if s.retention_days is not None:
             purged = purge(engine, now - timedelta(days=s.retention_days))
             if purged.jobs or purged.batches or purged.dead_letters:
-                log.info("retention.jobs", jobs=purged.jobs, batches=purged.batches,
-                         dead_letters=purged.dead_letters)  # fmt: skip
+                log.info(
+                    "retention.jobs",
+                    jobs=purged.jobs,
+                    batches=purged.batches,
+                    dead_letters=purged.dead_letters,
+                )

@@ -80,9 +80,11 @@ class Intake:
         self.trust = Trust.of(settings)  # a malformed or short key stops the worker here
         self.dead_letters = DeadLetters(repo, metrics, settings.dead_letters_per_minute)
         self.unserved = Unserved(
-            worker, load_errors, settings.unserved_hold_s,
+            worker,
+            load_errors,
+            settings.unserved_hold_s,
             lambda: live_models(repo, settings.worker_dead_after_s),
-        )  # fmt: skip
+        )
         self._acks: queue.SimpleQueue[uuid.UUID] = queue.SimpleQueue()
         self._unacked: dict[uuid.UUID, list[Any]] = defaultdict(list)  # ack handles per job
         self._failed_acks: list[Any] = []  # handles to acknowledge once the broker is back
@@ -224,8 +226,9 @@ class Intake:
         prompt_ids, error = self._tokenize(row.model, job)
         live = None
         if error is None:
-            live = LiveJob.from_job(job, prompt_ids, model=row.model, enqueued_at=row.enqueued_at,
-                                    stream=self.stream)  # fmt: skip
+            live = LiveJob.from_job(
+                job, prompt_ids, model=row.model, enqueued_at=row.enqueued_at, stream=self.stream
+            )
         return Arrival(message, row, live, error)
 
     def _tokenize(self, model: str, job: JobMessage) -> tuple[list[int], str | None]:
@@ -298,8 +301,9 @@ class Intake:
                     return self._claim_apart(arrivals, dead)
             except Exception as exc:
                 self.metrics.retries.labels("intake").inc()
-                log.warning("intake.store_failed", retry=backoff.failures + 1,
-                            error=type(exc).__name__)  # fmt: skip
+                log.warning(
+                    "intake.store_failed", retry=backoff.failures + 1, error=type(exc).__name__
+                )
                 if backoff.wait(stop):
                     return None
 
@@ -319,8 +323,11 @@ class Intake:
             states.update(self.repo.claim(new, self.worker, refused, live_for_s=live_for_s))
         for arrival in arrivals:
             if taken(arrival, states.get(arrival.row.id)):
-                refusal = Refusal(JOB_ID_TAKEN, "the job id is a job of other content or "
-                                  "another tenant", arrival.row.id)  # fmt: skip
+                refusal = Refusal(
+                    JOB_ID_TAKEN,
+                    "the job id is a job of other content or another tenant",
+                    arrival.row.id,
+                )
                 self.dead_letters.record(arrival.message, refusal)
         return states
 
@@ -338,8 +345,7 @@ class Intake:
             except Exception as exc:
                 if is_transient(exc):
                     raise
-                refusal = Refusal("job refused by the database", type(exc).__name__,
-                                  arrival.row.id)  # fmt: skip
+                refusal = Refusal("job refused by the database", type(exc).__name__, arrival.row.id)
                 self.dead_letters.record(arrival.message, refusal, last_try=True)
         return states
 
@@ -366,8 +372,13 @@ class Intake:
             return False
         self._unacked[job_id].append(handle)
         if state.attempts > self.settings.max_attempts:
-            self._fail(Failed(job_id, f"gave up after {state.attempts - 1} attempts "
-                              "(a worker died running it)", job.model))  # fmt: skip
+            self._fail(
+                Failed(
+                    job_id,
+                    f"gave up after {state.attempts - 1} attempts (a worker died running it)",
+                    job.model,
+                )
+            )
             return True
         self.ledger.add(job)
         self.engine_loop.submit(job, state.expires_at)  # the stored deadline, not the message's

@@ -56,8 +56,9 @@ def read_job(message: Any, trust: Trust, now: datetime) -> JobMessage | Refusal:
     must be signed with one of its keys and sent within `trust.window` of `now`."""
     oversized = getattr(message, "oversized", None)
     if oversized:  # never read: the source handed over only its head
-        return Refusal("message too large", f"{oversized[0]} bytes as queued; the limit is "
-                       f"{MAX_RAW_BYTES}")  # fmt: skip
+        return Refusal(
+            "message too large", f"{oversized[0]} bytes as queued; the limit is {MAX_RAW_BYTES}"
+        )
     headers = message.headers if isinstance(message.headers, dict) else {}
     if message.content_type not in JSON_TYPES:
         return Refusal("non-JSON message refused", f"content type {_shown(message.content_type)}")
@@ -67,8 +68,9 @@ def read_job(message: Any, trust: Trust, now: datetime) -> JobMessage | Refusal:
     if task != TASK_NAME:
         return Refusal("unknown task name", f"task {_shown(task)}")
     if len(message.body) > MAX_MESSAGE_BYTES:
-        return Refusal("message too large", f"{len(message.body)} bytes; the limit is "
-                       f"{MAX_MESSAGE_BYTES}")  # fmt: skip
+        return Refusal(
+            "message too large", f"{len(message.body)} bytes; the limit is {MAX_MESSAGE_BYTES}"
+        )
     try:
         body = json.loads(message.body)
     except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
@@ -97,15 +99,20 @@ def _trusted(
     keys = trust.keys.get(job.tenant)
     if not keys:
         if trust.require_signature:
-            return Refusal("unsigned tenant", f"tenant {job.tenant!r} has no signing key here",
-                           job.job_id)  # fmt: skip
+            return Refusal(
+                "unsigned tenant", f"tenant {job.tenant!r} has no signing key here", job.job_id
+            )
         return job
     if not verify(kwargs, keys):
-        return Refusal("bad signature", f"tenant {job.tenant!r} requires a valid signature",
-                       job.job_id)  # fmt: skip
+        return Refusal(
+            "bad signature", f"tenant {job.tenant!r} requires a valid signature", job.job_id
+        )
     if "job_id" not in kwargs:  # else a replay under a new task id would be a new job
-        return Refusal("bad signature", "a signed message must carry its job_id in the signed "
-                       "kwargs", job.job_id)  # fmt: skip
+        return Refusal(
+            "bad signature",
+            "a signed message must carry its job_id in the signed kwargs",
+            job.job_id,
+        )
     sent = job.submitted_at and as_utc(job.submitted_at)
     if sent is None or abs(now - sent) > trust.window:
         window = trust.window.total_seconds()

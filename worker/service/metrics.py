@@ -57,9 +57,11 @@ class Metrics:
         self.held = Gauge("inferq_held_jobs", "Claimed, not yet written", registry=r)
         self.queue_depth = Gauge("inferq_queue_depth", "Messages on the queue", registry=r)
         self.model_loaded = Gauge(
-            "inferq_model_loaded", "1: serving; 0: it failed to load (not ready)", by_model,
+            "inferq_model_loaded",
+            "1: serving; 0: it failed to load (not ready)",
+            by_model,
             registry=r,
-        )  # fmt: skip
+        )
 
     def engine_step(self, model: str, stats: EngineStats, step_tokens: int) -> None:
         """After an engine step (memory only: the engine thread calls this)."""

@@ -150,6 +150,11 @@ class ResultPublisher:
             pipe.set(key, data, px=self.expires_ms)
             pipe.publish(key, data)
             if meta["status"] != SUCCESS:  # a stream being read ends here too
-                pipe.xadd(stream_key(view.id), {"end": view.status}, maxlen=self.stream_len,
-                          approximate=True, nomkstream=True)  # fmt: skip
+                pipe.xadd(
+                    stream_key(view.id),
+                    {"end": view.status},
+                    maxlen=self.stream_len,
+                    approximate=True,
+                    nomkstream=True,
+                )
         pipe.execute()

@@ -82,8 +82,11 @@ class Streamer:
             key = stream_key(d.seq_id)
             if d.start == 0:
                 pipe.delete(key)
-            fields = {"o": d.start, "d": d.text} if d.end is None else {
-                "o": d.start, "d": d.text, "end": d.end}  # fmt: skip
+            fields = (
+                {"o": d.start, "d": d.text}
+                if d.end is None
+                else {"o": d.start, "d": d.text, "end": d.end}
+            )
             pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
             pipe.expire(key, self.expires_s)
         pipe.execute()

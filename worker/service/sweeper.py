@@ -67,9 +67,12 @@ class Sweeper:
 
     def _beat(self, stopped: bool = False) -> None:
         self.started_at = self.sweeps.heartbeat(
-            self.worker, self.models, self.started_at, stopped=stopped,
+            self.worker,
+            self.models,
+            self.started_at,
+            stopped=stopped,
             age_s=time.monotonic() - self._created,
-        )  # fmt: skip
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -115,11 +118,17 @@ class Sweeper:
         now = datetime.now(UTC)
         left = job.expires_at and (as_utc(job.expires_at) - now).total_seconds()
         message = JobMessage(
-            job_id=job.id, tenant=job.tenant, model=job.model, prompt=job.prompt,
-            messages=job.messages, params=job.params, priority=job.priority,
-            idempotency_key=job.idempotency_key, submitted_at=now,
+            job_id=job.id,
+            tenant=job.tenant,
+            model=job.model,
+            prompt=job.prompt,
+            messages=job.messages,
+            params=job.params,
+            priority=job.priority,
+            idempotency_key=job.idempotency_key,
+            submitted_at=now,
             ttl_s=left if left is None else min(max(left, EXPIRED_TTL_S), MAX_TTL_S),
             callback_url=job.callback_url,
-        )  # fmt: skip
+        )
         key = self.signing_keys.get(job.tenant, (None,))[0]
         send_job(self.producer, self.settings.queue, message, key)

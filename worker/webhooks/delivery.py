@@ -72,8 +72,10 @@ def attempt(
         return Outcome(status, http_status, round((time.monotonic() - started) * 1000), error)
 
     if not signers:
-        return outcome(REFUSED, error=f"tenant {claimed.tenant!r} has no webhook secret "
-                       "(INFERQ_WEBHOOK_SECRETS)")  # fmt: skip
+        return outcome(
+            REFUSED,
+            error=f"tenant {claimed.tenant!r} has no webhook secret (INFERQ_WEBHOOK_SECRETS)",
+        )
     if claimed.url is None:
         return outcome(REFUSED, error="the job has no callback URL")
     reason = policy.url_refusal(claimed.url)
@@ -101,9 +103,14 @@ def attempt(
     try:
         with (
             httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client,
-            client.stream("POST", _pinned(parts, addresses[0], port), content=body,
-                          headers=headers, extensions=extensions) as response,
-        ):  # fmt: skip
+            client.stream(
+                "POST",
+                _pinned(parts, addresses[0], port),
+                content=body,
+                headers=headers,
+                extensions=extensions,
+            ) as response,
+        ):
             code = response.status_code  # the answer's body is never read
     except Exception as exc:  # a timeout, a refused connection, TLS: retried
         return outcome(FAILED, error=type(exc).__name__)

@@ -111,8 +111,9 @@ class WebhookSender:
             try:
                 self._deliver(claimed)
             except Exception as exc:  # never seen; the lease ends and it is sent again
-                log.error("webhooks.send_failed", delivery_id=str(claimed.id),
-                          error=type(exc).__name__)  # fmt: skip
+                log.error(
+                    "webhooks.send_failed", delivery_id=str(claimed.id), error=type(exc).__name__
+                )
             finally:
                 self._slots(-1)
                 self._wake.set()
@@ -121,16 +122,23 @@ class WebhookSender:
         s = self.settings
         signers = self.signers.get(claimed.tenant, ())
         outcome = attempt(claimed, self.policy, signers, s.webhook_timeout_s)
-        delay = backoff_delay(claimed.attempt - 1, s.webhook_backoff_s, s.webhook_backoff_cap_s,
-                              self._rng)  # fmt: skip
+        delay = backoff_delay(
+            claimed.attempt - 1, s.webhook_backoff_s, s.webhook_backoff_cap_s, self._rng
+        )
         state = self._record(claimed, outcome, delay)
         if self.metrics is not None:
             self.metrics.webhook_attempts.labels(outcome.status).inc()
         log.info(
-            "webhook.attempt", delivery_id=str(claimed.id), job_id=str(claimed.job_id),
-            attempt=claimed.attempt, status=outcome.status, http_status=outcome.http_status,
-            latency_ms=outcome.latency_ms, error=outcome.error, delivery=state,
-        )  # fmt: skip
+            "webhook.attempt",
+            delivery_id=str(claimed.id),
+            job_id=str(claimed.job_id),
+            attempt=claimed.attempt,
+            status=outcome.status,
+            http_status=outcome.http_status,
+            latency_ms=outcome.latency_ms,
+            error=outcome.error,
+            delivery=state,
+        )
 
     def _record(self, claimed: Claimed, outcome: Outcome, delay: float) -> str | None:
         """Write the attempt, retrying while the database is away (until stopped: then the
@@ -139,12 +147,16 @@ class WebhookSender:
         while True:
             try:
                 return self.deliveries.record(
-                    claimed, outcome, self.worker, retry_in_s=delay,
+                    claimed,
+                    outcome,
+                    self.worker,
+                    retry_in_s=delay,
                     retry_for_s=self.settings.webhook_retry_for_s,
-                )  # fmt: skip
+                )
             except Exception as exc:
-                log.warning("webhooks.record_failed", delivery_id=str(claimed.id),
-                            error=type(exc).__name__)  # fmt: skip
+                log.warning(
+                    "webhooks.record_failed", delivery_id=str(claimed.id), error=type(exc).__name__
+                )
                 if not is_transient(exc):  # fails the same way again: the lease will end
                     return None
                 if self.metrics is not None:
