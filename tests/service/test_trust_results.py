@@ -151,6 +151,7 @@ def producer_acl(queue: str, db: int) -> list[str]:
         "+xread",
         "+subscribe",
         "+unsubscribe",
+        "+client|setname",
         f"(+publish &{CANCEL_CHANNEL} &{pidbox_channel(db)})",
     ]
 
