@@ -253,3 +253,42 @@ def test_concurrent_waits_share_one_subscription(settings, base_url) -> None:
     assert all(isinstance(o, TimeoutError) for o in outcomes[:-1])
     assert outcomes[-1].status == "done"
     assert subscribers() == before
+
+
+def test_hostile_requests_get_clear_errors(settings, base_url, client) -> None:
+    """A body nested past the parser's depth, a key with non-ASCII characters, and another
+    tenant's batch and file ids: each a clear error in OpenAI's shape, never a 500."""
+    key = client.api_key
+    auth = {"Authorization": f"Bearer {key}"}
+    nested = '{"model": "null", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    answer = httpx.post(
+        base_url + "/chat/completions",
+        content=nested,
+        headers={**auth, "Content-Type": "application/json"},
+    )
+    assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error"
+    answer = httpx.get(
+        base_url + "/models", headers={"Authorization": "Bearer clé-ünïcödé".encode()}
+    )
+    assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+    upload = client.files.create(
+        file=(
+            "in.jsonl",
+            b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", '
+            b'"body": {"model": "null", "messages": [{"role": "user", "content": "Hi"}]}}\n',
+        ),
+        purpose="batch",
+    )
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    other = openai.OpenAI(base_url=base_url, api_key=new_key(settings, "mallory"), max_retries=0)
+    with other:
+        for read in (
+            lambda: other.batches.retrieve(batch.id),
+            lambda: other.batches.cancel(batch.id),
+            lambda: other.files.content(upload.id),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                read()
+    assert client.batches.retrieve(batch.id).id == batch.id  # the owner still sees it
