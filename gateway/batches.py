@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from api_client import AsyncInferqClient, InvalidJobError
 from gateway.deps import Caller, gateway_of
-from gateway.errors import ApiError, from_errors, invalid, job_refused
+from gateway.errors import ApiError, from_errors, invalid, job_refused, row_id
 from gateway.files import file_id_of, file_name
 from gateway.schema import ChatRequest, CompletionRequest
 from gateway.state import Gateway
@@ -60,10 +60,7 @@ def batch_name(batch_id: uuid.UUID) -> str:
 
 
 def batch_id_of(name: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(hex=name.removeprefix("batch_"))
-    except ValueError:
-        raise ApiError(404, f"No such batch: {name}", param="batch_id") from None
+    return row_id(name, "batch_", "batch", "batch_id")
 
 
 def _ts(value: datetime | None) -> int | None:

@@ -3,6 +3,7 @@ status codes OpenAI's SDKs map to their exception classes."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,3 +102,12 @@ def install(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("gateway.error", error=type(exc).__name__)  # never the request's content
         return ApiError(500, "internal error").response()
+
+
+def row_id(name: str, prefix: str, what: str, param: str) -> uuid.UUID:
+    """The row id in a public id (`prefix` + hex, as OpenAI names its objects); a 404 naming
+    `what` for anything else."""
+    try:
+        return uuid.UUID(hex=name.removeprefix(prefix))
+    except ValueError:
+        raise ApiError(404, f"No such {what}: {name}", param=param) from None

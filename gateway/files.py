@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 
 from gateway.batch_lines import output_lines
 from gateway.deps import Caller, gateway_of
-from gateway.errors import ApiError, invalid
+from gateway.errors import ApiError, invalid, row_id
 from gateway.state import Gateway
 
 router = APIRouter()
@@ -28,10 +28,7 @@ def file_name(file_id: uuid.UUID) -> str:
 
 
 def file_id_of(name: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(hex=name.removeprefix("file-"))
-    except ValueError:
-        raise ApiError(404, f"No such file: {name}", param="file_id") from None
+    return row_id(name, "file-", "file", "file_id")
 
 
 def file_object(row: dict[str, Any]) -> dict[str, Any]:
