@@ -271,7 +271,8 @@ def test_hostile_requests_get_clear_errors(settings, base_url, client) -> None:
         base_url + "/models", headers={"Authorization": "Bearer clé-ünïcödé".encode()}
     )
     assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
-    upload = client.files.create(
+    owner = openai.OpenAI(base_url=base_url, api_key=new_key(settings, "victim"), max_retries=0)
+    upload = owner.files.create(
         file=(
             "in.jsonl",
             b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", '
@@ -279,7 +280,7 @@ def test_hostile_requests_get_clear_errors(settings, base_url, client) -> None:
         ),
         purpose="batch",
     )
-    batch = client.batches.create(
+    batch = owner.batches.create(
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     other = openai.OpenAI(base_url=base_url, api_key=new_key(settings, "mallory"), max_retries=0)
@@ -291,4 +292,5 @@ def test_hostile_requests_get_clear_errors(settings, base_url, client) -> None:
         ):
             with pytest.raises(openai.NotFoundError):
                 read()
-    assert client.batches.retrieve(batch.id).id == batch.id  # the owner still sees it
+    assert owner.batches.retrieve(batch.id).id == batch.id  # the owner still sees it
+    owner.close()
