@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import os
 import secrets
 from functools import cached_property
@@ -274,22 +275,14 @@ class Settings(BaseSettings):
         return url if url.startswith(("redis://", "rediss://")) else None
 
     def engine_config(self, **overrides: Any) -> EngineConfig:
-        """The paged engine's config from these settings (`overrides` win: benchmarks)."""
-        names = (
-            "kv_cache_tokens",
-            "max_num_seqs",
-            "max_step_tokens",
-            "prefill_chunk_tokens",
-            "aging_s",
-            "prefix_cache",
-            "cache_secret",
-            "gptq_backend",
-            "native",
-            "keep_heap",
-            "gptq_crossover",
-            "gptq_many",
-        )
-        values = {name: getattr(self, name) for name in names}
+        """The paged engine's config from these settings: every `EngineConfig` field that is
+        also a setting, the kernel dir under `home` (`overrides` win: benchmarks)."""
+        fields = type(self).model_fields
+        values = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(EngineConfig)
+            if f.name in fields
+        }
         return EngineConfig(**{**values, "kernel_dir": str(self.home / "kernels"), **overrides})
 
     def served_models(self) -> dict[str, str | None]:
