@@ -62,11 +62,11 @@ class TimedRepository(Repository):
         super().__init__(url)
         self.committed: dict[uuid.UUID, float] = {}
 
-    def store_outcomes(self, finished, *args, **kwargs):
-        new = super().store_outcomes(finished, *args, **kwargs)
+    def store_outcomes(self, ended, *args, **kwargs):
+        new = super().store_outcomes(ended, *args, **kwargs)
         now = time.time()
-        for f in finished:
-            self.committed.setdefault(f.result.job_id, now)
+        for e in ended:
+            self.committed.setdefault(e.job_id, now)
         return new
 
 

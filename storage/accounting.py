@@ -17,7 +17,7 @@ from storage import webhooks
 from storage.db import chunks, dialect_insert
 from storage.models import job_metrics_table, jobs_table, worker_usage_table
 from storage.prices import Billing
-from storage.records import TERMINAL_STATUSES, USAGE_FIGURES, JobUsage, UsageDelta
+from storage.records import TERMINAL_STATUSES, USAGE_FIGURES, EndedJob, UsageDelta
 
 J, M, W = jobs_table, job_metrics_table, worker_usage_table
 _FROM_JOB = (
@@ -47,7 +47,7 @@ def settle(conn: sa.Connection, job_ids: Iterable[uuid.UUID]) -> None:
         conn.execute(stmt.on_conflict_do_update(index_elements=[M.c.job_id], set_=changed))
 
 
-def record_usage(conn: sa.Connection, usage: Sequence[JobUsage]) -> None:
+def record_usage(conn: sa.Connection, usage: Sequence[EndedJob]) -> None:
     """The worker's measurements of settled jobs, billed at the prices in force when each
     ended (list price only for jobs with a result)."""
     if not usage:

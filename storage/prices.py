@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from storage.models import compute_rates_table, prices_table
-from storage.records import JobUsage, as_utc, utcnow
+from storage.records import EndedJob, as_utc, utcnow
 
 P, C = prices_table, compute_rates_table
 PLACES = Decimal("1e-10")  # the money columns' scale
@@ -91,7 +91,7 @@ class Billing:
             billing.rates.setdefault(row["target"], []).append(_rate(row))
         return billing
 
-    def bill(self, usage: JobUsage) -> dict[str, Any]:
+    def bill(self, usage: EndedJob) -> dict[str, Any]:
         """Price and rate ids and the three money figures (None where no price or rate)."""
         at = as_utc(usage.finished_at)
         price = _in_force(self.prices.get(usage.model, []), at) if usage.with_result else None

@@ -138,7 +138,7 @@ class BatchRecord:
 
 @dataclass(slots=True)
 class ResultRow:
-    """The generated output of one job."""
+    """The generated output of one job, as read back (`JobView.result`)."""
 
     job_id: uuid.UUID
     text: str
@@ -170,11 +170,12 @@ def _seconds(later: datetime | None, earlier: datetime | None) -> float | None:
 
 
 @dataclass(slots=True)
-class JobUsage:
-    """What a worker measured for one job that ended: timestamps (the enqueue time is the
-    producer's, None when it sent none), tokens and the engine seconds attributed to it.
-    `with_result` False: the job ended without output (cancelled, expired, failed), so only
-    its compute is billed."""
+class EndedJob:
+    """What a worker records for one job that ended, the one record the result sink writes:
+    its output when it finished (`text`; None when it ended without one: cancelled, expired,
+    failed, so only its compute is billed), timestamps (the enqueue time is the producer's,
+    None when it sent none), tokens, the engine seconds attributed to it and the batch row of
+    the step that admitted it."""
 
     job_id: uuid.UUID
     model: str
@@ -182,7 +183,9 @@ class JobUsage:
     device: str
     finished_at: datetime
     compute_s: float = 0.0
-    with_result: bool = True
+    text: str | None = None
+    finish_reason: str | None = None
+    batch_id: uuid.UUID | None = None
     enqueued_at: datetime | None = None
     admitted_at: datetime | None = None
     first_token_at: datetime | None = None
@@ -190,6 +193,21 @@ class JobUsage:
     cached_prompt_tokens: int = 0
     computed_prompt_tokens: int = 0  # prefill work: uncached, plus recompute after preemption
     completion_tokens: int = 0
+
+    @property
+    def with_result(self) -> bool:
+        return self.text is not None
+
+    def result(self) -> dict[str, Any]:
+        """Its `results` row (a job with a result)."""
+        return {
+            "job_id": self.job_id,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_prompt_tokens,
+        }
 
     @property
     def targets(self) -> tuple[str, str]:
@@ -260,19 +278,6 @@ USAGE_COUNTS = (
     "cache_hit_tokens",
 )
 USAGE_FIGURES = USAGE_SECONDS + USAGE_COUNTS
-
-
-@dataclass(slots=True)
-class FinishedJob:
-    """A job's result and what it used, and the batch that ran it."""
-
-    result: ResultRow
-    usage: JobUsage
-    batch_id: uuid.UUID | None
-
-    @property
-    def finished_at(self) -> datetime:
-        return self.usage.finished_at
 
 
 @functools.cache

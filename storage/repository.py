@@ -39,10 +39,9 @@ from storage.records import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
     BatchRecord,
-    FinishedJob,
+    EndedJob,
     JobState,
     JobStatus,
-    JobUsage,
     JobView,
     MetricsRow,
     NewJob,
@@ -56,7 +55,7 @@ from storage.summary import summarize
 __all__ = [
     "EXPIRED_ERROR",
     "BatchRecord",
-    "FinishedJob",
+    "EndedJob",
     "JobState",
     "JobView",
     "MetricsRow",
@@ -234,21 +233,21 @@ class Repository:
 
     def store_outcomes(
         self,
-        finished: Sequence[FinishedJob],
+        ended: Sequence[EndedJob],
         batches: Sequence[BatchRecord] = (),
         failures: Mapping[uuid.UUID, str] | None = None,
         expired: Iterable[uuid.UUID] = (),
         *,
-        charges: Sequence[JobUsage] = (),
         worker_usage: Sequence[UsageDelta] = (),
     ) -> set[uuid.UUID]:
         """One transaction: batch rows (upserted whole), results of finished jobs, their
-        status, final failures and expiries, every ended job's facts and costs (`charges`:
-        the compute of jobs that ended without a result) and the worker's usage. Idempotent:
-        a job that already has a result keeps it; a cancelled job stays cancelled. Returns
-        the ids with a new result."""
+        status, final failures and expiries, every ended job's facts and costs (an ended job
+        without a result: its compute only) and the worker's usage. Idempotent: a job that
+        already has a result keeps it; a cancelled job stays cancelled. Returns the ids with
+        a new result."""
         batch_rows = [dataclasses.asdict(b) for b in batches]
-        results = list({f.result.job_id: f for f in finished}.values())
+        results = list({e.job_id: e for e in ended if e.with_result}.values())
+        charges = [e for e in ended if not e.with_result]
         expired = list(expired)
         new: set[uuid.UUID] = set()
         with self.writer.begin() as conn:
@@ -256,9 +255,9 @@ class Repository:
                 conn.execute(self._upsert_batches(), batch_rows)
             if results:
                 insert = self.insert(R).on_conflict_do_nothing(index_elements=[R.c.job_id])
-                rows = [dataclasses.asdict(f.result) for f in results]
+                rows = [e.result() for e in results]
                 new = set(conn.scalars(insert.returning(R.c.job_id), rows))
-            fresh = [f for f in results if f.result.job_id in new]
+            fresh = [e for e in results if e.job_id in new]
             if fresh:
                 done = (
                     sa.update(J)
@@ -273,13 +272,13 @@ class Repository:
                 conn.execute(
                     done,
                     [
-                        {"p_id": f.result.job_id, "p_at": f.finished_at, "p_batch": f.batch_id}
-                        for f in fresh
+                        {"p_id": e.job_id, "p_at": e.finished_at, "p_batch": e.batch_id}
+                        for e in fresh
                     ],
                 )
             self._fail(conn, failures or {}, final=True)
             self._fail(conn, dict.fromkeys(expired, EXPIRED_ERROR), final=True, expire=True)
-            usage = [f.usage for f in fresh] + list(charges)
+            usage = fresh + charges
             accounting.settle(conn, [u.job_id for u in usage] + list(failures or {}) + expired)
             accounting.record_usage(conn, usage)
             accounting.add_worker_usage(conn, worker_usage)

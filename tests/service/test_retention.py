@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from storage import migrate
 from storage.db import build_engine
 from storage.models import Base
-from storage.records import BatchRecord, FinishedJob, JobUsage, NewJob, ResultRow, utcnow
+from storage.records import BatchRecord, EndedJob, NewJob, utcnow
 from storage.repository import Repository
 from storage.retention import purge
 
@@ -40,10 +40,18 @@ def test_purge_deletes_old_ended_jobs_in_batches(empty_db_url: str) -> None:
         repo.claim(group, "w", now=at)
         batch = BatchRecord(uuid.uuid4(), "w", "m", len(group), 1, at, at, 0.0)
         finished = [
-            FinishedJob(
-                ResultRow(j.id, "out", "length", 3, 2),
-                JobUsage(j.id, "m", "w", "cpu", at, 0.5),
+            EndedJob(
+                j.id,
+                "m",
+                "w",
+                "cpu",
+                at,
+                0.5,
+                "out",
+                "length",
                 batch.id,
+                prompt_tokens=3,
+                completion_tokens=2,
             )
             for j in group
         ]

@@ -19,13 +19,11 @@ from storage.db import make_engine
 from storage.models import Base
 from storage.repository import (
     BatchRecord,
-    FinishedJob,
+    EndedJob,
     JobState,
-    JobUsage,
     MetricsRow,
     NewJob,
     Repository,
-    ResultRow,
 )
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
@@ -40,29 +38,30 @@ def _job(tenant: str, key: str | None = None, **kw: Any) -> NewJob:
     return NewJob(id=uuid.uuid4(), tenant=tenant, model="m", prompt="hi", idempotency_key=key, **kw)
 
 
-def _result(job_id: uuid.UUID, text: str = "out", tokens: int = 5) -> ResultRow:
-    return ResultRow(job_id, text, "length", prompt_tokens=3, completion_tokens=tokens)
-
-
-def _usage(
+def _ended(
     job_id: uuid.UUID,
     finished_at: datetime,
+    batch_id: uuid.UUID | None = None,
     queue_wait_s: float | None = None,
     ttft_s: float | None = None,
     total_s: float | None = None,
     tokens: int = 5,
-) -> JobUsage:
-    """A finished job's usage whose timestamps give these durations (enqueued `total_s`
-    before it finished)."""
+    text: str = "out",
+) -> EndedJob:
+    """A finished job whose timestamps give these durations (enqueued `total_s` before it
+    finished)."""
     enqueued = finished_at - timedelta(seconds=total_s) if total_s is not None else None
     after = lambda s: enqueued + timedelta(seconds=s) if enqueued and s is not None else None  # noqa: E731
-    return JobUsage(
+    return EndedJob(
         job_id,
         "m",
         "w",
         "cpu",
         finished_at,
         compute_s=0.25,
+        text=text,
+        finish_reason="length",
+        batch_id=batch_id,
         enqueued_at=enqueued,
         admitted_at=after(queue_wait_s),
         first_token_at=after(ttft_s),
@@ -87,12 +86,7 @@ def _finish(
     batch = batch or _batch(size=len(ids))
     assert batch.finished_at is not None
     at = batch.finished_at
-    finished = [
-        FinishedJob(
-            _result(i, text, tokens), _usage(i, at, tokens=tokens, **(metrics or {})), batch.id
-        )
-        for i in ids
-    ]
+    finished = [_ended(i, at, batch.id, tokens=tokens, text=text, **(metrics or {})) for i in ids]
     return repo.store_outcomes(finished, [batch])
 
 
@@ -139,9 +133,7 @@ def test_upgrade_builds_schema_and_downgrade_round_trips(empty_db_url: str) -> N
 def test_status_check_and_foreign_keys_enforced(db_url: str) -> None:
     repo = Repository(db_url)
     with pytest.raises(sa.exc.IntegrityError), repo.engine.begin() as conn:
-        conn.execute(
-            Base.metadata.tables["results"].insert(), dataclasses.asdict(_result(uuid.uuid4()))
-        )
+        conn.execute(Base.metadata.tables["results"].insert(), _ended(uuid.uuid4(), T0).result())
     job = _job(_tenant())
     repo.submit(job)
     with pytest.raises(sa.exc.IntegrityError), repo.engine.begin() as conn:
@@ -283,7 +275,7 @@ def test_store_outcomes_records_failures_in_the_same_transaction(db_url: str) ->
     ok, bad = _job(_tenant()), _job(_tenant())
     repo.claim([ok, bad], "w")
     batch = _batch()
-    finished = FinishedJob(_result(ok.id), _usage(ok.id, T0), batch.id)
+    finished = _ended(ok.id, T0, batch.id)
     assert repo.store_outcomes([finished], [batch], {bad.id: "engine error"}) == {ok.id}
     views = repo.get_many([ok.id, bad.id])
     assert views[ok.id].status == "done"
@@ -369,11 +361,7 @@ def test_summary_figures(db_url: str) -> None:
     end = T0 + timedelta(seconds=10)
     b1 = BatchRecord(uuid.uuid4(), "w", "m", 3, 1, T0, end)
     finished = [
-        FinishedJob(
-            _result(i, tokens=10),
-            _usage(i, end, queue_wait_s=float(n), ttft_s=0.5, total_s=5.0, tokens=10),
-            b1.id,
-        )
+        _ended(i, end, b1.id, queue_wait_s=float(n), ttft_s=0.5, total_s=5.0, tokens=10)
         for n, i in enumerate(ids[:3])
     ]
     repo.store_outcomes(finished, [b1], {ids[3]: "bad"})

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from storage.models import Base
 from storage.models import webhook_deliveries_table as D
-from storage.records import FinishedJob, JobUsage, NewJob, ResultRow, utcnow
+from storage.records import EndedJob, NewJob, utcnow
 from storage.repository import Repository
 from storage.webhooks import Deliveries, Outcome
 
@@ -30,9 +30,18 @@ def _jobs(repo: Repository, n: int, url: str | None = URL) -> list[uuid.UUID]:
 
 
 def _done(repo: Repository, job_id: uuid.UUID, text: str = "Paris.") -> None:
-    result = ResultRow(job_id, text, "stop", prompt_tokens=4, completion_tokens=2)
-    usage = JobUsage(job_id, "m", "w", "cpu", utcnow(), prompt_tokens=4, completion_tokens=2)
-    repo.store_outcomes([FinishedJob(result, usage, None)])
+    ended = EndedJob(
+        job_id,
+        "m",
+        "w",
+        "cpu",
+        utcnow(),
+        text=text,
+        finish_reason="stop",
+        prompt_tokens=4,
+        completion_tokens=2,
+    )
+    repo.store_outcomes([ended])
 
 
 def _rows(repo: Repository, table: str, job_ids: list[uuid.UUID]) -> list[sa.Row]:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from inferq.logs import get_logger
 from storage.errors import is_transient
-from storage.records import BatchRecord, FinishedJob, JobStatus, JobUsage, ResultRow, utcnow
+from storage.records import BatchRecord, EndedJob, JobStatus, utcnow
 from storage.repository import Repository
 from worker.service.jobs import Ledger
 from worker.service.metrics import Metrics
@@ -38,16 +38,20 @@ def _at(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
-def job_usage(done: Finished, worker: str, device: str) -> JobUsage:
-    """What the engine measured for a finished job (times are the engine's wall clock)."""
+def ended_job(done: Finished, worker: str, device: str, batch_id: uuid.UUID | None) -> EndedJob:
+    """A finished job's record: its output and what the engine measured (times are the
+    engine's wall clock)."""
     out, job = done.output, done.job
-    return JobUsage(
+    return EndedJob(
         job_id=job.seq_id,
         model=job.model,
         worker=worker,
         device=device,
         finished_at=_at(out.finished_at),
         compute_s=out.compute_s,
+        text=out.text,
+        finish_reason=out.finish_reason.value,
+        batch_id=batch_id,
         enqueued_at=job.enqueued_at,
         admitted_at=_at(out.admitted_at),
         first_token_at=_at(out.first_token_at),
@@ -168,13 +172,13 @@ class ResultSink:
         alone instead of blocking every result behind it."""
         finished, failures = self._rows(pending)
         expired = [o.job_id for o in pending if isinstance(o, Failed) and o.expired]
-        charges = self._charges(pending)
+        charges = self._charges(pending)  # jobs that ended without a result
         usage = [d for o in pending if isinstance(o, UsageReport) for d in o.deltas]
         batches = [self._batches[k] for k in touched if k in self._batches]
         try:
             try:
                 self.repo.store_outcomes(
-                    finished, batches, failures, expired, charges=charges, worker_usage=usage
+                    finished + charges, batches, failures, expired, worker_usage=usage
                 )
             except Exception as exc:
                 if is_transient(exc):
@@ -182,9 +186,7 @@ class ResultSink:
                 log.warning("sink.group_refused", error=type(exc).__name__)
                 self._write_apart(finished, batches, failures)
                 self._store_or(
-                    lambda: self.repo.store_outcomes(
-                        [], expired=expired, charges=charges, worker_usage=usage
-                    ),
+                    lambda: self.repo.store_outcomes(charges, expired=expired, worker_usage=usage),
                     "expired, charges and usage",
                 )
         except Exception as exc:
@@ -197,7 +199,7 @@ class ResultSink:
             )
             return False
         self._backoff.reset()
-        done_ids = [f.result.job_id for f in finished] + list(failures) + expired
+        done_ids = [f.job_id for f in finished] + list(failures) + expired
         for job_id in done_ids:
             self.ledger.pop(job_id)
         self._count(pending, finished, failures)
@@ -205,9 +207,9 @@ class ResultSink:
         for f in finished:
             log.info(
                 "job.done",
-                job_id=str(f.result.job_id),
+                job_id=str(f.job_id),
                 batch_id=str(f.batch_id),
-                completion_tokens=f.result.completion_tokens,
+                completion_tokens=f.completion_tokens,
             )
         for job_id, error in failures.items():
             log.warning("job.failed", job_id=str(job_id), error=error)
@@ -216,61 +218,44 @@ class ResultSink:
         return True
 
     def _count(
-        self, pending: list[Outcome], finished: list[FinishedJob], failures: dict[uuid.UUID, str]
+        self, pending: list[Outcome], finished: list[EndedJob], failures: dict[uuid.UUID, str]
     ) -> None:
         m = self.metrics
         for o in pending:
             if isinstance(o, Failed):
                 m.jobs.labels(o.model, "expired" if o.expired else "failed").inc()
         for f in finished:  # the rows just written: their timings are computed once
-            model = f.usage.model
-            m.jobs.labels(model, "failed" if f.usage.job_id in failures else "done").inc()
-            m.output_tokens.labels(model).inc(f.result.completion_tokens)
-            facts = f.usage.facts()
+            m.jobs.labels(f.model, "failed" if f.job_id in failures else "done").inc()
+            m.output_tokens.labels(f.model).inc(f.completion_tokens)
+            facts = f.facts()
             for kind in ("queue_wait", "ttft", "total"):
                 if facts[f"{kind}_s"] is not None:
-                    m.latency.labels(model, kind).observe(facts[f"{kind}_s"])
+                    m.latency.labels(f.model, kind).observe(facts[f"{kind}_s"])
 
-    def _charges(self, pending: list[Outcome]) -> list[JobUsage]:
+    def _charges(self, pending: list[Outcome]) -> list[EndedJob]:
         """The compute of jobs that ended without a result (cancelled, expired, failed)."""
         return [
-            JobUsage(
-                o.job_id,
-                o.model,
-                self.worker,
-                self.devices.get(o.model, ""),
-                utcnow(),
-                o.compute_s,
-                with_result=False,
+            EndedJob(
+                o.job_id, o.model, self.worker, self.devices.get(o.model, ""), utcnow(), o.compute_s
             )
             for o in pending
             if isinstance(o, Dropped | Failed) and o.compute_s > 0
         ]
 
-    def _rows(self, pending: list[Outcome]) -> tuple[list[FinishedJob], dict[uuid.UUID, str]]:
+    def _rows(self, pending: list[Outcome]) -> tuple[list[EndedJob], dict[uuid.UUID, str]]:
         finished, failures = [], {}
         for o in pending:
             if isinstance(o, Failed) and not o.expired:
                 failures[o.job_id] = o.error
-            if not isinstance(o, Finished):
-                continue
-            out, job = o.output, o.job
-            batch = self._batches.get((job.model, out.batch))
-            result = ResultRow(
-                job_id=job.seq_id,
-                text=out.text,
-                finish_reason=out.finish_reason.value,
-                prompt_tokens=out.prompt_tokens,
-                completion_tokens=len(out.token_ids),
-                cached_tokens=out.cached_tokens,
-            )
-            usage = job_usage(o, self.worker, self.devices.get(job.model, ""))
-            finished.append(FinishedJob(result, usage, batch.id if batch else None))
+            if isinstance(o, Finished):
+                batch = self._batches.get((o.job.model, o.output.batch))
+                device = self.devices.get(o.job.model, "")
+                finished.append(ended_job(o, self.worker, device, batch.id if batch else None))
         return finished, failures
 
     def _write_apart(
         self,
-        finished: list[FinishedJob],
+        finished: list[EndedJob],
         batches: list[BatchRecord],
         failures: dict[uuid.UUID, str],
     ) -> None:
@@ -278,7 +263,7 @@ class ResultSink:
         logged and dropped. Transient errors still propagate (the whole write is retried)."""
         self._store_or(lambda: self.repo.store_outcomes([], batches), "batches")
         for f in finished:
-            job_id = f.result.job_id
+            job_id = f.job_id
             if not self._store_or(lambda f=f: self.repo.store_outcomes([f]), str(job_id)):
                 failures.setdefault(job_id, "the result could not be stored")
         for job_id, error in failures.items():
