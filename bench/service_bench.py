@@ -32,11 +32,12 @@ import statistics
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from engine_bench import build_workload, shareable_tokens  # bench/, beside this script
+import cpu_split  # bench/, beside this script
+from engine_bench import build_workload, shareable_tokens
 from service_harness import ServiceEnv, start_worker, stop_worker
 from transformers import AutoTokenizer
 
@@ -60,6 +61,7 @@ class Row:
     cached: int
     texts: dict[int, str]
     streamed_same: int | None = None  # jobs whose joined stream equals their stored text
+    cpu: list[tuple[str, float, float]] = field(default_factory=list)  # bench/cpu_split.py
 
     def cells(self, shareable: int) -> list[str]:
         q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]  # noqa: E731
@@ -98,9 +100,10 @@ def engine_row(name: str, dtype: str, jobs) -> Row:
         )
         for i, j in enumerate(jobs)
     ]
-    t0 = time.time()
+    before, t0 = cpu_split.snapshot(os.getpid(), "engine alone"), time.time()
     outs = run_to_completion(engine, reqs)
     wall = max(o.finished_at for o in outs) - t0
+    cpu = cpu_split.split(before, cpu_split.snapshot(os.getpid(), "engine alone"), time.time() - t0)
     row = Row(
         name,
         wall,
@@ -110,6 +113,7 @@ def engine_row(name: str, dtype: str, jobs) -> Row:
         sum(o.finished_at - o.admitted_at for o in outs),
         sum(o.cached_tokens for o in outs),
         {i: o.text for i, o in enumerate(outs)},
+        cpu=cpu,
     )
     del engine
     gc.collect()
@@ -178,6 +182,7 @@ def service_row(
         proc = start_worker(env, extra, log, loglevel="INFO")
         try:
             _wait_ready(log, proc)
+            before, started = cpu_split.snapshot(proc.pid), time.monotonic()
             client = env.client.for_tenant("bench")
             ids = client.submit_many(
                 {
@@ -192,6 +197,7 @@ def service_row(
             )
             views = client.wait_many(ids, timeout=3600)  # on Redis: no database reads
             streamed = readers.texts() if readers is not None else None
+            cpu = cpu_split.split(before, cpu_split.snapshot(proc.pid), time.monotonic() - started)
         finally:
             stop_worker(proc)
         assert all(v.status == "done" for v in views), {v.status for v in views}
@@ -210,6 +216,7 @@ def service_row(
             sum(v.result.cached_tokens for v in views),
             {i: v.result.text for i, v in enumerate(views)},
             same,
+            cpu,
         )
 
 
@@ -243,10 +250,11 @@ def main() -> None:
         "wall s",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    summary, mismatched = [], False
+    summary, mismatched, rows = [], False, []
     for dtype in args.dtypes.split(","):
         tag = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
         alone = engine_row(f"engine alone {tag}", dtype, jobs)
+        rows.append(alone)
         lines.append("| " + " | ".join(alone.cells(shareable)) + " |")
         print(lines[-1], flush=True)
         served = {}
@@ -265,6 +273,7 @@ def main() -> None:
             )
             lines.append("| " + " | ".join(row.cells(shareable)) + " |")
             print(lines[-1], flush=True)
+            rows.append(row)
             share = (row.out_tokens / row.wall_s) / (alone.out_tokens / alone.wall_s)
             same = sum(alone.texts[i] == row.texts[i] for i in alone.texts)
             who = f"{tag}, streaming {mode}" if len(modes) > 1 else tag
@@ -276,6 +285,8 @@ def main() -> None:
         if len(served) == 2:
             on, off = (served[m].out_tokens / served[m].wall_s for m in ("on", "off"))
             summary.append(f"{tag}: service throughput with streaming on / off = {on / off:.1%}")
+    for row in rows:
+        summary += ["", *cpu_split.table(row.cpu, f"where the cores went: {row.name}")]
     text = "\n".join([*lines, "", *summary]) + "\n"
     print(text)
     (args.out / "service_bench.md").write_text(text)

@@ -1,0 +1,90 @@
+"""Where the cores went between two snapshots of /proc (Linux): CPU seconds of each thread of
+the worker (its helper threads name themselves `inferq-...`; the engine loop is the main
+thread; unnamed threads are torch's compute threads), of PostgreSQL, Redis, the benchmark's
+own process (producer and stream readers) and the rest of the machine, and what stayed idle.
+
+Usage (from a benchmark): `before = snapshot(worker_pid)`, ..., `split(before,
+snapshot(worker_pid), wall_s)` gives rows of (who, CPU seconds, share of the machine's cores
+over `wall_s`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+PROC = Path("/proc")
+
+
+@dataclass
+class Snapshot:
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    busy_s: float = 0.0  # every core, from /proc/stat
+    idle_s: float = 0.0
+
+
+def _cpu_s(stat: Path) -> float:
+    """utime + stime of a /proc/.../stat file (fields 14 and 15, after the `(comm)`)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _group(pid: int, comm: str) -> str:
+    if comm.startswith("postgres"):
+        return "PostgreSQL"
+    if comm.startswith("redis-server"):
+        return "Redis"
+    if pid == os.getpid():
+        return "benchmark process (producer, stream readers)"
+    return "rest of the machine"
+
+
+def snapshot(worker_pid: int, label: str = "worker") -> Snapshot:
+    """CPU seconds so far; `worker_pid`'s threads one by one under `label`."""
+    snap = Snapshot()
+    for task in (PROC / str(worker_pid) / "task").iterdir():
+        try:
+            comm, cpu = (task / "comm").read_text().strip(), _cpu_s(task / "stat")
+        except OSError:
+            continue  # the thread ended meanwhile
+        if int(task.name) == worker_pid:
+            who = f"{label}: engine loop (main thread)"
+        elif comm.startswith("inferq"):
+            who = f"{label}: {comm}"
+        else:
+            who = f"{label}: torch compute threads"
+        snap.seconds[who] += cpu
+    for proc in PROC.iterdir():
+        if not proc.name.isdigit() or int(proc.name) == worker_pid:
+            continue
+        try:
+            comm, cpu = (proc / "comm").read_text().strip(), _cpu_s(proc / "stat")
+        except OSError:
+            continue
+        snap.seconds[_group(int(proc.name), comm)] += cpu
+    cpu = [int(v) / TICK for v in (PROC / "stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    snap.idle_s = cpu[3] + cpu[4]
+    snap.busy_s = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + cpu[7]
+    return snap
+
+
+def split(before: Snapshot, after: Snapshot, wall_s: float) -> list[tuple[str, float, float]]:
+    """(who, CPU seconds, share of all cores over `wall_s`), the worker's threads first; "rest
+    of the machine" also holds processes that ended between the snapshots."""
+    cores = os.cpu_count() or 1
+    used = {k: after.seconds.get(k, 0.0) - before.seconds.get(k, 0.0) for k in after.seconds}
+    busy = after.busy_s - before.busy_s
+    named = sum(v for k, v in used.items() if k != "rest of the machine")
+    used["rest of the machine"] = max(busy - named, 0.0)
+    used["idle"] = after.idle_s - before.idle_s
+    order = sorted(used, key=lambda k: (":" not in k, k == "idle", -used[k]))
+    return [(k, used[k], used[k] / (wall_s * cores)) for k in order if used[k] >= 0.005]
+
+
+def table(rows: list[tuple[str, float, float]], title: str) -> list[str]:
+    lines = [f"| {title} | CPU s | share of the cores |", "|---|---|---|"]
+    return lines + [f"| {who} | {s:.2f} | {share:.1%} |" for who, s, share in rows]
