@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import signal
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -49,20 +47,15 @@ from typing import Any
 
 import redis
 import sqlalchemy as sa
-from engine_bench import build_workload, shareable_tokens  # bench/, beside this script
-from service_bench import RecordingCodec, _wait_ready
-from service_harness import REDIS, ServiceEnv, start_worker, stop_worker
-from transformers import AutoTokenizer
+from engine_bench import shareable_tokens  # bench/, beside this script
+from scale_fleet import Fleet
+from scale_workloads import WORKLOADS, Spec, build_specs
+from service_harness import REDIS, ServiceEnv
 
-from inferq.settings import FP_MODEL, get_settings
-from worker.engine.codec import TextCodec
-from worker.prep.models import resolve_model
+from inferq.settings import FP_MODEL
 
 ROUTINGS = {"rr": "0", "affinity": "1"}
-WORKLOADS = ("bench", "skewed", "many")
-DESKS = 8  # the many-prefix workload: each system prompt in 8 variants (32 prefixes)
 CONFIGS = [f"{w}/{r}" for w in WORKLOADS for r in ROUTINGS]
-HOT = 0  # the skewed workload's hot system prompt
 # The kill run keeps the defaults: the affinity reaper hands a dead worker's messages back
 # after INFERQ_AFFINITY_DEAD_AFTER_S (10 s); the PostgreSQL sweeper (60 s) is the backstop.
 KILL_ENV: dict[str, str] = {}
@@ -71,15 +64,6 @@ FACTS = sa.text(
     " m.completion_tokens, m.total_s, m.ttft_s, m.finished_at, j.queued_at"
     " FROM job_metrics m JOIN jobs j ON j.id = m.job_id"
 )
-
-
-@dataclass
-class Spec:
-    """One job: its system prompt's index, chat messages and max_tokens."""
-
-    system: int
-    messages: list[dict[str, str]]
-    max_tokens: int
 
 
 @dataclass
@@ -128,70 +112,6 @@ HEADER = [
     "out tok/s",
     "wall s",
 ]
-
-
-def build_specs(n: int, seed: int, max_new: int) -> tuple[dict[str, list[Spec]], list[int]]:
-    """Both workloads, and each system prompt's templated block length."""
-    path = resolve_model(get_settings(), FP_MODEL)
-    tok = AutoTokenizer.from_pretrained(path)
-    codec = RecordingCodec(TextCodec.from_model_dir(path))
-    jobs, sys_lens = build_workload(tok, codec, n, seed, max_new)
-    msgs = [codec.messages[id(j.prompt_ids)] for j in jobs]
-    bench = [Spec(j.system, m, j.max_tokens) for j, m in zip(jobs, msgs, strict=True)]
-    systems = {s.system: s.messages[0]["content"] for s in bench}
-    assert len(systems) == len(sys_lens), "every system prompt must occur in the workload"
-    rng = random.Random(seed + 1)
-    hot = set(rng.sample(range(n), n // 2))
-    cold = [k for k in range(len(sys_lens)) if k != HOT]
-    skewed = []
-    for i, s in enumerate(bench):
-        k = HOT if i in hot else rng.choice(cold)
-        system = {"role": "system", "content": systems[k]}
-        skewed.append(Spec(k, [system, *s.messages[1:]], s.max_tokens))
-    many, variants = [], {}  # (desk, prompt) -> system index, after the 4 originals
-    for s in bench:
-        text = f"Desk {rng.randrange(DESKS)} of {DESKS}. {systems[s.system]}"
-        index = variants.setdefault(text, len(sys_lens) + len(variants))
-        many.append(
-            Spec(index, [{"role": "system", "content": text}, *s.messages[1:]], s.max_tokens)
-        )
-    for text in variants:  # in index order
-        block = tok.apply_chat_template([{"role": "system", "content": text}])
-        sys_lens.append(len(list(block["input_ids"])))
-    return {"bench": bench, "skewed": skewed, "many": many}, sys_lens
-
-
-class Fleet:
-    """N workers on one ServiceEnv; every process is stopped on exit, whatever happened."""
-
-    def __init__(self, env: ServiceEnv, n: int, extra: dict[str, str], out: Path, tag: str):
-        self.env, self.n, self.extra, self.out, self.tag = env, n, extra, out, tag
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def __enter__(self) -> Fleet:
-        try:
-            logs = {}
-            for i in range(self.n):
-                name = f"w{i}"
-                logs[name] = self.out / f"scale_{self.tag}_{name}.log"
-                env = {**self.extra, "INFERQ_WORKER_NAME": name}
-                self.procs[name] = start_worker(self.env, env, logs[name], loglevel="INFO")
-            for name, proc in self.procs.items():
-                _wait_ready(logs[name], proc)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        live = [p for p in self.procs.values() if p.poll() is None]
-        for proc in live:
-            proc.terminate()  # all at once: they drain in parallel
-        for proc in live:
-            stop_worker(proc)
 
 
 def worker_env(args: argparse.Namespace, routing: str, kill: bool = False) -> dict[str, str]:

@@ -6,12 +6,16 @@ Usage: .venv/bin/python bench/service_bench.py [--jobs 256] [--dtypes float32,bf
 Per dtype, two rows with the same default settings (`Settings()`: max_num_seqs, KV size,
 prefix cache, ...) and the same seeded jobs (bench/engine_bench.py's build_workload):
 - engine alone: the engine the worker builds (`load_engine`), every job added at t=0 and run
-  to completion in this process; times from the engine's own outputs.
+  to completion in this process; times from the engine's own outputs. Run before and after
+  the service rows: the service's share is of their mean, so the machine's drift over the
+  minutes between them (±15 % on a 2-core VM) is averaged out instead of read as a gap.
 - service: an `inferq worker` process on the local Redis and a fresh PostgreSQL database;
   every job submitted at t=0 through `InferqClient` (row + Celery message each); times from
   the rows the worker wrote (queued_at, job_metrics), wall = first enqueue to last finish.
 Latency and TTFT count from t=0 (enqueue); mean running = sum over jobs of (finished -
 admitted) / wall; prefix hit = cached prompt tokens / shareable system-prompt tokens.
+Per row, where the cores went (bench/cpu_split.py: each worker thread, torch's threads,
+PostgreSQL, Redis, this process, the rest of the machine, idle).
 The null-engine figures (jobs/s, worker CPU per job) come from bench/service_null.py.
 Streaming (`--streaming`, default on: the worker's default): one service row per setting
 (INFERQ_STREAM); with it on, this process reads every job's stream while the jobs run
@@ -74,6 +78,11 @@ class Row:
             f"{self.cached / shareable:.1%}",
             f"{self.wall_s:.1f}",
         ]
+
+
+def rate(row: Row) -> float:
+    """Output tokens per second."""
+    return row.out_tokens / row.wall_s
 
 
 class RecordingCodec:
@@ -253,37 +262,45 @@ def main() -> None:
     summary, mismatched, rows = [], False, []
     for dtype in args.dtypes.split(","):
         tag = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
-        alone = engine_row(f"engine alone {tag}", dtype, jobs)
-        rows.append(alone)
-        lines.append("| " + " | ".join(alone.cells(shareable)) + " |")
-        print(lines[-1], flush=True)
+
+        def add(row: Row) -> Row:
+            rows.append(row)
+            lines.append("| " + " | ".join(row.cells(shareable)) + " |")
+            print(lines[-1], flush=True)
+            return row
+
+        before = add(engine_row(f"engine alone {tag}, before", dtype, jobs))
         served = {}
         for mode in modes:
             label = f"service (Redis + PostgreSQL) {tag}"
             label += f", streaming {mode}" if len(modes) > 1 else ""
-            served[mode] = row = service_row(
-                label,
-                dtype,
-                jobs,
-                codec.messages,
-                args.out,
-                args.keep_db,
-                args.example_prices,
-                stream=mode == "on",
+            served[mode] = add(
+                service_row(
+                    label,
+                    dtype,
+                    jobs,
+                    codec.messages,
+                    args.out,
+                    args.keep_db,
+                    args.example_prices,
+                    stream=mode == "on",
+                )
             )
-            lines.append("| " + " | ".join(row.cells(shareable)) + " |")
-            print(lines[-1], flush=True)
-            rows.append(row)
-            share = (row.out_tokens / row.wall_s) / (alone.out_tokens / alone.wall_s)
-            same = sum(alone.texts[i] == row.texts[i] for i in alone.texts)
+        after = add(engine_row(f"engine alone {tag}, after", dtype, jobs))
+        engine_rate = (rate(before) + rate(after)) / 2  # the machine's drift, averaged out
+        for mode, row in served.items():
+            same = sum(before.texts[i] == row.texts[i] for i in before.texts)
             who = f"{tag}, streaming {mode}" if len(modes) > 1 else tag
-            line = f"{who}: service / engine alone = {share:.1%}; same text {same}/{len(jobs)}"
+            line = (
+                f"{who}: service / engine alone = {rate(row) / engine_rate:.1%} (engine: mean of"
+                f" before and after, {engine_rate:.1f} out tok/s); same text {same}/{len(jobs)}"
+            )
             if row.streamed_same is not None:
                 line += f"; streamed = stored {row.streamed_same}/{len(jobs)}"
                 mismatched |= row.streamed_same != len(jobs)
             summary.append(line)
         if len(served) == 2:
-            on, off = (served[m].out_tokens / served[m].wall_s for m in ("on", "off"))
+            on, off = (rate(served[m]) for m in ("on", "off"))
             summary.append(f"{tag}: service throughput with streaming on / off = {on / off:.1%}")
     for row in rows:
         summary += ["", *cpu_split.table(row.cpu, f"where the cores went: {row.name}")]
