@@ -50,8 +50,14 @@ def _finish(r: redis.Redis, job_ids: list[uuid.UUID], kill: list[int] = ()) -> N
 
 
 def _notify_connections(r: redis.Redis) -> list[dict]:
-    """The shared subscriptions' connections that subscribe to something."""
-    return [c for c in r.client_list() if c.get("name") == NAME and int(c.get("sub", 0)) > 0]
+    """The shared subscriptions' connections on this test's Redis database that subscribe to
+    something (other sessions may share the Redis server)."""
+    db = str(r.connection_pool.connection_kwargs.get("db", 0))
+    return [
+        c
+        for c in r.client_list()
+        if c.get("name") == NAME and int(c.get("sub", 0)) > 0 and str(c.get("db")) == db
+    ]
 
 
 @pytest.fixture
