@@ -17,8 +17,9 @@ the result sink commits them (a few transactions), the latency of each job is it
 wake-up (`time.time()` when `wait` returned) minus the end of the transaction that committed
 its result (wrapped `store_outcomes`, same process, same clock); "published" is when the
 worker's write of the ended state (SET + PUBLISH, wrapped `ResultPublisher.write`) returned,
-so the wake-up splits into the worker's part (commit to publish) and the client's. Writes
-bench/out/results_bench.md.
+so the wake-up splits into the worker's part (commit to publish) and the client's. Each
+waiter count first prints its floor (`wake_floor`: waking N idle threads, or N tasks, in one
+process, nothing else done). Writes bench/out/results_bench.md.
 """
 
 from __future__ import annotations
@@ -184,6 +185,45 @@ def _async_waiters(
     return threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
 
 
+def wake_floor(waiters: int) -> tuple[float, float]:
+    """p50 ms from setting N events to their waiters running, with nothing else to do: N
+    threads blocked on `threading.Event`s, and N tasks of one event loop on `asyncio.Event`s
+    (the least the `notify` and `async` modes can cost in one process)."""
+    events = [threading.Event() for _ in range(waiters)]
+    woke: list[float] = []
+    threads = [
+        threading.Thread(target=lambda e=e: (e.wait(), woke.append(time.perf_counter())))
+        for e in events
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    for e in events:
+        e.set()
+    for t in threads:
+        t.join()
+    threaded = statistics.median(woke) - t0
+
+    async def tasks() -> float:
+        flags = [asyncio.Event() for _ in range(waiters)]
+        done: list[float] = []
+
+        async def one(flag: asyncio.Event) -> None:
+            await flag.wait()
+            done.append(time.perf_counter())
+
+        running = [asyncio.create_task(one(f)) for f in flags]
+        await asyncio.sleep(0.1)
+        start = time.perf_counter()
+        for f in flags:
+            f.set()
+        await asyncio.gather(*running)
+        return statistics.median(done) - start
+
+    return threaded * 1000, asyncio.run(tasks()) * 1000
+
+
 def _timed_writes(worker: WorkerService) -> dict[uuid.UUID, float]:
     """When the worker's last write of each job's state returned (its ended state, here)."""
     published: dict[uuid.UUID, float] = {}
@@ -208,6 +248,12 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for waiters in map(int, args.waiters.split(",")):
+        threaded, tasks = wake_floor(waiters)
+        print(
+            f"floor {waiters:>5} waiters: events set to waiters running p50 {threaded:.2f} ms "
+            f"(threads), {tasks:.2f} ms (asyncio tasks)",
+            flush=True,
+        )
         for mode in args.modes.split(","):
             row = run(mode, waiters, args.hold_s)
             rows.append(row)
