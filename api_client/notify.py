@@ -8,9 +8,10 @@ call's SUBSCRIBE of the same channel included): only then does the call read its
 state written between its subscription and its read is not missed (see `api_client.plans`).
 `wait` hands it the jobs announced since it last looked, each with its key's value: the
 reader reads the keys of a burst of notifications in one MGET, for all the calls they wake (a
-notification only says which key to read: its payload is not looked at). The reader
-UNSUBSCRIBEs the channels no call watches any more, those of many ended calls in one command
-(an ended call returns without a round trip). After the connection was lost (a Redis
+notification only says which key to read: its payload is not looked at). The channels no
+call watches any more are UNSUBSCRIBEd: by the reader thread of a blocking client, those of
+many ended calls in one command (an ended call returns without a round trip); by the ended
+call itself on an asyncio client. After the connection was lost (a Redis
 restart, a killed client) every channel is subscribed again and its key read again for its
 calls (what was published in between is lost, what was written is not); the calls' own
 re-reads every `INFERQ_RESULT_POLL_S` stay the fallback for anything else.
@@ -237,12 +238,11 @@ class AsyncSubscriptions:
         return watch.take()
 
     async def unwatch(self, watch: Watch) -> None:
+        """UNSUBSCRIBE at once what nobody watches now (the reader task sends nothing: an
+        UNSUBSCRIBE from it, cancelled by `aclose`, left redis-py's reader hanging)."""
         self._registry.remove(watch)
-
-    async def _unsubscribe(self) -> None:
-        """UNSUBSCRIBE the channels that ended calls left, in one command (the reader)."""
         gone = self._registry.take_gone()
-        if gone and not self._broken and self._pubsub.connection is not None:
+        if gone and not self._broken and self._task is not None and not self._task.done():
             try:
                 async with self._sending:
                     await self._pubsub.unsubscribe(*gone)
@@ -270,7 +270,6 @@ class AsyncSubscriptions:
                 retry = min(retry * 2, RETRY_S[1])
                 continue
             retry = RETRY_S[0]
-            await self._unsubscribe()
             if messages:
                 idle_since = time.monotonic()
                 woken, keys = self._registry.handle(messages)
