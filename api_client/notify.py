@@ -8,8 +8,10 @@ call's SUBSCRIBE of the same channel included): only then does the call read its
 state written between its subscription and its read is not missed (see `api_client.plans`).
 `wait` hands it the jobs announced since it last looked, each with its key's value: the
 reader reads the keys of a burst of notifications in one MGET, for all the calls they wake (a
-notification only says which key to read: its payload is not looked at). `unwatch`
-UNSUBSCRIBEs the channels no call watches any more. After the connection was lost (a Redis
+notification only says which key to read: its payload is not looked at). The channels no
+call watches any more are UNSUBSCRIBEd: by the reader thread of a blocking client, those of
+many ended calls in one command (an ended call returns without a round trip); by the ended
+call itself on an asyncio client. After the connection was lost (a Redis
 restart, a killed client) every channel is subscribed again and its key read again for its
 calls (what was published in between is lost, what was written is not); the calls' own
 re-reads every `INFERQ_RESULT_POLL_S` stay the fallback for anything else.
@@ -29,9 +31,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from api_client.producer import job_id_of
+from api_client.watches import Registry, Value, Watch
 
-Value = bytes | str | None  # a result key's value (None: no key)
 NAME = "inferq-notify"  # the shared connections' name (CLIENT LIST)
 READ_S = 1.0  # the reader looks at `closed` (and pings, when idle long enough) this often
 PING_S = 30.0  # a silently dead connection is found after at most this long idle
@@ -44,104 +45,6 @@ async def _until(event: asyncio.Event, seconds: float) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), max(seconds, 0.0))
     return event.is_set()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-class Watch:
-    """One waiting call: its channels, and the jobs announced since it last looked, each with
-    its key's value read after the announcement. `event` (a `threading.Event` or an
-    `asyncio.Event`) is set when either changes."""
-
-    __slots__ = ("channels", "event", "woken")
-
-    def __init__(self, channels: Iterable[str], event: threading.Event | asyncio.Event):
-        self.channels = list(dict.fromkeys(channels))
-        self.event = event
-        self.woken: dict[uuid.UUID, Value] = {}
-
-    def take(self) -> dict[uuid.UUID, Value]:
-        woken, self.woken = self.woken, {}
-        self.event.clear()
-        return woken
-
-
-class Registry:
-    """Who watches which channel, and which SUBSCRIBEs Redis has not confirmed yet; no I/O
-    (the two readers below do theirs around it)."""
-
-    def __init__(self) -> None:
-        self.watchers: dict[str, set[Watch]] = {}
-        self.unconfirmed: dict[str, int] = {}  # SUBSCRIBEs sent, not yet confirmed
-
-    def add(self, watch: Watch) -> list[str]:
-        """Register a call; the channels to SUBSCRIBE (those nobody watched)."""
-        new = [c for c in watch.channels if c not in self.watchers]
-        for channel in watch.channels:
-            self.watchers.setdefault(channel, set()).add(watch)
-        for channel in new:
-            self.unconfirmed[channel] = self.unconfirmed.get(channel, 0) + 1
-        return new
-
-    def remove(self, watch: Watch) -> list[str]:
-        """Forget a call; the channels to UNSUBSCRIBE (those nobody watches now)."""
-        gone = []
-        for channel in watch.channels:
-            watchers = self.watchers.get(channel)
-            if watchers is not None:
-                watchers.discard(watch)
-                if not watchers:
-                    del self.watchers[channel]
-                    gone.append(channel)
-        return gone
-
-    def confirmed(self, watch: Watch) -> bool:
-        return not any(c in self.unconfirmed for c in watch.channels)
-
-    def handle(self, messages: Iterable[dict[str, Any]]) -> tuple[set[Watch], list[str]]:
-        """For pub/sub messages: the calls to wake now (a confirmation they wait for), and
-        the keys to read for the others (then `deliver`). A confirmation nobody asked for is
-        a resubscription after the connection was lost: its key is read again."""
-        confirmed: set[Watch] = set()
-        announced: dict[str, None] = {}
-        for message in messages:
-            kind, channel = message["type"], message["channel"]
-            if kind not in ("message", "subscribe") or channel is None:
-                continue
-            channel = _text(channel)
-            if channel not in self.watchers:
-                continue
-            if kind == "subscribe" and (left := self.unconfirmed.get(channel, 0)):
-                if left > 1:
-                    self.unconfirmed[channel] = left - 1
-                else:
-                    del self.unconfirmed[channel]
-                    confirmed |= self.watchers[channel]
-            elif job_id_of(channel) is not None:
-                announced[channel] = None
-        return confirmed, list(announced)
-
-    def deliver(self, keys: list[str], values: list[Value]) -> set[Watch]:
-        """The announced keys' values to their calls; the calls to wake."""
-        woken: set[Watch] = set()
-        for key, value in zip(keys, values, strict=True):
-            job_id = job_id_of(key)
-            for watch in self.watchers.get(key, ()):
-                if job_id is not None:
-                    watch.woken[job_id] = value
-                    woken.add(watch)
-        return woken
-
-    def reconnected(self) -> list[str]:
-        """A new connection: every watched channel to SUBSCRIBE again. A channel some call
-        still waits to see confirmed gets one confirmation; the others' are unasked for."""
-        self.unconfirmed = {c: 1 for c in self.unconfirmed if c in self.watchers}
-        return list(self.watchers)
-
-    def all(self) -> set[Watch]:
-        return {w for watchers in self.watchers.values() for w in watchers}
 
 
 class Subscriptions:
@@ -206,7 +109,12 @@ class Subscriptions:
 
     def unwatch(self, watch: Watch) -> None:
         with self._lock:
-            gone = self._registry.remove(watch)
+            self._registry.remove(watch)
+
+    def _unsubscribe(self) -> None:
+        """UNSUBSCRIBE the channels that ended calls left, in one command (the reader)."""
+        with self._lock:
+            gone = self._registry.take_gone()
             if gone and not self._broken and not self._closed:
                 try:
                     self._pubsub.unsubscribe(*gone)
@@ -238,6 +146,7 @@ class Subscriptions:
                 retry = min(retry * 2, RETRY_S[1])
                 continue
             retry = RETRY_S[0]
+            self._unsubscribe()
             if messages:
                 idle_since = time.monotonic()
                 with self._lock:
@@ -329,7 +238,10 @@ class AsyncSubscriptions:
         return watch.take()
 
     async def unwatch(self, watch: Watch) -> None:
-        gone = self._registry.remove(watch)
+        """UNSUBSCRIBE at once what nobody watches now (the reader task sends nothing: an
+        UNSUBSCRIBE from it, cancelled by `aclose`, left redis-py's reader hanging)."""
+        self._registry.remove(watch)
+        gone = self._registry.take_gone()
         if gone and not self._broken and self._task is not None and not self._task.done():
             try:
                 async with self._sending:

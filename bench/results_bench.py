@@ -3,11 +3,13 @@ costs PostgreSQL, polling the database (the client before issue 27: one query pe
 every 100 ms) vs waiting on Redis notifications (`InferqClient.wait`: the result key's
 PUBLISH, a re-read every INFERQ_RESULT_POLL_S), with 1, 100 and 1,000 concurrent waiters.
 
-Usage: .venv/bin/python bench/results_bench.py [--waiters 1,100,1000] [--modes poll,notify]
-[--hold-s 3] [--out bench/out]
+Usage: .venv/bin/python bench/results_bench.py [--waiters 1,100,1000]
+[--modes poll,notify,async] [--hold-s 3] [--out bench/out]
 Needs the local Redis and PostgreSQL. Per mode and waiter count: a fresh database, a worker
 in this process with a null engine that holds every job until released; N one-token jobs are
-submitted and claimed, N waiter threads start waiting (one job each), and the jobs are held
+submitted and claimed, N waiters start waiting (one job each: a thread per waiter for
+`poll` and `notify`; for `async`, one task per waiter on one event loop, the same waits
+through `AsyncInferqClient`, as a FastAPI app's requests wait), and the jobs are held
 for --hold-s more seconds (PostgreSQL's transactions/s are read over that window, from
 `pg_stat_database`: xact_commit + xact_rollback of the benchmark's database, every session
 included, the worker's own heartbeats too). Then the engine releases them all in one step:
@@ -15,13 +17,15 @@ the result sink commits them (a few transactions), the latency of each job is it
 wake-up (`time.time()` when `wait` returned) minus the end of the transaction that committed
 its result (wrapped `store_outcomes`, same process, same clock); "published" is when the
 worker's write of the ended state (SET + PUBLISH, wrapped `ResultPublisher.write`) returned,
-so the wake-up splits into the worker's part (commit to publish) and the client's. Writes
-bench/out/results_bench.md.
+so the wake-up splits into the worker's part (commit to publish) and the client's. Each
+waiter count first prints its floor (`wake_floor`: waking N idle threads, or N tasks, in one
+process, nothing else done). Writes bench/out/results_bench.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import threading
 import time
@@ -31,7 +35,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from service_harness import ServiceEnv  # bench/service_harness.py, beside this script
 
-from api_client import InferqClient
+from api_client import AsyncInferqClient, InferqClient
+from inferq.settings import Settings
 from storage.db import build_engine
 from storage.records import TERMINAL_STATUSES
 from storage.repository import Repository
@@ -108,7 +113,7 @@ def run(mode: str, waiters: int, hold_s: float) -> dict:
             while len(worker.ledger) < waiters:  # every job claimed and held
                 assert time.monotonic() < deadline, f"{len(worker.ledger)} of {waiters} held"
                 time.sleep(0.05)
-            started = threading.Barrier(waiters + 1)
+            started = threading.Barrier(2 if mode == "async" else waiters + 1)
 
             def wait(job_id: uuid.UUID) -> None:
                 started.wait()
@@ -121,7 +126,11 @@ def run(mode: str, waiters: int, hold_s: float) -> dict:
                 except BaseException as exc:
                     errors.append(exc)
 
-            threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in ids]
+            if mode == "async":
+                threads = [_async_waiters(env.settings, ids, started, woke, errors)]
+            else:
+                threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in ids]
+
             for t in threads:
                 t.start()
             started.wait()
@@ -150,6 +159,71 @@ def run(mode: str, waiters: int, hold_s: float) -> dict:
     }
 
 
+def _async_waiters(
+    settings: Settings,
+    ids: list[uuid.UUID],
+    started: threading.Barrier,
+    woke: dict[uuid.UUID, float],
+    errors: list[BaseException],
+) -> threading.Thread:
+    """A thread whose event loop runs one `AsyncInferqClient.wait` task per job."""
+
+    async def wait(client: AsyncInferqClient, job_id: uuid.UUID) -> None:
+        try:
+            await client.wait(job_id, timeout=300)
+            woke[job_id] = time.time()
+        except BaseException as exc:
+            errors.append(exc)
+
+    async def main() -> None:
+        client = AsyncInferqClient(settings, tenant="bench")
+        tasks = [asyncio.create_task(wait(client, i)) for i in ids]
+        await asyncio.to_thread(started.wait)
+        await asyncio.gather(*tasks)
+        await client.aclose()
+
+    return threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+
+
+def wake_floor(waiters: int) -> tuple[float, float]:
+    """p50 ms from setting N events to their waiters running, with nothing else to do: N
+    threads blocked on `threading.Event`s, and N tasks of one event loop on `asyncio.Event`s
+    (the least the `notify` and `async` modes can cost in one process)."""
+    events = [threading.Event() for _ in range(waiters)]
+    woke: list[float] = []
+    threads = [
+        threading.Thread(target=lambda e=e: (e.wait(), woke.append(time.perf_counter())))
+        for e in events
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    for e in events:
+        e.set()
+    for t in threads:
+        t.join()
+    threaded = statistics.median(woke) - t0
+
+    async def tasks() -> float:
+        flags = [asyncio.Event() for _ in range(waiters)]
+        done: list[float] = []
+
+        async def one(flag: asyncio.Event) -> None:
+            await flag.wait()
+            done.append(time.perf_counter())
+
+        running = [asyncio.create_task(one(f)) for f in flags]
+        await asyncio.sleep(0.1)
+        start = time.perf_counter()
+        for f in flags:
+            f.set()
+        await asyncio.gather(*running)
+        return statistics.median(done) - start
+
+    return threaded * 1000, asyncio.run(tasks()) * 1000
+
+
 def _timed_writes(worker: WorkerService) -> dict[uuid.UUID, float]:
     """When the worker's last write of each job's state returned (its ended state, here)."""
     published: dict[uuid.UUID, float] = {}
@@ -168,12 +242,18 @@ def _timed_writes(worker: WorkerService) -> dict[uuid.UUID, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--waiters", default="1,100,1000")
-    parser.add_argument("--modes", default="poll,notify")
+    parser.add_argument("--modes", default="poll,notify,async")
     parser.add_argument("--hold-s", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
     rows = []
     for waiters in map(int, args.waiters.split(",")):
+        threaded, tasks = wake_floor(waiters)
+        print(
+            f"floor {waiters:>5} waiters: events set to waiters running p50 {threaded:.2f} ms "
+            f"(threads), {tasks:.2f} ms (asyncio tasks)",
+            flush=True,
+        )
         for mode in args.modes.split(","):
             row = run(mode, waiters, args.hold_s)
             rows.append(row)

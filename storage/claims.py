@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from storage.db import chunks
 from storage.models import jobs_table, workers_table
 from storage.records import ACTIVE_STATUSES, CONTENT_COLUMNS, JobState, JobStatus
+from storage.views import read_views
 
 J, W = jobs_table, workers_table
 EXPIRED_ERROR = "its deadline passed before it finished"
@@ -115,10 +116,9 @@ def release(conn: sa.Connection, ids: Sequence[uuid.UUID], worker: str, now: dat
 def claim_states(
     conn: sa.Connection, ids: set[uuid.UUID], contents: Mapping[uuid.UUID, tuple[Any, ...]]
 ) -> dict[uuid.UUID, JobState]:
-    """The state of each job among `ids`, with its content where `contents` has it."""
-    states: dict[uuid.UUID, JobState] = {}
-    columns = (J.c.id, J.c.status, J.c.attempts, J.c.worker, J.c.expires_at)
-    for part in chunks(list(ids)):
-        for i, s, a, w, e in conn.execute(sa.select(*columns).where(J.c.id.in_(part))):
-            states[i] = JobState(i, JobStatus(s), a, w, e, contents.get(i))
-    return states
+    """The state of each job among `ids`, with its content where `contents` has it, and the
+    job as the claim leaves it (`JobState.view`: what the result publisher writes)."""
+    return {
+        i: JobState(i, JobStatus(v.status), v.attempts, v.worker, v.expires_at, contents.get(i), v)
+        for i, v in read_views(conn, ids).items()
+    }

@@ -91,7 +91,8 @@ class JobState:
     (another job's id when the message repeated an idempotency key). `worker` is the worker
     it runs on, `expires_at` its stored deadline and `content` its stored `NewJob.content()`
     (None for a canonical job of another id): a message whose content differs is not this
-    job, and `claim` left the row as it was."""
+    job, and `claim` left the row as it was. `view` is the whole job as the claim committed
+    it (None where a state was made otherwise)."""
 
     id: uuid.UUID
     status: JobStatus
@@ -99,6 +100,7 @@ class JobState:
     worker: str | None = field(default=None, compare=False)
     expires_at: datetime | None = field(default=None, compare=False)
     content: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+    view: JobView | None = field(default=None, compare=False, repr=False)
 
     def is_job_of(self, job: NewJob) -> bool:
         """Whether a message's job is this stored job (same id and same content)."""

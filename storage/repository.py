@@ -51,6 +51,7 @@ from storage.records import (
     utcnow,
 )
 from storage.summary import summarize
+from storage.views import read_views
 
 __all__ = [
     "EXPIRED_ERROR",
@@ -67,9 +68,6 @@ __all__ = [
 J, B, R, M = jobs_table, batches_table, results_table, job_metrics_table
 D = dead_letters_table
 MAX_ERROR_CHARS = 4096  # of a dead letter's error text (a validation error can be megabytes)
-_RESULT_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "job_id"]
-_METRIC_FIELDS = [f.name for f in dataclasses.fields(MetricsRow) if f.name != "job_id"]
-_JOB_FIELDS = [f.name for f in dataclasses.fields(JobView) if f.name not in ("result", "metrics")]
 
 
 def _status_in(statuses: Iterable[str]) -> sa.ColumnElement[bool]:
@@ -239,12 +237,14 @@ class Repository:
         expired: Iterable[uuid.UUID] = (),
         *,
         worker_usage: Sequence[UsageDelta] = (),
+        views: dict[uuid.UUID, JobView] | None = None,
     ) -> set[uuid.UUID]:
         """One transaction: batch rows (upserted whole), results of finished jobs, their
         status, final failures and expiries, every ended job's facts and costs (an ended job
         without a result: its compute only) and the worker's usage. Idempotent: a job that
         already has a result keeps it; a cancelled job stays cancelled. Returns the ids with
-        a new result."""
+        a new result; `views`, when given, gets the finished, failed and expired jobs as this
+        transaction leaves them (read in it: the rows its commit makes)."""
         batch_rows = [dataclasses.asdict(b) for b in batches]
         results = list({e.job_id: e for e in ended if e.with_result}.values())
         charges = [e for e in ended if not e.with_result]
@@ -282,6 +282,9 @@ class Repository:
             accounting.settle(conn, [u.job_id for u in usage] + list(failures or {}) + expired)
             accounting.record_usage(conn, usage)
             accounting.add_worker_usage(conn, worker_usage)
+            if views is not None:
+                ids = [*(e.job_id for e in results), *(failures or {}), *expired]
+                views.update(read_views(conn, ids))
         return new
 
     def _upsert_batches(self) -> sa.Insert:
@@ -338,28 +341,9 @@ class Repository:
         self, ids: Iterable[uuid.UUID], tenant: str | None = None
     ) -> dict[uuid.UUID, JobView]:
         """The jobs among `ids` that exist (and belong to `tenant`, when given), by id."""
-        ids = list(dict.fromkeys(ids))
-        columns = [
-            *(J.c[name] for name in _JOB_FIELDS),
-            R.c.job_id.label("r_job_id"),
-            *(R.c[name] for name in _RESULT_FIELDS),
-            M.c.job_id.label("m_job_id"),
-            *(M.c[name] for name in _METRIC_FIELDS),
-        ]
-        joined = J.outerjoin(R, R.c.job_id == J.c.id).outerjoin(M, M.c.job_id == J.c.id)
-        out: dict[uuid.UUID, JobView] = {}
+        where = None if tenant is None else _of(tenant)
         with self.engine.connect() as conn:
-            for part in chunks(ids):
-                stmt = sa.select(*columns).select_from(joined)
-                stmt = stmt.where(J.c.id.in_(part), _of(tenant))
-                for row in conn.execute(stmt).mappings():
-                    view = JobView(**{name: row[name] for name in _JOB_FIELDS})
-                    if row["r_job_id"] is not None:
-                        view.result = ResultRow(view.id, **{n: row[n] for n in _RESULT_FIELDS})
-                    if row["m_job_id"] is not None:
-                        view.metrics = MetricsRow(view.id, **{n: row[n] for n in _METRIC_FIELDS})
-                    out[view.id] = view
-        return out
+            return read_views(conn, ids, where)
 
     def wait_ended(
         self, ids: Sequence[uuid.UUID], timeout: float, poll: float = 0.5

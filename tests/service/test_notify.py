@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from api_client import AsyncInferqClient, InferqClient
-from api_client.notify import NAME
+from api_client.notify import NAME, READ_S
 from api_client.results import encode, result_key, to_meta
 from inferq.settings import get_settings
 from storage.records import JobView, ResultRow
@@ -50,8 +50,14 @@ def _finish(r: redis.Redis, job_ids: list[uuid.UUID], kill: list[int] = ()) -> N
 
 
 def _notify_connections(r: redis.Redis) -> list[dict]:
-    """The shared subscriptions' connections that subscribe to something."""
-    return [c for c in r.client_list() if c.get("name") == NAME and int(c.get("sub", 0)) > 0]
+    """The shared subscriptions' connections on this test's Redis database that subscribe to
+    something (other sessions may share the Redis server)."""
+    db = str(r.connection_pool.connection_kwargs.get("db", 0))
+    return [
+        c
+        for c in r.client_list()
+        if c.get("name") == NAME and int(c.get("sub", 0)) > 0 and str(c.get("db")) == db
+    ]
 
 
 @pytest.fixture
@@ -113,6 +119,31 @@ def test_async_no_wake_up_is_lost_after_a_watch_returns(settings, redis_url) -> 
         return got
 
     assert len(asyncio.run(main())) == 200  # every one heard (no key: its value is None)
+
+
+def test_an_ended_wait_leaves_its_channel_to_the_reader_and_a_new_wait_keeps_it(
+    settings, r
+) -> None:
+    """Unwatching sends nothing: the reader UNSUBSCRIBEs later, those of many ended waits in
+    one command; a channel watched again meanwhile stays subscribed and wakes its new wait."""
+    client = InferqClient(settings)
+    hub, job_id = client.subscriptions, uuid.uuid4()
+    first = hub.watch([result_key(job_id)], confirm_s=10)
+    hub.unwatch(first)
+    again = hub.watch([result_key(job_id)], confirm_s=10)
+    time.sleep(READ_S + 0.5)  # the reader has looked at what it holds to unsubscribe
+    _finish(r, [job_id])
+    heard: dict[uuid.UUID, bytes | str | None] = {}
+    deadline = time.monotonic() + 5
+    while job_id not in heard and time.monotonic() < deadline:
+        heard.update(hub.wait(again, deadline - time.monotonic()))
+    assert heard == {job_id: r.get(result_key(job_id))}
+    hub.unwatch(again)
+    deadline = time.monotonic() + 5
+    while _notify_connections(r):  # and once nobody watches it, it is unsubscribed
+        assert time.monotonic() < deadline, _notify_connections(r)
+        time.sleep(0.02)
+    client.close()
 
 
 def test_a_result_written_before_the_wait_is_found(settings, r) -> None:

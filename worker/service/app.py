@@ -11,14 +11,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 import redis
 
 from inferq.logs import get_logger
 from inferq.settings import Settings
-from storage.records import JobState
+from storage.records import JobState, JobView
 from storage.repository import Repository
 from worker.engine.api import Engine
 from worker.service.arrivals import Arrival
@@ -162,9 +162,16 @@ class WorkerService:
         streamer = Streamer(self.settings, client, self.metrics) if self.settings.stream else None
         return publisher, listener, streamer
 
-    def _publish(self, job_ids: list[uuid.UUID]) -> None:
-        if self.publisher is not None:
-            self.publisher.publish(job_ids)
+    def _publish(
+        self, job_ids: list[uuid.UUID], views: Mapping[uuid.UUID, JobView | None] | None = None
+    ) -> None:
+        """Publish these jobs' states: from the committed `views` where given, else read."""
+        if self.publisher is None:
+            return
+        views = views or {}
+        given = [v for i in job_ids if (v := views.get(i)) is not None]
+        self.publisher.publish_views(given)
+        self.publisher.publish([i for i in job_ids if views.get(i) is None])
 
     def _claimed(
         self, arrivals: list[Arrival], states: dict[uuid.UUID, JobState]
@@ -172,12 +179,13 @@ class WorkerService:
         """A claim's jobs: cancelled when a request came first, then published."""
         if self.cancels is not None:
             states = self.cancels.screen(arrivals, states, self.worker)
-        self._publish(claimed_ids(arrivals, states, self.worker))
+        ids = claimed_ids(arrivals, states, self.worker)
+        self._publish(ids, {i: states[i].view for i in ids})
         return states
 
-    def _acknowledge(self, job_ids: list[uuid.UUID]) -> None:
+    def _acknowledge(self, job_ids: list[uuid.UUID], views: dict[uuid.UUID, JobView]) -> None:
         """Outcomes committed (the sink): their states published, their messages done."""
-        self._publish(job_ids)
+        self._publish(job_ids, views)
         self.intake.acknowledge(job_ids)
         self.webhooks.wake()  # the outcomes just committed may owe webhooks
 

@@ -212,7 +212,7 @@ class CancelListener:
             for job_id, reqs in self._requests(list(mine)).items():
                 if self._allowed(reqs, mine[job_id], job_id) and self.repo.cancel(job_id):
                     log.info("job.cancelled_before_running", job_id=str(job_id))
-                    out[job_id] = replace(states[job_id], status=JobStatus.CANCELLED)
+                    out[job_id] = replace(states[job_id], status=JobStatus.CANCELLED, view=None)
         except Exception as exc:  # Redis or the database away: the listener's re-reads catch up
             log.warning("cancels.screen_failed", error=type(exc).__name__)
         return out

@@ -2,18 +2,27 @@
 (`api_client.results`), so Celery's `AsyncResult`, `InferqClient` and `AsyncInferqClient` get
 them without the database.
 
-`publish(job_ids)` from any thread (the intake once it has claimed jobs, the result sink after
-each commit, the sweeper, the cancel listener); its own thread reads those jobs from the
-database, the record (a result that raced a cancel is not the outcome: the job stays
-cancelled), and writes each one's state: STARTED unless the key already holds an ended state
-(one Lua script), an ended state with SET + PUBLISH on the key's own channel, as Celery's
-`RedisBackend` does. Queued jobs get no key (Celery's PENDING). While the database or Redis is
-away it retries with backoff; nothing a message holds decides what is written where: only
-jobs stored in the database, under their own id.
+`publish_views(views)` from the thread that has just committed them: the intake once it has
+claimed jobs, the result sink after each commit; both hand over the jobs as their own
+transaction left them (`JobState.view`, `store_outcomes(views=...)`), so nothing is read
+again. `publish(job_ids)` (the sweeper, the cancel listener, the sink's slow cancel check)
+has the publisher read those jobs from the database first. Either way only a committed
+record is written (a result that raced a cancel is not the outcome: the job stays
+cancelled), under its own id. Its own thread writes each batch in one Redis round trip, one
+script call per job (`WRITE_STATE`): the state SET with its expiry and PUBLISHed on the key's
+own channel, as Celery's `RedisBackend` does; STARTED never over an ended state and nothing
+over SUCCESS (a state from an older commit that comes late changes nothing: `done` is the
+only end that follows another, `failed`). Queued jobs get no key (Celery's PENDING). While
+the database or Redis is away it retries with backoff.
+
+The thread runs at the normal priority, unlike the other helpers (`priority.py`): it does
+little (no database reads on the hot path), and every waiter of a committed result waits on
+it.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import uuid
@@ -21,38 +30,41 @@ from collections.abc import Iterable
 
 import redis
 
-from api_client.results import (
-    STARTED,
-    SUCCESS,
-    encode,
-    result_key,
-    stream_key,
-    to_meta,
-)
+from api_client.results import STARTED, SUCCESS, encode, result_key, stream_key, to_meta
 from inferq.logs import get_logger
 from inferq.settings import Settings
-from storage.records import JobState, JobStatus
+from storage.records import JobState, JobStatus, JobView
 from storage.repository import Repository
 from worker.service.arrivals import Arrival, taken
 from worker.service.metrics import Metrics
-from worker.service.priority import as_helper_thread
 from worker.service.retry import Backoff
 
 log = get_logger("inferq.results")
 MAX_PER_WRITE = 128  # jobs per write: the first ones of a large batch are out sooner
 IDLE_WAIT_S = 0.5
-# STARTED never replaces an ended state (a late claim on another worker, say).
-SET_STARTED = """
+#: Jobs to write: each with its committed view, or None (read it from the database).
+Jobs = dict[uuid.UUID, JobView | None]
+# KEYS: the result key, the stream key. ARGV: the meta, its expiry (ms), its Celery state,
+# the stream's end entry ('': none), the stream's length cap. Our metas begin with their
+# status (`api_client.results.to_meta`); anything else is decoded.
+WRITE_STATE = """
 local current = redis.call('GET', KEYS[1])
 if current then
-  local ok, meta = pcall(cjson.decode, current)
-  if ok and type(meta) == 'table' and (meta.status == 'SUCCESS' or meta.status == 'FAILURE'
-      or meta.status == 'REVOKED') then
+  local was = string.match(current, '^{"status":"(%u+)"')
+  if not was then
+    local ok, meta = pcall(cjson.decode, current)
+    if ok and type(meta) == 'table' then was = meta.status end
+  end
+  if (was == 'SUCCESS' and ARGV[3] ~= 'SUCCESS')
+      or (ARGV[3] == 'STARTED' and (was == 'FAILURE' or was == 'REVOKED')) then
     return 0
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('PUBLISH', KEYS[1], ARGV[1])
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[2], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'end', ARGV[4])
+end
 return 1
 """
 
@@ -79,8 +91,8 @@ class ResultPublisher:
         self.repo, self.client, self.metrics = repo, client, metrics
         self.expires_ms = int(settings.result_expires_s * 1000)
         self.stream_len = settings.max_new_tokens + 16
-        self._set_started = client.register_script(SET_STARTED)
-        self._inbox: queue.SimpleQueue[list[uuid.UUID]] = queue.SimpleQueue()
+        self._write_state = client.register_script(WRITE_STATE)
+        self._inbox: queue.SimpleQueue[Jobs] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._abandon = threading.Event()
         self.thread = threading.Thread(target=self._run, name="inferq-results", daemon=True)
@@ -91,18 +103,24 @@ class ResultPublisher:
     def stop(self, timeout: float = 10.0) -> None:
         """Write what is pending (retrying until `timeout`), then stop."""
         self._stop.set()
-        self._inbox.put([])  # wakes the thread
+        self._inbox.put({})  # wakes the thread
         self.thread.join(timeout)
         self._abandon.set()
 
     def publish(self, job_ids: Iterable[uuid.UUID]) -> None:
-        ids = list(job_ids)
-        if ids:
-            self._inbox.put(ids)
+        """Write these jobs' states as the database has them when they are written."""
+        jobs: Jobs = dict.fromkeys(job_ids)
+        if jobs:
+            self._inbox.put(jobs)
+
+    def publish_views(self, views: Iterable[JobView]) -> None:
+        """Write these committed views (the caller's transaction has committed them)."""
+        jobs: Jobs = {view.id: view for view in views}
+        if jobs:
+            self._inbox.put(jobs)
 
     def _run(self) -> None:
-        as_helper_thread()
-        pending: dict[uuid.UUID, None] = {}  # in order, once each
+        pending: Jobs = {}  # in order, once each; the latest word on a job wins
         backoff = Backoff()
         while True:
             self._take(pending, wait=not pending)
@@ -110,7 +128,7 @@ class ResultPublisher:
                 if self._stop.is_set() and self._inbox.empty():
                     return
                 continue
-            batch = list(pending)[:MAX_PER_WRITE]
+            batch = dict(itertools.islice(pending.items(), MAX_PER_WRITE))
             try:
                 self.write(batch)
             except Exception as exc:
@@ -123,38 +141,32 @@ class ResultPublisher:
             for job_id in batch:
                 del pending[job_id]
 
-    def _take(self, pending: dict[uuid.UUID, None], wait: bool) -> None:
+    def _take(self, pending: Jobs, wait: bool) -> None:
         try:
-            ids = self._inbox.get(timeout=IDLE_WAIT_S) if wait else self._inbox.get_nowait()
+            jobs = self._inbox.get(timeout=IDLE_WAIT_S) if wait else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
-            pending.update(dict.fromkeys(ids))
+            pending.update(jobs)
             try:
-                ids = self._inbox.get_nowait()
+                jobs = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def write(self, job_ids: list[uuid.UUID]) -> None:
-        """Read the jobs' states from the database and write them, in one Redis round trip."""
-        views = self.repo.get_many(job_ids)
+    def write(self, jobs: Jobs) -> None:
+        """Write the jobs' states (those without a view read from the database first), in
+        one Redis round trip."""
+        missing = [job_id for job_id, view in jobs.items() if view is None]
+        read = self.repo.get_many(missing) if missing else {}
         pipe = self.client.pipeline(transaction=False)
-        for view in views.values():
-            meta = to_meta(view)
-            if meta is None:
+        for job_id, given in jobs.items():
+            view = given or read.get(job_id)
+            meta = None if view is None else to_meta(view)
+            if view is None or meta is None:
                 continue
-            key, data = result_key(view.id), encode(meta)
-            if meta["status"] == STARTED:
-                self._set_started(keys=[key], args=[data, self.expires_ms], client=pipe)
-                continue
-            pipe.set(key, data, px=self.expires_ms)
-            pipe.publish(key, data)
-            if meta["status"] != SUCCESS:  # a stream being read ends here too
-                pipe.xadd(
-                    stream_key(view.id),
-                    {"end": view.status},
-                    maxlen=self.stream_len,
-                    approximate=True,
-                    nomkstream=True,
-                )
+            state = meta["status"]
+            end = "" if state in (STARTED, SUCCESS) else view.status
+            keys = [result_key(view.id), stream_key(view.id)]
+            args = [encode(meta), self.expires_ms, state, end, self.stream_len]
+            self._write_state(keys=keys, args=args, client=pipe)
         pipe.execute()

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from inferq.logs import get_logger
 from storage.errors import is_transient
-from storage.records import BatchRecord, EndedJob, JobStatus, utcnow
+from storage.records import BatchRecord, EndedJob, JobStatus, JobView, utcnow
 from storage.repository import Repository
 from worker.service.jobs import Ledger
 from worker.service.metrics import Metrics
@@ -31,7 +31,7 @@ log = get_logger("inferq.sink")
 CANCEL_CHECK_S = 5.0  # a cancel written to the database (requests come by notification)
 IDLE_WAKE_S = 0.5  # an idle sink looks at `stop` this often
 MAX_OPEN_BATCHES = 4096  # batch rows still gathering members (oldest forgotten first)
-MAX_PER_WRITE = 1024
+MAX_PER_WRITE = 128
 
 
 def _at(epoch_s: float) -> datetime:
@@ -63,14 +63,16 @@ def ended_job(done: Finished, worker: str, device: str, batch_id: uuid.UUID | No
 
 
 class ResultSink:
-    """`put` outcomes from any thread; `acknowledge(job_ids)` is called after each commit."""
+    """`put` outcomes from any thread; `acknowledge(job_ids, views)` is called after each
+    commit, with the jobs as the commit left them (those it has: views of the others are
+    read again where needed)."""
 
     def __init__(
         self,
         repo: Repository,
         ledger: Ledger,
         worker: str,
-        acknowledge: Callable[[list[uuid.UUID]], None],
+        acknowledge: Callable[[list[uuid.UUID], dict[uuid.UUID, JobView]], None],
         abort: Callable[[uuid.UUID], None],
         metrics: Metrics,
         devices: dict[str, str] | None = None,
@@ -175,15 +177,17 @@ class ResultSink:
         charges = self._charges(pending)  # jobs that ended without a result
         usage = [d for o in pending if isinstance(o, UsageReport) for d in o.deltas]
         batches = [self._batches[k] for k in touched if k in self._batches]
+        views: dict[uuid.UUID, JobView] = {}
         try:
             try:
                 self.repo.store_outcomes(
-                    finished + charges, batches, failures, expired, worker_usage=usage
+                    finished + charges, batches, failures, expired, worker_usage=usage, views=views
                 )
             except Exception as exc:
                 if is_transient(exc):
                     raise
                 log.warning("sink.group_refused", error=type(exc).__name__)
+                views.clear()  # rolled back: the rows written apart are read where needed
                 self._write_apart(finished, batches, failures)
                 self._store_or(
                     lambda: self.repo.store_outcomes(charges, expired=expired, worker_usage=usage),
@@ -202,8 +206,8 @@ class ResultSink:
         done_ids = [f.job_id for f in finished] + list(failures) + expired
         for job_id in done_ids:
             self.ledger.pop(job_id)
+        self._acknowledge(done_ids, views)  # first: waiters wake while this thread counts
         self._count(pending, finished, failures)
-        self._acknowledge(done_ids)  # before the log lines: their waiters wake meanwhile
         for f in finished:
             log.info(
                 "job.done",
@@ -296,4 +300,4 @@ class ResultSink:
             self.ledger.pop(job_id)
             log.info("job.cancelled_while_running", job_id=str(job_id))
         if cancelled:
-            self._acknowledge(cancelled)
+            self._acknowledge(cancelled, {})
