@@ -19,12 +19,13 @@ from storage.gateway_models import (
     file_lines_table,
     files_table,
 )
-from storage.models import jobs_table, results_table
+from storage.models import UTCDateTime, jobs_table, results_table
 
 F, L, B, R = files_table, file_lines_table, api_batches_table, api_batch_requests_table
 J, RES = jobs_table, results_table
 CHUNK = 1000  # lines per insert or read
 FAILED_JOBS = ("failed", "expired", "cancelled")
+RUNNING = ("validating", "in_progress", "cancelling", "finalizing")  # batches not ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,48 @@ class BatchStore:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(F).where(F.c.id == file_id, F.c.tenant == tenant)).first()
         return dict(row._mapping) if row else None
+
+    def files(
+        self,
+        tenant: str,
+        *,
+        limit: int,
+        newest_first: bool,
+        after: uuid.UUID | None = None,
+        purpose: str | None = None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Up to `limit` of the tenant's files by creation time (ties by id), those past the
+        file `after` in that order (none if it is not the tenant's); and whether more follow."""
+        order = sa.tuple_(F.c.created_at, F.c.id)
+        query = sa.select(F).where(F.c.tenant == tenant)
+        if purpose is not None:
+            query = query.where(F.c.purpose == purpose)
+        if after is not None:
+            mark = self.file(tenant, after)
+            if mark is None:
+                return [], False
+            at = sa.literal(mark["created_at"], UTCDateTime)
+            past = sa.tuple_(at, sa.literal(after, sa.Uuid))
+            query = query.where(order < past if newest_first else order > past)
+        columns = (F.c.created_at, F.c.id)
+        query = query.order_by(*(c.desc() for c in columns) if newest_first else columns)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query.limit(limit + 1))]
+        return rows[:limit], len(rows) > limit
+
+    def file_in_use(self, file_id: uuid.UUID) -> bool:
+        """Whether a batch that has not ended reads this file (its input)."""
+        query = sa.select(B.c.id).where(B.c.input_file_id == file_id, B.c.status.in_(RUNNING))
+        with self.engine.connect() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
+    def delete_file(self, tenant: str, file_id: uuid.UUID) -> bool:
+        """Delete one of the tenant's files (its lines with it); False: no such file."""
+        with self.engine.begin() as conn:
+            gone = conn.execute(
+                sa.delete(F).where(F.c.id == file_id, F.c.tenant == tenant).returning(F.c.id)
+            ).first()
+        return gone is not None
 
     def lines(self, file_id: uuid.UUID) -> Iterator[list[tuple[int, str]]]:
         """The file's lines in chunks, by line number (keyset: each chunk one short query)."""
