@@ -18,6 +18,7 @@ from api_client import plans
 from api_client.notify import AsyncSubscriptions, Watch
 from api_client.producer import Producer, tenant_view
 from api_client.results import result_key
+from api_client.schema import JobMessage
 from storage.records import JobView
 
 
@@ -57,7 +58,10 @@ class AsyncInferqClient(Producer):
             await self.redis.aclose()
 
     async def submit(self, prompt: str | None = None, **job: Any) -> uuid.UUID:
-        msg = self.build(prompt, **job)
+        return await self.send(self.build(prompt, **job))
+
+    async def send(self, msg: JobMessage) -> uuid.UUID:
+        """Enqueue a job `build` validated; its id."""
         return await asyncio.to_thread(self.enqueue, msg)
 
     async def submit_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[uuid.UUID]:

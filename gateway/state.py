@@ -14,6 +14,7 @@ from fastapi import Request
 from api_client import AsyncInferqClient
 from gateway.auth import Authenticator, check_rate
 from gateway.errors import ApiError
+from gateway.quota import Quotas
 from inferq.params import MAX_TOKENS
 from inferq.settings import Settings
 from storage.api_keys import ApiKeys, TenantKey
@@ -35,6 +36,7 @@ class Gateway:
         self._clients: dict[str, AsyncInferqClient] = {}
         self._models: tuple[frozenset[str], float] = (frozenset(), 0.0)
         self._models_read = asyncio.Lock()  # one re-read at a time, however many ask
+        self.quotas = Quotas(client.redis)
 
     async def tenant(self, request: Request) -> TenantKey:
         """The request's tenant (401), within its rate (429)."""
