@@ -33,10 +33,16 @@ class Counts:
     total: int
     completed: int
     failed: int
+    unsent: int = 0  # lines whose job was never enqueued (still pending)
 
     @property
     def pending(self) -> int:
         return self.total - self.completed - self.failed
+
+    @property
+    def running(self) -> int:
+        """Jobs enqueued and not ended."""
+        return self.pending - self.unsent
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +159,9 @@ class BatchStore:
             ).first()
         return gone is not None
 
-    def lines(self, file_id: uuid.UUID) -> Iterator[list[tuple[int, str]]]:
-        """The file's lines in chunks, by line number (keyset: each chunk one short query)."""
-        after = 0
+    def lines(self, file_id: uuid.UUID, after: int = 0) -> Iterator[list[tuple[int, str]]]:
+        """The file's lines past line `after` in chunks, by line number (keyset: each chunk
+        one short query)."""
         while True:
             with self.engine.connect() as conn:
                 rows = conn.execute(
@@ -181,15 +187,15 @@ class BatchStore:
             row = conn.execute(sa.select(B).where(B.c.id == batch_id, B.c.tenant == tenant)).first()
         return dict(row._mapping) if row else None
 
+    def batch_row(self, batch_id: uuid.UUID) -> dict[str, Any]:
+        """A batch whoever its tenant (for its driver)."""
+        with self.engine.connect() as conn:
+            return dict(conn.execute(sa.select(B).where(B.c.id == batch_id)).one()._mapping)
+
     def batches(self, tenant: str, limit: int) -> list[dict[str, Any]]:
         query = sa.select(B).where(B.c.tenant == tenant).order_by(B.c.created_at.desc())
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query.limit(limit))]
-
-    def add_requests(self, batch_id: uuid.UUID, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            with self.engine.begin() as conn:
-                conn.execute(sa.insert(R), [{"batch_id": batch_id, **row} for row in rows])
 
     def move(self, batch_id: uuid.UUID, from_: Iterable[str], to: str, **values: Any) -> bool:
         """Set the batch's status (and `<status>_at` to the database's clock) if it is in one
@@ -207,21 +213,22 @@ class BatchStore:
     def counts(self, batch_id: uuid.UUID) -> Counts:
         done = sa.func.count().filter(J.c.status == "done")
         failed = sa.func.count().filter(sa.or_(R.c.job_id.is_(None), J.c.status.in_(FAILED_JOBS)))
+        unsent = sa.func.count().filter(R.c.job_id.is_not(None), R.c.sent_at.is_(None))
         query = (
-            sa.select(sa.func.count(), done, failed)
+            sa.select(sa.func.count(), done, failed, unsent)
             .select_from(R.outerjoin(J, J.c.id == R.c.job_id))
             .where(R.c.batch_id == batch_id)
         )
         with self.engine.connect() as conn:
-            total, completed, failures = conn.execute(query).one()
-        return Counts(total, completed, failures)
+            total, completed, failures, unsent_ = conn.execute(query).one()
+        return Counts(total, completed, failures, unsent_)
 
     def unended_jobs(self, batch_id: uuid.UUID) -> list[uuid.UUID]:
-        """Jobs of the batch not ended yet (queued ones have no row yet)."""
+        """Jobs of the batch enqueued and not ended yet (queued ones have no row yet)."""
         query = (
             sa.select(R.c.job_id)
             .select_from(R.outerjoin(J, J.c.id == R.c.job_id))
-            .where(R.c.batch_id == batch_id, R.c.job_id.is_not(None))
+            .where(R.c.batch_id == batch_id, R.c.job_id.is_not(None), R.c.sent_at.is_not(None))
             .where(sa.or_(J.c.id.is_(None), J.c.status.in_(["queued", "running"])))
         )
         with self.engine.connect() as conn:

@@ -147,11 +147,12 @@ def test_cancel_a_batch_before_any_worker_takes_it(settings, client) -> None:
 
 
 def test_files_list_retrieve_delete_are_the_tenants_own(settings, client) -> None:
+    url = client.base_url_for_tests
+    tenant = f"lister-{uuid.uuid4().hex[:8]}"  # the database is shared by this file's tests
+    client = openai.OpenAI(base_url=url, api_key=new_key(settings, tenant), max_retries=0)
     mine = [_upload(client, [_line(f"f-{i}")]) for i in range(3)]
-    other = openai.OpenAI(
-        base_url=client.base_url_for_tests, api_key=new_key(settings, "other"), max_retries=0
-    )
-    with other:
+    other = openai.OpenAI(base_url=url, api_key=new_key(settings, f"{tenant}-2"), max_retries=0)
+    with client, other:
         theirs = _upload(other, [_line("theirs")])
         assert [f.id for f in client.files.list()] == mine[::-1]  # newest first, own only
         assert [f.id for f in client.files.list(limit=2)] == mine[::-1]  # two pages
@@ -164,7 +165,10 @@ def test_files_list_retrieve_delete_are_the_tenants_own(settings, client) -> Non
             with pytest.raises(openai.NotFoundError):
                 act(theirs)
         assert other.files.retrieve(theirs).id == theirs  # still there for its tenant
+        _delete_own(client, mine)
 
+
+def _delete_own(client: openai.OpenAI, mine: list[str]) -> None:
     deleted = client.files.delete(mine[1])
     assert (deleted.id, deleted.object, deleted.deleted) == (mine[1], "file", True)
     for act in (client.files.retrieve, client.files.content, client.files.delete):
