@@ -151,7 +151,8 @@ class BatchDriver:
                     jobs.append(built)
                 else:  # refused now though its row was written (the settings changed)
                     await asyncio.to_thread(feed.refuse, batch_id, line_no, built)
-            await asyncio.to_thread(lambda jobs=jobs: [client.enqueue(job) for job in jobs])
+            for job in jobs:
+                await client.send(job)
             await asyncio.to_thread(feed.mark_sent, batch_id, [n for n, _ in due])
 
     async def cancel_jobs(self, client: AsyncInferqClient, batch_id: uuid.UUID) -> None:

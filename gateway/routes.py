@@ -74,6 +74,9 @@ async def _answer(
 ) -> Response:
     gateway = gateway_of(request)
     fields = body.job_fields(gateway.default_max_tokens)
+    respond_async = "respond-async" in request.headers.get("prefer", "")
+    if respond_async and body.stream:
+        raise invalid("stream: not with Prefer: respond-async", param="stream")
     await gateway.require_model(body.model)
     client = gateway.client_for(caller.tenant)
     try:
@@ -84,6 +87,8 @@ async def _answer(
     job_id = await client.send(job)
     answer = Answer(kind, job_id, body.model)
     headers = {JOB_HEADER: str(job_id)}
+    if respond_async:
+        return JSONResponse(answer.queued(), status_code=202, headers=headers)
     timeout = gateway.settings.gateway_timeout_s
     if body.stream:
         events = _events(client, answer, body.include_usage, timeout)
