@@ -9,7 +9,7 @@ tests/service/test_kombu_layout.py checks this module against both, item by item
   `Channel._q_for_pri`); our priority 9 (runs first) is kombu's 0;
 - the item: `{"body": base64(JSON [[], kwargs, embed]), "content-encoding": "utf-8",
   "content-type": "application/json", "headers": Celery's task headers, "properties":
-  {"correlation_id", "reply_to", "delivery_mode": 2, "delivery_info": {"exchange": "",
+  {"correlation_id", "reply_to", "kwargsrepr", "delivery_mode": 2, "delivery_info": {"exchange": "",
   "routing_key": queue}, "priority", "body_encoding": "base64", "delivery_tag"}}`;
 - the queue's bindings, as declaring it does: `_kombu.binding.<queue>` and
   `_kombu.binding_permanent.<queue>` hold `queue SEP SEP queue`.
@@ -23,14 +23,12 @@ import uuid
 from typing import Any
 
 from celery.utils.nodenames import anon_nodename
-from celery.utils.saferepr import saferepr
 
 from api_client.schema import JobMessage
 from api_client.signing import signed
-from api_client.wire import PRIORITY_STEPS, TASK_NAME, celery_priority
+from api_client.wire import PRIORITY_STEPS, TASK_NAME, celery_priority, kwargs_repr
 
 SEP = "\x06\x16"  # kombu's separator between a queue name and its priority step
-REPR_MAX = 1024  # Celery's argsrepr/kwargsrepr size (task_protocol 2 defaults)
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
@@ -69,7 +67,7 @@ def celery_message(
         "root_id": task_id,
         "parent_id": None,
         "argsrepr": "()",
-        "kwargsrepr": saferepr(kwargs, REPR_MAX),
+        "kwargsrepr": kwargs_repr(message),
         "origin": anon_nodename(),
         "ignore_result": None,
         "replaced_task_nesting": 0,
@@ -85,6 +83,7 @@ def celery_message(
         "properties": {
             "correlation_id": task_id,
             "reply_to": reply_to,
+            "kwargsrepr": headers["kwargsrepr"],  # Celery copies a given kwargsrepr here too
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": priority,
