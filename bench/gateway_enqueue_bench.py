@@ -64,13 +64,20 @@ async def _load(base: str, key: str, model: str, n: int, concurrency: int, pid: 
     headers = {"Authorization": f"Bearer {key}", "Prefer": "respond-async"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
+    errors = 0  # connections the server dropped (counted, then the request is sent again)
     left = iter(range(n))
     async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits) as http:
 
         async def lane() -> None:
+            nonlocal errors
             for _ in left:
                 t0 = time.perf_counter()
-                answer = await http.post("/chat/completions", json=request)
+                while True:
+                    try:
+                        answer = await http.post("/chat/completions", json=request)
+                        break
+                    except httpx.TransportError:
+                        errors += 1
                 assert answer.status_code == 202, answer.text
                 latencies.append(time.perf_counter() - t0)
 
@@ -83,6 +90,7 @@ async def _load(base: str, key: str, model: str, n: int, concurrency: int, pid: 
         "p50_ms": statistics.median(latencies) * 1000,
         "p95_ms": latencies[int(0.95 * (len(latencies) - 1))] * 1000,
         "cpu_ms": cpu / n * 1000,
+        "errors": errors,
     }
 
 
@@ -114,9 +122,10 @@ def main() -> None:
                     finally:
                         stop_worker(gateway)
                         os.kill(worker.pid, signal.SIGCONT)
-                    queued = sum(r.llen(k) for k in r.keys(f"{env.settings.queue}*"))
-                    for k in r.keys(f"{env.settings.queue}*"):
-                        r.delete(k)
+                    # in the lists, or taken by the stopped worker's blocking read (unacked)
+                    lists = r.keys(f"{env.settings.queue}*")
+                    queued = sum(r.llen(k) for k in lists) + r.hlen("unacked")
+                    r.delete(*lists, "unacked", "unacked_index")
                     row.update(round=rnd + 1, mode=mode, queued=queued, load=os.getloadavg()[0])
                     rows.append(row)
                     print(row, flush=True)
@@ -129,13 +138,14 @@ def _write(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
     lines = [
         f"{args.requests} requests at concurrency {args.concurrency} per row, alternated",
         "",
-        "| round | send | req/s | p50 ms | p95 ms | gateway CPU ms/req | queued | load (1 min) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round | send | req/s | p50 ms | p95 ms | gateway CPU ms/req | queued | resent | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['round']} | {r['mode']} | {r['req_s']:.0f} | {r['p50_ms']:.1f} | "
-            f"{r['p95_ms']:.1f} | {r['cpu_ms']:.2f} | {r['queued']} | {r['load']:.1f} |"
+            f"{r['p95_ms']:.1f} | {r['cpu_ms']:.2f} | {r['queued']} | {r['errors']} | "
+            f"{r['load']:.1f} |"
         )
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
