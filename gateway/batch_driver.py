@@ -108,6 +108,8 @@ class BatchDriver:
         chunks = store.lines(row["input_file_id"], after)
         sentinel: Any = object()
         while (chunk := await asyncio.to_thread(next, chunks, sentinel)) is not sentinel:
+            if self.gateway.stopping:
+                return lease  # released now: another gateway goes on from the rows written
             renewed = await self._renew(lease)
             if renewed is None or renewed.status != "validating":
                 return renewed  # cancelled meanwhile, or no longer ours
@@ -125,7 +127,7 @@ class BatchDriver:
         batch_id, feed = row["id"], self.feed
         window = self.settings.signature_window_s if client.key else None
         ahead = self.settings.gateway_batch_ahead
-        while True:
+        while not self.gateway.stopping:
             renewed = await self._renew(lease)
             if renewed is None or renewed.status != "in_progress":
                 if renewed is not None and renewed.status == "cancelling":
@@ -154,6 +156,7 @@ class BatchDriver:
             for job in jobs:
                 await client.send(job)
             await asyncio.to_thread(feed.mark_sent, batch_id, [n for n, _ in due])
+        return lease
 
     async def cancel_jobs(self, client: AsyncInferqClient, batch_id: uuid.UUID) -> None:
         """Ask the workers to cancel every job of the batch enqueued and not ended."""

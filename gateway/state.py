@@ -33,6 +33,7 @@ class Gateway:
         self.store = BatchStore(self.repo.engine)
         self._tasks: set[asyncio.Task] = set()
         self._sweep: asyncio.Task | None = None
+        self.stopping = False  # batch drivers stop at their next step (another resumes them)
         self.signing = settings.signing_keys()
         self.default_max_tokens = min(settings.max_new_tokens, MAX_TOKENS)
         self._clients: dict[str, AsyncInferqClient] = {}
@@ -89,6 +90,7 @@ class Gateway:
     async def drain(self, timeout: float) -> None:
         """At shutdown: stop sweeping, let background work finish (a batch driven again
         later is the same jobs), up to `timeout` s."""
+        self.stopping = True
         if self._sweep is not None:
             self._sweep.cancel()
         if self._tasks:

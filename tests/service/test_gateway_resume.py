@@ -25,7 +25,8 @@ from worker.engine.null import NullEngine
 
 pytestmark = pytest.mark.services
 ENDPOINT = "/v1/chat/completions"
-SIGNING_KEY = "acme-signing-key-0123456789"
+TENANT = "resumer"  # of its own: the database is shared with other gateway tests
+SIGNING_KEY = "resumer-signing-key-0123456789"
 LINES = 2_500  # three chunks of rows
 
 
@@ -34,7 +35,7 @@ def settings(service_settings):
     return service_settings.model_copy(
         update={
             "model": "null",
-            "tenant_keys": f"acme={SIGNING_KEY}",
+            "tenant_keys": f"{TENANT}={SIGNING_KEY}",
             "gateway_key_cache_s": 0.0,
             "gateway_batch_sweep_s": 0.5,
             "gateway_batch_lease_s": 2.0,
@@ -101,7 +102,10 @@ def _killed_gateway(settings, point: str, key: str, tmp_path: Path) -> str:
             proc.wait()
     if batch_id is None:
         with records(settings).engine.connect() as conn:
-            found = conn.scalar(sa.text("SELECT id FROM api_batches WHERE tenant = 'acme'"))
+            found = conn.scalar(
+                sa.text("SELECT id FROM api_batches WHERE tenant = :t ORDER BY created_at DESC"),
+                {"t": TENANT},
+            )
         batch_id = f"batch_{found.hex}"
     return batch_id
 
@@ -153,7 +157,7 @@ def _jobs_of(settings, batch_id: str) -> tuple[int, int, int]:
 def test_a_batch_whose_gateway_was_killed_is_resumed_once_per_line(
     settings, tmp_path, point, killed_at
 ) -> None:
-    key = new_key(settings, "acme")
+    key = new_key(settings, TENANT)
     batch_id = _killed_gateway(settings, point, key, tmp_path)
     assert _state(settings, batch_id) == killed_at
     with (
@@ -172,7 +176,7 @@ def test_a_batch_whose_gateway_was_killed_is_resumed_once_per_line(
 
 def test_a_signed_line_not_taken_within_the_window_is_sent_again(settings) -> None:
     settings = settings.model_copy(update={"signature_window_s": 2.0})
-    key = new_key(settings, "acme")
+    key = new_key(settings, TENANT)
     with serving(settings) as url, openai.OpenAI(base_url=url, api_key=key, max_retries=0) as c:
         upload = c.files.create(file=("in.jsonl", _file(10, "s")), purpose="batch")
         batch = c.batches.create(
