@@ -62,6 +62,14 @@ def producer_app(settings: Settings) -> Celery:
     return app
 
 
+def kwargs_repr(message: JobMessage) -> str:
+    """The `kwargsrepr` header monitoring tools (Flower, `celery events`) show for a job:
+    who and what, never the prompt (Celery's default would repr every kwarg, the prompt
+    included, at a cost per message)."""
+    shown = {"job_id": str(message.job_id), "tenant": message.tenant, "model": message.model}
+    return repr({**shown, "priority": message.priority})
+
+
 def send_job(app: Celery, queue: str, message: JobMessage, key: str | None) -> None:
     """Send one job (signed with `key`, when given) with its job id as the Celery task id."""
     app.send_task(
@@ -70,4 +78,5 @@ def send_job(app: Celery, queue: str, message: JobMessage, key: str | None) -> N
         queue=queue,
         priority=celery_priority(message.priority),
         task_id=str(message.job_id),
+        kwargsrepr=kwargs_repr(message),
     )

@@ -26,6 +26,7 @@ def create_app(
         own = client is None
         producer = client or AsyncInferqClient(settings)
         app.state.gateway = gateway = Gateway(settings, producer)
+        gateway.start()
         try:
             yield
         finally:

@@ -3,35 +3,30 @@ body}` lines), `GET /v1/batches[/{id}]`, `POST /v1/batches/{id}/cancel`.
 
 A batch is a row in `api_batches`; each line becomes an ordinary job of the caller's tenant
 (its id derived from the batch and the line, so enqueueing again is the same job) recorded in
-`api_batch_requests` beside its `custom_id`. Validation and enqueueing run in the gateway that
-took the batch, a chunk of lines at a time; the lifecycle is then read from the jobs' records
-by whichever replica is asked: in_progress until every job has ended, then completed (or
-cancelled, or expired past the completion window), with the output and error files."""
+`api_batch_requests` beside its `custom_id`. Validation and enqueueing are driven by one
+gateway at a time, resumed by another if it stops (gateway/batch_driver.py); the lifecycle is
+then read from the jobs' records by whichever replica is asked: in_progress until every job
+has ended, then completed (or cancelled, or expired past the completion window), with the
+output and error files."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from api_client import AsyncInferqClient, InvalidJobError
+from gateway.batch_driver import REQUESTS, batch_name
 from gateway.deps import Caller, gateway_of
-from gateway.errors import ApiError, from_errors, invalid, job_refused, row_id
+from gateway.errors import ApiError, invalid, row_id
 from gateway.files import file_id_of, file_name
-from gateway.schema import ChatRequest, CompletionRequest
 from gateway.state import Gateway
-from inferq.logs import get_logger
 
 router = APIRouter()
-log = get_logger("inferq.gateway")
 WINDOWS = {"24h": timedelta(hours=24)}
-REQUESTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
-MAX_STRUCTURE_ERRORS = 100
 STAMPS = (
     "created",
     "in_progress",
@@ -53,10 +48,6 @@ class BatchCreate(BaseModel):
     endpoint: StrictStr
     completion_window: StrictStr
     metadata: dict[StrictStr, StrictStr] | None = Field(None, max_length=16)
-
-
-def batch_name(batch_id: uuid.UUID) -> str:
-    return f"batch_{batch_id.hex}"
 
 
 def batch_id_of(name: str) -> uuid.UUID:
@@ -111,9 +102,7 @@ async def create_batch(caller: Caller, body: BatchCreate, request: Request) -> d
         metadata=body.metadata,
         expires_at=datetime.now(UTC) + WINDOWS[body.completion_window],
     )
-    gateway.background(
-        _enqueue(gateway, gateway.client_for(caller.tenant), batch_id, caller.tenant)
-    )
+    gateway.background(gateway.batches.drive(batch_id))
     return await _read(gateway, caller.tenant, batch_id)
 
 
@@ -142,7 +131,8 @@ async def cancel_batch(caller: Caller, name: str, request: Request) -> dict[str,
     await _row(gateway, caller.tenant, batch_id)
     store = gateway.store
     if await asyncio.to_thread(store.move, batch_id, ["validating", "in_progress"], "cancelling"):
-        gateway.background(_cancel_jobs(gateway.client_for(caller.tenant), gateway, batch_id))
+        client = gateway.client_for(caller.tenant)
+        gateway.background(gateway.batches.cancel_jobs(client, batch_id))
     return await _read(gateway, caller.tenant, batch_id)
 
 
@@ -159,7 +149,9 @@ async def _read(gateway: Gateway, tenant: str, batch_id: uuid.UUID) -> dict[str,
     if row["status"] in ("in_progress", "cancelling"):
         counts = await asyncio.to_thread(gateway.store.counts, batch_id)
         late = datetime.now(UTC) > row["expires_at"]
-        if counts.pending == 0 or late:
+        # cancelling: once what was enqueued has ended (lines never sent never will be)
+        left = counts.running if row["status"] == "cancelling" else counts.pending
+        if left == 0 or late:
             end = (
                 "cancelled"
                 if row["status"] == "cancelling"
@@ -183,120 +175,3 @@ def _finalize(gateway: Gateway, row: dict[str, Any], end: str, ok: int, failed: 
     if failed or end != "completed":
         files["error_file_id"] = store.output_file(batch_id, row["tenant"], "error")
     store.move(batch_id, ["finalizing"], end, **files)
-
-
-async def _enqueue(
-    gateway: Gateway, client: AsyncInferqClient, batch_id: uuid.UUID, tenant: str
-) -> None:
-    """Validate every line, then make each a job, a chunk at a time."""
-    store = gateway.store
-    row = await _row(gateway, tenant, batch_id)
-    try:
-        errors = await asyncio.to_thread(_structure_errors, gateway, row)
-        if errors:
-            failure = {"object": "list", "data": errors}
-            await asyncio.to_thread(store.move, batch_id, ["validating"], "failed", errors=failure)
-            return
-        chunks = store.lines(row["input_file_id"])
-        sentinel: Any = object()
-        while (chunk := await asyncio.to_thread(next, chunks, sentinel)) is not sentinel:
-            if (await _row(gateway, tenant, batch_id))["status"] != "validating":
-                break  # cancelled meanwhile
-            requests, jobs = _jobs(gateway, client, row, chunk)
-            await asyncio.to_thread(store.add_requests, batch_id, requests)
-            await asyncio.to_thread(lambda jobs=jobs: [client.enqueue(job) for job in jobs])
-        if not await asyncio.to_thread(store.move, batch_id, ["validating"], "in_progress"):
-            await _cancel_jobs(client, gateway, batch_id)  # cancelled while enqueueing
-    except Exception as exc:
-        log.error("gateway.batch_failed", batch=str(batch_id), error=type(exc).__name__)
-        failure = {
-            "object": "list",
-            "data": [
-                {"code": "internal_error", "message": str(exc)[:500], "param": None, "line": None}
-            ],
-        }
-        await asyncio.to_thread(store.move, batch_id, ["validating"], "failed", errors=failure)
-
-
-def _structure_errors(gateway: Gateway, row: dict[str, Any]) -> list[dict[str, Any]]:
-    """What fails the whole batch, as OpenAI's validation does: a line that is not a JSON
-    request for the batch's endpoint, or a repeated custom_id."""
-    errors: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for chunk in gateway.store.lines(row["input_file_id"]):
-        for line_no, text in chunk:
-            problem = _structure(text, row["endpoint"], seen)
-            if problem:
-                errors.append(
-                    {"code": "invalid_request", "message": problem, "param": None, "line": line_no}
-                )
-                if len(errors) >= MAX_STRUCTURE_ERRORS:
-                    return errors
-    if not seen and not errors:
-        errors.append(
-            {
-                "code": "empty_file",
-                "message": "the input file has no requests",
-                "param": None,
-                "line": None,
-            }
-        )
-    return errors
-
-
-def _structure(text: str, endpoint: str, seen: set[str]) -> str | None:
-    try:
-        item = json.loads(text)
-    except ValueError:
-        return "not a JSON object"
-    if not isinstance(item, dict) or not isinstance(item.get("body"), dict):
-        return "a line is {custom_id, method, url, body} with body an object"
-    custom_id = item.get("custom_id")
-    if not isinstance(custom_id, str) or not 0 < len(custom_id) <= 512:
-        return "custom_id: a string of 1 to 512 characters"
-    if custom_id in seen:
-        return f"custom_id {custom_id!r} is repeated"
-    seen.add(custom_id)
-    if item.get("method") != "POST" or item.get("url") != endpoint:
-        return f"method and url: POST {endpoint} (the batch's endpoint)"
-    return None
-
-
-def _jobs(
-    gateway: Gateway, client: AsyncInferqClient, row: dict[str, Any], chunk: list
-) -> tuple[list[dict[str, Any]], list]:
-    """The chunk's request rows and the jobs to send (a line the request or wire schema
-    refuses gets its error instead: it goes to the error file)."""
-    left = (row["expires_at"] - datetime.now(UTC)).total_seconds()
-    kind, requests, jobs = REQUESTS[row["endpoint"]], [], []
-    for line_no, text in chunk:
-        item = json.loads(text)
-        entry: dict[str, Any] = {
-            "line_no": line_no,
-            "custom_id": item["custom_id"],
-            "job_id": None,
-            "error": None,
-        }
-        try:
-            request = kind.model_validate(item["body"])
-            if request.stream:
-                raise invalid("stream: not supported in a batch", param="stream")
-            fields = {**request.job_fields(gateway.default_max_tokens), "ttl_s": max(left, 1)}
-            job = client.build(**fields, idempotency_key=f"{batch_name(row['id'])}:{line_no}")
-        except ValidationError as exc:
-            entry["error"] = json.dumps(from_errors(exc.errors()).body())
-        except InvalidJobError as exc:
-            entry["error"] = json.dumps(job_refused(str(exc)).body())
-        except ApiError as exc:
-            entry["error"] = json.dumps(exc.body())
-        else:
-            entry["job_id"] = job.job_id
-            jobs.append(job)
-        requests.append(entry)
-    return requests, jobs
-
-
-async def _cancel_jobs(client: AsyncInferqClient, gateway: Gateway, batch_id: uuid.UUID) -> None:
-    """Ask the workers to cancel every job of the batch that has not ended."""
-    for job_id in await asyncio.to_thread(gateway.store.unended_jobs, batch_id):
-        await client.cancel(job_id, wait=0)

@@ -1,6 +1,8 @@
 """`POST /v1/files` (purpose `batch`: JSONL, streamed from the request into the database a
-chunk of lines at a time), `GET /v1/files/{id}`, `GET /v1/files/{id}/content` (an input file
-as uploaded; a batch's output or error file written from its jobs' records as it is read)."""
+chunk of lines at a time), `GET /v1/files` (the tenant's own, newest first, OpenAI's cursor
+pages), `GET /v1/files/{id}`, `GET /v1/files/{id}/content` (an input file as uploaded; a
+batch's output or error file written from its jobs' records as it is read),
+`DELETE /v1/files/{id}`."""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ import asyncio
 import io
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
@@ -21,6 +23,7 @@ from gateway.state import Gateway
 
 router = APIRouter()
 PURPOSES = ("batch",)
+MAX_LISTED = 10_000  # files a list page holds (OpenAI's limit and default)
 
 
 def file_name(file_id: uuid.UUID) -> str:
@@ -72,6 +75,43 @@ async def _file(gateway: Gateway, tenant: str, name: str) -> dict[str, Any]:
     if row is None:
         raise ApiError(404, f"No such file: {name}", param="file_id")
     return row
+
+
+@router.get("/v1/files")
+async def list_files(
+    caller: Caller,
+    request: Request,
+    purpose: str | None = None,
+    limit: int = Query(MAX_LISTED, ge=1, le=MAX_LISTED),
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> dict[str, Any]:
+    gateway = gateway_of(request)
+    rows, more = await asyncio.to_thread(
+        gateway.store.files,
+        caller.tenant,
+        limit=limit,
+        newest_first=order == "desc",
+        after=file_id_of(after) if after else None,
+        purpose=purpose,
+    )
+    data = [file_object(row) for row in rows]
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return {"object": "list", "data": data, "has_more": more, "first_id": first, "last_id": last}
+
+
+@router.delete("/v1/files/{name}")
+async def delete_file(caller: Caller, name: str, request: Request) -> dict[str, Any]:
+    """The file and its lines go; an input a batch still reads stays (409)."""
+    gateway = gateway_of(request)
+    row = await _file(gateway, caller.tenant, name)
+    if await asyncio.to_thread(gateway.store.file_in_use, row["id"]):
+        raise ApiError(
+            409, f"File {name} is the input of a batch that has not ended.", code="file_in_use"
+        )
+    if not await asyncio.to_thread(gateway.store.delete_file, caller.tenant, row["id"]):
+        raise ApiError(404, f"No such file: {name}", param="file_id")
+    return {"id": file_name(row["id"]), "object": "file", "deleted": True}
 
 
 @router.get("/v1/files/{name}")

@@ -47,6 +47,17 @@ class Answer:
     def id(self) -> str:
         return f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{self.job_id.hex}"
 
+    def queued(self) -> dict[str, Any]:
+        """The answer to `Prefer: respond-async`: the job is enqueued, not waited for."""
+        return {
+            "id": self.id,
+            "object": "inferq.job",
+            "job_id": str(self.job_id),
+            "status": "queued",
+            "created": self.created,
+            "model": self.model,
+        }
+
     def _object(self, chunk: bool) -> str:
         if self.kind == "text":
             return "text_completion"

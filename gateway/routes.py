@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from api_client import AsyncInferqClient, InvalidJobError, JobExpired, JobFailed
 from gateway.deps import Caller, gateway_of
 from gateway.errors import ApiError, invalid, job_refused
+from gateway.quota import token_cost
 from gateway.responses import DONE, Answer, Kind, model_object, sse
 from gateway.schema import ChatRequest, CompletionRequest
 from storage.api_keys import TenantKey
@@ -73,16 +74,21 @@ async def _answer(
 ) -> Response:
     gateway = gateway_of(request)
     fields = body.job_fields(gateway.default_max_tokens)
+    respond_async = "respond-async" in request.headers.get("prefer", "")
+    if respond_async and body.stream:
+        raise invalid("stream: not with Prefer: respond-async", param="stream")
     await gateway.require_model(body.model)
     client = gateway.client_for(caller.tenant)
     try:
-        job_id = await client.submit(
-            **fields, idempotency_key=request.headers.get("idempotency-key")
-        )
+        job = client.build(**fields, idempotency_key=request.headers.get("idempotency-key"))
     except InvalidJobError as exc:
         raise job_refused(str(exc)) from None
+    await gateway.quotas.charge(caller, token_cost(fields))
+    job_id = await client.send(job)
     answer = Answer(kind, job_id, body.model)
     headers = {JOB_HEADER: str(job_id)}
+    if respond_async:
+        return JSONResponse(answer.queued(), status_code=202, headers=headers)
     timeout = gateway.settings.gateway_timeout_s
     if body.stream:
         events = _events(client, answer, body.include_usage, timeout)

@@ -13,7 +13,9 @@ from fastapi import Request
 
 from api_client import AsyncInferqClient
 from gateway.auth import Authenticator, check_rate
+from gateway.batch_driver import BatchDriver
 from gateway.errors import ApiError
+from gateway.quota import Quotas
 from inferq.params import MAX_TOKENS
 from inferq.settings import Settings
 from storage.api_keys import ApiKeys, TenantKey
@@ -30,11 +32,15 @@ class Gateway:
         self.auth = Authenticator(ApiKeys(self.repo.engine), settings.gateway_key_cache_s)
         self.store = BatchStore(self.repo.engine)
         self._tasks: set[asyncio.Task] = set()
+        self._sweep: asyncio.Task | None = None
+        self.stopping = False  # batch drivers stop at their next step (another resumes them)
         self.signing = settings.signing_keys()
         self.default_max_tokens = min(settings.max_new_tokens, MAX_TOKENS)
         self._clients: dict[str, AsyncInferqClient] = {}
         self._models: tuple[frozenset[str], float] = (frozenset(), 0.0)
         self._models_read = asyncio.Lock()  # one re-read at a time, however many ask
+        self.quotas = Quotas(client.redis)
+        self.batches = BatchDriver(self)
 
     async def tenant(self, request: Request) -> TenantKey:
         """The request's tenant (401), within its rate (429)."""
@@ -77,8 +83,15 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def start(self) -> None:
+        """The batch sweep (at once: a batch a stopped gateway left is resumed)."""
+        self._sweep = asyncio.get_running_loop().create_task(self.batches.sweep_forever())
+
     async def drain(self, timeout: float) -> None:
-        """At shutdown: let background work finish (a batch enqueued again later is the
-        same jobs), up to `timeout` s."""
+        """At shutdown: stop sweeping, let background work finish (a batch driven again
+        later is the same jobs), up to `timeout` s."""
+        self.stopping = True
+        if self._sweep is not None:
+            self._sweep.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)

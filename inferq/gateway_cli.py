@@ -1,5 +1,5 @@
 """`inferq serve` (the OpenAI-compatible gateway under uvicorn) and `inferq keys` (its API
-keys: create, list, revoke)."""
+keys: create, list, revoke; and tenants' token quotas)."""
 
 from __future__ import annotations
 
@@ -35,15 +35,35 @@ def _keys():
     return ApiKeys(get_settings().resolved_database_url)
 
 
+def _quota_text(tpm: int | None, tpd: int | None) -> str:
+    parts = [f"{n} tokens/{span}" for n, span in ((tpm, "minute"), (tpd, "day")) if n]
+    return ", ".join(parts) or "no token quota"
+
+
 def _cmd_keys_create(args: argparse.Namespace) -> int:
+    keys = _keys()
     try:
-        key_id, key = _keys().create(args.tenant, args.rpm)
+        if args.tpm is not None or args.tpd is not None:
+            keys.set_quota(args.tenant, args.tpm, args.tpd)
+        key_id, key = keys.create(args.tenant, args.rpm)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
     limit = f"{args.rpm} requests/minute" if args.rpm else "no rate limit"
-    print(f"tenant {args.tenant}, key id {key_id}, {limit}; the key (shown once):")
+    quota = _quota_text(*keys.quota(args.tenant))
+    print(f"tenant {args.tenant} ({quota}), key id {key_id}, {limit}; the key (shown once):")
     print(key)
+    return 0
+
+
+def _cmd_keys_quota(args: argparse.Namespace) -> int:
+    keys = _keys()
+    try:
+        keys.set_quota(args.tenant, args.tpm, args.tpd)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"tenant {args.tenant}: {_quota_text(*keys.quota(args.tenant))}")
     return 0
 
 
@@ -71,6 +91,12 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quota_options(parser: argparse.ArgumentParser, lead: str) -> None:
+    what = "prompt + max output tokens the tenant's requests may use"
+    parser.add_argument("--tpm", type=int, help=f"{lead}{what} a minute")
+    parser.add_argument("--tpd", type=int, help=f"{lead}{what} a day (UTC)")
+
+
 def add_parsers(verbs: argparse._SubParsersAction) -> None:
     serve = verbs.add_parser("serve", help="the OpenAI-compatible HTTP gateway (docs/gateway.md)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -83,7 +109,12 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
     create = key_verbs.add_parser("create", help="a new key for TENANT (printed alone, last)")
     create.add_argument("tenant")
     create.add_argument("--rpm", type=int, help="requests a minute the key may make")
+    _quota_options(create, "and set the tenant's token quota: ")
     create.set_defaults(func=_cmd_keys_create)
+    quota = key_verbs.add_parser("quota", help="set TENANT's token quota (none given: none)")
+    quota.add_argument("tenant")
+    _quota_options(quota, "")
+    quota.set_defaults(func=_cmd_keys_quota)
     listing = key_verbs.add_parser("list", help="keys (ids, tenants, prefixes; never the keys)")
     listing.add_argument("tenant", nargs="?")
     listing.set_defaults(func=_cmd_keys_list)

@@ -256,6 +256,24 @@ class Settings(BaseSettings):
     gateway_models_cache_s: float = Field(
         2.0, ge=0, description="gateway: the live workers' models are re-read this often"
     )
+    gateway_batch_sweep_s: float = Field(
+        10.0,
+        gt=0,
+        description="gateway: every replica looks this often (and at start) for batches "
+        "that no gateway drives (to resume or to send on)",
+    )
+    gateway_batch_lease_s: float = Field(
+        60.0,
+        gt=0,
+        description="gateway: the driver of a batch holds it this long past its last step "
+        "(a killed gateway's batch is taken on after that)",
+    )
+    gateway_batch_ahead: int = Field(
+        1000,
+        ge=1,
+        description="gateway: a signed tenant's batch has at most this many jobs queued "
+        "and not yet taken (so none waits past INFERQ_SIGNATURE_WINDOW_S)",
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz here (0: any port)"
     )

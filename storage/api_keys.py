@@ -14,9 +14,9 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from storage.db import db_now, make_engine
-from storage.gateway_models import api_keys_table
+from storage.gateway_models import api_keys_table, tenant_quotas_table
 
-K = api_keys_table
+K, Q = api_keys_table, tenant_quotas_table
 KEY_PREFIX = "iq-"
 SHOWN_CHARS = 10  # of a key, kept to tell keys apart (`inferq keys list`)
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")  # the wire's tenant rule
@@ -29,6 +29,8 @@ class TenantKey:
     id: uuid.UUID
     tenant: str
     rate_limit_rpm: int | None
+    tokens_per_minute: int | None = None  # the tenant's token quota (all its keys)
+    tokens_per_day: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,11 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
 
 
+def _check_tenant(tenant: str) -> None:
+    if not TENANT_PATTERN.fullmatch(tenant):
+        raise ValueError("tenant: 1 to 128 of A-Z a-z 0-9 _ . : -")
+
+
 class ApiKeys:
     """The `api_keys` table of one database."""
 
@@ -55,8 +62,7 @@ class ApiKeys:
 
     def create(self, tenant: str, rate_limit_rpm: int | None = None) -> tuple[uuid.UUID, str]:
         """A new key for `tenant`: its row id and the key (shown once, never stored)."""
-        if not TENANT_PATTERN.fullmatch(tenant):
-            raise ValueError("tenant: 1 to 128 of A-Z a-z 0-9 _ . : -")
+        _check_tenant(tenant)
         if rate_limit_rpm is not None and rate_limit_rpm < 1:
             raise ValueError("rate limit: at least 1 request a minute")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -77,12 +83,41 @@ class ApiKeys:
         """The tenant a key acts as; None: unknown or revoked."""
         if not key.startswith(KEY_PREFIX):
             return None
-        query = sa.select(K.c.id, K.c.tenant, K.c.rate_limit_rpm).where(
-            K.c.key_hash == key_hash(key), K.c.revoked_at.is_(None)
+        query = (
+            sa.select(
+                K.c.id, K.c.tenant, K.c.rate_limit_rpm, Q.c.tokens_per_minute, Q.c.tokens_per_day
+            )
+            .select_from(K.outerjoin(Q, Q.c.tenant == K.c.tenant))
+            .where(K.c.key_hash == key_hash(key), K.c.revoked_at.is_(None))
         )
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
-        return TenantKey(row.id, row.tenant, row.rate_limit_rpm) if row else None
+        return TenantKey(*row) if row else None
+
+    def set_quota(
+        self, tenant: str, tokens_per_minute: int | None, tokens_per_day: int | None
+    ) -> None:
+        """The tenant's token quota from now on (None: no limit on that window)."""
+        _check_tenant(tenant)
+        if any(n is not None and n < 1 for n in (tokens_per_minute, tokens_per_day)):
+            raise ValueError("token quota: at least 1 token")
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(Q).where(Q.c.tenant == tenant))
+            if tokens_per_minute is not None or tokens_per_day is not None:
+                conn.execute(
+                    sa.insert(Q).values(
+                        tenant=tenant,
+                        tokens_per_minute=tokens_per_minute,
+                        tokens_per_day=tokens_per_day,
+                    )
+                )
+
+    def quota(self, tenant: str) -> tuple[int | None, int | None]:
+        """The tenant's (tokens a minute, tokens a day); None: no limit."""
+        query = sa.select(Q.c.tokens_per_minute, Q.c.tokens_per_day).where(Q.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return (row[0], row[1]) if row else (None, None)
 
     def revoke(self, key_id: uuid.UUID) -> bool:
         """Revoke one key by its id; False: no such key, or already revoked."""

@@ -19,12 +19,13 @@ from storage.gateway_models import (
     file_lines_table,
     files_table,
 )
-from storage.models import jobs_table, results_table
+from storage.models import UTCDateTime, jobs_table, results_table
 
 F, L, B, R = files_table, file_lines_table, api_batches_table, api_batch_requests_table
 J, RES = jobs_table, results_table
 CHUNK = 1000  # lines per insert or read
 FAILED_JOBS = ("failed", "expired", "cancelled")
+RUNNING = ("validating", "in_progress", "cancelling", "finalizing")  # batches not ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +33,16 @@ class Counts:
     total: int
     completed: int
     failed: int
+    unsent: int = 0  # lines whose job was never enqueued (still pending)
 
     @property
     def pending(self) -> int:
         return self.total - self.completed - self.failed
+
+    @property
+    def running(self) -> int:
+        """Jobs enqueued and not ended."""
+        return self.pending - self.unsent
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +117,51 @@ class BatchStore:
             row = conn.execute(sa.select(F).where(F.c.id == file_id, F.c.tenant == tenant)).first()
         return dict(row._mapping) if row else None
 
-    def lines(self, file_id: uuid.UUID) -> Iterator[list[tuple[int, str]]]:
-        """The file's lines in chunks, by line number (keyset: each chunk one short query)."""
-        after = 0
+    def files(
+        self,
+        tenant: str,
+        *,
+        limit: int,
+        newest_first: bool,
+        after: uuid.UUID | None = None,
+        purpose: str | None = None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Up to `limit` of the tenant's files by creation time (ties by id), those past the
+        file `after` in that order (none if it is not the tenant's); and whether more follow."""
+        order = sa.tuple_(F.c.created_at, F.c.id)
+        query = sa.select(F).where(F.c.tenant == tenant)
+        if purpose is not None:
+            query = query.where(F.c.purpose == purpose)
+        if after is not None:
+            mark = self.file(tenant, after)
+            if mark is None:
+                return [], False
+            at = sa.literal(mark["created_at"], UTCDateTime)
+            past = sa.tuple_(at, sa.literal(after, sa.Uuid))
+            query = query.where(order < past if newest_first else order > past)
+        columns = (F.c.created_at, F.c.id)
+        query = query.order_by(*(c.desc() for c in columns) if newest_first else columns)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query.limit(limit + 1))]
+        return rows[:limit], len(rows) > limit
+
+    def file_in_use(self, file_id: uuid.UUID) -> bool:
+        """Whether a batch that has not ended reads this file (its input)."""
+        query = sa.select(B.c.id).where(B.c.input_file_id == file_id, B.c.status.in_(RUNNING))
+        with self.engine.connect() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
+    def delete_file(self, tenant: str, file_id: uuid.UUID) -> bool:
+        """Delete one of the tenant's files (its lines with it); False: no such file."""
+        with self.engine.begin() as conn:
+            gone = conn.execute(
+                sa.delete(F).where(F.c.id == file_id, F.c.tenant == tenant).returning(F.c.id)
+            ).first()
+        return gone is not None
+
+    def lines(self, file_id: uuid.UUID, after: int = 0) -> Iterator[list[tuple[int, str]]]:
+        """The file's lines past line `after` in chunks, by line number (keyset: each chunk
+        one short query)."""
         while True:
             with self.engine.connect() as conn:
                 rows = conn.execute(
@@ -138,15 +187,15 @@ class BatchStore:
             row = conn.execute(sa.select(B).where(B.c.id == batch_id, B.c.tenant == tenant)).first()
         return dict(row._mapping) if row else None
 
+    def batch_row(self, batch_id: uuid.UUID) -> dict[str, Any]:
+        """A batch whoever its tenant (for its driver)."""
+        with self.engine.connect() as conn:
+            return dict(conn.execute(sa.select(B).where(B.c.id == batch_id)).one()._mapping)
+
     def batches(self, tenant: str, limit: int) -> list[dict[str, Any]]:
         query = sa.select(B).where(B.c.tenant == tenant).order_by(B.c.created_at.desc())
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query.limit(limit))]
-
-    def add_requests(self, batch_id: uuid.UUID, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            with self.engine.begin() as conn:
-                conn.execute(sa.insert(R), [{"batch_id": batch_id, **row} for row in rows])
 
     def move(self, batch_id: uuid.UUID, from_: Iterable[str], to: str, **values: Any) -> bool:
         """Set the batch's status (and `<status>_at` to the database's clock) if it is in one
@@ -164,21 +213,22 @@ class BatchStore:
     def counts(self, batch_id: uuid.UUID) -> Counts:
         done = sa.func.count().filter(J.c.status == "done")
         failed = sa.func.count().filter(sa.or_(R.c.job_id.is_(None), J.c.status.in_(FAILED_JOBS)))
+        unsent = sa.func.count().filter(R.c.job_id.is_not(None), R.c.sent_at.is_(None))
         query = (
-            sa.select(sa.func.count(), done, failed)
+            sa.select(sa.func.count(), done, failed, unsent)
             .select_from(R.outerjoin(J, J.c.id == R.c.job_id))
             .where(R.c.batch_id == batch_id)
         )
         with self.engine.connect() as conn:
-            total, completed, failures = conn.execute(query).one()
-        return Counts(total, completed, failures)
+            total, completed, failures, unsent_ = conn.execute(query).one()
+        return Counts(total, completed, failures, unsent_)
 
     def unended_jobs(self, batch_id: uuid.UUID) -> list[uuid.UUID]:
-        """Jobs of the batch not ended yet (queued ones have no row yet)."""
+        """Jobs of the batch enqueued and not ended yet (queued ones have no row yet)."""
         query = (
             sa.select(R.c.job_id)
             .select_from(R.outerjoin(J, J.c.id == R.c.job_id))
-            .where(R.c.batch_id == batch_id, R.c.job_id.is_not(None))
+            .where(R.c.batch_id == batch_id, R.c.job_id.is_not(None), R.c.sent_at.is_not(None))
             .where(sa.or_(J.c.id.is_(None), J.c.status.in_(["queued", "running"])))
         )
         with self.engine.connect() as conn:

@@ -1,7 +1,7 @@
-"""The gateway's tables (docs/gateway.md): API keys, uploaded files and their lines, and
-OpenAI-style batches with one row per request line. A batch request's job is an ordinary job
-(`jobs`, `results`, `job_metrics`), joined on `job_id`; there is no foreign key, as a job row is
-written only when a worker first takes the job."""
+"""The gateway's tables (docs/gateway.md): API keys, tenants' token quotas, uploaded files
+and their lines, and OpenAI-style batches with one row per request line. A batch request's
+job is an ordinary job (`jobs`, `results`, `job_metrics`), joined on `job_id`; there is no
+foreign key, as a job row is written only when a worker first takes the job."""
 
 from __future__ import annotations
 
@@ -43,6 +43,18 @@ class ApiKey(Base):
     rate_limit_rpm: Mapped[int | None] = mapped_column(sa.Integer)  # requests a minute; None: any
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ApiTenantQuota(Base):
+    """A tenant's token quota (`inferq keys quota`): prompt and output tokens a minute and a
+    day over all its keys; None: no limit. Counted in Redis (gateway/quota.py)."""
+
+    __tablename__ = "api_tenant_quotas"
+
+    tenant: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    tokens_per_minute: Mapped[int | None] = mapped_column(sa.Integer)
+    tokens_per_day: Mapped[int | None] = mapped_column(sa.BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
 
 
 class ApiFile(Base):
@@ -104,6 +116,7 @@ class ApiBatch(Base):
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)  # its driver's (db clock)
     in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finalizing_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -133,9 +146,11 @@ class ApiBatchRequest(Base):
     custom_id: Mapped[str] = mapped_column(sa.String(512))
     job_id: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)  # None: refused (error)
     error: Mapped[str | None] = mapped_column(sa.Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last enqueued (None: not yet)
 
 
 api_keys_table: sa.Table = ApiKey.__table__  # type: ignore[assignment]
+tenant_quotas_table: sa.Table = ApiTenantQuota.__table__  # type: ignore[assignment]
 files_table: sa.Table = ApiFile.__table__  # type: ignore[assignment]
 file_lines_table: sa.Table = FileLine.__table__  # type: ignore[assignment]
 api_batches_table: sa.Table = ApiBatch.__table__  # type: ignore[assignment]

@@ -294,3 +294,28 @@ def test_hostile_requests_get_clear_errors(settings, base_url, client) -> None:
                 read()
     assert owner.batches.retrieve(batch.id).id == batch.id  # the owner still sees it
     owner.close()
+
+
+def test_respond_async_enqueues_without_waiting(settings, base_url, client) -> None:
+    """`Prefer: respond-async`: 202 with the job id at once; the job runs as any other and
+    its result is read by id (here with the tenant's own client)."""
+    from api_client import InferqClient
+
+    headers = {"Authorization": f"Bearer {client.api_key}", "Prefer": "respond-async"}
+    request = {"model": "null", "messages": CHAT, "max_tokens": 3}
+    answer = httpx.post(base_url + "/chat/completions", json=request, headers=headers)
+    assert answer.status_code == 202
+    body = answer.json()
+    job_id = answer.headers["x-inferq-job-id"]
+    assert body["job_id"] == job_id and body["object"] == "inferq.job"
+    assert body["id"] == f"chatcmpl-{uuid.UUID(job_id).hex}" and body["status"] == "queued"
+    own = InferqClient(settings, tenant="acme", key=ACME_SIGNING_KEY)
+    try:
+        view = own.wait(job_id, timeout=30)
+    finally:
+        own.close()
+    assert view.status == "done" and view.result.completion_tokens == 3
+    streamed = httpx.post(
+        base_url + "/chat/completions", json={**request, "stream": True}, headers=headers
+    )
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"

@@ -144,3 +144,43 @@ def test_cancel_a_batch_before_any_worker_takes_it(settings, client) -> None:
     errors = _jsonl(client, cancelled.error_file_id)
     assert sorted(e["custom_id"] for e in errors) == sorted(f"c-{i}" for i in range(10))
     assert {e["response"]["body"]["error"]["code"] for e in errors} == {"job_cancelled"}
+
+
+def test_files_list_retrieve_delete_are_the_tenants_own(settings, client) -> None:
+    url = client.base_url_for_tests
+    tenant = f"lister-{uuid.uuid4().hex[:8]}"  # the database is shared by this file's tests
+    client = openai.OpenAI(base_url=url, api_key=new_key(settings, tenant), max_retries=0)
+    mine = [_upload(client, [_line(f"f-{i}")]) for i in range(3)]
+    other = openai.OpenAI(base_url=url, api_key=new_key(settings, f"{tenant}-2"), max_retries=0)
+    with client, other:
+        theirs = _upload(other, [_line("theirs")])
+        assert [f.id for f in client.files.list()] == mine[::-1]  # newest first, own only
+        assert [f.id for f in client.files.list(limit=2)] == mine[::-1]  # two pages
+        page = client.files.list(limit=2, order="asc")
+        assert [f.id for f in page.data] == mine[:2] and page.has_more
+        assert [f.id for f in client.files.list(after=mine[0], order="asc")] == mine[1:]
+        assert list(client.files.list(purpose="batch_output")) == []
+        assert [f.id for f in other.files.list()] == [theirs]
+        for act in (client.files.retrieve, client.files.content, client.files.delete):
+            with pytest.raises(openai.NotFoundError):
+                act(theirs)
+        assert other.files.retrieve(theirs).id == theirs  # still there for its tenant
+        _delete_own(client, mine)
+
+
+def _delete_own(client: openai.OpenAI, mine: list[str]) -> None:
+    deleted = client.files.delete(mine[1])
+    assert (deleted.id, deleted.object, deleted.deleted) == (mine[1], "file", True)
+    for act in (client.files.retrieve, client.files.content, client.files.delete):
+        with pytest.raises(openai.NotFoundError):
+            act(mine[1])
+    assert [f.id for f in client.files.list()] == [mine[2], mine[0]]
+
+    batch = client.batches.create(  # no worker: its jobs stay queued, the batch running
+        input_file_id=mine[0], endpoint=ENDPOINT, completion_window="24h"
+    )
+    _until(client, batch.id, {"in_progress"})
+    with pytest.raises(openai.ConflictError) as caught:
+        client.files.delete(mine[0])
+    assert caught.value.body["code"] == "file_in_use"
+    assert client.files.retrieve(mine[0]).id == mine[0]

@@ -10,6 +10,8 @@ pyproject.toml must name): a version not installed here is skipped (install it t
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import tomllib
 import uuid
@@ -23,6 +25,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer
 
+from api_client import AsyncInferqClient
 from api_client.schema import JobMessage
 from api_client.signing import signed
 from api_client.wire import (
@@ -213,3 +216,62 @@ def test_a_plain_kombu_consumer_consumes_what_we_pushed_back(kombu_version: str,
             message.ack()
     assert all(r.exists(key) == 0 for key in BOOKKEEPING if key != OWNERS)
     assert sum(r.llen(queue_key(settings.queue, p)) for p in PRIORITY_STEPS) == 0
+
+
+def test_our_push_is_celerys_message_item_by_item(kombu_version: str, settings) -> None:
+    """`AsyncInferqClient.send` on Redis pushes, in one round trip, the item Celery's
+    producer writes for the same job (all but the delivery tag and the producer's reply_to
+    name, which are per message and per producer), onto the same list, with the queue's
+    bindings; a plain kombu consumer and our source both read it as the signed job."""
+    r = redis.Redis.from_url(settings.broker_url)
+    job = JobMessage(
+        prompt="pushed",
+        tenant="acme",
+        priority=7,
+        idempotency_key="k",
+        submitted_at=datetime.now(UTC),
+    )
+    send_job(producer_app(settings), settings.queue, job, KEY)
+    q = queue_key(settings.queue, celery_priority(7))
+    [celerys] = _items(r, q)
+    celery_bindings = {k: r.smembers(k) for k in r.keys(f"_kombu.binding*.{settings.queue}")}
+    r.delete(q, *celery_bindings)
+
+    async def push() -> None:
+        client = AsyncInferqClient(settings, "acme", KEY)
+        try:
+            await client.send(job)
+        finally:
+            await client.aclose()
+
+    asyncio.run(push())
+    [ours] = _items(r, q)
+    assert {
+        k: r.smembers(k) for k in r.keys(f"_kombu.binding*.{settings.queue}")
+    } == celery_bindings
+    for item in (celerys, ours):
+        del item["properties"]["delivery_tag"], item["properties"]["reply_to"]
+    assert ours == celerys
+    assert base64.b64decode(ours["body"]) == base64.b64decode(celerys["body"])
+
+    with _kombu(settings) as conn:
+        got = []
+        with Consumer(
+            conn.default_channel,
+            queues=[job_queue(settings)],
+            accept=["json"],
+            on_message=got.append,
+        ):
+            conn.drain_events(timeout=5)
+        [message] = got
+        assert message.headers["id"] == str(job.job_id) and message.headers["task"] == TASK_NAME
+        assert message.decode()[1] == signed(job.to_wire(), KEY)
+        message.requeue()  # back for our source
+    source = RedisSource(settings)
+    try:
+        [taken] = source.receive(1, 5.0)
+        read = read_job(taken, Trust(keys={"acme": (KEY,)}), datetime.now(UTC))
+        assert read == job.model_copy(update={"signature": read.signature})
+        source.ack([taken.handle])
+    finally:
+        source.close()

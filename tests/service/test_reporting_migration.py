@@ -168,7 +168,7 @@ def test_0004_backfills_downgrades_and_upgrades_again(
             conn.execute(sa.insert(METRICS).values(job_id=done, queue_wait_s=0.25, ttft_s=0.5))
 
         migrate.upgrade(url)
-        assert migrate.current(url) == "0009"
+        assert migrate.current(url) == "0010"
         assert _report_statistics(engine) in (1, None)
         inspector = sa.inspect(engine)
         made = set(inspector.get_view_names()) | set(inspector.get_table_names())
@@ -198,7 +198,7 @@ def test_0004_backfills_downgrades_and_upgrades_again(
         assert (kept.queue_wait_s, kept.ttft_s) == (0.25, 0.5)
 
         migrate.upgrade(url)
-        assert migrate.current(url) == "0009"
+        assert migrate.current(url) == "0010"
         _assert_backfilled(engine, done)
     finally:
         engine.dispose()

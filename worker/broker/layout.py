@@ -21,21 +21,16 @@ from __future__ import annotations
 
 import redis
 
+from api_client.kombu_push import SEP as SEP  # the layout's, beside the producers' push
+from api_client.kombu_push import queue_key as queue_key
 from api_client.wire import PRIORITY_STEPS
 
 SUPPORTED_KOMBU = ("5.7.0",)  # the kombu versions whose Redis layout the scripts are tested on
-SEP = "\x06\x16"  # kombu's separator between a queue name and its priority step
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 OWNERS = "inferq:unacked_owner"  # tag -> the held set of the worker that took it
 OVERSIZED = "inferq:unacked_oversized"  # tag -> the list an item too large to read came from
 OVERSIZED_ITEMS = "inferq:unacked_oversized_items"  # tag -> that item, kept for its way back
 BOOKKEEPING = [UNACKED, UNACKED_INDEX, OWNERS, OVERSIZED, OVERSIZED_ITEMS]
-
-
-def queue_key(queue: str, priority: int) -> str:
-    """The list a message of kombu `priority` (0 runs first) sits in."""
-    step = max(s for s in PRIORITY_STEPS if s <= max(0, min(priority, PRIORITY_STEPS[-1])))
-    return f"{queue}{SEP}{step}" if step else queue
 
 
 def queue_depth(client: redis.Redis, queue: str) -> int:
