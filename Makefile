@@ -47,9 +47,10 @@ bench: model
 	$(PY) bench/engine_bench.py --jobs 256 --baseline-jobs 32 --max-num-seqs 128
 
 # Peer engines for `make bench` (gitignored under .peers/, idempotent): vLLM CPU 0.32.0 in its
-# own venv, llama.cpp's llama-server built from source, the fp model as F32/BF16 GGUF.
+# own venv, the portable (--sym) GPTQ checkpoint for vLLM's GPTQ row, llama.cpp's llama-server
+# built from source, the fp model as F32/BF16 GGUF.
 peers: model
-	bash bench/peers/install.sh "$$($(PY) -c 'from inferq.settings import FP_MODEL, get_settings; \
+	INFERQ=$(VENV)/bin/inferq bash bench/peers/install.sh "$$($(PY) -c 'from inferq.settings import FP_MODEL, get_settings; \
 	from worker.prep.models import resolve_model; print(resolve_model(get_settings(), FP_MODEL))')"
 
 # The service beside the engine alone (fp32 and bf16, ~15 min), then the null-engine run.

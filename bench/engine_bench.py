@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/engine_bench.py [--jobs 256] [--baseline-jobs 48] [--seed 0]
        [--max-num-seqs 128] [--max-new 128] [--dtypes float32,bfloat16] [--out bench/out]
-       [--peers auto|none|vllm,llama] [--no-gptq] [--no-equal-work]
+       [--peers auto|none|vllm,llama] [--no-gptq] [--portable-gptq DIR] [--no-equal-work]
 Workload: `--jobs` chat jobs over 4 system prompts of 200-400 tokens, user parts of 10-120
 tokens, max_tokens uniform in [16, --max-new], greedy, shuffled. A row's jobs all arrive at its
 t=0; the slow HF baselines run only the first `--baseline-jobs` of the arrival order.
@@ -32,11 +32,14 @@ prefix caching (`vllm-cpu-apc`, its own venv) and llama.cpp's llama-server with 
 clients (F32 GGUF for fp32, BF16 GGUF for bf16): bench/peers/. Their output tokens exclude EOS
 like the engine's; prefix hit = their cached prompt tokens / shareable; computed positions
 unknown ("-"). GPTQ row (`--no-gptq` skips it): the engine with prefix cache on the default
-GPTQ 4-bit model (bf16 activations on CPU), same jobs, after the bf16 rows. The 4-bit model
-stops on EOS at other points (other output token counts: with fewer, more of its time goes to
-prompts, which yield no output tokens), so an equal-work pair follows (`--no-equal-work`
-skips it): the bf16 and GPTQ engines again with EOS ignored (`engine-prefix-cache-to-max`),
-every job generating its max_tokens in both.
+GPTQ 4-bit model (bf16 activations on CPU), same jobs, after the bf16 rows. With vLLM among
+the peers, the engine and vLLM (bf16 activations) then run the portable checkpoint
+(`--portable-gptq`, default .peers/gptq-sym: `inferq model quantize FP DIR --sym`, which `make
+peers` writes; vLLM CPU refuses the asymmetric default), rows tagged `gptq-sym`
+(bench/gptq_section.py). The 4-bit model stops on EOS at other points (other output token
+counts: with fewer, more of its time goes to prompts, which yield no output tokens), so an
+equal-work pair follows (`--no-equal-work` skips it): the bf16 and GPTQ engines again with
+EOS ignored (`engine-prefix-cache-to-max`), every job generating its max_tokens in both.
 Correctness guard: the fp32 engine rows' greedy tokens must equal HF one-at-a-time fp32's on
 the baseline subset (asserted after the table is written). bf16 rows report their agreement
 with HF bf16 (bf16 rounding differs with batch shape, so near-ties may flip).
@@ -46,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import random
 import re
 import time
@@ -54,17 +56,23 @@ from pathlib import Path
 
 import torch
 from benchrow import Job, Row, table_lines  # bench/benchrow.py, beside this script
+from enginerow import engine_row  # bench/enginerow.py
+from gptq_section import gptq_rows, gptq_verdicts  # bench/gptq_section.py
 from limits import Ceiling, matmul_dtype, matmul_peak_gflops  # bench/limits.py, beside this script
-from peers.rows import parse_peers, peer_rows, peer_verdicts  # bench/peers/rows.py
+from peers.rows import (  # bench/peers/rows.py
+    GPTQ_SYM,
+    PORTABLE_TAG,
+    parse_peers,
+    peer_rows,
+    peer_setup,
+    peer_verdicts,
+)
 from plot import plot_table  # bench/plot.py, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
-from inferq.params import EngineConfig
-from inferq.settings import DEFAULT_MODEL, FP_MODEL, get_settings
-from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
+from inferq.settings import FP_MODEL, get_settings
 from worker.engine.codec import TextCodec
-from worker.engine.engine import PagedEngine
 from worker.prep.models import resolve_model
 
 TEXT = """The river flooded the lower town twice last spring. Our quarterly revenue grew by eight
@@ -170,49 +178,6 @@ def hf_row(name: str, model, tok, codec: TextCodec, jobs: list[Job], size: int) 
     return row
 
 
-def engine_row(
-    name: str,
-    path: str,
-    device: str,
-    jobs: list[Job],
-    cfg: EngineConfig,
-    shareable: int,
-    dtype: str = "float32",
-    ignore_eos: bool = False,
-) -> Row:
-    """`ignore_eos`: every job runs to its max_tokens (equal work across models)."""
-    engine = PagedEngine(path, "bench", device=device, dtype=dtype, config=cfg)
-    engine.warm_up()
-    params = {j.max_tokens: SamplingParams(max_tokens=j.max_tokens) for j in jobs}
-    reqs = [
-        EngineRequest(
-            seq_id=j.seq_id,
-            prompt_ids=j.prompt_ids,
-            params=params[j.max_tokens],
-            tenant="tenant-a",
-            ignore_eos=ignore_eos,
-        )
-        for j in jobs
-    ]
-    s0, start, t0 = engine.stats(), time.perf_counter(), time.time()
-    outs = run_to_completion(engine, reqs)
-    wall = time.perf_counter() - start
-    s1 = engine.stats()
-    cached = sum(o.cached_tokens for o in outs)
-    hits = s1.cache_hit_tokens - s0.cache_hit_tokens
-    queried = s1.cache_queried_tokens - s0.cache_queried_tokens
-    row = Row(name, len(jobs), wall, s1.computed_tokens - s0.computed_tokens, -cached)
-    row.hit = cached / shareable if shareable else None
-    row.engine_hit = f"{hits}/{queried} = {hits / max(queried, 1):.1%}"
-    for j, o in zip(jobs, outs, strict=True):
-        fed = len(o.token_ids) + (o.finish_reason == "stop") - 1  # incl. eos; last not fed
-        row.needed += len(j.prompt_ids) + fed
-        row.add(o.seq_id, o.token_ids, o.finished_at - t0, o.first_token_at - t0)
-    del engine, outs
-    gc.collect()
-    return row
-
-
 def dtype_rows(
     args, path: str, tok, jobs: list[Job], shareable: int, dtype: str, notes: list[str]
 ) -> list[Row]:
@@ -232,57 +197,9 @@ def dtype_rows(
         cfg = get_settings().engine_config(prefix_cache=cache, max_num_seqs=args.max_num_seqs)
         name = f"engine-{'prefix-cache' if cache else 'no-prefix-cache'} {tag}"
         rows.append(engine_row(name, path, args.device, jobs, cfg, shareable, dtype))
-    threads = len(os.sched_getaffinity(0))
-    setup = {"model": path, "eos_ids": sorted(codec.eos_ids), "threads": threads}
+    setup = peer_setup(path, sorted(codec.eos_ids))
     peers = args.out / "peers"
     return rows + peer_rows(args.peers, dtype, tag, jobs, shareable, setup, peers, notes)
-
-
-def gptq_rows(args, jobs: list[Job], shareable: int) -> list[Row]:
-    """The engine with prefix cache on the default GPTQ model, dtype auto (bf16 on CPU); then,
-    unless --no-equal-work, bf16 and GPTQ with EOS ignored (the same output tokens)."""
-    gptq = str(resolve_model(get_settings(), DEFAULT_MODEL))
-    cfg = get_settings().engine_config(prefix_cache=True, max_num_seqs=args.max_num_seqs)
-    rows = [engine_row("engine-prefix-cache gptq", gptq, args.device, jobs, cfg, shareable, "auto")]
-    if args.equal_work:
-        fp = str(resolve_model(get_settings(), FP_MODEL))
-        for name, path, dtype in (("bf16", fp, "bfloat16"), ("gptq", gptq, "auto")):
-            rows.append(
-                engine_row(
-                    f"engine-prefix-cache-to-max {name}",
-                    path,
-                    args.device,
-                    jobs,
-                    cfg,
-                    shareable,
-                    dtype,
-                    ignore_eos=True,
-                )
-            )
-    return rows
-
-
-def gptq_verdicts(rows: dict[str, Row]) -> list[str]:
-    """Output tok/s against the bf16 engine (the target), and, since the 4-bit model stops on
-    EOS at other points, the same workload's wall time and computed positions per second; the
-    same for the equal-work (to-max) pair."""
-    lines = []
-    for system in ("engine-prefix-cache", "engine-prefix-cache-to-max"):
-        gptq, bf16 = rows.get(f"{system} gptq"), rows.get(f"{system} bf16")
-        if gptq is None or bf16 is None:
-            continue
-        x, ok = gptq.tps / bf16.tps, gptq.tps >= bf16.tps
-        same = sum(gptq.outputs.get(s) == t for s, t in bf16.outputs.items())
-        pos = (gptq.computed / gptq.wall_s) / (bf16.computed / bf16.wall_s)
-        verdict = "MET" if ok else "NOT MET"
-        wall = bf16.wall_s / gptq.wall_s
-        lines.append(
-            f"- {gptq.name} vs {bf16.name}: {x:.2f}x output tok/s (target ≥1.0x: {verdict}); "
-            f"greedy tokens equal {same}/{len(bf16.outputs)}; {gptq.out_tokens} vs "
-            f"{bf16.out_tokens} output tokens; the workload's wall {wall:.2f}x; computed "
-            f"positions per second {pos:.2f}x"
-        )
-    return lines
 
 
 def verdict_lines(
@@ -343,6 +260,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
     ap.add_argument("--peers", default="auto", help="auto (installed ones), none, or vllm,llama")
     ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--portable-gptq", type=Path, default=GPTQ_SYM, help="symmetric GPTQ dir")
     ap.add_argument("--equal-work", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     args.peers = parse_peers(args.peers)
@@ -372,10 +290,10 @@ def main() -> None:
     notes: list[str] = []
     rows = [r for d in dtypes for r in dtype_rows(args, path, tok, jobs, shareable, d, notes)]
     if args.gptq:
-        rows += gptq_rows(args, jobs, shareable)
+        rows += gptq_rows(args, jobs, shareable, sorted(codec.eos_ids), notes)
     by_name = {r.name: r for r in rows}
     verdicts, wrong = verdict_lines(by_name, ceilings, args.max_num_seqs)
-    verdicts += peer_verdicts(by_name, list(ceilings)) + gptq_verdicts(by_name) + notes
+    verdicts += peer_verdicts(by_name, [*ceilings, PORTABLE_TAG]) + gptq_verdicts(by_name) + notes
     peak_text = ", ".join(f"{t} {g:.1f}" for t, g in peaks.items())
     widened = [SHORT[d] for d in dtypes if runs_as[SHORT[d]] != getattr(torch, d)]
     if widened:

@@ -1,6 +1,6 @@
 """Plot an engine benchmark table (`engine_bench.md`) as a PNG: throughput and TTFT per row.
-Colour by dtype tag (fp32 blue, bf16 orange, gptq green); peer engines (vLLM, llama.cpp) hatched
-and paler; a "-" cell (a peer's unknown TTFT) draws no bar.
+Colour by dtype tag (fp32 blue, bf16 orange, gptq green, gptq-sym olive); peer engines (vLLM,
+llama.cpp) hatched and paler; a "-" cell (a peer's unknown TTFT) draws no bar.
 
 Usage: python bench/plot.py bench/out/engine_bench.md docs/engine_bench.png
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-COLORS = {"fp32": "tab:blue", "bf16": "tab:orange", "gptq": "tab:green"}
+COLORS = {"fp32": "tab:blue", "bf16": "tab:orange", "gptq": "tab:green", "gptq-sym": "tab:olive"}
 PEERS = ("vllm", "llama")  # row-name prefixes of the peer engines (bench/peers/rows.py)
 
 

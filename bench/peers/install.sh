@@ -5,8 +5,11 @@
 #   .peers/bin/llama-server  llama.cpp's server, built from the llama-cpp-python sdist
 #   .peers/convert/       small venv for llama.cpp's convert_hf_to_gguf.py
 #   .peers/gguf/model-{f32,bf16}.gguf  the project's fp model converted to GGUF
+#   .peers/gptq-sym/      the fp model GPTQ-quantized with `inferq model quantize --sym`: the
+#                         portable checkpoint (vLLM CPU takes no asymmetric one; docs/gptq.md)
 # Usage: bash bench/peers/install.sh FP_MODEL_DIR   (make peers passes the prepared fp model)
-# About 10 min on 2 cores from scratch (llama-server's build is 6 of them); 4.5 GB on disk.
+# About 15-20 min on 2 cores from scratch (llama-server's build is 6, the quantization 5-10 of
+# them); 4.6 GB on disk. INFERQ: the project's CLI (default .venv/bin/inferq).
 set -euo pipefail
 
 FP_DIR=${1:?usage: install.sh FP_MODEL_DIR}
@@ -33,6 +36,12 @@ if [[ ! -f $PEERS/vllm/.installed-$VLLM_VERSION ]]; then
     "$PEERS/vllm/bin/python" -c "from vllm import LLM" >/dev/null 2>&1 ||
         { echo "vllm does not import: $PEERS/vllm/bin/python -c 'from vllm import LLM'" >&2; exit 1; }
     touch "$PEERS/vllm/.installed-$VLLM_VERSION"
+fi
+
+# --- the portable GPTQ checkpoint, for vLLM's GPTQ row (quantize writes it atomically) -------
+if [[ ! -f $PEERS/gptq-sym/config.json ]]; then
+    say "portable GPTQ checkpoint $PEERS/gptq-sym (inferq model quantize --sym; 5-10 min)"
+    "${INFERQ:-$ROOT/.venv/bin/inferq}" model quantize "$FP_DIR" "$PEERS/gptq-sym" --sym
 fi
 
 # --- llama.cpp sources: the llama-cpp-python sdist vendors llama.cpp --------------------------

@@ -4,7 +4,9 @@
 writes its seeded workload (the same prompt ids and max_tokens as its own rows) to JSON, runs
 bench/peers/vllm_row.py in vLLM's venv and bench/peers/llama_row.py beside a llama-server, and
 turns their result JSON into table rows. A peer that fails or times out is reported in the
-verdict lines and leaves no row; its log is under `<out>/peers/`.
+verdict lines and leaves no row; its log is under `<out>/peers/`. In the GPTQ section, vLLM
+also runs the portable (symmetric) GPTQ checkpoint `make peers` quantizes into .peers/gptq-sym
+(vLLM CPU takes no asymmetric one), beside the engine on the same checkpoint (tag `gptq-sym`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ PEERS = HERE.parents[1] / ".peers"
 VLLM_PY = PEERS / "vllm" / "bin" / "python"
 LLAMA_SERVER = PEERS / "bin" / "llama-server"
 GGUF = {"fp32": PEERS / "gguf" / "model-f32.gguf", "bf16": PEERS / "gguf" / "model-bf16.gguf"}
+GPTQ_SYM = PEERS / "gptq-sym"  # `inferq model quantize FP GPTQ_SYM --sym` (install.sh)
+PORTABLE_TAG = "gptq-sym"  # the rows of both engines on that checkpoint
 TIMEOUT_S = 3600  # one peer run: load + warm-up + all jobs (256 jobs: 1.5-4 min here)
 SLOTS = 16
 ENGINE = "engine-prefix-cache"
@@ -59,6 +63,21 @@ def parse_peers(value: str) -> list[str]:
     if missing := [p for p in wanted if p not in installed()]:
         raise SystemExit(f"--peers {missing} not installed under {PEERS}: run `make peers`")
     return wanted
+
+
+def portable_gptq(peers: list[str], path: Path = GPTQ_SYM) -> tuple[Path | None, str]:
+    """The portable GPTQ checkpoint both engines run when vLLM is among the peers, or None and
+    why not (a verdict line; "" when vLLM is not asked for: no row, nothing to say)."""
+    if "vllm" not in peers:
+        return None, ""
+    if not (path / "config.json").is_file():
+        return None, f"- {VLLM_ROW} {PORTABLE_TAG}: no row (no checkpoint at {path}: make peers)"
+    return path, ""
+
+
+def peer_setup(model: str, eos_ids: list[int]) -> dict:
+    """What a peer needs besides the jobs: the model dir, EOS ids, and every core it may use."""
+    return {"model": model, "eos_ids": sorted(eos_ids), "threads": len(os.sched_getaffinity(0))}
 
 
 def peer_runs(peers: list[str], dtype: str, tag: str, work: Path) -> list[PeerRun]:
@@ -168,7 +187,7 @@ def same_tokens(row: Row, ref: Row) -> str:
 
 def peer_verdicts(rows: dict[str, Row], tags: list[str]) -> list[str]:
     """Per dtype: greedy agreement of each peer row with the engine's prefix-cache row, and the
-    engine vs vLLM target."""
+    engine vs vLLM target (the portable GPTQ rows: the ratio, no target)."""
     lines = []
     for tag in tags:
         ref = rows.get(f"{ENGINE} {tag}")
@@ -182,5 +201,6 @@ def peer_verdicts(rows: dict[str, Row], tags: list[str]) -> list[str]:
         if vllm is not None:
             x = ref.tps / vllm.tps
             ok = "MET" if x >= VLLM_TARGET else "NOT MET"
-            lines.append(f"- {ref.name} vs {vllm.name}: {x:.2f}x (target ≥{VLLM_TARGET}x: {ok})")
+            target = "" if tag == PORTABLE_TAG else f" (target ≥{VLLM_TARGET}x: {ok})"
+            lines.append(f"- {ref.name} vs {vllm.name}: {x:.2f}x{target}")
     return lines

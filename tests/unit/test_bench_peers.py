@@ -11,8 +11,16 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path[:0] = [str(BENCH), str(BENCH / "peers")]
 
 from benchrow import Job, Row, table_lines  # noqa: E402
+from peers import rows as peer_rows_module  # noqa: E402
 from peers.peerio import JobResult, strip_eos, write_result  # noqa: E402
-from peers.rows import parse_peers, peer_verdicts, result_row  # noqa: E402
+from peers.rows import (  # noqa: E402
+    PORTABLE_TAG,
+    parse_peers,
+    peer_runs,
+    peer_verdicts,
+    portable_gptq,
+    result_row,
+)
 
 
 def test_strip_eos_cuts_at_the_first_eos() -> None:
@@ -60,3 +68,31 @@ def test_peer_verdicts_compare_with_the_engine_row() -> None:
 
 def test_parse_peers() -> None:
     assert parse_peers("none") == []
+
+
+def test_portable_gptq_rows_need_vllm_and_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(peer_rows_module, "VLLM_PY", tmp_path / "no-vllm" / "python")
+    monkeypatch.setattr(peer_rows_module, "LLAMA_SERVER", tmp_path / "no-llama")
+    assert parse_peers("auto") == []  # nothing installed: no peer rows at all
+    assert portable_gptq([], tmp_path) == (None, "")  # and no GPTQ peer row, nothing to say
+    assert portable_gptq(["llama"], tmp_path) == (None, "")
+    missing, why = portable_gptq(["vllm"], tmp_path / "gptq-sym")
+    assert missing is None and "no checkpoint at" in why and "make peers" in why
+    (tmp_path / "config.json").write_text("{}")
+    assert portable_gptq(["vllm"], tmp_path) == (tmp_path, "")
+
+
+def test_portable_gptq_runs_vllm_alone_in_bf16(tmp_path: Path) -> None:
+    runs = peer_runs(["vllm", "llama"], "bfloat16", PORTABLE_TAG, tmp_path / "w.json")
+    assert [r.name for r in runs] == [f"vllm-cpu-apc {PORTABLE_TAG}"]  # no GGUF of it
+    assert runs[0].cmd[-2:] == ["--dtype", "bfloat16"]
+
+
+def test_portable_gptq_verdict_has_no_target() -> None:
+    engine = Row(f"engine-prefix-cache {PORTABLE_TAG}", 2, 2.0, outputs={"a": [1], "b": [3]})
+    vllm = Row(f"vllm-cpu-apc {PORTABLE_TAG}", 2, 1.0, outputs={"a": [1], "b": [4]})
+    lines = peer_verdicts({r.name: r for r in (engine, vllm)}, [PORTABLE_TAG])
+    assert lines == [
+        f"- greedy tokens equal to {engine.name}: {vllm.name} 1/2",
+        f"- {engine.name} vs {vllm.name}: 0.50x",
+    ]
