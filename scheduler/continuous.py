@@ -260,7 +260,7 @@ class ContinuousScheduler:
             sampling = isinstance(work, DecodeWork) or work.final
             if sampling and got is None:
                 continue  # the caller dropped it (its row failed): nothing is recorded
-            tokens = [] if got is None else [got] if isinstance(got, int) else got
+            tokens = [] if not sampling or got is None else [got] if isinstance(got, int) else got
             end = work.end + self._accepted(work, len(tokens) - 1)
             finished = False
             for token in tokens:

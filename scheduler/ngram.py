@@ -35,8 +35,8 @@ class NgramIndex:
         self._indexed = max(self._indexed, upto)
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the most recent earlier occurrence of the longest
-        n-gram ending ``tokens``; [] when none occurs earlier. ``tokens`` must only grow
+        """``k`` tokens that followed the most recent earlier occurrence of the longest n-gram
+        ending ``tokens`` (`_copy`); [] when none occurs earlier. ``tokens`` must only grow
         between calls (the index remembers what it has seen)."""
         last = len(tokens) - 1
         if k <= 0 or last < 1:
@@ -45,5 +45,14 @@ class NgramIndex:
         for n in range(min(self.max_n, last), self.min_n - 1, -1):
             end = self._last_end.get(tuple(tokens[last + 1 - n :]))
             if end is not None:
-                return list(tokens[end + 1 : min(end + 1 + k, last + 1)])
+                return self._copy(tokens, end + 1, k)
         return []
+
+    @staticmethod
+    def _copy(tokens: Sequence[int], start: int, k: int) -> list[int]:
+        """``k`` tokens from ``start`` on, running on into the copy itself past the end (as
+        an LZ77 match does): a text repeating with a period shorter than ``k`` drafts whole."""
+        out: list[int] = []
+        for i in range(start, start + k):
+            out.append(tokens[i] if i < len(tokens) else out[i - len(tokens)])
+        return out
