@@ -134,6 +134,30 @@ class Settings(BaseSettings):
         "prompt is prefilled in chunks over several steps, beside the running decodes",
     )
     prefix_cache: bool = ENGINE.prefix_cache
+    spec_tokens: int = Field(
+        ENGINE.spec_tokens,
+        ge=0,
+        le=16,
+        description="speculative decoding: most tokens drafted by prompt lookup and verified "
+        "with one decode (paged); 0 turns it off",
+    )
+    spec_ngram_max: int = Field(
+        ENGINE.spec_ngram_max, ge=1, le=16, description="longest n-gram looked up for drafts"
+    )
+    spec_ngram_min: int = Field(
+        ENGINE.spec_ngram_min, ge=1, le=16, description="shortest n-gram that may draft"
+    )
+    spec_max_running: int = Field(
+        ENGINE.spec_max_running,
+        ge=1,
+        description="no drafting in a step with more sequences decoding than this",
+    )
+    spec_min_acceptance: float = Field(
+        ENGINE.spec_min_acceptance,
+        ge=0.0,
+        le=1.0,
+        description="a job accepting a smaller share of its recent drafts mostly stops drafting",
+    )
     cache_secret: str = Field(
         default_factory=lambda: secrets.token_hex(16),
         description="keys per-tenant prefix-cache salts; random per process when unset",

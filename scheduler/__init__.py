@@ -3,6 +3,7 @@
 from scheduler.continuous import ContinuousScheduler
 from scheduler.plan import DecodeWork, PrefillWork, StepPlan
 from scheduler.sequence import SeqStatus, Sequence
+from scheduler.speculation import Speculation
 
 __all__ = [
     "ContinuousScheduler",
@@ -10,5 +11,6 @@ __all__ = [
     "PrefillWork",
     "SeqStatus",
     "Sequence",
+    "Speculation",
     "StepPlan",
 ]

@@ -12,11 +12,13 @@ and recomputed later. Pure Python; the caller passes ``now``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from scheduler.plan import DecodeWork, PrefillWork, StepPlan
 from scheduler.sequence import SeqStatus, Sequence
+from scheduler.speculation import Speculation
 
 if TYPE_CHECKING:
     from kv.manager import KVCacheManager
@@ -47,6 +49,7 @@ class ContinuousScheduler:
         max_step_tokens: int,
         prefill_chunk_tokens: int,
         aging_s: float,
+        speculation: Speculation | None = None,
     ) -> None:
         for name, value in (
             ("max_num_seqs", max_num_seqs),
@@ -61,6 +64,7 @@ class ContinuousScheduler:
         self.max_step_tokens = max_step_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.aging_s = aging_s
+        self.speculation = speculation  # None: no drafting
         self._waiting: dict[str, Sequence] = {}
         self._running: dict[str, Sequence] = {}  # PREFILLING or RUNNING: they hold blocks
         self._in_plan: list[PrefillWork | DecodeWork] = []  # the last plan, awaiting on_step
@@ -140,6 +144,20 @@ class ContinuousScheduler:
         planned.add(seq.seq_id)
         return True
 
+    def _draft(self, spec: Speculation, work: DecodeWork, spare: int) -> DecodeWork:
+        """``work`` with tokens to verify after its token, their KV slots allocated; as it
+        was when its sequence has no good guess, the step's budget or the free blocks are
+        short, or it is one token from ``max_tokens``."""
+        seq = work.seq
+        if seq.drafts is None:
+            seq.drafts = spec.new_drafts()
+        most = min(spare, seq.max_tokens - seq.num_outputs - 1)
+        draft = spec.draft(seq.drafts, seq.token_ids, most)
+        ids = seq.token_ids
+        if not draft or not self.kv.append_slots(seq.seq_id, len(ids) + len(draft), ids):
+            return work
+        return replace(work, block_table=self.kv.block_table(seq.seq_id), draft=tuple(draft))
+
     @staticmethod
     def _chunk(seq: Sequence, start: int, n: int, table: list[int]) -> PrefillWork:
         """Tokens ``start .. start + n`` of ``seq``; final when they reach its last token."""
@@ -154,12 +172,21 @@ class ContinuousScheduler:
         key = self._urgency(now)
         by_urgency = sorted(self._running.values(), key=key)
         planned: set[str] = set()
-        for seq in by_urgency:  # decodes first: one token each, the budget always holds them
+        decoding = [s for s in by_urgency if s.status is SeqStatus.RUNNING]
+        spec = self.speculation
+        if spec is not None and len(decoding) > spec.max_running:
+            spec = None  # a big batch is compute-bound: drafts would slow it down
+        spare = self.max_step_tokens - len(decoding)  # budget beyond one token per decode
+        for seq in decoding:  # decodes first, one token each (unless preempted in this loop)
             ids = seq.token_ids
             if seq.status is SeqStatus.RUNNING and self._room(seq, len(ids), plan, key, planned):
                 table = self.kv.block_table(seq.seq_id)
                 plan.decodes.append(DecodeWork(seq, ids[-1], len(ids) - 1, table))
-        left = self.max_step_tokens - len(plan.decodes)
+        if spec is not None:  # then drafts, from what is left: they never preempt anyone
+            for i, work in enumerate(plan.decodes):
+                plan.decodes[i] = work = self._draft(spec, work, spare)
+                spare -= len(work.draft)
+        left = self.max_step_tokens - sum(d.num_tokens for d in plan.decodes)
         for seq in by_urgency:  # then the prompts already in the middle of their prefill
             if left <= 0:
                 break
@@ -216,29 +243,50 @@ class ContinuousScheduler:
             left -= n
             admitted = True
 
-    def on_step(self, sampled: dict[str, int]) -> list[Sequence]:
-        """Record the last plan as computed, with one sampled token per sequence it sampled
-        (`StepPlan.sampled`); return those that finished (as `Sequence.append` decides), their
-        blocks freed. A chunk before a prompt's last is committed and sampled nothing."""
+    def on_step(self, sampled: Mapping[str, int | list[int]]) -> list[Sequence]:
+        """Record the last plan as computed, with the tokens sampled for each sequence it
+        sampled (`StepPlan.sampled`): one, or for a decode with drafts the drafts the model
+        agreed with and the token after them. Return those that finished (as
+        `Sequence.append` decides), their blocks freed. A chunk before a prompt's last is
+        committed and sampled nothing. A rejected draft's KV slots stay in the table, past
+        the tokens computed: the next step writes over them, and only full blocks of kept
+        tokens are ever hashed."""
         done: list[Sequence] = []
         for work in self._in_plan:
             seq = work.seq
             if self._running.get(seq.seq_id) is not seq:
                 continue  # aborted since the plan was made
-            token = sampled.get(seq.seq_id)
+            got = sampled.get(seq.seq_id)
             sampling = isinstance(work, DecodeWork) or work.final
-            if sampling and token is None:
+            if sampling and got is None:
                 continue  # the caller dropped it (its row failed): nothing is recorded
-            seq.computed_tokens += work.end - seq.num_computed
-            seq.num_computed = work.end
-            self.kv.commit(seq.seq_id, seq.token_ids, work.end)
-            if not sampling or token is None:
-                continue  # still prefilling
-            seq.status = SeqStatus.RUNNING
-            if seq.append(token):
+            tokens = [] if not sampling or got is None else [got] if isinstance(got, int) else got
+            end = work.end + self._accepted(work, len(tokens) - 1)
+            finished = False
+            for token in tokens:
+                seq.status = SeqStatus.RUNNING
+                if finished := seq.append(token):
+                    break
+            end = min(end, len(seq.token_ids))  # an end-of-sequence token is not kept
+            seq.computed_tokens += end - seq.num_computed
+            seq.num_computed = end
+            self.kv.commit(seq.seq_id, seq.token_ids, end)
+            if finished:
                 self.kv.free(seq.seq_id)
                 del self._running[seq.seq_id]
                 seq.status = SeqStatus.FINISHED
                 done.append(seq)
         self._in_plan = []
         return done
+
+    @staticmethod
+    def _accepted(work: PrefillWork | DecodeWork, accepted: int) -> int:
+        """Count a decode's verified drafts; the number of them whose KV is kept."""
+        if not isinstance(work, DecodeWork) or not work.draft:
+            return 0
+        seq = work.seq
+        seq.draft_tokens += len(work.draft)
+        seq.accepted_tokens += accepted
+        if seq.drafts is not None:
+            seq.drafts.record(len(work.draft), accepted)
+        return accepted

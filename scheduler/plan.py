@@ -33,12 +33,20 @@ class PrefillWork:
 
 @dataclass(frozen=True)
 class DecodeWork:
-    """Feed the last sampled token ``token_id`` at position ``pos``."""
+    """Feed the last sampled token ``token_id`` at position ``pos``, and after it the
+    ``draft`` tokens (speculative decoding) at the next positions, to be verified: the
+    runner returns logits at each of the ``1 + len(draft)`` positions."""
 
     seq: Sequence
     token_id: int
     pos: int
     block_table: list[int]
+    draft: tuple[int, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions fed: the token and its drafts."""
+        return 1 + len(self.draft)
 
     @property
     def seq_id(self) -> str:
@@ -46,7 +54,8 @@ class DecodeWork:
 
     @property
     def end(self) -> int:
-        """Tokens whose KV exists once this decode is computed."""
+        """Tokens whose KV exists once this decode is computed (drafts not counted: only
+        the ones accepted are kept, `ContinuousScheduler.on_step`)."""
         return self.pos + 1
 
 
@@ -60,8 +69,10 @@ class StepPlan:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens fed to the model: all prefill tokens plus one per decode."""
-        return sum(len(p.token_ids) for p in self.prefills) + len(self.decodes)
+        """Tokens fed to the model: all prefill tokens plus each decode's (1 + drafts)."""
+        return sum(len(p.token_ids) for p in self.prefills) + sum(
+            d.num_tokens for d in self.decodes
+        )
 
     @property
     def empty(self) -> bool:
@@ -76,5 +87,5 @@ class StepPlan:
     @property
     def sampled(self) -> list[Sequence]:
         """The sequences that get a next token this step, in the order of the runner's logits
-        rows: final prefill chunks, then decodes."""
+        rows: final prefill chunks (a row each), then decodes (1 + drafts rows each)."""
         return [w.seq for w in self.prefills if w.final] + [w.seq for w in self.decodes]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from kv.hashing import BlockHash
+from scheduler.speculation import Drafts
 
 
 class SeqStatus(StrEnum):
@@ -38,6 +39,9 @@ class Sequence:
     computed_tokens: int = 0  # tokens computed over its life: prefill, recompute, decode
     preemptions: int = 0
     block_hashes: list[BlockHash] = field(default_factory=list)
+    draft_tokens: int = 0  # speculative tokens proposed for it and verified
+    accepted_tokens: int = 0  # of those, the ones the model agreed with (kept)
+    drafts: Drafts | None = None  # its n-gram index and recent acceptance (speculation on)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

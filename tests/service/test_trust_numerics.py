@@ -37,16 +37,18 @@ def test_non_finite_row_fails_only_its_job_without_rerunning_the_batch(
     paged_engine, monkeypatch
 ) -> None:
     baseline = [o.token_ids for o in run_to_completion(paged_engine, _jobs(paged_engine, "a"))]
-    real_sample = engine_module.sample_next
+    real_sample = engine_module.sample_verified
 
-    def poisoning_sample(logits, params, generators):
+    def poisoning_sample(logits, params, generators, drafts):
         logits = logits.clone()  # an inference tensor: not writable out here
-        for row, p in enumerate(params):
+        row = 0
+        for p, draft in zip(params, drafts, strict=True):  # 1 + len(draft) rows each
             if p.seed == POISON_SEED:
-                logits[row] = float("nan")
-        return real_sample(logits, params, generators)
+                logits[row : row + 1 + len(draft)] = float("nan")
+            row += 1 + len(draft)
+        return real_sample(logits, params, generators, drafts)
 
-    monkeypatch.setattr(engine_module, "sample_next", poisoning_sample)
+    monkeypatch.setattr(engine_module, "sample_verified", poisoning_sample)
     isolated: list[str] = []
     real_isolate = EngineLoop._isolate
 

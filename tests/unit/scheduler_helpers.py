@@ -8,10 +8,12 @@ from collections.abc import Iterable
 
 from inferq.params import EngineConfig
 from kv.manager import KVCacheManager
-from scheduler import ContinuousScheduler, SeqStatus, Sequence, StepPlan
+from scheduler import ContinuousScheduler, SeqStatus, Sequence, Speculation, StepPlan
 
 
-def scheduler(kv: KVCacheManager, **limits: float) -> ContinuousScheduler:
+def scheduler(
+    kv: KVCacheManager, speculation: Speculation | None = None, **limits: float
+) -> ContinuousScheduler:
     """A scheduler with the engine's default limits (`EngineConfig`), some overridden."""
     cfg = EngineConfig(**limits)  # type: ignore[arg-type]
     return ContinuousScheduler(
@@ -20,6 +22,7 @@ def scheduler(kv: KVCacheManager, **limits: float) -> ContinuousScheduler:
         max_step_tokens=cfg.max_step_tokens,
         prefill_chunk_tokens=cfg.prefill_chunk_tokens,
         aging_s=cfg.aging_s,
+        speculation=speculation,
     )
 
 

@@ -87,6 +87,8 @@ class EngineOutput:
     first_token_at: float
     finished_at: float
     error: str | None = None  # set: the sequence failed (finish_reason ERROR), no result
+    draft_tokens: int = 0  # speculative tokens drafted for it and verified
+    accepted_tokens: int = 0  # of those, the ones kept (each saved a decode step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,8 @@ class EngineStats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     recompute_tokens: int = 0  # prefill of sequences preempted before
+    draft_tokens: int = 0  # speculative tokens verified beside decodes (docs/speculative.md)
+    accepted_tokens: int = 0  # of those, the ones the model agreed with (in decode_tokens)
     busy_s: float = 0.0  # wall time spent inside step(): the sum of every sequence's compute_s
     cache_queried_tokens: int = 0
     cache_hit_tokens: int = 0

@@ -22,6 +22,8 @@ class StepCounters:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     recompute_tokens: int = 0  # prefill of sequences that were preempted before
+    draft_tokens: int = 0  # speculative tokens verified (computed beside decodes)
+    accepted_tokens: int = 0  # of those, the ones kept (in decode_tokens too)
     busy_s: float = 0.0
 
     def charge(

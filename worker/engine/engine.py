@@ -11,7 +11,7 @@ import torch
 
 from inferq.params import EngineConfig
 from kv import KVCacheManager, tenant_salt
-from scheduler import ContinuousScheduler
+from scheduler import ContinuousScheduler, Speculation
 from worker.engine.api import (
     EngineOutput,
     EngineRequest,
@@ -25,8 +25,21 @@ from worker.engine.codec import TextCodec
 from worker.engine.counters import StepCounters
 from worker.engine.loading import pick_device
 from worker.engine.runner import PagedRunner
-from worker.engine.sampling import INVALID, sample_next
+from worker.engine.sampling import INVALID, sample_verified
 from worker.engine.sequence import EngineSequence
+
+
+def speculation(cfg: EngineConfig) -> Speculation | None:
+    """Prompt-lookup speculative decoding as `cfg` sets it (None: ``spec_tokens`` 0, off)."""
+    if cfg.spec_tokens <= 0:
+        return None
+    return Speculation(
+        cfg.spec_tokens,
+        min_n=cfg.spec_ngram_min,
+        max_n=cfg.spec_ngram_max,
+        max_running=cfg.spec_max_running,
+        min_acceptance=cfg.spec_min_acceptance,
+    )
 
 
 class PagedEngine:
@@ -66,6 +79,7 @@ class PagedEngine:
             max_step_tokens=cfg.max_step_tokens,
             prefill_chunk_tokens=cfg.prefill_chunk_tokens,
             aging_s=cfg.aging_s,
+            speculation=speculation(cfg),
         )
         self.max_context = int(getattr(self.runner.model.config, "max_position_embeddings", 2048))
         self.max_num_seqs = cfg.max_num_seqs
@@ -115,13 +129,17 @@ class PagedEngine:
         now = time.time()
         for seq in firsts:
             seq.admitted(counters.steps + 1, len(firsts), now)
-        logits = self.runner.forward(plan.prefills, plan.decodes)  # a row per sampled seq
+        logits = self.runner.forward(plan.prefills, plan.decodes)  # rows: see StepPlan.sampled
         seqs = cast(list[EngineSequence], plan.sampled)  # final chunks first, as the logits
-        sampled: dict[SeqId, int] = {}
+        drafts = [()] * (len(seqs) - len(plan.decodes)) + [d.draft for d in plan.decodes]
+        sampled: dict[SeqId, list[int]] = {}
         if seqs:
-            tokens = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
-            sampled = dict(zip((s.seq_id for s in seqs), tokens.tolist(), strict=True))
+            kept = sample_verified(
+                logits, [s.params for s in seqs], [s.generator for s in seqs], drafts
+            )
+            sampled = dict(zip((s.seq_id for s in seqs), kept, strict=True))
         failed = self._fail_invalid(seqs, sampled)
+        before = [d.seq.computed_tokens for d in plan.decodes]
         done = cast(list[EngineSequence], self.scheduler.on_step(sampled)) + failed
         work: list[tuple[EngineSequence, int]] = []
         for seq, p in zip(chunked, plan.prefills, strict=True):
@@ -130,8 +148,12 @@ class PagedEngine:
             counters.prefill_tokens += n
             counters.recompute_tokens += n if seq.preemptions else 0
             work.append((seq, n))
-        work += [(cast(EngineSequence, d.seq), 1) for d in plan.decodes]
-        counters.decode_tokens += len(plan.decodes)
+        for d, b in zip(plan.decodes, before, strict=True):
+            work.append((cast(EngineSequence, d.seq), d.num_tokens))
+            counters.decode_tokens += d.seq.computed_tokens - b  # the positions kept
+            if d.draft and d.seq_id in sampled:
+                counters.draft_tokens += len(d.draft)
+                counters.accepted_tokens += len(sampled[d.seq_id]) - 1
         outputs = [seq.output() for seq in done]
         counters.charge(time.perf_counter() - started, work, sampled=len(seqs))
         for seq, out in zip(done, outputs, strict=True):
@@ -143,11 +165,11 @@ class PagedEngine:
         return self._deltas
 
     def _fail_invalid(
-        self, seqs: list[EngineSequence], sampled: dict[SeqId, int]
+        self, seqs: list[EngineSequence], sampled: dict[SeqId, list[int]]
     ) -> list[EngineSequence]:
-        """Drop the sequences whose row had no valid distribution (see `sample_next`): they
+        """Drop the sequences whose row had no valid distribution (see `sample_verified`): they
         end failed, their blocks freed; `on_step` then skips them and serves the rest."""
-        failed = [s for s in seqs if sampled[s.seq_id] == INVALID]
+        failed = [s for s in seqs if sampled[s.seq_id][-1] == INVALID]
         for seq in failed:
             del sampled[seq.seq_id]
             self.scheduler.abort(seq.seq_id)

@@ -177,22 +177,43 @@ class PagedRunner:
             *(int32([t[k] for t in tiles]) for k in range(4)),
         )
 
+    @staticmethod
+    def _decode_rows(planned: list[DecodeWork], plain: list[int], verify: list[range]) -> list[int]:
+        """The logits rows of the ``planned`` decodes in their order: ``plain`` (a row each, in
+        the order of those without drafts) and ``verify`` (the rows of each with drafts)."""
+        plain_rows, verify_rows = iter(plain), iter(verify)
+        rows: list[int] = []
+        for d in planned:
+            rows += next(verify_rows) if d.draft else [next(plain_rows)]
+        return rows
+
     @torch.inference_mode()
     def forward(self, prefills: list[PrefillWork], decodes: list[DecodeWork]) -> torch.Tensor:
-        """Logits [final prefills + decodes, vocab]: at the last token of each final chunk,
-        then at each decode (`StepPlan.sampled`'s order); other chunks only fill the cache."""
+        """Logits [final prefills + decodes' positions, vocab]: at the last token of each final
+        chunk, then at each decode's token and its drafts (`StepPlan.sampled`'s order); other
+        chunks only fill the cache. A decode with drafts is computed as a chunk of its
+        positions (causal over its own tokens, as a prompt's chunk is)."""
+        planned, verify = decodes, [d for d in decodes if d.draft]
+        decodes = [d for d in planned if not d.draft] if verify else planned
+        chunks = prefills + [
+            PrefillWork(d.seq, [d.token_id, *d.draft], d.pos, d.block_table, final=True)
+            for d in verify
+        ]
         ids: list[int] = []
         positions: list[int] = []
         write: list[int] = []  # cache slot of each packed token
         segments: list[Segment] = []
         last: list[int] = []
-        for p in prefills:
+        verify_rows: list[range] = []
+        for k, p in enumerate(chunks):
             if not self.native:
                 segments.append(self._segment(len(ids), p))
             ids += p.token_ids
             positions += range(p.start_pos, p.start_pos + len(p.token_ids))
             write += [self._slot(p.block_table, pos) for pos in positions[-len(p.token_ids) :]]
-            if p.final:
+            if k >= len(prefills):
+                verify_rows.append(range(len(ids) - len(p.token_ids), len(ids)))
+            elif p.final:
                 last.append(len(ids) - 1)
         decode_groups, decode_last = [], [0] * len(decodes)
         groups = self._group_decodes(decodes)
@@ -207,11 +228,11 @@ class PagedRunner:
                 positions.append(d.pos)
                 write.append(self._slot(d.block_table, d.pos))
                 decode_last[i] = len(ids) - 1
-        last += decode_last
+        last += self._decode_rows(planned, decode_last, verify_rows) if verify else decode_last
         write_rows = self.kv.slot_rows(torch.tensor(write, device=self.device))
         layout = StepLayout(self.kv, write_rows, segments, decode_groups)
         if self.native:
-            layout.tokens = self._token_tables(prefills, decodes, groups)
+            layout.tokens = self._token_tables(chunks, decodes, groups)
         ids_t = torch.tensor(ids, device=self.device)
         positions_t = torch.tensor(positions, device=self.device)
         last_t = torch.tensor(last, dtype=torch.long, device=self.device)

@@ -138,4 +138,6 @@ class EngineSequence(Sequence):
             first_token_at=self.first_token_at,
             finished_at=self.finished_at,
             error=self.error,
+            draft_tokens=self.draft_tokens,
+            accepted_tokens=self.accepted_tokens,
         )
