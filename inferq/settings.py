@@ -55,7 +55,9 @@ class Settings(BaseSettings):
         None, description="HF model directory or hub id to serve instead of the default model"
     )
     models: str = Field(
-        "", description="more models to serve, comma-separated: known names or name=path"
+        "",
+        description="more models to serve, comma-separated: built-in or added names "
+        "(inferq model add), or name=path",
     )
     gptq_backend: str = Field(
         ENGINE.gptq_backend,

@@ -49,8 +49,7 @@ class PagedRunner:
         self.device, self.dtype, self.block_size = device, loaded.dtype, config.block_size
         cfg = self.model.config
         shape = ModelShape.of(cfg)
-        dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
-        self.plan = plan_kv(shape, dtype_bytes, config, free_memory(device.type))
+        self.plan = plan_kv(shape, self.dtype.itemsize, config, free_memory(device.type))
         head_dim = shape.head_dim
         group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.native = (
