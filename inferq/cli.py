@@ -16,76 +16,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(jobs=args.jobs, max_tokens=args.max_tokens)
 
 
-def _prep_run(kind: str, work) -> int:
-    """Run `work(view)` with our progress on the terminal and library output in a log file
-    under INFERQ_HOME; print the paths it returns on stdout, one a line."""
-    import time
-
-    from worker.prep.progress import format_duration, log_path_for, prep_session
-
-    log_path = log_path_for(get_settings().home, kind)
-    started = time.perf_counter()
-    try:
-        with prep_session(log_path) as view:
-            view.line(f"inferq model {kind}: library output goes to {log_path}")
-            paths = work(view)
-            view.line(f"ready in {format_duration(time.perf_counter() - started)}")
-    except KeyboardInterrupt:
-        print(f"interrupted; log: {log_path}", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"full log (traceback and library output): {log_path}", file=sys.stderr)
-        return 1
-    for path in paths:
-        print(path)
-    return 0
-
-
-def _cmd_model_prepare(args: argparse.Namespace) -> int:
-    from worker.prep.models import MARKER, resolve_model
-
-    settings = get_settings()
-    served = settings.served_models()
-
-    def work(view) -> list[str]:
-        paths = []
-        for name in args.names or list(served):
-            path = served.get(name)
-            cached = path is None and (settings.models_dir / name / MARKER).is_file()
-            if not cached:
-                view.line(f"preparing {name}")
-            paths.append(resolve_model(settings, name, path))
-            view.line(f"{name}: {'cached at' if cached else 'ready at'} {paths[-1]}")
-        return paths
-
-    return _prep_run("prepare", work)
-
-
-def _cmd_model_quantize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from worker.prep.quantize import GptqSpec, quantize
-
-    spec = GptqSpec(
-        bits=args.bits,
-        group_size=args.group_size,
-        sym=args.sym,
-        act_order=args.act_order,
-        static_groups=args.static_groups,
-        mse=args.mse,
-        samples=args.samples,
-        seed=args.seed,
-    )
-
-    def work(view) -> list[str]:
-        quantize(Path(args.src), Path(args.dst), spec, device=args.device)
-        view.line(f"quantized to {args.dst}")
-        return [args.dst]
-
-    return _prep_run("quantize", work)
-
-
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from storage.migrate import upgrade
 
@@ -212,8 +142,8 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from inferq import gateway_cli, model_cli, report_cli
     from inferq.params import SamplingParams
-    from worker.prep.recipe import GptqSpec
 
     parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -223,43 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=48, help="max_tokens per job")
     demo.set_defaults(func=_cmd_demo)
 
-    model = verbs.add_parser("model", help="model preparation")
-    model_verbs = model.add_subparsers(dest="model_verb", required=True)
-    prepare = model_verbs.add_parser(
-        "prepare", help="download, convert and quantize models (cached); prints their paths"
-    )
-    prepare.add_argument("names", nargs="*", help="model names (default: the served models)")
-    prepare.set_defaults(func=_cmd_model_prepare)
-    quant = model_verbs.add_parser("quantize", help="GPTQ-quantize a Hugging Face model dir")
-    quant.add_argument("src", help="Hugging Face model directory")
-    quant.add_argument("dst", help="output directory (replaced when done)")
-    spec = GptqSpec()
-    quant.add_argument(
-        "--bits", type=int, default=spec.bits, choices=[2, 3, 4, 8], help="bits per weight"
-    )
-    quant.add_argument(
-        "--group-size", type=int, help="default: 32 where it divides hidden/intermediate sizes"
-    )
-    quant.add_argument(
-        "--sym", action=argparse.BooleanOptionalAction, default=spec.sym, help="symmetric groups"
-    )
-    quant.add_argument(
-        "--act-order",
-        action=argparse.BooleanOptionalAction,
-        default=spec.act_order,
-        help="GPTQ desc_act",
-    )
-    quant.add_argument(
-        "--static-groups",
-        action=argparse.BooleanOptionalAction,
-        default=spec.static_groups,
-        help="act-order with fixed, consecutive groups",
-    )
-    quant.add_argument("--mse", type=float, default=spec.mse, help="clipping search norm; 0: off")
-    quant.add_argument("--samples", type=int, default=spec.samples, help="calibration texts")
-    quant.add_argument("--seed", type=int, default=spec.seed, help="calibration sampling seed")
-    quant.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    quant.set_defaults(func=_cmd_model_quantize)
+    model_cli.add_parsers(verbs)  # model prepare, add, list, remove, quantize
 
     migrate = verbs.add_parser("migrate", help="alembic upgrade of INFERQ_DATABASE_URL")
     migrate.add_argument("--revision", default="head", help="Alembic revision")
@@ -300,8 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_id")
     cancel.add_argument("--tenant", help="default: INFERQ_TENANT")
     cancel.set_defaults(func=_cmd_cancel)
-
-    from inferq import gateway_cli, report_cli
 
     report_cli.add_parsers(verbs)  # report, prices
     gateway_cli.add_parsers(verbs)  # serve, keys

@@ -74,7 +74,8 @@ class EngineConfig:
     these); tests and benchmarks override a few."""
 
     block_size: int = 16
-    kv_cache_tokens: int = 32768  # KV capacity, in tokens, across all sequences
+    kv_cache_gib: float = 0.75  # KV memory in GiB; blocks follow from the model's KV shape
+    kv_cache_tokens: int | None = None  # a fixed KV capacity in tokens instead (tests, benches)
     max_num_seqs: int = 64  # sequences computed at once
     max_step_tokens: int = 2048  # tokens computed per step (decodes first, then prefill chunks)
     prefill_chunk_tokens: int = 256  # most prompt tokens of one sequence prefilled per step

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 import os
 import secrets
 from functools import cached_property
@@ -54,7 +55,9 @@ class Settings(BaseSettings):
         None, description="HF model directory or hub id to serve instead of the default model"
     )
     models: str = Field(
-        "", description="more models to serve, comma-separated: known names or name=path"
+        "",
+        description="more models to serve, comma-separated: built-in or added names "
+        "(inferq model add), or name=path",
     )
     gptq_backend: str = Field(
         ENGINE.gptq_backend,
@@ -115,8 +118,17 @@ class Settings(BaseSettings):
     engine: str = Field(
         "paged", pattern="^(paged|null)$", description="paged, or null (instant; benchmarks)"
     )
-    kv_cache_tokens: int = Field(
-        ENGINE.kv_cache_tokens, ge=256, description="paged KV capacity in tokens"
+    kv_cache_gib: float = Field(
+        ENGINE.kv_cache_gib,
+        gt=0,
+        description="KV cache memory of a worker in GiB, split between its models (each its "
+        "share in proportion to its KV bytes per token); blocks follow from each model's "
+        "layers, KV heads, head size and dtype, capped by the memory free after its weights",
+    )
+    kv_cache_tokens: int | None = Field(
+        ENGINE.kv_cache_tokens,
+        ge=256,
+        description="a fixed KV capacity in tokens per model instead of kv_cache_gib",
     )
     max_num_seqs: int = Field(
         ENGINE.max_num_seqs, ge=1, description="sequences decoding at once (paged)"
@@ -388,6 +400,17 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def model_registry(self) -> Path:
+        """The models added with `inferq model add`: a JSON file under `home`."""
+        return self.home / "models.json"
+
+    def registered_models(self) -> dict[str, dict[str, Any]]:
+        """Name -> registration (`path`, what was checked) of each added model."""
+        if not self.model_registry.is_file():
+            return {}
+        return dict(json.loads(self.model_registry.read_text()).get("models", {}))
 
     @property
     def embedded(self) -> bool:

@@ -36,6 +36,8 @@ COMMON: dict[str, Any] = {
     "pad_token_id": 0,
 }
 ALTERNATING = ["sliding_attention", "full_attention"] * 2
+#: a minimal chat template (the word-level tokenizer reads contents as words)
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 SEEDS = {"olmo2": 3}  # seed 0 gives OLMo 2 a continuation of only three distinct tokens
 
 #: family -> (config class name, its keyword arguments beyond COMMON)
@@ -130,8 +132,11 @@ def build(family: str, root: Path) -> Path:
     return path
 
 
-def save(cfg: transformers.PretrainedConfig, path: Path, seed: int = 0) -> None:
-    """A random-weight model of `cfg` (fp32) with a tokenizer, saved at `path`."""
+def save(
+    cfg: transformers.PretrainedConfig, path: Path, seed: int = 0, *, chat: bool = False
+) -> None:
+    """A random-weight model of `cfg` (fp32) with a tokenizer (and `CHAT_TEMPLATE` if
+    `chat`), saved at `path`."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     _perturb(model, seed)
@@ -139,7 +144,10 @@ def save(cfg: transformers.PretrainedConfig, path: Path, seed: int = 0) -> None:
         eos_token_id=EOS, pad_token_id=0, bos_token_id=2, do_sample=False
     )
     model.save_pretrained(path)
-    _tokenizer().save_pretrained(path)
+    tokenizer = _tokenizer()
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
 
 
 def reference(path: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

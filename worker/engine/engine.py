@@ -62,21 +62,14 @@ class PagedEngine:
             if self.device.type == "cuda"
             else self.device.type
         )
-        num_blocks = -(-cfg.kv_cache_tokens // cfg.block_size)
-        self.runner = PagedRunner(
-            model_path,
-            device=self.device,
-            dtype=dtype,
-            num_blocks=num_blocks,
-            block_size=cfg.block_size,
-            config=cfg,
-        )
+        self.runner = PagedRunner(model_path, device=self.device, dtype=dtype, config=cfg)
+        self.plan = self.runner.plan  # KV blocks and step budget (worker.engine.memory)
         self.codec = TextCodec.from_model_dir(model_path)
-        self.kv = KVCacheManager(num_blocks, cfg.block_size, model_id=model_name)
+        self.kv = KVCacheManager(self.plan.blocks, cfg.block_size, model_id=model_name)
         self.scheduler = ContinuousScheduler(
             self.kv,
             max_num_seqs=cfg.max_num_seqs,
-            max_step_tokens=cfg.max_step_tokens,
+            max_step_tokens=self.plan.step_tokens,
             prefill_chunk_tokens=cfg.prefill_chunk_tokens,
             aging_s=cfg.aging_s,
             speculation=speculation(cfg),

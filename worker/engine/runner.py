@@ -26,6 +26,7 @@ from worker.engine.attention import (
 from worker.engine.families import attention_softcap, check_supported
 from worker.engine.lean import LeanLlama
 from worker.engine.loading import load_causal_lm
+from worker.engine.memory import ModelShape, free_memory, plan_kv
 
 
 class PagedRunner:
@@ -37,8 +38,6 @@ class PagedRunner:
         *,
         device: torch.device,
         dtype: str,
-        num_blocks: int,
-        block_size: int,
         config: EngineConfig,
     ):
         check_supported(AutoConfig.from_pretrained(model_path))
@@ -47,14 +46,16 @@ class PagedRunner:
             model_path, device, dtype, attn_implementation=ATTN_IMPLEMENTATION, config=config
         )
         self.model, self.kernel = loaded.model, loaded.kernel
-        self.device, self.dtype, self.block_size = device, loaded.dtype, block_size
+        self.device, self.dtype, self.block_size = device, loaded.dtype, config.block_size
         cfg = self.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = ModelShape.of(cfg)
+        self.plan = plan_kv(shape, self.dtype.itemsize, config, free_memory(device.type))
+        head_dim = shape.head_dim
         group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.native = (
             config.native
             and not attention_softcap(cfg)
-            and native.supports(self.dtype, device, head_dim, group, block_size)
+            and native.supports(self.dtype, device, head_dim, group, self.block_size)
         )
         if self.native and config.keep_heap:
             native.keep_heap()
@@ -62,10 +63,10 @@ class PagedRunner:
             LeanLlama(self.model) if self.native and LeanLlama.supports(self.model) else None
         )
         self.kv = PagedKV.allocate(
-            cfg.num_hidden_layers,
-            num_blocks,
-            block_size,
-            cfg.num_key_value_heads,
+            shape.layers,
+            self.plan.blocks,
+            self.block_size,
+            shape.kv_heads,
             head_dim,
             self.dtype,
             device,

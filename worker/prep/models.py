@@ -80,10 +80,20 @@ def resolve_model(
                 raise UnknownModelError(f"{local} is not a Hugging Face model directory")
             return str(local)
         return path  # a hub id; transformers fetches it where the network allows
+    added = settings.registered_models().get(name)
+    if added is not None:
+        local = Path(added["path"])
+        if not (local / "config.json").is_file():
+            raise UnknownModelError(
+                f"model {name!r} was added from {local}, which is no longer a Hugging Face "
+                "model directory (`inferq model add` it again, or `inferq model remove` it)"
+            )
+        return str(local)
     if name not in KNOWN_MODELS:
         raise UnknownModelError(
-            f"unknown model {name!r}: known {sorted(KNOWN_MODELS)}, "
-            "or give a Hugging Face directory (INFERQ_MODEL_PATH, or name=path in INFERQ_MODELS)"
+            f"unknown model {name!r}: known {sorted(KNOWN_MODELS)}, added "
+            f"{sorted(settings.registered_models())} (`inferq model add NAME PATH`), or give "
+            "a Hugging Face directory (INFERQ_MODEL_PATH, or name=path in INFERQ_MODELS)"
         )
     target, source = settings.models_dir / name, KNOWN_MODELS[name]
     marker = target / MARKER

@@ -38,8 +38,11 @@ log = get_logger("inferq.worker")
 ENGINE_SWITCH_INTERVAL_S = 0.05
 
 
-def load_engine(settings: Settings, name: str, path: str | None = None) -> Engine:
-    """Prepare (cached) and load one model into the engine `settings.engine` names."""
+def load_engine(
+    settings: Settings, name: str, path: str | None = None, kv_cache_gib: float | None = None
+) -> Engine:
+    """Prepare (cached) and load one model into the engine `settings.engine` names, with
+    `kv_cache_gib` of KV memory (default: all of `settings.kv_cache_gib`)."""
     if settings.engine == "null":
         from worker.engine.null import NullEngine
 
@@ -48,24 +51,57 @@ def load_engine(settings: Settings, name: str, path: str | None = None) -> Engin
     from worker.prep.models import resolve_model
 
     path = resolve_model(settings, name, path)
-    engine = PagedEngine(path, name, settings.device, settings.dtype, settings.engine_config())
+    config = settings.engine_config(kv_cache_gib=kv_cache_gib or settings.kv_cache_gib)
+    engine = PagedEngine(path, name, settings.device, settings.dtype, config)
     engine.warm_up()
     return engine
 
 
+def kv_split(settings: Settings, paths: dict[str, str]) -> dict[str, float]:
+    """Each model's share of the worker's KV memory (GiB): in proportion to its KV bytes per
+    token (the same number of tokens each); equal shares when a model is not a local
+    directory (a hub id) whose config could be read first."""
+    if settings.engine == "null" or not paths:
+        return {}
+    from worker.engine.memory import kv_shares
+
+    try:
+        return kv_shares(settings.kv_cache_gib, paths, settings.device, settings.dtype)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {name: settings.kv_cache_gib / len(paths) for name in paths}
+
+
 def load_engines(settings: Settings, have: dict[str, Engine]) -> tuple[dict[str, Engine], dict]:
-    """Every served model not in `have`; a model that fails to load is reported, not fatal."""
+    """Every served model not in `have`, their KV memory split between them (logged); a model
+    that fails to load is reported, not fatal."""
     engines, errors = dict(have), {}
+    paths: dict[str, str] = {}
     for name, path in settings.served_models().items():
         if name in engines:
             continue
         try:
-            engines[name] = load_engine(settings, name, path)
+            if settings.engine == "null":
+                paths[name] = path or name
+            else:
+                from worker.prep.models import resolve_model
+
+                paths[name] = resolve_model(settings, name, path)
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            log.error("model.load_failed", model=name, error=errors[name])
+    shares = kv_split(settings, paths)
+    for name, path in paths.items():
+        try:
+            engines[name] = load_engine(settings, name, path, shares.get(name))
         except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
             log.error("model.load_failed", model=name, error=errors[name])
     if not engines:
         raise RuntimeError(f"no model could be loaded: {errors}")
+    plans = {n: e.plan.figures() for n, e in engines.items() if getattr(e, "plan", None)}
+    if plans:
+        gib = settings.kv_cache_gib if settings.kv_cache_tokens is None else None
+        log.info("kv.split", kv_cache_gib=gib, models=plans)
     return engines, errors
 
 
