@@ -21,7 +21,8 @@ def _prep_run(kind: str, work) -> int:
     under INFERQ_HOME; print the paths it returns on stdout, one a line."""
     import time
 
-    from worker.prep.progress import format_duration, log_path_for, prep_session
+    from worker.prep.capture import log_path_for
+    from worker.prep.progress import format_duration, prep_session
 
     log_path = log_path_for(get_settings().home, kind)
     started = time.perf_counter()
@@ -33,6 +34,12 @@ def _prep_run(kind: str, work) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; log: {log_path}", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        hint = missing_extra_hint("model", exc.name or "")
+        if hint is None:
+            raise
+        print(hint, file=sys.stderr)
+        return 2
     except Exception as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"full log (traceback and library output): {log_path}", file=sys.stderr)
@@ -74,7 +81,9 @@ def _cmd_model_quantize(args: argparse.Namespace) -> int:
         act_order=args.act_order,
         static_groups=args.static_groups,
         mse=args.mse,
+        clip_steps=args.clip_steps,
         samples=args.samples,
+        max_tokens=args.max_tokens,
         seed=args.seed,
     )
 
@@ -100,7 +109,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     import os
 
     from inferq.logs import configure_logging, get_logger
-    from worker.prep.progress import capture_output, log_path_for
+    from worker.prep.capture import capture_output, log_path_for
     from worker.service.app import WorkerService
 
     settings = get_settings()
@@ -256,7 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="act-order with fixed, consecutive groups",
     )
     quant.add_argument("--mse", type=float, default=spec.mse, help="clipping search norm; 0: off")
+    quant.add_argument(
+        "--clip-steps", type=int, default=spec.clip_steps, help="clipping ranges tried (80: all)"
+    )
     quant.add_argument("--samples", type=int, default=spec.samples, help="calibration texts")
+    quant.add_argument(
+        "--max-tokens", type=int, default=spec.max_tokens, help="cut texts to N tokens; 0: whole"
+    )
     quant.add_argument("--seed", type=int, default=spec.seed, help="calibration sampling seed")
     quant.add_argument("--device", default="auto", help="cpu, cuda or auto")
     quant.set_defaults(func=_cmd_model_quantize)
@@ -342,9 +357,32 @@ EXTRAS = {
     "uvicorn": "gateway",
     "torch": "worker",
     "transformers": "worker",
-    "gptqmodel": "worker",
     "prometheus_client": "worker",
+    "gptqmodel": "quantize",  # quantizing, and loading GPTQ models
 }
+
+
+def missing_extra_hint(verb: str, module: str) -> str | None:
+    """What `inferq VERB` says when `module` is not installed, or None if no extra has it."""
+    extra = EXTRAS.get(module.partition(".")[0])
+    if extra is None:
+        return None
+    hint = f"inferq {verb}: needs {module}: pip install 'inferq[{extra}]'"
+    if extra == "quantize" and verb != "model":  # serving GPTQ models needs gptqmodel alone
+        hint += f", or to serve only: pip install --no-deps '{_pinned('gptqmodel')}'"
+    return hint
+
+
+def _pinned(name: str) -> str:
+    """`name` as this inferq's metadata pins it (the bare name without metadata)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("inferq") or []
+    except PackageNotFoundError:
+        return name
+    pins = [r.partition(";")[0].strip() for r in reqs if r.startswith(f"{name}==")]
+    return pins[0] if pins else name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,11 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModuleNotFoundError as exc:  # a producer's install runs a verb of another role
-        extra = EXTRAS.get((exc.name or "").partition(".")[0])
-        if extra is None:
+        hint = missing_extra_hint(args.verb, exc.name or "")
+        if hint is None:
             raise
-        hint = f"pip install 'inferq[{extra}]'"
-        print(f"inferq {args.verb}: needs {exc.name}: {hint}", file=sys.stderr)
+        print(hint, file=sys.stderr)
         return 2
 
 
