@@ -12,13 +12,14 @@ install: $(VENV)/.installed
 # torch first, pinned (constraints.txt): a range that admits a newer torch pulls several GB of
 # CUDA packages. Without CUDA (no nvidia-smi) it comes from PyTorch's CPU index, as in the
 # Dockerfile (about 200 MB instead of the CUDA build's GBs); `make install TORCH_INDEX=URL`
-# picks another index, `TORCH_INDEX=` (empty) PyPI's default build.
+# picks another index, `TORCH_INDEX=` (empty) PyPI's default build. --no-deps: only torch comes
+# from that index; its requirements come with the project's, from the usual index.
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -c constraints.txt -e '.[worker,quantize,dev]'
 	touch $@
 

@@ -30,7 +30,8 @@ findable = [m for m in hidden if importlib.util.find_spec(m) is not None]
 dst = Path(sys.argv[4])
 quantize(Path(sys.argv[3]), dst, GptqSpec(group_size=32, samples=16, batch_size=8), device="cpu")
 engine = PagedEngine(str(dst), "lean", device="cpu", dtype="auto")
-request = EngineRequest("a", [1, 2, 3, 4], SamplingParams(max_tokens=6), "t", ignore_eos=True)
+params = SamplingParams(max_tokens=6)
+request = EngineRequest(seq_id="a", prompt_ids=[1, 2, 3, 4], params=params, ignore_eos=True)
 out = run_to_completion(engine, [request])
 imported = sorted({m.partition(".")[0] for m in sys.modules} & set(hidden))
 print("RESULT " + json.dumps({"tokens": out[0].token_ids, "imported": imported,
@@ -58,7 +59,7 @@ def site_without(names: list[str], view: Path) -> list[str]:
             if top in ("..", "__pycache__"):
                 continue
             hidden.add(top)
-            if not top.endswith((".dist-info", ".data")):
+            if not top.endswith((".dist-info", ".data")) and top not in sys.stdlib_module_names:
                 modules.add(top.removesuffix(".py").partition(".")[0])
     view.mkdir()
     site = Path(sysconfig.get_paths()["purelib"])
