@@ -5,6 +5,7 @@ GPTQ checkpoint and generates, and none of them is imported or importable."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -44,6 +45,16 @@ def quantize_only() -> list[str]:
     return pyproject["tool"]["inferq"]["quantize-only"]
 
 
+def _in_site(module: str) -> bool:
+    """`module` imports from site-packages here (not the standard library's of that name,
+    as multiprocess's top-level `test` folder would be)."""
+    spec = importlib.util.find_spec(module)
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    return (
+        spec is not None and spec.origin is not None and site in Path(spec.origin).resolve().parents
+    )
+
+
 def site_without(names: list[str], view: Path) -> list[str]:
     """Link every entry of this venv's site-packages into `view` but those of the `names`
     distributions (their packages, modules and metadata); returns their top-level modules."""
@@ -59,8 +70,9 @@ def site_without(names: list[str], view: Path) -> list[str]:
             if top in ("..", "__pycache__"):
                 continue
             hidden.add(top)
-            if not top.endswith((".dist-info", ".data")) and top not in sys.stdlib_module_names:
-                modules.add(top.removesuffix(".py").partition(".")[0])
+            module = top.removesuffix(".py").partition(".")[0]
+            if not top.endswith((".dist-info", ".data")) and _in_site(module):
+                modules.add(module)
     view.mkdir()
     site = Path(sysconfig.get_paths()["purelib"])
     for entry in site.iterdir():
