@@ -18,13 +18,17 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
-# torch first, from the chosen index, so the project install below finds it satisfied
-# (constraints.txt pins torch==2.13.0, which a +cpu / +cuXXX local version also matches).
+# torch first, from the chosen index (constraints.txt pins torch==2.13.0, which a +cpu / +cuXXX
+# local version also matches; .ci/image-deps checks TORCH_VERSION against it).
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 
+# Then exactly what CI tested: locks/serve.txt pins every other package with its hash
+# ([worker,gateway], gptqmodel without the quantization-only packages it declares: `make lock`).
 WORKDIR /app
+COPY locks/serve.txt locks/serve.txt
+RUN pip install --no-deps --require-hashes -r locks/serve.txt
 COPY . .
-RUN pip install -c constraints.txt ".[worker,gateway]" \
+RUN pip install --no-deps . \
     && useradd --create-home --uid 1000 --user-group inferq \
     && mkdir -p /data \
     && chown inferq:inferq /data

@@ -4,18 +4,28 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test unit client-deps lint services model bench service-bench gptq-report \
-	report-scale scale-bench peers clean
+.PHONY: install demo test unit client-deps image-deps lock lint services model bench \
+	service-bench gptq-report report-scale scale-bench peers clean
 
 install: $(VENV)/.installed
 
-# torch first, pinned: a range that admits a newer torch pulls several GB of CUDA packages.
+# torch first, pinned (constraints.txt): a range that admits a newer torch pulls several GB of
+# CUDA packages. Without CUDA (no nvidia-smi) it comes from PyTorch's CPU index, as in the
+# Dockerfile (about 200 MB instead of the CUDA build's GBs); `make install TORCH_INDEX=URL`
+# picks another index, `TORCH_INDEX=` (empty) PyPI's default build. --no-deps: only torch comes
+# from that index; its requirements come with the project's, from the usual index.
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[worker,dev]'
+	$(PY) -m pip install -q --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -c constraints.txt -e '.[worker,quantize,dev]'
 	touch $@
+
+# locks/: what the image installs, with hashes (needs the package index; .ci/locks.py).
+lock: install
+	$(PY) .ci/locks.py write
 
 model: install
 	$(VENV)/bin/inferq model prepare
@@ -31,7 +41,7 @@ services:
 	bash .ci/services
 
 # unit tests first (no model, no services, seconds), then the engine and service tests
-test: lint unit client-deps services model
+test: lint unit client-deps image-deps services model
 	$(VENV)/bin/pytest -q tests/engine tests/service
 
 unit: install
@@ -39,6 +49,9 @@ unit: install
 
 client-deps: install
 	PY=$(PY) bash .ci/client-deps
+
+image-deps: install
+	PY=$(PY) bash .ci/image-deps
 
 # The engine benchmark (8-13 minutes on 2 CPU cores, more with the GPTQ row and, once `make peers`
 # has installed them, the vLLM and llama-server rows); table + PNG under bench/out/.

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from inferq.extras import missing_extra_hint
 from inferq.settings import get_settings
 
 
@@ -30,7 +31,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     import os
 
     from inferq.logs import configure_logging, get_logger
-    from worker.prep.progress import capture_output, log_path_for
+    from worker.prep.capture import capture_output, log_path_for
     from worker.service.app import WorkerService
 
     settings = get_settings()
@@ -223,22 +224,6 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
                 _show_defaults(sub)
 
 
-# what a verb may need beyond `pip install inferq` (the producer's install), by top-level module
-EXTRAS = {
-    "sqlalchemy": "sql",
-    "alembic": "sql",
-    "psycopg": "sql",
-    "rich": "report",
-    "matplotlib": "report",
-    "fastapi": "gateway",
-    "uvicorn": "gateway",
-    "torch": "worker",
-    "transformers": "worker",
-    "gptqmodel": "worker",
-    "prometheus_client": "worker",
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _show_defaults(parser)
@@ -246,11 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModuleNotFoundError as exc:  # a producer's install runs a verb of another role
-        extra = EXTRAS.get((exc.name or "").partition(".")[0])
-        if extra is None:
+        hint = missing_extra_hint(args.verb, exc.name or "")
+        if hint is None:
             raise
-        hint = f"pip install 'inferq[{extra}]'"
-        print(f"inferq {args.verb}: needs {exc.name}: {hint}", file=sys.stderr)
+        print(hint, file=sys.stderr)
         return 2
 
 

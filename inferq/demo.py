@@ -114,7 +114,8 @@ def run_demo(jobs: int = 36, max_tokens: int = 48) -> int:
     from inferq.settings import get_settings
     from storage.db import make_engine
     from storage.migrate import upgrade
-    from worker.prep.progress import log_path_for, prep_session
+    from worker.prep.capture import log_path_for
+    from worker.prep.progress import prep_session
     from worker.service.app import WorkerService
 
     settings = get_settings()

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from inferq.extras import missing_extra_hint
 from inferq.settings import get_settings
 
 
@@ -15,7 +16,8 @@ def _prep_run(kind: str, work) -> int:
     under INFERQ_HOME; print the paths it returns on stdout, one a line."""
     import time
 
-    from worker.prep.progress import format_duration, log_path_for, prep_session
+    from worker.prep.capture import log_path_for
+    from worker.prep.progress import format_duration, prep_session
 
     log_path = log_path_for(get_settings().home, kind)
     started = time.perf_counter()
@@ -27,6 +29,12 @@ def _prep_run(kind: str, work) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; log: {log_path}", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        hint = missing_extra_hint("model", exc.name or "")
+        if hint is None:
+            raise
+        print(hint, file=sys.stderr)
+        return 2
     except Exception as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"full log (traceback and library output): {log_path}", file=sys.stderr)
@@ -68,7 +76,9 @@ def _cmd_model_quantize(args: argparse.Namespace) -> int:
         act_order=args.act_order,
         static_groups=args.static_groups,
         mse=args.mse,
+        clip_steps=args.clip_steps,
         samples=args.samples,
+        max_tokens=args.max_tokens,
         seed=args.seed,
     )
 
@@ -183,7 +193,13 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
         help="act-order with fixed, consecutive groups",
     )
     quant.add_argument("--mse", type=float, default=spec.mse, help="clipping search norm; 0: off")
+    quant.add_argument(
+        "--clip-steps", type=int, default=spec.clip_steps, help="clipping ranges tried (80: all)"
+    )
     quant.add_argument("--samples", type=int, default=spec.samples, help="calibration texts")
+    quant.add_argument(
+        "--max-tokens", type=int, default=spec.max_tokens, help="cut texts to N tokens; 0: whole"
+    )
     quant.add_argument("--seed", type=int, default=spec.seed, help="calibration sampling seed")
     quant.add_argument("--device", default="auto", help="cpu, cuda or auto")
     quant.set_defaults(func=_cmd_model_quantize)

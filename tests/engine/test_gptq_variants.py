@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from test_gptq import TINY_PROMPTS, _assert_matches, _greedy, _load_reference, _reference
+from tiny_models import gptq_source
 
 from worker.engine.api import run_to_completion
 from worker.engine.engine import PagedEngine
@@ -134,33 +134,13 @@ class Checkpoints:
         from transformers import AutoTokenizer
 
         self.root = root
+        self.tokenizer_path = tokenizer_path
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.made: dict[str, Path] = {}
 
     def source(self, tied: bool) -> Path:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        src = self.root / f"src-{'tied' if tied else 'untied'}"
-        if not src.exists():
-            tok = self.tokenizer
-            torch.manual_seed(0)
-            config = LlamaConfig(
-                hidden_size=128,  # divisible by 128: group sizes 32, 64 and 128 all fit
-                intermediate_size=256,  # two groups of 128: a real act-order permutation
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=len(tok),
-                max_position_embeddings=512,
-                initializer_range=0.3,  # wide logits: varied greedy tokens
-                tie_word_embeddings=tied,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-            LlamaForCausalLM(config).save_pretrained(src)
-            tok.save_pretrained(src)
-        return src
+        name = f"src-{'tied' if tied else 'untied'}"
+        return gptq_source(self.root / name, self.tokenizer_path, tied=tied)
 
     def get(self, name: str) -> Path:
         if name not in self.made:

@@ -163,3 +163,28 @@ def reference(path: Path, prompts: list[list[int]], max_tokens: int) -> list[lis
         )[0, len(ids) :].tolist()
         refs.append(out[: out.index(EOS)] if EOS in out else out)
     return refs
+
+
+def gptq_source(path: Path, tokenizer_dir: str, *, tied: bool = False) -> Path:
+    """A tiny random Llama with the given (real) tokenizer at `path`, for quantization tests:
+    hidden 128 (group sizes 32, 64 and 128 all fit), intermediate 256 (two groups of 128: a
+    real act-order permutation), wide logits (varied greedy tokens)."""
+    if (path / "config.json").is_file():
+        return path
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        **{
+            **COMMON,
+            "num_hidden_layers": 2,
+            "vocab_size": len(tok),
+            "initializer_range": 0.3,
+            "tie_word_embeddings": tied,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

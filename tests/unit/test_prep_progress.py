@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.prep.progress import PrepView, activate, capture_output, format_duration
+from worker.prep.capture import capture_output
+from worker.prep.progress import PrepView, activate, format_duration
 
 CHATTER = (
     "python print",
@@ -47,6 +48,28 @@ def test_plain_view_prints_a_few_lines_per_stage() -> None:
         "quantize: 15/30 layers",
         "quantize: 23/30 layers",
     ]
+
+
+def test_progress_says_how_long_is_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pace since the first counted layer (not the loading before it) times what is left,
+    in the plain milestone lines and on the terminal's line."""
+    clock = [100.0]
+    monkeypatch.setattr("worker.prep.progress.time.perf_counter", lambda: clock[0])
+    out = io.StringIO()
+    view = PrepView(out, tty=False, width=80)
+    with view.stage("quantize", "GPTQ 4-bit", unit="layers") as stage:
+        stage.update(total=30, note="loading")
+        clock[0] += 60  # loading the model: not a layer's pace
+        for done in range(1, 31):
+            stage.update(done=done)
+            if done == 2:
+                assert stage.left_text() == "about 2m20s left"  # 28 layers at 5 s
+                assert "(about 2m20s left)" in PrepView(io.StringIO(), tty=True).render(stage)
+            clock[0] += 5
+    lines = _lines(out)
+    assert lines[1] == "quantize: 8/30 layers (1m35s, about 1m50s left)"
+    assert lines[-1] == "quantize: done, 30/30 layers in 3m30s"
+    assert stage.left() is None  # finished
 
 
 def test_plain_view_bytes_and_failure() -> None:

@@ -1,12 +1,12 @@
-"""A small terminal view for model preparation, and a trap for the libraries' output.
+"""A small terminal view for model preparation.
 
 `prep_session(log_path)` is what `inferq model prepare` runs in: the view draws one progress
 line per stage (download, conversion, quantization) on the terminal, while everything else
 written to stdout/stderr, by this process at the C level or by its children (pip,
 transformers, gguf, gptqmodel's logger and per-layer tables, tqdm bars, warnings), lands in
-the log file. On a terminal each stage is a bar redrawn in place; on anything else (CI logs,
-pipes) it is a few plain lines. Dependency-free on purpose: it must keep drawing while file
-descriptors 1 and 2 point at the log.
+the log file (worker/prep/capture.py). On a terminal each stage is a bar redrawn in place;
+on anything else (CI logs, pipes) it is a few plain lines. Dependency-free on purpose: it
+must keep drawing while file descriptors 1 and 2 point at the log.
 
 The preparation code reports to `active_view()`, which is a no-op outside a session, so the
 worker service and the tests prepare models exactly as before.
@@ -15,16 +15,15 @@ worker service and the tests prepare models exactly as before.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import threading
 import time
-import traceback
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TextIO
+from typing import TextIO
+
+from worker.prep.capture import capture_output
 
 BAR_WIDTH = 20
 _MILESTONES = (0.25, 0.5, 0.75)  # plain-line mode: report these fractions once each
@@ -66,10 +65,26 @@ class Stage:
         self.finished: float | None = None
         self.failed = False
         self._milestones = list(_MILESTONES)
+        self._first: tuple[float, float] | None = None  # (time, done) of the first progress
 
     @property
     def elapsed(self) -> float:
         return (self.finished or time.perf_counter()) - self.started
+
+    def left(self) -> float | None:
+        """Seconds still to go at the pace since the first counted step (what came before it,
+        imports and loading, is not a step); None until a second step is counted."""
+        if self.finished is not None or not self.total or self._first is None:
+            return None
+        since, first = self._first
+        if self.done <= first:
+            return None
+        pace = (time.perf_counter() - since) / (self.done - first)
+        return pace * (self.total - self.done)
+
+    def left_text(self) -> str:
+        left = self.left()
+        return "" if left is None else f"about {format_duration(left)} left"
 
     def update(
         self, done: float | None = None, total: float | None = None, note: str | None = None
@@ -80,6 +95,8 @@ class Stage:
                 self.total = total
             if done is not None:
                 self.done = done if self.total is None else min(done, self.total)
+                if self._first is None and self.done > 0:
+                    self._first = (time.perf_counter(), self.done)
             if note is not None:
                 self.note = note
         self.view._changed(self)
@@ -182,7 +199,9 @@ class PrepView:
                 passed = [m for m in stage._milestones if fraction >= m]
                 if passed and fraction < 1:  # the stage's last line reports completion
                     stage._milestones = [m for m in stage._milestones if fraction < m]
-                    took = format_duration(stage.elapsed)
+                    took = ", ".join(
+                        filter(None, [format_duration(stage.elapsed), stage.left_text()])
+                    )
                     self.stream.write(f"{stage.name}: {stage.counts()} ({took})\n")
                     self.stream.flush()
 
@@ -201,6 +220,8 @@ class PrepView:
         if stage.counts():
             parts.append(stage.counts().rjust(15))
         parts.append(format_duration(stage.elapsed).rjust(6))
+        if stage.left_text():
+            parts.append(f"({stage.left_text()})")
         if stage.note:
             parts.append(stage.note)
         elif stage.detail:
@@ -272,89 +293,6 @@ def activate(view: PrepView) -> Iterator[PrepView]:
         yield view
     finally:
         _ACTIVE = previous
-
-
-def log_path_for(home: Path, kind: str) -> Path:
-    """`$INFERQ_HOME/logs/<kind>-<timestamp>.log` (the folder is created)."""
-    folder = Path(home) / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = folder / f"{kind}-{stamp}.log"
-    n = 1
-    while path.exists():
-        n += 1
-        path = folder / f"{kind}-{stamp}-{n}.log"
-    return path
-
-
-@contextlib.contextmanager
-def capture_output(
-    log_path: Path, *, level: str = "INFO", library_logs: bool = True
-) -> Iterator[IO[str]]:
-    """Send everything written to stdout/stderr into `log_path` for the duration.
-
-    File descriptors 1 and 2 are pointed at the log (so C extensions and child processes
-    land there too), `sys.stdout`/`sys.stderr` become line-buffered writers on those
-    descriptors (warnings and tqdm bars follow), loggers get a timestamped handler (unless
-    `library_logs` is false: the caller has its own); all are put back on exit. An exception
-    leaving the block has its traceback written to the log first.
-    """
-    from inferq.logs import send_library_logs_to
-
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    old_streams = sys.stdout, sys.stderr
-    root = logging.getLogger()
-    old_level = root.level
-    old_showwarning = warnings.showwarning
-    handler = None
-    # Libraries that stop propagation (transformers' own root logger) get the handler too.
-    closed = [
-        lg
-        for lg in logging.root.manager.loggerDict.values()
-        if isinstance(lg, logging.Logger) and not lg.propagate
-    ]
-    try:
-        for fd in (1, 2):
-            os.dup2(log_fd, fd)
-        sys.stdout = open(1, "w", buffering=1, errors="replace", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, errors="replace", closefd=False)  # noqa: SIM115
-        if library_logs:
-            handler = send_library_logs_to(sys.stderr, level=level)
-            for lg in closed:
-                lg.addHandler(handler)
-        warnings.showwarning = _warning_to_stderr
-        try:
-            yield sys.stderr
-        except BaseException:
-            traceback.print_exc(file=sys.stderr)
-            raise
-    finally:
-        if handler is not None:
-            root.removeHandler(handler)
-            root.setLevel(old_level)
-            for lg in closed:
-                lg.removeHandler(handler)
-        warnings.showwarning = old_showwarning
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
-        os.close(log_fd)
-        # Writers handed out meanwhile stay valid: they write to fds 1/2, the terminal again.
-        sys.stdout, sys.stderr = old_streams
-
-
-def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
-    """`warnings.showwarning` while captured: to the log, whatever hook was there before."""
-    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 @contextlib.contextmanager

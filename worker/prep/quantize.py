@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from worker.engine.loading import GptqCheckpointError, import_gptqmodel, pick_device
+from worker.prep.clipping import fast_clipping_search
 from worker.prep.portable import settle_act_order
 from worker.prep.progress import active_view
 from worker.prep.recipe import GptqSpec
@@ -44,6 +45,13 @@ def calibration_texts(count: int, seed: int) -> list[str]:
         raise ValueError(f"asked for {count} calibration texts; 1 to {len(texts)} ship")
     random.Random(seed).shuffle(texts)
     return texts[:count]
+
+
+def calibration_input(texts: list[str], tokenizer, max_tokens: int) -> list[str] | list[list[int]]:
+    """The texts as gptqmodel takes them: whole, or as token ids cut to `max_tokens`."""
+    if not max_tokens:
+        return texts
+    return [tokenizer(text)["input_ids"][:max_tokens] for text in texts]
 
 
 def quantize(
@@ -94,7 +102,12 @@ def _quantize(src, dst, spec, *, device, say, stage) -> GptqSpec:
         # its modules are finalized): count the distinct layers.
         model.layer_callback = LayerCounter(stage, layers)
         stage.update(note="calibrating")
-        model.quantize(texts, batch_size=spec.batch_size, tokenizer=tokenizer)
+        with fast_clipping_search(spec.clip_steps):
+            model.quantize(
+                calibration_input(texts, tokenizer, spec.max_tokens),
+                batch_size=spec.batch_size,
+                tokenizer=tokenizer,
+            )
         stage.update(note="saving")
         model.save(str(tmp))
         _settle_generation_config(src, tmp)
