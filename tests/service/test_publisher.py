@@ -117,7 +117,16 @@ def test_the_views_a_transaction_hands_over_are_what_it_committed(pg_url: str) -
     now = datetime.now(UTC)
     finished = [
         EndedJob(
-            i, "m", "w1", "cpu", now, 0.5, "out", "stop", first_token_at=now, prompt_tokens=3,
+            i,
+            "m",
+            "w1",
+            "cpu",
+            now,
+            0.5,
+            "out",
+            "stop",
+            first_token_at=now,
+            prompt_tokens=3,
             completion_tokens=2,
         )
         for i in (done, cancelled)
