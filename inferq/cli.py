@@ -43,6 +43,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     handler = logging.getLogger().handlers[0]
     log_path = log_path_for(settings.home, "worker")
     handler.addFilter(ours)
+    get_logger("inferq.worker").info("worker.library_output", path=str(log_path))
     try:
         with capture_output(log_path):
             if settings.embedded:
@@ -52,7 +53,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             service = WorkerService(settings)  # models load before the first message is taken
     finally:
         handler.removeFilter(ours)
-    get_logger("inferq.worker").info("worker.library_output", path=str(log_path))
     service.run()
     return 0
 
