@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from celery import Celery
 
 from inferq.settings import FP_MODEL
 from storage.repository import Repository
+from worker.engine.null import NullEngine
 from worker.service.app import WorkerService
 
 
@@ -130,3 +132,17 @@ def workers_of(repo: Repository, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
             {"ids": ids},
         )
         return dict(rows.all())
+
+
+class GatedEngine(NullEngine):
+    """The null engine, holding every sequence until `gate` is set."""
+
+    def __init__(self) -> None:
+        super().__init__("null")
+        self.gate = threading.Event()
+
+    def step(self):
+        if not self.gate.is_set():
+            time.sleep(0.01)
+            return []
+        return super().step()

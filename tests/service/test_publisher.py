@@ -6,38 +6,22 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
-from service_helpers import producer, running_worker, wait_status
+from service_helpers import GatedEngine, producer, running_worker, wait_status
 
 from api_client import InferqClient
 from api_client.results import result_key, stream_key
 from inferq.settings import get_settings
 from storage.records import JobView, ResultRow
 from storage.repository import EndedJob, NewJob, Repository
-from worker.engine.null import NullEngine
 from worker.service.metrics import Metrics
 from worker.service.publisher import ResultPublisher
 
 pytestmark = pytest.mark.services
-
-
-class GatedEngine(NullEngine):
-    """The null engine, holding every sequence until `gate` is set."""
-
-    def __init__(self) -> None:
-        super().__init__("null")
-        self.gate = threading.Event()
-
-    def step(self):
-        if not self.gate.is_set():
-            time.sleep(0.01)
-            return []
-        return super().step()
 
 
 class ReadCounting(Repository):

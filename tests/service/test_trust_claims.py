@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+import service_helpers as helpers
 import sqlalchemy as sa
 from service_helpers import producer, records, running_worker, wait_for, wait_status
 
@@ -124,23 +125,16 @@ def test_a_job_resent_max_resends_times_fails_with_a_reason(db_url: str) -> None
 # -- service: workers on Redis and PostgreSQL ------------------------------------------------
 
 
-class GatedEngine(NullEngine):
-    """The null engine, holding every sequence until `gate` is set; remembers what it ran."""
+class GatedEngine(helpers.GatedEngine):
+    """The gated null engine that remembers what it ran."""
 
     def __init__(self) -> None:
-        super().__init__("null")
-        self.gate = threading.Event()
+        super().__init__()
         self.added: list[uuid.UUID] = []
 
     def add(self, request) -> None:
         self.added.append(request.seq_id)
         super().add(request)
-
-    def step(self):
-        if not self.gate.is_set():
-            time.sleep(0.01)
-            return []
-        return super().step()
 
 
 def _settings(service_settings, name: str, **extra):

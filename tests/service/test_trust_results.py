@@ -14,7 +14,7 @@ import pytest
 import redis
 from celery import Celery
 from celery.exceptions import TaskRevokedError
-from service_helpers import producer, running_worker, wait_for, wait_status
+from service_helpers import GatedEngine, producer, running_worker, wait_for, wait_status
 
 from api_client import InferqClient
 from api_client.results import CANCEL_CHANNEL, cancel_key, pidbox_channel, result_key
@@ -23,22 +23,6 @@ from worker.engine.null import NullEngine
 pytestmark = pytest.mark.services
 KEY = "alice-signing-key-0123456789"
 TASK = "inferq.generate"
-
-
-class GatedEngine(NullEngine):
-    """The null engine, holding every sequence until `gate` is set."""
-
-    def __init__(self) -> None:
-        super().__init__("null")
-        import threading
-
-        self.gate = threading.Event()
-
-    def step(self):
-        if not self.gate.is_set():
-            time.sleep(0.01)
-            return []
-        return super().step()
 
 
 @pytest.fixture
