@@ -155,6 +155,9 @@ class JobMetrics(Base):
     cached_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     computed_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    # speculative decoding (docs/speculative.md): tokens drafted and verified, and those kept
+    spec_drafted_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    spec_accepted_tokens: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     compute_s: Mapped[float] = mapped_column(sa.Float, default=0.0, server_default="0")
     # durations in seconds, derived from the timestamps when the job ended
     queue_wait_s: Mapped[float | None] = mapped_column(sa.Float)

@@ -195,6 +195,8 @@ class EndedJob:
     cached_prompt_tokens: int = 0
     computed_prompt_tokens: int = 0  # prefill work: uncached, plus recompute after preemption
     completion_tokens: int = 0
+    spec_drafted_tokens: int = 0  # speculative tokens drafted and verified (docs/speculative.md)
+    spec_accepted_tokens: int = 0  # of those, the ones kept
 
     @property
     def with_result(self) -> bool:
@@ -235,6 +237,8 @@ class EndedJob:
             cached_prompt_tokens=self.cached_prompt_tokens,
             computed_prompt_tokens=self.computed_prompt_tokens,
             completion_tokens=self.completion_tokens,
+            spec_drafted_tokens=self.spec_drafted_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens,
             queue_wait_s=_seconds(self.admitted_at, self.enqueued_at),
             ttft_s=_seconds(self.first_token_at, self.enqueued_at),
             prefill_s=_seconds(self.first_token_at, self.admitted_at),

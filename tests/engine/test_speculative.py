@@ -79,6 +79,17 @@ def test_greedy_with_drafts_is_hf_generate(tiny, use_native: bool, spec_tokens: 
     assert stats.decode_tokens == sum(len(o.token_ids) - 1 for o in outputs)
 
 
+def test_each_job_reports_its_drafted_and_accepted_tokens(tiny) -> None:
+    """A job's output carries its own counts (what the worker stores in `job_metrics`): a
+    repeating prompt alone drafts and keeps some (drafted >= accepted > 0); off, 0 and 0."""
+    path, refs = tiny
+    (on,) = _run(_engine(path, 4), PROMPTS[:1])
+    (off,) = _run(_engine(path, 0), PROMPTS[:1])
+    assert on.token_ids == off.token_ids == refs[0]
+    assert on.draft_tokens >= on.accepted_tokens > 0
+    assert (off.draft_tokens, off.accepted_tokens) == (0, 0)
+
+
 def test_steps_above_the_running_threshold_do_not_draft(tiny) -> None:
     path, refs = tiny
     engine = _engine(path, 4, spec_max_running=len(PROMPTS) - 1)

@@ -57,6 +57,8 @@ FACTS = sa.table(
             "cached_prompt_tokens",
             "computed_prompt_tokens",
             "completion_tokens",
+            "spec_drafted_tokens",
+            "spec_accepted_tokens",
             "compute_s",
             "list_cost",
             "queue_wait_s",
@@ -92,6 +94,8 @@ def _assert_backfilled(engine: sa.Engine, done: uuid.UUID) -> None:
         "cached_prompt_tokens": 20,
         "computed_prompt_tokens": 30,
         "completion_tokens": 7,
+        "spec_drafted_tokens": 0,  # 0011's server default: rows from before it read 0
+        "spec_accepted_tokens": 0,
         "compute_s": 0.0,
         "list_cost": None,
         "queue_wait_s": 0.25,
@@ -168,7 +172,7 @@ def test_0004_backfills_downgrades_and_upgrades_again(
             conn.execute(sa.insert(METRICS).values(job_id=done, queue_wait_s=0.25, ttft_s=0.5))
 
         migrate.upgrade(url)
-        assert migrate.current(url) == "0010"
+        assert migrate.current(url) == "0011"
         assert _report_statistics(engine) in (1, None)
         inspector = sa.inspect(engine)
         made = set(inspector.get_view_names()) | set(inspector.get_table_names())
@@ -198,7 +202,7 @@ def test_0004_backfills_downgrades_and_upgrades_again(
         assert (kept.queue_wait_s, kept.ttft_s) == (0.25, 0.5)
 
         migrate.upgrade(url)
-        assert migrate.current(url) == "0010"
+        assert migrate.current(url) == "0011"
         _assert_backfilled(engine, done)
     finally:
         engine.dispose()

@@ -101,7 +101,7 @@ def _count(repo: Repository, table: str, ids: list[uuid.UUID]) -> int:
 
 def test_upgrade_builds_schema_and_downgrade_round_trips(empty_db_url: str) -> None:
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0010"
+    assert migrate.current(empty_db_url) == "0011"
     engine = make_engine(empty_db_url)
     insp = sa.inspect(engine)
     assert {"jobs", "batches", "results", "job_metrics", "workers"} <= set(insp.get_table_names())

@@ -32,6 +32,18 @@ class Metrics:
         self.dead_letters = Counter("inferq_dead_letters", "Refused", ["reason"], registry=r)
         self.retries = Counter("inferq_retries", "Retried calls", ["component"], registry=r)
         self.output_tokens = Counter("inferq_output_tokens", "Generated", by_model, registry=r)
+        self.spec_drafted_tokens = Counter(
+            "inferq_spec_drafted_tokens",
+            "Tokens drafted by prompt lookup and verified (docs/speculative.md)",
+            by_model,
+            registry=r,
+        )
+        self.spec_accepted_tokens = Counter(
+            "inferq_spec_accepted_tokens",
+            "Drafted tokens the model kept (each saved a decode step)",
+            by_model,
+            registry=r,
+        )
         self.latency = Histogram(
             "inferq_job_seconds",
             "Queue wait, time to first token and total time of finished jobs",

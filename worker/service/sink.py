@@ -59,6 +59,8 @@ def ended_job(done: Finished, worker: str, device: str, batch_id: uuid.UUID | No
         cached_prompt_tokens=out.cached_tokens,
         computed_prompt_tokens=out.computed_prompt_tokens,
         completion_tokens=len(out.token_ids),
+        spec_drafted_tokens=out.draft_tokens,
+        spec_accepted_tokens=out.accepted_tokens,
     )
 
 
@@ -231,6 +233,8 @@ class ResultSink:
         for f in finished:  # the rows just written: their timings are computed once
             m.jobs.labels(f.model, "failed" if f.job_id in failures else "done").inc()
             m.output_tokens.labels(f.model).inc(f.completion_tokens)
+            m.spec_drafted_tokens.labels(f.model).inc(f.spec_drafted_tokens)
+            m.spec_accepted_tokens.labels(f.model).inc(f.spec_accepted_tokens)
             facts = f.facts()
             for kind in ("queue_wait", "ttft", "total"):
                 if facts[f"{kind}_s"] is not None:
