@@ -18,6 +18,13 @@ JOBS = 16
 # or SIGTERM half a second after the first job runs lands mid-run (16 jobs of 16 tokens in one
 # batch finished in well under a second once the engine got fast).
 SLOW = {"INFERQ_MAX_NUM_SEQS": "2"}
+# The victim's jobs and held messages go back once it has been silent this long (the default
+# minute would be most of the test's time).
+QUICK_DEATH = {
+    "INFERQ_HEARTBEAT_S": "1",
+    "INFERQ_WORKER_DEAD_AFTER_S": "5",
+    "INFERQ_AFFINITY_DEAD_AFTER_S": "5",
+}
 PARAMS = {"max_tokens": 48}
 
 
@@ -38,7 +45,7 @@ def test_kill9_mid_batch_loses_nothing_and_duplicates_nothing(
         {"prompt": f"List {n} animals:", "params": PARAMS} for n in range(JOBS)
     )
     log = tmp_path / "worker.log"
-    first = worker_process(service_settings, model_path, log, "victim", **SLOW)
+    first = worker_process(service_settings, model_path, log, "victim", **SLOW, **QUICK_DEATH)
     try:
         _wait(
             lambda: "running" in repo.statuses(ids).values(),
@@ -55,7 +62,9 @@ def test_kill9_mid_batch_loses_nothing_and_duplicates_nothing(
     assert "running" in before.values(), "the kill did not land mid-batch"
     # a short drain: once in seven local runs the survivor, all its jobs done, took over 30 s
     # (the default drain) to exit on SIGTERM
-    second = worker_process(service_settings, model_path, log, "survivor", INFERQ_DRAIN_S="5")
+    second = worker_process(
+        service_settings, model_path, log, "survivor", INFERQ_DRAIN_S="5", **QUICK_DEATH
+    )
     try:
         views = client.wait_many(ids, timeout=300)
     finally:
