@@ -29,7 +29,7 @@ class GptqSpec:
     static_groups: bool = True
     mse: float = 2.4
     clip_steps: int = 20  # clipping ranges tried, shrinking by 1 % each: 1.0 down to 0.81
-    samples: int = 320
+    samples: int = 240
     max_tokens: int = 64  # calibration texts cut to this many tokens; 0: whole texts
     batch_size: int = 16
     seed: int = 0
