@@ -89,7 +89,7 @@ class EngineConfig:
     gptq_many: str = "auto"  # CPU GPTQ many-row path: auto (measured), fused or dense
     kernel_dir: str | None = None  # where the C kernels are built; None: ~/.cache/inferq/kernels
     # speculative decoding by prompt lookup (docs/speculative.md): tokens drafted per step
-    spec_tokens: int = 0  # k, most drafted tokens verified with one decode; 0: off (default)
+    spec_tokens: int = 4  # k, most drafted tokens verified with one decode; 0: off
     spec_ngram_max: int = 3  # n, longest n-gram of the last tokens looked up earlier
     spec_ngram_min: int = 1  # shortest n-gram that may propose a draft
     spec_max_running: int = 4  # more sequences decoding than this: no drafts in that step
