@@ -8,8 +8,8 @@
 #   .peers/gptq-sym/      the fp model GPTQ-quantized with `inferq model quantize --sym`: the
 #                         portable checkpoint (vLLM CPU takes no asymmetric one; docs/gptq.md)
 # Usage: bash bench/peers/install.sh FP_MODEL_DIR   (make peers passes the prepared fp model)
-# About 15-20 min on 2 cores from scratch (llama-server's build is 6, the quantization 5-10 of
-# them); 4.6 GB on disk. INFERQ: the project's CLI (default .venv/bin/inferq).
+# About 10 min on 2 cores from scratch (llama-server's build is 5 of them, the quantization 2;
+# docs/benchmarks.md); 5.7 GB on disk. INFERQ: the project's CLI (default .venv/bin/inferq).
 set -euo pipefail
 
 FP_DIR=${1:?usage: install.sh FP_MODEL_DIR}
@@ -40,7 +40,7 @@ fi
 
 # --- the portable GPTQ checkpoint, for vLLM's GPTQ row (quantize writes it atomically) -------
 if [[ ! -f $PEERS/gptq-sym/config.json ]]; then
-    say "portable GPTQ checkpoint $PEERS/gptq-sym (inferq model quantize --sym; 5-10 min)"
+    say "portable GPTQ checkpoint $PEERS/gptq-sym (inferq model quantize --sym; about 2 min)"
     "${INFERQ:-$ROOT/.venv/bin/inferq}" model quantize "$FP_DIR" "$PEERS/gptq-sym" --sym
 fi
 
