@@ -7,11 +7,9 @@ torch path. Prompts run past the sliding window of the windowed families."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 
 from inferq.params import EngineConfig
@@ -19,6 +17,8 @@ from tests.engine.tiny_models import FAMILIES, VOCAB, WINDOW, build, config, ref
 from worker.engine import families, native
 from worker.engine.api import EngineRequest, SamplingParams, run_to_completion
 from worker.engine.engine import PagedEngine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAX_TOKENS = 12
 #: families the lean forward runs (on CPU, where the C kernels build)
@@ -38,16 +38,6 @@ def _prompts() -> list[list[int]]:
 
 PROMPTS = _prompts()
 assert max(map(len, PROMPTS)) > 2 * WINDOW
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a loaded machine each OpenMP barrier of
-    a multi-threaded kernel waits for a descheduled thread (100x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

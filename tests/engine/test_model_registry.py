@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 
 from inferq.cli import main
@@ -25,15 +23,9 @@ from worker.engine.families import UnsupportedModelError
 from worker.prep.models import resolve_model
 from worker.prep.registry import ModelCheckError, add_model, remove_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [[(7 * i + 3 * j) % (VOCAB - 3) + 3 for j in range(n)] for i, n in ((1, 9), (2, 30))]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ plain prefill computes."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,8 @@ from kv.hashing import block_hashes
 from worker.engine.api import EngineOutput, EngineRequest, SamplingParams, run_to_completion
 from worker.engine.engine import PagedEngine
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MAX_TOKENS = 40
 
 
@@ -33,15 +34,6 @@ def _repeating(seed: int) -> list[int]:
 
 
 PROMPTS = [_repeating(seed) for seed in range(4)] + [list(range(40, 90))]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads (see test_families.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
