@@ -43,7 +43,8 @@ BURST = 256  # notifications read (then their keys, in one MGET) before the call
 async def _until(event: asyncio.Event, seconds: float) -> bool:
     """Wait up to `seconds` for `event`; whether it is set."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), max(seconds, 0.0))
+        async with asyncio.timeout(max(seconds, 0.0)):
+            await event.wait()
     return event.is_set()
 
 
@@ -207,6 +208,7 @@ class AsyncSubscriptions:
         self._subscribed = asyncio.Event()  # the reader has a connection to read
         self._sending = asyncio.Lock()  # one command at a time (the first one connects)
         self._broken = False
+        self._closing = False  # the reader's own way out: a cancel can be lost (below)
         self._task = self._loop.create_task(self._read(), name="inferq-notify")
 
     async def watch(self, channels: Iterable[str], confirm_s: float) -> Watch:
@@ -251,6 +253,10 @@ class AsyncSubscriptions:
 
     async def aclose(self) -> None:
         if self._task is not None and self._loop is asyncio.get_running_loop():
+            # On Python 3.11 a cancel that meets the reader's read timeout can be taken for
+            # the timeout's own and dropped; the flag ends the reader's loop then (within
+            # READ_S), so this await cannot wait forever.
+            self._closing = True
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -259,7 +265,7 @@ class AsyncSubscriptions:
 
     async def _read(self) -> None:
         idle_since, retry = time.monotonic(), RETRY_S[0]
-        while True:
+        while not self._closing:
             try:
                 if self._broken:
                     await self._reconnect()
