@@ -29,12 +29,14 @@ COUNTERS = ("inferq_spec_drafted_tokens", "inferq_spec_accepted_tokens")
 
 @pytest.fixture
 def drafting(paged_engine: PagedEngine) -> Iterator[PagedEngine]:
-    """The shared real-model engine with prompt lookup on (k = 4) for one test."""
+    """The shared real-model engine with prompt lookup on (k = 4) for one test, whatever the
+    default; its own setting back afterwards."""
+    before = paged_engine.scheduler.speculation
     paged_engine.scheduler.speculation = speculation(EngineConfig(spec_tokens=4))
     try:
         yield paged_engine
     finally:
-        paged_engine.scheduler.speculation = None
+        paged_engine.scheduler.speculation = before
 
 
 def _scrape(port: int, model: str) -> dict[str, float]:
