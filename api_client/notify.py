@@ -6,9 +6,10 @@ A waiting call `watch`es its jobs' result channels: the channels nobody watched 
 SUBSCRIBEd, and `watch` returns once Redis has confirmed every channel of the call (another
 call's SUBSCRIBE of the same channel included): only then does the call read its keys, so a
 state written between its subscription and its read is not missed (see `api_client.plans`).
-`wait` hands it the jobs announced since it last looked, each with its key's value: the
-reader reads the keys of a burst of notifications in one MGET, for all the calls they wake (a
-notification only says which key to read: its payload is not looked at). The channels no
+`wait` hands it the jobs announced since it last looked, each with its key's value: a
+notification carries it (the worker's script SETs the key and PUBLISHes the same value in one
+step, as Celery's backend does), so a burst of notifications wakes its calls with no read; only
+after a resubscription are the keys read again, in one MGET. The channels no
 call watches any more are UNSUBSCRIBEd: by the reader thread of a blocking client, those of
 many ended calls in one command (an ended call returns without a round trip); by the ended
 call itself on an asyncio client. After the connection was lost (a Redis
@@ -37,7 +38,7 @@ NAME = "inferq-notify"  # the shared connections' name (CLIENT LIST)
 READ_S = 1.0  # the reader looks at `closed` (and pings, when idle long enough) this often
 PING_S = 30.0  # a silently dead connection is found after at most this long idle
 RETRY_S = (0.05, 2.0)  # backoff after a failed connection: first and longest wait
-BURST = 256  # notifications read (then their keys, in one MGET) before the calls are woken
+BURST = 256  # notifications read before the calls they announce are woken
 
 
 async def _until(event: asyncio.Event, seconds: float) -> bool:

@@ -74,11 +74,13 @@ class Registry:
         return not any(c in self.unconfirmed for c in watch.channels)
 
     def handle(self, messages: Iterable[dict[str, Any]]) -> tuple[set[Watch], list[str]]:
-        """For pub/sub messages: the calls to wake now (a confirmation they wait for), and
-        the keys to read for the others (then `deliver`). A confirmation nobody asked for is
-        a resubscription after the connection was lost: its key is read again."""
-        confirmed: set[Watch] = set()
-        announced: dict[str, None] = {}
+        """For pub/sub messages: the calls to wake now (a confirmation they wait for, or a
+        state announced with its value: the result script SETs the key and PUBLISHes the same
+        value atomically, so a notification's payload is the key's value), and the keys to
+        read for the others (then `deliver`): a notification without a payload, and a
+        confirmation nobody asked for (a resubscription after the connection was lost)."""
+        woken: set[Watch] = set()
+        unasked: dict[str, None] = {}
         for message in messages:
             kind, channel = message["type"], message["channel"]
             if kind not in ("message", "subscribe") or channel is None:
@@ -86,15 +88,20 @@ class Registry:
             channel = _text(channel)
             if channel not in self.watchers:
                 continue
-            if kind == "subscribe" and (left := self.unconfirmed.get(channel, 0)):
+            if kind == "message":
+                if message["data"]:
+                    woken |= self.deliver([channel], [message["data"]])
+                    continue
+            elif left := self.unconfirmed.get(channel, 0):
                 if left > 1:
                     self.unconfirmed[channel] = left - 1
                 else:
                     del self.unconfirmed[channel]
-                    confirmed |= self.watchers[channel]
-            elif job_id_of(channel) is not None:
-                announced[channel] = None
-        return confirmed, list(announced)
+                    woken |= self.watchers[channel]
+                continue
+            if job_id_of(channel) is not None:  # a bare notification, or unasked for
+                unasked[channel] = None
+        return woken, list(unasked)
 
     def deliver(self, keys: list[str], values: list[Value]) -> set[Watch]:
         """The announced keys' values to their calls; the calls to wake."""

@@ -37,15 +37,19 @@ def _done(job_id: uuid.UUID) -> bytes:
     return encode(meta)
 
 
-def _finish(r: redis.Redis, job_ids: list[uuid.UUID], kill: list[int] = ()) -> None:
-    """What a worker writes for ended jobs: SET, then PUBLISH on the key's channel; after
-    closing the connections `kill` in the same transaction, when given (nobody hears it)."""
+def _finish(
+    r: redis.Redis, job_ids: list[uuid.UUID], kill: list[int] = (), bare: bool = False
+) -> None:
+    """What a worker writes for ended jobs: SET, then PUBLISH the same value on the key's
+    channel (`bare`: an empty notification); after closing the connections `kill` in the same
+    transaction, when given (nobody hears it)."""
     pipe = r.pipeline(transaction=bool(kill))
     for conn_id in kill:
         pipe.client_kill_filter(_id=conn_id)
     for job_id in job_ids:
-        pipe.set(result_key(job_id), _done(job_id), px=60_000)
-        pipe.publish(result_key(job_id), b"")
+        value = _done(job_id)
+        pipe.set(result_key(job_id), value, px=60_000)
+        pipe.publish(result_key(job_id), b"" if bare else value)
     pipe.execute()
 
 
@@ -72,16 +76,18 @@ def r(redis_url):
     client.close()
 
 
-def test_no_wake_up_is_lost_after_a_watch_returns(settings, r) -> None:
+@pytest.mark.parametrize("bare", [False, True], ids=["payload", "bare"])
+def test_no_wake_up_is_lost_after_a_watch_returns(settings, r, bare) -> None:
     """A watch returns once Redis has the subscription: a result published right after it
-    wakes the call (a watch that returned before would lose some of these)."""
+    wakes the call (a watch that returned before would lose some of these), with the value the
+    notification carries or, for a bare notification, the key's."""
     client = InferqClient(settings)
     hub, ids = client.subscriptions, [uuid.uuid4() for _ in range(200)]
     heard: dict[uuid.UUID, bytes | str | None] = {}
 
     def one(job_id: uuid.UUID) -> None:
         watch = hub.watch([result_key(job_id)], confirm_s=10)
-        _finish(r, [job_id])
+        _finish(r, [job_id], bare=bare)
         deadline = time.monotonic() + 10
         while job_id not in heard and time.monotonic() < deadline:
             heard.update(hub.wait(watch, deadline - time.monotonic()))
@@ -94,7 +100,25 @@ def test_no_wake_up_is_lost_after_a_watch_returns(settings, r) -> None:
         t.join(30)
     client.close()
     assert sorted(heard) == sorted(ids)
-    assert all(heard[i] == r.get(result_key(i)) for i in ids)  # the key's value, read
+    assert all(heard[i] == r.get(result_key(i)) for i in ids)  # the key's value
+
+
+def test_a_notification_carries_its_value(settings, r) -> None:
+    """A waiting call takes the value a notification carries, without reading the key (the
+    worker SETs and PUBLISHes the same value in one step): here the key is never written."""
+    client = InferqClient(settings)
+    hub, job_id = client.subscriptions, uuid.uuid4()
+    watch = hub.watch([result_key(job_id)], confirm_s=10)
+    value = _done(job_id)
+    r.publish(result_key(job_id), value)
+    heard: dict[uuid.UUID, bytes | str | None] = {}
+    deadline = time.monotonic() + 10
+    while not heard and time.monotonic() < deadline:
+        heard.update(hub.wait(watch, deadline - time.monotonic()))
+    hub.unwatch(watch)
+    client.close()
+    assert heard == {job_id: value}
+    assert r.get(result_key(job_id)) is None
 
 
 def test_async_no_wake_up_is_lost_after_a_watch_returns(settings, redis_url) -> None:
