@@ -9,6 +9,9 @@ and its job id comes from the batch and the line (idempotency key `batch_<id>:<l
 job enqueued again, because its gateway stopped between sending it and noting it as sent, is
 the same job and runs once.
 
+Token quotas: a tenant's lines are charged to its quota as they are enqueued, and wait for its
+window when it is full (gateway/batch_quota.py).
+
 Signing: a job is built, stamped (`submitted_at`) and signed as it is enqueued, so the
 workers' signature window (`INFERQ_SIGNATURE_WINDOW_S`) runs from then. A signed tenant's
 batch keeps at most `INFERQ_GATEWAY_BATCH_AHEAD` jobs queued and not yet taken, and a line
@@ -27,6 +30,7 @@ from pydantic import ValidationError
 
 from api_client import AsyncInferqClient, InvalidJobError
 from api_client.schema import JobMessage
+from gateway.batch_quota import QUOTA_RECHECK_S, BatchQuota
 from gateway.errors import ApiError, from_errors, invalid, job_refused
 from gateway.schema import ChatRequest, CompletionRequest
 from inferq.logs import get_logger
@@ -51,6 +55,8 @@ class BatchDriver:
         self.gateway, self.settings = gateway, gateway.settings
         self.feed = BatchFeed(gateway.repo.engine)
         self.lease_s = self.settings.gateway_batch_lease_s
+        recheck_s = min(QUOTA_RECHECK_S, self.lease_s / 3)  # the lease renewed as it waits
+        self.quota = BatchQuota(gateway.quotas, gateway.auth.keys, recheck_s)
 
     async def sweep_forever(self) -> None:
         """At start and every sweep period: drive each batch that nobody drives."""
@@ -123,17 +129,18 @@ class BatchDriver:
         self, row: dict[str, Any], client: AsyncInferqClient, lease: Lease
     ) -> Lease | None:
         """Enqueue the due lines' jobs, a chunk at a time (for a signed tenant, as long as
-        fewer than the bound wait in the queue), until none is due."""
+        fewer than the bound wait in the queue; for a tenant with a token quota, as far as it
+        allows, gateway/batch_quota.py), until none is due."""
         batch_id, feed = row["id"], self.feed
         window = self.settings.signature_window_s if client.key else None
-        ahead = self.settings.gateway_batch_ahead
+        ahead, paced = self.settings.gateway_batch_ahead, False
         while not self.gateway.stopping:
             renewed = await self._renew(lease)
             if renewed is None or renewed.status != "in_progress":
                 if renewed is not None and renewed.status == "cancelling":
                     await self.cancel_jobs(client, batch_id)  # what it sent meanwhile too
                 return renewed
-            lease, room = renewed, CHUNK
+            lease, room = renewed, 1 if paced else CHUNK  # waiting on the quota: one line
             if datetime.now(UTC) >= row["expires_at"]:
                 return lease  # past its window: what was not sent is expired
             if window is not None:
@@ -150,12 +157,18 @@ class BatchDriver:
             for line_no, text in due:
                 built = self._build(row, client, line_no, text)
                 if isinstance(built, JobMessage):
-                    jobs.append(built)
+                    jobs.append((line_no, built))
                 else:  # refused now though its row was written (the settings changed)
                     await asyncio.to_thread(feed.refuse, batch_id, line_no, built)
-            for job in jobs:
+            charged = await self.quota.charge(row["tenant"], batch_id, jobs)
+            for line_no, error in charged.refused:  # over the quota alone
+                await asyncio.to_thread(feed.refuse, batch_id, line_no, error)
+            for _, job in charged.send:
                 await client.send(job)
-            await asyncio.to_thread(feed.mark_sent, batch_id, [n for n, _ in due])
+            await asyncio.to_thread(feed.mark_sent, batch_id, [n for n, _ in charged.send])
+            paced = charged.wait_s is not None
+            if charged.wait_s is not None:  # the window is full: the rest wait
+                await asyncio.sleep(charged.wait_s)
         return lease
 
     async def cancel_jobs(self, client: AsyncInferqClient, batch_id: uuid.UUID) -> None:

@@ -15,6 +15,7 @@ from storage.batch_store import OutputLine
 from storage.records import ResultRow
 
 KINDS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
+REFUSED_STATUS = {"rate_limit_exceeded": 429}  # by the refusal's code; others 400
 
 
 def _line(row: OutputLine, response: dict[str, Any] | None, error: Any = None) -> str:
@@ -40,8 +41,10 @@ def _error(message: str, type_: str, code: str | None) -> dict[str, Any]:
 def render(batch: dict[str, Any], row: OutputLine) -> tuple[str, str] | None:
     """Which file the row goes to (`output` or `error`) and its line; None while its job
     has not ended (a batch finalized past its window lists those as expired)."""
-    if row.refused is not None:
-        return "error", _line(row, _response(row, 400, json.loads(row.refused)))
+    if row.refused is not None:  # 400, or 429 for a line over its tenant's quota alone
+        body = json.loads(row.refused)
+        status = REFUSED_STATUS.get(body["error"].get("code"), 400)
+        return "error", _line(row, _response(row, status, body))
     if row.status == "done" and row.text is not None:
         created = int(row.finished_at.timestamp()) if row.finished_at else 0
         answer = Answer(KINDS[batch["endpoint"]], row.job_id, row.model or "", created)

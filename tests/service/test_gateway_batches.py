@@ -1,6 +1,7 @@
 """The Batch API through the official `openai` SDK: upload a JSONL file, create a batch,
-poll it, download its output and error files (one line per custom_id), cancel one; against
-a real worker on the null engine, the real Redis and PostgreSQL."""
+poll it, download its output and error files (one line per custom_id), cancel one; a batch
+paced by its tenant's token quota; against a real worker on the null engine, the real Redis
+and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+import redis
 import sqlalchemy as sa
-from gateway_helpers import new_key, serving
+from gateway_helpers import new_key, not_near_a_minute_end, quota_used, serving
 from service_helpers import records, running_worker
 
+from gateway.quota import QUOTA_PREFIX
+from storage.api_keys import ApiKeys
 from worker.engine.null import NullEngine
 
 pytestmark = pytest.mark.services
 ENDPOINT = "/v1/chat/completions"
+LINE_COST = 1 + 13  # a 3-character custom_id as its content (1 token) and max_tokens=13
 
 
 @pytest.fixture
@@ -184,3 +189,82 @@ def _delete_own(client: openai.OpenAI, mine: list[str]) -> None:
         client.files.delete(mine[0])
     assert caught.value.body["code"] == "file_in_use"
     assert client.files.retrieve(mine[0]).id == mine[0]
+
+
+@pytest.fixture
+def quota_client(settings) -> Iterator[tuple[openai.OpenAI, str]]:
+    """A client of a tenant of its own (fresh counters in Redis), on a gateway whose batch
+    lease is short: a batch waiting on its quota tries again every lease/3 (0.67 s)."""
+    settings = settings.model_copy(update={"gateway_batch_lease_s": 2.0})
+    tenant = f"bq-{uuid.uuid4().hex[:8]}"
+    with (
+        serving(settings) as url,
+        openai.OpenAI(base_url=url, api_key=new_key(settings, tenant), max_retries=0) as c,
+    ):
+        yield c, tenant
+
+
+def _sent(settings, batch_id: str) -> int:
+    """The batch's lines noted as sent (their jobs enqueued)."""
+    with records(settings).engine.connect() as conn:
+        return conn.scalar(
+            sa.text("SELECT count(sent_at) FROM api_batch_requests WHERE batch_id = :id"),
+            {"id": uuid.UUID(batch_id.removeprefix("batch_"))},
+        )
+
+
+def test_a_batch_over_its_minute_quota_waits_for_the_window(settings, quota_client) -> None:
+    client, tenant = quota_client
+    ApiKeys(settings.database_url).set_quota(tenant, 100, 10_000)
+    lines = [_line(f"p-{i}", max_tokens=13) for i in range(10)]  # 140 tokens: 7 fit in 100
+    input_id = _upload(client, lines)
+    with running_worker(settings, {"null": NullEngine()}):
+        not_near_a_minute_end(settings)
+        batch = client.batches.create(
+            input_file_id=input_id, endpoint=ENDPOINT, completion_window="24h"
+        )
+        deadline = time.monotonic() + 30
+        while _sent(settings, batch.id) < 7:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(2.0)  # three tries more: the minute's window is still full
+        assert _sent(settings, batch.id) == 7
+        assert quota_used(settings, tenant, "minute") == 7 * LINE_COST
+        waiting = client.batches.retrieve(batch.id)
+        assert waiting.status == "in_progress" and waiting.request_counts.failed == 0
+        # the window's end, brought forward: its counter gone, as at the next minute
+        redis.Redis.from_url(settings.broker_url).delete(f"{QUOTA_PREFIX}{tenant}:minute")
+        done = _until(client, batch.id, {"completed", "failed"})
+    assert done.status == "completed", done.errors
+    counts = done.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (10, 10, 0)
+    assert [o["custom_id"] for o in _jsonl(client, done.output_file_id)] == [
+        f"p-{i}" for i in range(10)
+    ]
+    assert quota_used(settings, tenant, "minute") == 3 * LINE_COST  # the rest, in the new one
+    assert quota_used(settings, tenant, "day") == 10 * LINE_COST  # each line charged once
+
+
+def test_a_line_over_the_quota_alone_fails_alone(settings, quota_client) -> None:
+    client, tenant = quota_client
+    ApiKeys(settings.database_url).set_quota(tenant, None, 50)
+    lines = [_line(c, max_tokens=13) for c in ("o-0", "o-1", "o-2")]
+    lines.insert(1, _line("big", max_tokens=60))  # 61 tokens: over the day's 50 alone
+    input_id = _upload(client, lines)
+    with running_worker(settings, {"null": NullEngine()}):
+        batch = client.batches.create(
+            input_file_id=input_id, endpoint=ENDPOINT, completion_window="24h"
+        )
+        done = _until(client, batch.id, {"completed", "failed"})
+    assert done.status == "completed", done.errors
+    counts = done.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (4, 3, 1)
+    output = _jsonl(client, done.output_file_id)
+    assert [o["custom_id"] for o in output] == ["o-0", "o-1", "o-2"]
+    [error] = _jsonl(client, done.error_file_id)
+    assert error["custom_id"] == "big" and error["response"]["status_code"] == 429
+    body = error["response"]["body"]["error"]
+    assert (body["code"], body["type"]) == ("rate_limit_exceeded", "tokens")
+    assert "Request too large for the quota on tokens per day: limit 50" in body["message"]
+    assert quota_used(settings, tenant, "day") == 3 * LINE_COST
+    assert quota_used(settings, tenant, "minute") == 0  # no minute quota: no counter

@@ -10,11 +10,9 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-import redis
-from gateway_helpers import new_key, serving
+from gateway_helpers import new_key, not_near_a_minute_end, quota_used, serving
 from service_helpers import running_worker
 
-from gateway.quota import QUOTA_PREFIX
 from storage.api_keys import ApiKeys
 from worker.engine.null import NullEngine
 
@@ -36,23 +34,11 @@ def base_url(settings) -> Iterator[str]:
         yield url
 
 
-def _used(settings, tenant: str, window: str) -> int:
-    raw = redis.Redis.from_url(settings.broker_url).hget(f"{QUOTA_PREFIX}{tenant}:{window}", "used")
-    return int(raw or 0)
-
-
-def _not_near_a_minute_end(settings) -> None:
-    """Wait (up to 20 s) so the test's requests fall in one minute of Redis's clock."""
-    seconds, _ = redis.Redis.from_url(settings.broker_url).time()
-    if seconds % 60 > 40:
-        time.sleep(61 - seconds % 60)
-
-
 def test_tokens_a_minute_counted_together_all_or_nothing(settings, base_url) -> None:
     tenant = f"q-{time.monotonic_ns()}"  # counters live in Redis: a tenant of its own
     ApiKeys(settings.database_url).set_quota(tenant, 100, None)
     key = new_key(settings, tenant)
-    _not_near_a_minute_end(settings)
+    not_near_a_minute_end(settings)
 
     async def burst() -> list:
         async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0) as aio:
@@ -66,7 +52,7 @@ def test_tokens_a_minute_counted_together_all_or_nothing(settings, base_url) -> 
     done = [g for g in got if isinstance(g, openai.types.Completion)]
     refused = [g for g in got if isinstance(g, openai.RateLimitError)]
     assert (len(done), len(refused)) == (100 // COST, 12 - 100 // COST)
-    assert _used(settings, tenant, "minute") == 7 * COST  # the refused ones count nothing
+    assert quota_used(settings, tenant, "minute") == 7 * COST  # the refused ones count nothing
     err = refused[0]
     assert err.status_code == 429 and err.type == "tokens" and err.code == "rate_limit_exceeded"
     assert 1 <= int(err.response.headers["retry-after"]) <= 60
@@ -99,7 +85,7 @@ def test_tokens_a_day_and_the_cli(settings, base_url, monkeypatch, capsys) -> No
             client.chat.completions.create(model="null", messages=messages, max_tokens=10)
         assert "tokens per day" in caught.value.message
         assert 1 <= int(caught.value.response.headers["retry-after"]) <= 86_400
-        assert _used(settings, tenant, "day") == 3 * COST
+        assert quota_used(settings, tenant, "day") == 3 * COST
         assert main(["keys", "quota", tenant]) == 0  # none given: no quota
         assert "no token quota" in capsys.readouterr().out
         client.chat.completions.create(model="null", messages=messages, max_tokens=10)

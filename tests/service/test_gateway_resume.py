@@ -1,8 +1,9 @@
 """Batches survive their gateway: one killed (SIGKILL) while writing a batch's request rows,
 or between enqueueing a chunk of jobs and noting them as sent, is taken on by the next
 gateway's sweep once its lease lapses: every line one job, run once, the output one line per
-custom_id. And a signed tenant's line whose job no worker took within the signature window
-is enqueued again, freshly signed, so the batch completes."""
+custom_id, and each line charged to its tenant's token quota once. And a signed tenant's
+line whose job no worker took within the signature window is enqueued again, freshly signed,
+so the batch completes."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from pathlib import Path
 import openai
 import pytest
 import sqlalchemy as sa
-from gateway_helpers import new_key, serving
+from gateway_helpers import new_key, quota_used, serving
 from service_helpers import records, running_worker
 
+from inferq.params import MAX_TOKENS
+from storage.api_keys import ApiKeys
 from worker.engine.null import NullEngine
 
 pytestmark = pytest.mark.services
@@ -174,9 +177,31 @@ def test_a_batch_whose_gateway_was_killed_is_resumed_once_per_line(
     assert _jobs_of(settings, batch_id) == (LINES, LINES, 0)  # one job per line, run once
 
 
+def test_a_resumed_batch_charges_each_line_once(settings, tmp_path) -> None:
+    tenant = f"quota-resumer-{uuid.uuid4().hex[:8]}"  # unsigned: whole chunks; fresh counters
+    ApiKeys(settings.database_url).set_quota(tenant, None, 10**9)
+    key = new_key(settings, tenant)
+    batch_id = _killed_gateway(settings, "sent:2", key, tmp_path)
+    assert _state(settings, batch_id) == ("in_progress", LINES, 1000)  # chunk 2 not noted
+    with (
+        running_worker(settings, {"null": NullEngine()}),
+        serving(settings) as url,
+        openai.OpenAI(base_url=url, api_key=key, max_retries=0) as client,
+    ):
+        done = _until(client, batch_id, timeout=180)
+    assert done.status == "completed" and done.request_counts.completed == LINES
+    assert _jobs_of(settings, batch_id) == (LINES, LINES, 0)
+    cost = 1 + min(settings.max_new_tokens, MAX_TOKENS)  # a 1-4 character prompt, no max_tokens
+    # chunk 2 was charged and enqueued, not noted as sent: enqueued again, not charged again
+    assert quota_used(settings, tenant, "day") == LINES * cost
+
+
 def test_a_signed_line_not_taken_within_the_window_is_sent_again(settings) -> None:
-    settings = settings.model_copy(update={"signature_window_s": 2.0})
-    key = new_key(settings, TENANT)
+    tenant = f"signed-{uuid.uuid4().hex[:8]}"  # fresh quota counters
+    keys = f"{tenant}={SIGNING_KEY}"
+    settings = settings.model_copy(update={"signature_window_s": 2.0, "tenant_keys": keys})
+    ApiKeys(settings.database_url).set_quota(tenant, None, 10**9)
+    key = new_key(settings, tenant)
     with serving(settings) as url, openai.OpenAI(base_url=url, api_key=key, max_retries=0) as c:
         upload = c.files.create(file=("in.jsonl", _file(10, "s")), purpose="batch")
         batch = c.batches.create(
@@ -193,3 +218,5 @@ def test_a_signed_line_not_taken_within_the_window_is_sent_again(settings) -> No
     jobs, attempts, dead = _jobs_of(settings, batch.id)
     assert (jobs, attempts) == (10, 10)
     assert dead >= 1  # the stale copies were refused; the fresh ones ran
+    cost = 1 + min(settings.max_new_tokens, MAX_TOKENS)
+    assert quota_used(settings, tenant, "day") == 10 * cost  # sent again: not charged again
