@@ -201,6 +201,7 @@ class AsyncSubscriptions:
         self._redis = aioredis.Redis.from_url(url, client_name=NAME, health_check_interval=0)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._flush: asyncio.Task[None] | None = None
 
     def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -210,6 +211,7 @@ class AsyncSubscriptions:
         self._sending = asyncio.Lock()  # one command at a time (the first one connects)
         self._broken = False
         self._closing = False  # the reader's own way out: a cancel can be lost (below)
+        self._flush = None  # the task sending the UNSUBSCRIBEs of ended calls
         self._task = self._loop.create_task(self._read(), name="inferq-notify")
 
     async def watch(self, channels: Iterable[str], confirm_s: float) -> Watch:
@@ -241,16 +243,26 @@ class AsyncSubscriptions:
         return watch.take()
 
     async def unwatch(self, watch: Watch) -> None:
-        """UNSUBSCRIBE at once what nobody watches now (the reader task sends nothing: an
-        UNSUBSCRIBE from it, cancelled by `aclose`, left redis-py's reader hanging)."""
+        """Forget a call, which returns at once: the channels nobody watches now are
+        UNSUBSCRIBEd by one flush task, those of every call that ended meanwhile in one command
+        (an UNSUBSCRIBE per ended call, one after another, made the last of 1,000 calls a burst
+        ended wait for 999 sends; the reader task sends nothing: an UNSUBSCRIBE from it,
+        cancelled by `aclose`, left redis-py's reader hanging)."""
         self._registry.remove(watch)
-        gone = self._registry.take_gone()
-        if gone and not self._broken and self._task is not None and not self._task.done():
-            try:
-                async with self._sending:
+        if self._registry.gone and (self._flush is None or self._flush.done()):
+            self._flush = asyncio.get_running_loop().create_task(self._unsubscribe())
+
+    async def _unsubscribe(self) -> None:
+        await asyncio.sleep(0)  # the other calls the same burst ended leave first
+        if self._task is None or self._task.done():
+            return
+        try:
+            async with self._sending:  # taken under the lock: a SUBSCRIBE sent since counts
+                gone = self._registry.take_gone()
+                if gone and not self._broken:
                     await self._pubsub.unsubscribe(*gone)
-            except redis.RedisError:
-                self._broken = True
+        except redis.RedisError:
+            self._broken = True
 
     async def aclose(self) -> None:
         if self._task is not None and self._loop is asyncio.get_running_loop():
@@ -258,6 +270,8 @@ class AsyncSubscriptions:
             # the timeout's own and dropped; the flag ends the reader's loop then (within
             # READ_S), so this await cannot wait forever.
             self._closing = True
+            if self._flush is not None and not self._flush.done():
+                await asyncio.wait({self._flush}, timeout=READ_S)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

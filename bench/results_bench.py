@@ -26,17 +26,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
+from subprocess import PIPE
 
 import sqlalchemy as sa
 from service_harness import ServiceEnv  # bench/service_harness.py, beside this script
 
 from api_client import AsyncInferqClient, InferqClient
-from inferq.settings import Settings
+from inferq.settings import Settings, get_settings
 from storage.db import build_engine
 from storage.records import TERMINAL_STATUSES
 from storage.repository import Repository
@@ -47,17 +52,27 @@ POLL_S = 0.1  # the old InferqClient.wait's default
 
 
 class Gated(NullEngine):
-    """The null engine, holding every sequence until `gate` is set."""
+    """The null engine, holding every sequence until `gate` is set; then finishing them all
+    in one step (`per_step` 0), or `per_step` of them every `step_s` (as an engine's jobs end
+    over its steps)."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_step: int = 0, step_s: float = 0.02) -> None:
         super().__init__("null", max_num_seqs=256)  # holds 256 x 4 = 1,024 jobs
         self.gate = threading.Event()
+        self.per_step, self.step_s = per_step, step_s
 
     def step(self):
         if not self.gate.is_set():
             time.sleep(0.005)
             return []
-        return super().step()
+        if not self.per_step:
+            return super().step()
+        time.sleep(self.step_s)
+        queued = list(self._queued.items())
+        self._queued = dict(queued[: self.per_step])
+        done = super().step()
+        self._queued = dict(queued[self.per_step :]) | self._queued
+        return done
 
 
 class TimedRepository(Repository):
@@ -96,14 +111,66 @@ def transactions(admin: sa.Engine, db: str) -> int:
         )
 
 
-def run(mode: str, waiters: int, hold_s: float) -> dict:
+class Waiters:
+    """N waiters, one job each: a thread per waiter (`poll`, `notify`), or one thread whose
+    event loop runs a task per waiter (`async`); `woke` has when each wait returned."""
+
+    def __init__(self, mode: str, settings: Settings, db_url: str, ids: list[uuid.UUID]):
+        self.mode, self.ids = mode, ids
+        self.client = InferqClient(settings, tenant="bench")
+        self.reader = Repository(build_engine(db_url))  # the polling producers' own pool
+        self.woke: dict[uuid.UUID, float] = {}
+        self.errors: list[BaseException] = []
+        self.started = threading.Barrier(2 if mode == "async" else len(ids) + 1)
+        if mode == "async":
+            self.threads = [_async_waiters(settings, ids, self.started, self.woke, self.errors)]
+        else:
+            wait = self._wait
+            self.threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in ids]
+
+    def _wait(self, job_id: uuid.UUID) -> None:
+        self.started.wait()
+        try:
+            if self.mode == "poll":
+                poll_wait(self.reader, job_id, "bench", timeout=300)
+            else:
+                self.client.wait(job_id, timeout=300)
+            self.woke[job_id] = time.time()
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+        self.started.wait()
+        time.sleep(1.0)  # every waiter is waiting (subscribed, or polling)
+
+    def join(self) -> dict[uuid.UUID, float]:
+        for t in self.threads:
+            t.join(300)
+        self.client.close()
+        self.reader.engine.dispose()
+        if self.errors:
+            raise self.errors[0]
+        return self.woke
+
+
+def _child() -> None:
+    """The waiters in a process of their own (`--apart`): the job ids and URLs come as one
+    JSON line on stdin; "ready" once every waiter waits; then the wake-ups as one JSON line."""
+    spec = json.loads(sys.stdin.readline())
+    settings = get_settings(broker_url=spec["broker"], database_url=spec["db"], queue="bench")
+    waiters = Waiters(spec["mode"], settings, spec["db"], [uuid.UUID(i) for i in spec["ids"]])
+    waiters.start()
+    print("ready", flush=True)
+    print(json.dumps({str(k): v for k, v in waiters.join().items()}), flush=True)
+
+
+def run(mode: str, waiters: int, hold_s: float, apart: bool, per_step: int = 0) -> dict:
     with ServiceEnv(f"results_{mode}_{waiters}", model="null", heartbeat_s=5.0) as env:
         worker_repo = TimedRepository(env.url)
-        gated = Gated()
+        gated = Gated(per_step)
         client = InferqClient(env.settings, tenant="bench")
-        reader = Repository(build_engine(env.url))  # the polling producers' own pool
-        woke: dict[uuid.UUID, float] = {}
-        errors: list[BaseException] = []
         with WorkerService(env.settings, engines={"null": gated}, repo=worker_repo) as worker:
             published = _timed_writes(worker)
             ids = client.submit_many(
@@ -113,43 +180,36 @@ def run(mode: str, waiters: int, hold_s: float) -> dict:
             while len(worker.ledger) < waiters:  # every job claimed and held
                 assert time.monotonic() < deadline, f"{len(worker.ledger)} of {waiters} held"
                 time.sleep(0.05)
-            started = threading.Barrier(2 if mode == "async" else waiters + 1)
-
-            def wait(job_id: uuid.UUID) -> None:
-                started.wait()
-                try:
-                    if mode == "poll":
-                        poll_wait(reader, job_id, "bench", timeout=300)
-                    else:
-                        client.wait(job_id, timeout=300)
-                    woke[job_id] = time.time()
-                except BaseException as exc:
-                    errors.append(exc)
-
-            if mode == "async":
-                threads = [_async_waiters(env.settings, ids, started, woke, errors)]
+            if apart:
+                child = subprocess.Popen(
+                    [sys.executable, __file__, "--child"], stdin=PIPE, stdout=PIPE, text=True
+                )
+                spec = {"mode": mode, "broker": env.settings.broker_url, "db": env.url}
+                assert child.stdin is not None and child.stdout is not None
+                child.stdin.write(json.dumps({**spec, "ids": [str(i) for i in ids]}) + "\n")
+                child.stdin.flush()
+                assert child.stdout.readline().strip() == "ready", "the waiters' process failed"
             else:
-                threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in ids]
-
-            for t in threads:
-                t.start()
-            started.wait()
-            time.sleep(1.0)  # every waiter is waiting (subscribed, or polling)
+                local = Waiters(mode, env.settings, env.url, ids)
+                local.start()
             before, t0 = transactions(env.admin, env.db), time.monotonic()
             time.sleep(hold_s)
             held_tps = (transactions(env.admin, env.db) - before) / (time.monotonic() - t0)
             gated.gate.set()
-            for t in threads:
-                t.join(300)
+            if apart:
+                line = child.stdout.readline()
+                assert child.wait(60) == 0 and line, "the waiters' process failed"
+                woke = {uuid.UUID(k): v for k, v in json.loads(line).items()}
+            else:
+                woke = local.join()
         client.close()
-        reader.engine.dispose()
-    if errors:
-        raise errors[0]
     lat_ms = sorted((woke[i] - worker_repo.committed[i]) * 1000 for i in ids)
     pub_ms = [(published[i] - worker_repo.committed[i]) * 1000 for i in ids]
     q = statistics.quantiles(lat_ms, n=20) if len(lat_ms) > 1 else lat_ms * 19
     return {
         "mode": mode,
+        "where": "apart" if apart else "with worker",
+        "release": f"{per_step} per {gated.step_s * 1000:.0f} ms" if per_step else "all at once",
         "waiters": waiters,
         "p50": statistics.median(lat_ms),
         "p95": q[18],
@@ -245,7 +305,22 @@ def main() -> None:
     parser.add_argument("--modes", default="poll,notify,async")
     parser.add_argument("--hold-s", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument(
+        "--with-worker",
+        action="store_true",
+        help="the waiters in the worker's process (before 2026-12-06: the published figures "
+        "up to then), not in a process of their own",
+    )
+    parser.add_argument(
+        "--release",
+        default="all",
+        help="how the held jobs end: 'all' in one step (a burst), or N: N every 20 ms (as an "
+        "engine's jobs end over its steps); a list runs each",
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return _child()
     rows = []
     for waiters in map(int, args.waiters.split(",")):
         threaded, tasks = wake_floor(waiters)
@@ -254,23 +329,26 @@ def main() -> None:
             f"(threads), {tasks:.2f} ms (asyncio tasks)",
             flush=True,
         )
-        for mode in args.modes.split(","):
-            row = run(mode, waiters, args.hold_s)
+        for mode, release in itertools.product(args.modes.split(","), args.release.split(",")):
+            per_step = 0 if release == "all" else int(release)
+            row = run(mode, waiters, args.hold_s, not args.with_worker, per_step)
             rows.append(row)
             print(
-                f"{mode:>6} {waiters:>5} waiters: wake-up after commit p50 {row['p50']:.1f} ms, "
+                f"{mode:>6} {waiters:>5} waiters, {row['release']}: wake-up after commit p50 "
+                f"{row['p50']:.1f} ms, "
                 f"p95 {row['p95']:.1f} ms, max {row['max']:.1f} ms (published p50 "
                 f"{row['pub']:.1f} ms); PostgreSQL {row['tps']:.1f} transactions/s while "
                 "waiting",
                 flush=True,
             )
     lines = [
-        "| waiters | mode | wake-up after commit p50 ms | p95 ms | max ms | published after "
-        "commit p50 ms | PostgreSQL transactions/s while waiting |",
-        "|---|---|---|---|---|---|---|",
+        "| waiters | mode | waiters' process | jobs end | wake-up after commit p50 ms | p95 ms "
+        "| max ms | published after commit p50 ms | PostgreSQL transactions/s while waiting |",
+        "|---|---|---|---|---|---|---|---|---|",
         *(
-            f"| {r['waiters']} | {r['mode']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['max']:.1f} "
-            f"| {r['pub']:.1f} | {r['tps']:.1f} |"
+            f"| {r['waiters']} | {r['mode']} | {r['where']} | {r['release']} | {r['p50']:.1f} "
+            f"| {r['p95']:.1f} "
+            f"| {r['max']:.1f} | {r['pub']:.1f} | {r['tps']:.1f} |"
             for r in rows
         ),
     ]

@@ -170,6 +170,45 @@ def test_an_ended_wait_leaves_its_channel_to_the_reader_and_a_new_wait_keeps_it(
     client.close()
 
 
+def test_async_ended_waits_unsubscribe_together_and_a_new_wait_keeps_its_channel(
+    settings, r
+) -> None:
+    """An ended async wait returns without a round trip: one flush task UNSUBSCRIBEs what
+    the calls that ended meanwhile left; a channel watched again before it runs stays
+    subscribed and wakes its new wait; once nobody watches, nothing stays subscribed."""
+
+    def unsubscribes() -> int:
+        return int(r.info("commandstats").get("cmdstat_unsubscribe", {}).get("calls", 0))
+
+    async def main() -> tuple[uuid.UUID, dict[uuid.UUID, bytes | str | None]]:
+        client = AsyncInferqClient(settings)
+        hub, ids = client.subscriptions, [uuid.uuid4() for _ in range(300)]
+        watches = [await hub.watch([result_key(i)], confirm_s=10) for i in ids]
+        assert sum(int(c["sub"]) for c in _notify_connections(r)) == len(ids)
+        before = unsubscribes()
+        for watch in watches:
+            await hub.unwatch(watch)
+        again = await hub.watch([result_key(ids[0])], confirm_s=10)
+        deadline = time.monotonic() + 5
+        while sum(int(c["sub"]) for c in _notify_connections(r)) > 1:
+            assert time.monotonic() < deadline, _notify_connections(r)
+            await asyncio.sleep(0.02)
+        _finish(r, [ids[0]])
+        heard: dict[uuid.UUID, bytes | str | None] = {}
+        while ids[0] not in heard and time.monotonic() < deadline:
+            heard.update(await hub.wait(again, deadline - time.monotonic()))
+        assert unsubscribes() - before < 10  # one command for many ended calls, not 300
+        await hub.unwatch(again)
+        while _notify_connections(r):
+            assert time.monotonic() < deadline, _notify_connections(r)
+            await asyncio.sleep(0.02)
+        await client.aclose()
+        return ids[0], heard
+
+    job_id, heard = asyncio.run(main())
+    assert heard == {job_id: r.get(result_key(job_id))}
+
+
 def test_a_result_written_before_the_wait_is_found(settings, r) -> None:
     job_id = uuid.uuid4()
     r.set(result_key(job_id), _done(job_id))  # no notification at all

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from service_helpers import GatedEngine, producer, running_worker, wait_status
 
 from api_client import InferqClient
@@ -166,3 +169,25 @@ def _job_of(raw: bytes | None) -> dict:
     assert raw is not None
     meta = json.loads(raw)
     return meta.get("job") or meta["result"]
+
+
+def test_a_waiting_handoff_returns_once_written_and_not_through_an_outage(
+    redis_url: str,
+) -> None:
+    """`publish_views(wait=True)` (the sink's) returns once the thread has written the views;
+    while Redis is away it returns after the first failed try and the thread retries on."""
+    settings = get_settings(broker_url=redis_url)
+    publisher = ResultPublisher(settings, NoReads(), redis.Redis.from_url(redis_url), Metrics())
+    publisher.start()
+    a = uuid.uuid4()
+    publisher.publish_views([_view(a, "done")], wait=True)
+    r = redis.Redis.from_url(redis_url)
+    assert r.get(result_key(a)) is not None  # written before the call returned
+    nobody = redis.Redis(port=1, retry=Retry(NoBackoff(), 0))  # nothing listens there
+    away = ResultPublisher(settings, NoReads(), nobody, Metrics())
+    away.start()
+    t0 = time.monotonic()
+    away.publish_views([_view(uuid.uuid4(), "done")], wait=True)
+    assert time.monotonic() - t0 < 0.9  # the first failure released it, before HANDOFF_WAIT_S
+    publisher.stop()
+    away.stop(timeout=0.5)

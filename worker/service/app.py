@@ -199,14 +199,18 @@ class WorkerService:
         return publisher, listener, streamer
 
     def _publish(
-        self, job_ids: list[uuid.UUID], views: Mapping[uuid.UUID, JobView | None] | None = None
+        self,
+        job_ids: list[uuid.UUID],
+        views: Mapping[uuid.UUID, JobView | None] | None = None,
+        wait: bool = False,
     ) -> None:
-        """Publish these jobs' states: from the committed `views` where given, else read."""
+        """Publish these jobs' states: from the committed `views` where given, else read
+        (`wait`: until the publisher has tried to write the views)."""
         if self.publisher is None:
             return
         views = views or {}
         given = [v for i in job_ids if (v := views.get(i)) is not None]
-        self.publisher.publish_views(given)
+        self.publisher.publish_views(given, wait=wait)
         self.publisher.publish([i for i in job_ids if views.get(i) is None])
 
     def _claimed(
@@ -220,8 +224,9 @@ class WorkerService:
         return states
 
     def _acknowledge(self, job_ids: list[uuid.UUID], views: dict[uuid.UUID, JobView]) -> None:
-        """Outcomes committed (the sink): their states published, their messages done."""
-        self._publish(job_ids, views)
+        """Outcomes committed (the sink): their states published (the sink waits for the
+        write: see `publisher.py`), their messages done."""
+        self._publish(job_ids, views, wait=True)
         self.intake.acknowledge(job_ids)
         self.webhooks.wake()  # the outcomes just committed may owe webhooks
 
