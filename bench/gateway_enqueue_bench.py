@@ -1,11 +1,13 @@
 """Gateway enqueue benchmark: requests/s and the gateway's CPU per request on the path that
 does not wait (`POST /v1/chat/completions` with `Prefer: respond-async`: validate, enqueue,
-answer 202), with the job sent by Celery's producer in a thread (`celery`, as before) or
-pushed as Celery's own message in one pipelined Redis round trip (`push`, now), alternated in
-one run so that drift in the machine's load falls on both.
+answer 202), gateway processes of one commit alternated in one run so that drift in the
+machine's load falls on each: `push` (now: the job pushed as Celery's own message in one
+pipelined Redis round trip, uvicorn on httptools and uvloop), `push-h11` (the same with
+httptools and uvloop unimportable: uvicorn's h11 and asyncio, as before they were installed),
+`celery` (the job sent by Celery's producer in a thread, as before commit 9871e74).
 
 Usage: .venv/bin/python bench/gateway_enqueue_bench.py [--requests 5000] [--concurrency 64]
-[--rounds 3] [--out bench/out]
+[--rounds 3] [--modes push-h11,push] [--out bench/out]
 Needs the local Redis (INFERQ_BENCH_REDIS) and PostgreSQL. A null-engine worker starts so that
 the model is live, then is stopped (SIGSTOP) while the gateway is measured, so that the
 gateway, Redis and the load (httpx, asyncio, this process) share the cores, not the worker.
@@ -32,9 +34,13 @@ from storage.api_keys import ApiKeys
 
 CHAT = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
 # `inferq serve`, with `celery`: AsyncInferqClient.send as it was before commit 9871e74
-# (Celery's producer in a thread, Celery's own kwargsrepr)
+# (Celery's producer in a thread, Celery's own kwargsrepr); with `push-h11`: without httptools
+# and uvloop (`inferq serve` falls back to h11 and asyncio as if they were not installed)
+MODES = ("celery", "push", "push-h11")
 SERVE = """
 import asyncio, sys
+if sys.argv[1] == "push-h11":
+    sys.modules["httptools"] = sys.modules["uvloop"] = None
 import api_client.wire
 from api_client.aio import AsyncInferqClient
 async def send(self, msg):
@@ -99,8 +105,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default="push-h11,push", help=f"of {', '.join(MODES)}")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if not set(modes) <= set(MODES):
+        parser.error(f"--modes: of {', '.join(MODES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with ServiceEnv("gateway_enqueue") as env:
@@ -109,7 +119,7 @@ def main() -> None:
         r = redis.Redis.from_url(env.settings.broker_url or "")
         try:
             for rnd in range(args.rounds):
-                for mode in ("celery", "push"):
+                for mode in modes:
                     port = _port()
                     base = f"http://127.0.0.1:{port}/v1"
                     gateway = _serve(env, mode, port, args.out / "enqueue_serve.log")
@@ -138,7 +148,7 @@ def _write(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
     lines = [
         f"{args.requests} requests at concurrency {args.concurrency} per row, alternated",
         "",
-        "| round | send | req/s | p50 ms | p95 ms | gateway CPU ms/req | queued | resent | load |",
+        "| round | mode | req/s | p50 ms | p95 ms | gateway CPU ms/req | queued | resent | load |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -4,6 +4,7 @@ keys: create, list, revoke; and tenants' token quotas)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import uuid
 
@@ -14,19 +15,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway import create_app
-    from inferq.logs import configure_logging
+    from inferq.logs import configure_logging, get_logger
 
     configure_logging(args.loglevel)
+    # uvloop's loop and httptools' parser where they import ([gateway] installs both), else
+    # uvicorn's pure-Python asyncio and h11 (docs/gateway.md: the enqueue path's CPU)
+    loop, http = _importable_or("uvloop", "asyncio"), _importable_or("httptools", "h11")
+    get_logger("inferq.gateway").info(
+        "gateway.serve", host=args.host, port=args.port, loop=loop, http=http
+    )
     uvicorn.run(
         create_app(),
         host=args.host,
         port=args.port,
+        loop=loop,
+        http=http,
         workers=1,
         log_config=None,
         access_log=False,
         proxy_headers=True,
     )
     return 0
+
+
+def _importable_or(module: str, fallback: str) -> str:
+    """`module` (uvicorn's name for the implementation it provides) if it imports, else
+    `fallback`."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return fallback
+    return module
 
 
 def _keys():
