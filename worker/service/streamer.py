@@ -1,7 +1,10 @@
 """The streamer: appends each engine step's text deltas to the jobs' Redis Streams
 (`inferq:stream:<job id>`, read by `api_client.streams`), on a thread of its own, so the
 engine loop does no I/O: it hands over one list per step (`put`), and each Redis round trip
-carries every list waiting by then.
+carries every list waiting by then, each job's consecutive pieces joined into one entry
+(`coalesce`: the streamer runs only where the engine leaves a core idle, so a round trip often
+carries several steps; one entry instead of one per step saves Redis and every reader the
+difference).
 
 Per delta: XADD `{o: characters before it, d: text}` (and `end`: the finish reason on the
 last one), trimmed to `max_new_tokens + 16` entries (a job adds at most one per token, so a
@@ -22,7 +25,7 @@ import redis
 from api_client.results import stream_key
 from inferq.logs import get_logger
 from inferq.settings import Settings
-from worker.engine.api import TextDelta
+from worker.engine.api import SeqId, TextDelta
 from worker.service.metrics import Metrics
 from worker.service.priority import as_helper_thread
 
@@ -70,7 +73,7 @@ class Streamer:
                 except queue.Empty:
                     break
             try:
-                self.write(batch)
+                self.write(coalesce(batch))
             except Exception as exc:  # readers take the rest from the result
                 self.metrics.retries.labels("streamer").inc()
                 log.warning("streamer.write_failed", deltas=len(batch), error=type(exc).__name__)
@@ -90,3 +93,18 @@ class Streamer:
             pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
             pipe.expire(key, self.expires_s)
         pipe.execute()
+
+
+def coalesce(deltas: list[TextDelta]) -> list[TextDelta]:
+    """Each job's pieces in order, a piece that continues the one before (its `start` is where
+    that one ended, and that one did not end the job) joined to it; a piece that starts a new
+    run (`start` 0) stays apart, so its stream is still cleared first."""
+    runs: dict[SeqId, list[TextDelta]] = {}
+    for d in deltas:
+        pieces = runs.setdefault(d.seq_id, [])
+        last = pieces[-1] if pieces else None
+        if last is not None and last.end is None and 0 < d.start == last.start + len(last.text):
+            pieces[-1] = TextDelta(d.seq_id, last.start, last.text + d.text, d.end)
+        else:
+            pieces.append(d)
+    return [d for pieces in runs.values() for d in pieces]
