@@ -83,7 +83,7 @@ class Sweeper:
             log.warning("sweeper.final_heartbeat_failed", error=type(exc).__name__)
 
     def _run(self) -> None:
-        as_helper_thread(liveness=True)  # the heartbeat: peers requeue a silent worker's jobs
+        as_helper_thread()
         while True:
             self.metrics.held.set(self._held())
             try:
