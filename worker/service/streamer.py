@@ -2,9 +2,8 @@
 (`inferq:stream:<job id>`, read by `api_client.streams`), on a thread of its own, so the
 engine loop does no I/O: it hands over one list per step (`put`), and each Redis round trip
 carries every list waiting by then, each job's consecutive pieces joined into one entry
-(`coalesce`: the streamer runs only where the engine leaves a core idle, so a round trip often
-carries several steps; one entry instead of one per step saves Redis and every reader the
-difference).
+(`coalesce`: when a round trip carries several steps, one entry instead of one per step saves
+Redis and every reader the difference).
 
 Per delta: XADD `{o: characters before it, d: text}` (and `end`: the finish reason on the
 last one), trimmed to `max_new_tokens + 16` entries (a job adds at most one per token, so a
