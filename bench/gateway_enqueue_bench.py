@@ -6,26 +6,29 @@ pipelined Redis round trip, uvicorn on httptools and uvloop), `push-h11` (the sa
 httptools and uvloop unimportable: uvicorn's h11 and asyncio, as before they were installed),
 `celery` (the job sent by Celery's producer in a thread, as before commit 9871e74).
 
+`--processes 1,2` runs each mode with that many gateway processes (`inferq serve --workers N`).
+
 Usage: .venv/bin/python bench/gateway_enqueue_bench.py [--requests 5000] [--concurrency 64]
-[--rounds 3] [--modes push-h11,push] [--out bench/out]
+[--rounds 3] [--modes push-h11,push] [--processes 1] [--out bench/out]
 Needs the local Redis (INFERQ_BENCH_REDIS) and PostgreSQL. A null-engine worker starts so that
 the model is live, then is stopped (SIGSTOP) while the gateway is measured, so that the
-gateway, Redis and the load (httpx, asyncio, this process) share the cores, not the worker.
+gateway, Redis and the load share the cores, not the worker. The load comes from
+`http_load.py` in a process of its own (keep-alive connections, prebuilt requests: tens of
+microseconds a request, where httpx took about a millisecond of the same two cores).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import itertools
+import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-import httpx
 import redis
 from gateway_bench import _port, _wait_ready  # beside this script
 from service_harness import ServiceEnv, proc_cpu_s, start_worker, stop_worker
@@ -49,11 +52,11 @@ if sys.argv[1] == "celery":
     AsyncInferqClient.send = send
     api_client.wire.kwargs_repr = lambda message: None
 from inferq.cli import main
-sys.exit(main(["serve", "--port", sys.argv[2], "--loglevel", "WARNING"]))
+sys.exit(main(["serve", "--port", sys.argv[2], "--workers", sys.argv[3], "--loglevel", "WARNING"]))
 """
 
 
-def _serve(env: ServiceEnv, mode: str, port: int, log: Path) -> subprocess.Popen:
+def _serve(env: ServiceEnv, mode: str, port: int, procs: int, log: Path) -> subprocess.Popen:
     environ = {
         **os.environ,
         "INFERQ_BROKER_URL": env.settings.broker_url or "",
@@ -61,43 +64,31 @@ def _serve(env: ServiceEnv, mode: str, port: int, log: Path) -> subprocess.Popen
         "INFERQ_QUEUE": env.settings.queue,
         "INFERQ_WORKER_DEAD_AFTER_S": "86400",  # the stopped worker still serves "null"
     }
-    cmd = [sys.executable, "-c", SERVE, mode, str(port)]
+    cmd = [sys.executable, "-c", SERVE, mode, str(port), str(procs)]
     return subprocess.Popen(cmd, env=environ, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-async def _load(base: str, key: str, model: str, n: int, concurrency: int, pid: int) -> dict:
-    request = {"model": model, **CHAT}
-    headers = {"Authorization": f"Bearer {key}", "Prefer": "respond-async"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    latencies: list[float] = []
-    errors = 0  # connections the server dropped (counted, then the request is sent again)
-    left = iter(range(n))
-    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits) as http:
+def _load(port: int, key: str, model: str, n: int, concurrency: int, pids: list[int]) -> dict:
+    """`n` requests from the lean load generator (`http_load.py`) in a process of its own."""
+    body = json.dumps({"model": model, **CHAT}).encode()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        f.write(body)
+        f.flush()
+        cmd = [sys.executable, str(Path(__file__).with_name("http_load.py")), "127.0.0.1"]
+        cmd += [str(port), "/v1/chat/completions", f.name, str(n), str(concurrency)]
+        cmd += [f"Authorization: Bearer {key}", "Prefer: respond-async"]
+        cpu0 = sum(proc_cpu_s(pid) for pid in pids)
+        load = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        cpu = sum(proc_cpu_s(pid) for pid in pids) - cpu0
+    row = json.loads(load.stdout)
+    assert row["statuses"] == {"202": n}, row["statuses"]
+    return {**row, "cpu_ms": cpu / n * 1000}
 
-        async def lane() -> None:
-            nonlocal errors
-            for _ in left:
-                t0 = time.perf_counter()
-                while True:
-                    try:
-                        answer = await http.post("/chat/completions", json=request)
-                        break
-                    except httpx.TransportError:
-                        errors += 1
-                assert answer.status_code == 202, answer.text
-                latencies.append(time.perf_counter() - t0)
 
-        cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
-        await asyncio.gather(*(lane() for _ in range(concurrency)))
-        wall, cpu = time.perf_counter() - t0, proc_cpu_s(pid) - cpu0
-    latencies.sort()
-    return {
-        "req_s": n / wall,
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p95_ms": latencies[int(0.95 * (len(latencies) - 1))] * 1000,
-        "cpu_ms": cpu / n * 1000,
-        "errors": errors,
-    }
+def _gateway_pids(gateway: subprocess.Popen) -> list[int]:
+    """The gateway's process and, with `--workers`, the processes it forked."""
+    children = Path(f"/proc/{gateway.pid}/task/{gateway.pid}/children").read_text().split()
+    return [gateway.pid, *map(int, children)]
 
 
 def main() -> None:
@@ -106,8 +97,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="push-h11,push", help=f"of {', '.join(MODES)}")
+    parser.add_argument("--processes", default="1", help="gateway processes (--workers), e.g. 1,2")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
+    processes = [int(n) for n in args.processes.split(",")]
     modes = args.modes.split(",")
     if not set(modes) <= set(MODES):
         parser.error(f"--modes: of {', '.join(MODES)}")
@@ -119,16 +112,16 @@ def main() -> None:
         r = redis.Redis.from_url(env.settings.broker_url or "")
         try:
             for rnd in range(args.rounds):
-                for mode in modes:
+                for mode, procs in itertools.product(modes, processes):
                     port = _port()
-                    base = f"http://127.0.0.1:{port}/v1"
-                    gateway = _serve(env, mode, port, args.out / "enqueue_serve.log")
+                    gateway = _serve(env, mode, port, procs, args.out / "enqueue_serve.log")
                     try:
-                        _wait_ready(base, key)
+                        _wait_ready(f"http://127.0.0.1:{port}/v1", key)
+                        pids = _gateway_pids(gateway)
                         os.kill(worker.pid, signal.SIGSTOP)
                         model, c = env.settings.model, args.concurrency
-                        asyncio.run(_load(base, key, model, 200, c, gateway.pid))  # warm up
-                        row = asyncio.run(_load(base, key, model, args.requests, c, gateway.pid))
+                        _load(port, key, model, 200, c, pids)  # warm up
+                        row = _load(port, key, model, args.requests, c, pids)
                     finally:
                         stop_worker(gateway)
                         os.kill(worker.pid, signal.SIGCONT)
@@ -136,7 +129,8 @@ def main() -> None:
                     lists = r.keys(f"{env.settings.queue}*")
                     queued = sum(r.llen(k) for k in lists) + r.hlen("unacked")
                     r.delete(*lists, "unacked", "unacked_index")
-                    row.update(round=rnd + 1, mode=mode, queued=queued, load=os.getloadavg()[0])
+                    row.update(round=rnd + 1, mode=mode, procs=procs, queued=queued)
+                    row.update(load=os.getloadavg()[0])
                     rows.append(row)
                     print(row, flush=True)
         finally:
@@ -148,14 +142,13 @@ def _write(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
     lines = [
         f"{args.requests} requests at concurrency {args.concurrency} per row, alternated",
         "",
-        "| round | mode | req/s | p50 ms | p95 ms | gateway CPU ms/req | queued | resent | load |",
+        "| round | mode | processes | req/s | p50 ms | p95 ms | CPU ms/req | queued | load |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['round']} | {r['mode']} | {r['req_s']:.0f} | {r['p50_ms']:.1f} | "
-            f"{r['p95_ms']:.1f} | {r['cpu_ms']:.2f} | {r['queued']} | {r['errors']} | "
-            f"{r['load']:.1f} |"
+            f"| {r['round']} | {r['mode']} | {r['procs']} | {r['req_s']:.0f} | {r['p50_ms']:.1f} | "
+            f"{r['p95_ms']:.1f} | {r['cpu_ms']:.2f} | {r['queued']} | {r['load']:.1f} |"
         )
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

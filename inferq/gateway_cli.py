@@ -4,11 +4,18 @@ keys: create, list, revoke; and tenants' token quotas)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import importlib
+import os
+import signal
 import sys
 import uuid
+from typing import Any
 
 from inferq.settings import get_settings
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -22,20 +29,77 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn's pure-Python asyncio and h11 (docs/gateway.md: the enqueue path's CPU)
     loop, http = _importable_or("uvloop", "asyncio"), _importable_or("httptools", "h11")
     get_logger("inferq.gateway").info(
-        "gateway.serve", host=args.host, port=args.port, loop=loop, http=http
+        "gateway.serve", host=args.host, port=args.port, workers=args.workers, loop=loop, http=http
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(),
         host=args.host,
         port=args.port,
         loop=loop,
         http=http,
-        workers=1,
         log_config=None,
         access_log=False,
         proxy_headers=True,
     )
-    return 0
+    if args.workers == 1:
+        uvicorn.Server(config).run()
+        return 0
+    return _serve_forked(config, args.workers)
+
+
+def _serve_forked(config: Any, workers: int) -> int:
+    """`workers` gateway processes accepting on one listening socket (the kernel spreads the
+    connections): bound here, then each process forked with the app built and no thread or
+    event loop started yet. They leave with this one (SIGTERM or SIGINT here: each drains as
+    it would alone); when one ends, the others are stopped and its exit status is returned,
+    so that whatever runs `inferq serve` restarts the whole of it."""
+    import uvicorn
+
+    sock = config.bind_socket()
+    pids = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a gateway process, in a process group of its own: a terminal's ^C
+            # reaches only this one, which stops each once (a second SIGINT would not drain)
+            os.setpgid(0, 0)
+            _die_with_parent()
+            code = 1
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    sock.close()
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    ended, status = os.wait()
+    pids.remove(ended)
+    stopped_here = stopping
+    stop(signal.SIGTERM, None)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if stopped_here and code == -signal.SIGTERM:  # uvicorn re-raises the signal it drained on
+        return 0
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this process when its parent ends (Linux; elsewhere nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _importable_or(module: str, fallback: str) -> str:
@@ -116,11 +180,21 @@ def _quota_options(parser: argparse.ArgumentParser, lead: str) -> None:
     parser.add_argument("--tpd", type=int, help=f"{lead}{what} a day (UTC)")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {value}")
+    return value
+
+
 def add_parsers(verbs: argparse._SubParsersAction) -> None:
     serve = verbs.add_parser("serve", help="the OpenAI-compatible HTTP gateway (docs/gateway.md)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument(
+        "--workers", type=_positive, default=1, help="gateway processes on the one port"
+    )
     serve.set_defaults(func=_cmd_serve)
 
     keys = verbs.add_parser("keys", help="the gateway's API keys (one tenant each)")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import uvicorn
@@ -21,12 +20,11 @@ from inferq.cli import main
 
 def _served_config(monkeypatch: pytest.MonkeyPatch) -> uvicorn.Config:
     """The Config `inferq serve` hands uvicorn, loaded (its protocol class imported)."""
-    calls: list[tuple[Any, dict[str, Any]]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    calls: list[uvicorn.Config] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: calls.append(self.config))
     monkeypatch.setattr(logs, "configure_logging", lambda level: None)  # json_logs' stays
     assert main(["serve", "--port", "0"]) == 0
-    ((app, options),) = calls
-    config = uvicorn.Config(app, **options)
+    (config,) = calls
     config.load()
     return config
 
