@@ -19,6 +19,7 @@ from api_client.notify import AsyncSubscriptions, Watch
 from api_client.producer import Producer, tenant_view
 from api_client.results import result_key
 from api_client.schema import JobMessage
+from api_client.stream_reads import AsyncStreamReads
 from inferq.settings import Settings
 from storage.records import JobView
 
@@ -38,6 +39,7 @@ class AsyncInferqClient(Producer):
             client.celery = self.celery
             client.__dict__["redis"] = self.redis
             client.__dict__["subscriptions"] = self.subscriptions
+            client.__dict__["stream_reads"] = self.stream_reads
             client.__dict__["broker_redis"] = self.broker_redis
             client._declared, client._reply_to = self._declared, self._reply_to
         return client
@@ -53,6 +55,11 @@ class AsyncInferqClient(Producer):
         """The one subscription all this client's waits share (`api_client.notify`)."""
         return AsyncSubscriptions(self.result_url)
 
+    @cached_property
+    def stream_reads(self) -> AsyncStreamReads:
+        """The one XREAD all this client's stream reads share (`api_client.stream_reads`)."""
+        return AsyncStreamReads(self.result_url, self.redis)
+
     def __init__(
         self, settings: Settings | None = None, tenant: str | None = None, key: str | None = None
     ) -> None:
@@ -64,6 +71,8 @@ class AsyncInferqClient(Producer):
         await asyncio.to_thread(self.celery.close)
         if "subscriptions" in self.__dict__:
             await self.subscriptions.aclose()
+        if "stream_reads" in self.__dict__:
+            await self.stream_reads.aclose()
         broker = self.__dict__.get("broker_redis")
         if "redis" in self.__dict__:
             await self.redis.aclose()
@@ -161,8 +170,7 @@ class AsyncInferqClient(Producer):
                         assert watch is not None
                         reply = await self.subscriptions.wait(watch, seconds)
                     case plans.XRead(key, last_id, count, block_ms):
-                        got = await self.redis.xread({key: last_id}, count, block_ms)
-                        reply = got[0][1] if got else []
+                        reply = await self.stream_reads.read(key, last_id, count, block_ms)
                     case plans.Send(commands):
                         async with self.redis.pipeline(transaction=False) as pipe:
                             for command in commands:

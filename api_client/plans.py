@@ -23,9 +23,10 @@ from api_client.results import CANCEL_CHANNEL, cancel_key, result_key
 from api_client.streams import StreamReader
 from storage.records import TERMINAL_STATUSES, JobStatus, JobView
 
-# Redis connections one client may hold: waits share one subscription, but each stream being
-# read blocks one connection (XREAD), so an app with a thousand concurrent streams needs a
-# thousand (redis-py's own default is 100).
+# Redis connections one client may hold: waits share one subscription, and an asyncio client's
+# stream reads one XREAD, but each stream a blocking client reads blocks one connection (its
+# thread's XREAD), so a thread per stream for a thousand streams needs a thousand (redis-py's
+# own default is 100).
 MAX_CONNECTIONS = 10_000
 
 
