@@ -3,12 +3,16 @@ to the queue with `AsyncInferqClient`, on the null engine (so the service's own 
 that is measured), and a batch file round trip (upload, run, download, custom_ids one to one).
 
 Usage: .venv/bin/python bench/gateway_bench.py [--requests 2000] [--concurrency 1,64]
-[--batch-lines 10000] [--out bench/out]
+[--batch-lines 10000] [--workers 1] [--out bench/out]
 Needs the local Redis and PostgreSQL. One worker process (INFERQ_ENGINE=null) and one gateway
-process (`inferq serve`) start on a fresh database; the load comes from this process (httpx,
-asyncio). Latency is per request, send to answer, as the caller sees it; "added" is the
-gateway's p50 minus the direct client's p50 at the same concurrency. Everything shares the
-machine's cores: the worker, the gateway, Redis, PostgreSQL and the load generator.
+process (`inferq serve`, `--workers N` processes) start on a fresh database. The gateway's
+throughput is measured with the lean load generator (`http_load.py`, a process of its own),
+the direct path's with `AsyncInferqClient` here; latency in this process (asyncio), the
+gateway's over `http_load.KeepAlive` connections (what an HTTP client adds is not the
+gateway's), the direct path's through `AsyncInferqClient`. Latency is per request, send to
+answer; "added" is the gateway's p50 minus the direct client's p50 at the same concurrency.
+Everything shares the machine's cores: the worker, the gateway, Redis, PostgreSQL and the
+load generator.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
 import os
 import socket
@@ -26,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+from http_load import KeepAlive, load_in_process, request_bytes
 from service_harness import (  # beside this script
     ServiceEnv,
     proc_cpu_s,
@@ -45,7 +51,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(env: ServiceEnv, port: int, log: Path) -> subprocess.Popen:
+def _serve(env: ServiceEnv, port: int, workers: int, log: Path) -> subprocess.Popen:
     environ = {
         **os.environ,
         "INFERQ_BROKER_URL": env.settings.broker_url or "",
@@ -59,6 +65,8 @@ def _serve(env: ServiceEnv, port: int, log: Path) -> subprocess.Popen:
         "serve",
         "--port",
         str(port),
+        "--workers",
+        str(workers),
         "--loglevel",
         "WARNING",
     ]
@@ -82,47 +90,58 @@ async def _load(n: int, concurrency: int, one) -> tuple[float, list[float]]:
 
 
 async def _measure(
-    env: ServiceEnv, base: str, key: str, n: int, concurrency: int, pid: int
+    env: ServiceEnv, port: int, key: str, n: int, concurrency: int, pids: list[int]
 ) -> dict:
-    """Throughput of each path alone (`n` requests each), then latency with the two paths
-    interleaved in every lane (a gateway request, then a direct one), so that drift in the
-    machine's load falls on both alike."""
-    model = env.settings.model
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    client = AsyncInferqClient(env.settings)
-    async with httpx.AsyncClient(
-        base_url=base, timeout=120, limits=limits, headers={"Authorization": f"Bearer {key}"}
-    ) as http:
+    """Throughput of each path alone (`n` requests each; the gateway's from the lean load
+    generator in a process of its own), then latency with the two paths interleaved in every
+    lane (a gateway request and a direct one, each first in every other pair), so that drift
+    in the machine's load falls on both alike."""
+    model, client = env.settings.model, AsyncInferqClient(env.settings)
+    auth = {"Authorization": f"Bearer {key}"}
+    body = json.dumps({"model": model, **CHAT}).encode()
+    request = request_bytes("127.0.0.1", "/v1/chat/completions", body, auth)
+    lanes: dict[int, KeepAlive] = {}  # each lane's own connection
 
-        async def via_gateway() -> None:
-            answer = await http.post("/chat/completions", json={"model": model, **CHAT})
-            assert answer.status_code == 200, answer.text
+    async def via_gateway() -> None:
+        lane = id(asyncio.current_task())
+        connection = lanes.setdefault(lane, KeepAlive("127.0.0.1", port, request))
+        status, answer = await connection.send()
+        assert status == 200, answer
 
-        async def direct() -> None:
-            job = await client.submit(messages=CHAT["messages"], params={"max_tokens": 4})
-            assert (await client.wait(job, timeout=120)).status == "done"
+    async def direct() -> None:
+        job = await client.submit(messages=CHAT["messages"], params={"max_tokens": 4})
+        assert (await client.wait(job, timeout=120)).status == "done"
 
-        pair_latencies: dict[str, list[float]] = {"gateway": [], "direct": []}
+    pair_latencies: dict[str, list[float]] = {"gateway": [], "direct": []}
+    pairs = itertools.count()
 
-        async def pair() -> None:
-            for name, call in (("gateway", via_gateway), ("direct", direct)):
-                t0 = time.perf_counter()
-                await call()
-                pair_latencies[name].append(time.perf_counter() - t0)
+    async def pair() -> None:
+        # every other pair the other way round: whichever goes second meets what the worker
+        # still does for the first (its commit, its notification)
+        order = [("gateway", via_gateway), ("direct", direct)]
+        for name, call in order if next(pairs) % 2 else order[::-1]:
+            t0 = time.perf_counter()
+            await call()
+            pair_latencies[name].append(time.perf_counter() - t0)
 
-        await _load(min(n, 100), concurrency, pair)  # warm up
-        pair_latencies = {"gateway": [], "direct": []}
-        cpu0 = proc_cpu_s(pid)
-        gateway_wall, _ = await _load(n, concurrency, via_gateway)
-        cpu_ms = (proc_cpu_s(pid) - cpu0) / n * 1000  # the gateway process's, per request
-        direct_wall, _ = await _load(n, concurrency, direct)
-        await _load(n // 2, concurrency, pair)
+    await _load(min(n, 100), concurrency, pair)  # warm up
+    pair_latencies = {"gateway": [], "direct": []}
+    cpu0 = sum(map(proc_cpu_s, pids))
+    lean = await asyncio.to_thread(
+        load_in_process, port, "/v1/chat/completions", body, auth, n, concurrency
+    )
+    assert lean["statuses"] == {"200": n}, lean["statuses"]
+    cpu_ms = (sum(map(proc_cpu_s, pids)) - cpu0) / n * 1000  # the gateway's, per request
+    direct_wall, _ = await _load(n, concurrency, direct)
+    await _load(n // 2, concurrency, pair)
+    for connection in lanes.values():
+        connection.close()
     await client.aclose()
     gateway_lat, direct_lat = pair_latencies["gateway"], pair_latencies["direct"]
     p50 = statistics.median
     return {
         "concurrency": concurrency,
-        "gateway_rps": n / gateway_wall,
+        "gateway_rps": lean["req_s"],
         "direct_rps": n / direct_wall,
         "gateway_p50": p50(gateway_lat) * 1000,
         "gateway_p95": sorted(gateway_lat)[int(len(gateway_lat) * 0.95)] * 1000,
@@ -181,6 +200,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--batch-lines", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -190,12 +210,13 @@ def main() -> None:
     with ServiceEnv("gateway") as env:
         key = ApiKeys(env.url).create("bench")[1]
         worker = start_worker(env, {"INFERQ_ENGINE": "null"}, args.out / "gateway_worker.log")
-        gateway = _serve(env, port, args.out / "gateway_serve.log")
+        gateway = _serve(env, port, args.workers, args.out / "gateway_serve.log")
         try:
             _wait_ready(base, key)
+            pids = [gateway.pid, *_children(gateway.pid)]
             for c in map(int, args.concurrency.split(",")):
                 n = args.requests if c > 1 else min(args.requests, 300)
-                rows.append(asyncio.run(_measure(env, base, key, n, c, gateway.pid)))
+                rows.append(asyncio.run(_measure(env, port, key, n, c, pids)))
                 print(rows[-1], flush=True)
             if args.batch_lines:
                 batch = _batch(base, key, env.settings.model, args.batch_lines)
@@ -204,6 +225,11 @@ def main() -> None:
             stop_worker(gateway)
             stop_worker(worker)
     _write(args.out / "gateway_bench.md", rows, batch)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` forked (`inferq serve --workers N`)."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def _wait_ready(base: str, key: str, timeout: float = 120) -> None:

@@ -26,11 +26,11 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import redis
 from gateway_bench import _port, _wait_ready  # beside this script
+from http_load import load_in_process
 from service_harness import ServiceEnv, proc_cpu_s, start_worker, stop_worker
 
 from storage.api_keys import ApiKeys
@@ -69,18 +69,12 @@ def _serve(env: ServiceEnv, mode: str, port: int, procs: int, log: Path) -> subp
 
 
 def _load(port: int, key: str, model: str, n: int, concurrency: int, pids: list[int]) -> dict:
-    """`n` requests from the lean load generator (`http_load.py`) in a process of its own."""
+    """`n` requests from the lean load generator, its process apart; the gateway's CPU."""
     body = json.dumps({"model": model, **CHAT}).encode()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        f.write(body)
-        f.flush()
-        cmd = [sys.executable, str(Path(__file__).with_name("http_load.py")), "127.0.0.1"]
-        cmd += [str(port), "/v1/chat/completions", f.name, str(n), str(concurrency)]
-        cmd += [f"Authorization: Bearer {key}", "Prefer: respond-async"]
-        cpu0 = sum(proc_cpu_s(pid) for pid in pids)
-        load = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        cpu = sum(proc_cpu_s(pid) for pid in pids) - cpu0
-    row = json.loads(load.stdout)
+    headers = {"Authorization": f"Bearer {key}", "Prefer": "respond-async"}
+    cpu0 = sum(proc_cpu_s(pid) for pid in pids)
+    row = load_in_process(port, "/v1/chat/completions", body, headers, n, concurrency)
+    cpu = sum(proc_cpu_s(pid) for pid in pids) - cpu0
     assert row["statuses"] == {"202": n}, row["statuses"]
     return {**row, "cpu_ms": cpu / n * 1000}
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,23 +27,43 @@ def request_bytes(host: str, path: str, body: bytes, headers: dict[str, str]) ->
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+class KeepAlive:
+    """One keep-alive connection sending the same prebuilt request, one at a time."""
+
+    def __init__(self, host: str, port: int, request: bytes) -> None:
+        self.host, self.port, self.request = host, port, request
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def send(self) -> tuple[int, bytes]:
+        """The answer's status and body."""
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        self._writer.write(self.request)
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        body = await self._reader.readexactly(length) if length else b""
+        return int(head[9:12]), body
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
 async def _lane(host: str, port: int, request: bytes, left, latencies, statuses) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
+    connection = KeepAlive(host, port, request)
     try:
         for _ in left:
             t0 = time.perf_counter()
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
+            status, _ = await connection.send()
             latencies.append(time.perf_counter() - t0)
-            statuses[int(head[9:12])] += 1
+            statuses[status] += 1
     finally:
-        writer.close()
+        connection.close()
 
 
 async def run_load(
@@ -63,6 +85,20 @@ async def run_load(
         "p95_ms": latencies[int(0.95 * (len(latencies) - 1))] * 1000,
         "statuses": dict(statuses),
     }
+
+
+def load_in_process(
+    port: int, path: str, body: bytes, headers: dict[str, str], n: int, concurrency: int
+) -> dict:
+    """`run_load` on 127.0.0.1 in a process of its own (so that this one's CPU is not the
+    load's); its answer."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        f.write(body)
+        f.flush()
+        cmd = [sys.executable, __file__, "127.0.0.1", str(port), path, f.name, str(n)]
+        cmd += [str(concurrency), *(f"{k}: {v}" for k, v in headers.items())]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout)
 
 
 def main(argv: list[str]) -> None:
