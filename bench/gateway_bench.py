@@ -3,8 +3,9 @@ to the queue with `AsyncInferqClient`, on the null engine (so the service's own 
 that is measured), and a batch file round trip (upload, run, download, custom_ids one to one).
 
 Usage: .venv/bin/python bench/gateway_bench.py [--requests 2000] [--concurrency 1,64]
-[--batch-lines 10000] [--workers 1] [--out bench/out]
-Needs the local Redis and PostgreSQL. One worker process (INFERQ_ENGINE=null) and one gateway
+[--batch-lines 10000] [--workers 1] [--engine null|model] [--out bench/out]
+Needs the local Redis and PostgreSQL. One worker process (INFERQ_ENGINE=null; with `--engine
+model` the default model, for the batch: `--concurrency '' --engine model`) and one gateway
 process (`inferq serve`, `--workers N` processes) start on a fresh database. The gateway's
 throughput is measured with the lean load generator (`http_load.py`, a process of its own),
 the direct path's with `AsyncInferqClient` here; latency in this process (asyncio), the
@@ -201,6 +202,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--batch-lines", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=1, help="gateway processes")
+    parser.add_argument(
+        "--engine", choices=("null", "model"), default="null", help="model: the default model"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -209,12 +213,13 @@ def main() -> None:
     rows, batch = [], None
     with ServiceEnv("gateway") as env:
         key = ApiKeys(env.url).create("bench")[1]
-        worker = start_worker(env, {"INFERQ_ENGINE": "null"}, args.out / "gateway_worker.log")
+        engine = {"INFERQ_ENGINE": "null"} if args.engine == "null" else {}
+        worker = start_worker(env, engine, args.out / "gateway_worker.log")
         gateway = _serve(env, port, args.workers, args.out / "gateway_serve.log")
         try:
             _wait_ready(base, key)
             pids = [gateway.pid, *_children(gateway.pid)]
-            for c in map(int, args.concurrency.split(",")):
+            for c in (int(c) for c in args.concurrency.split(",") if c):
                 n = args.requests if c > 1 else min(args.requests, 300)
                 rows.append(asyncio.run(_measure(env, port, key, n, c, pids)))
                 print(rows[-1], flush=True)
