@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,9 @@ import redis.asyncio as aioredis
 
 NAME = "inferq-streams"  # the shared connection's name (CLIENT LIST)
 IDLE_S = 1.0  # with no read waiting, the task looks at `aclose` this often
+# Reads end quiet ([]) on this grid, so that reads begun at different times end together: one
+# XREAD returns for all of them, not one for each (a read may block up to this much longer)
+GRID_S = 0.25
 StreamId = tuple[int, int]
 Entries = list[tuple[Any, dict[Any, Any]]]
 
@@ -37,7 +41,7 @@ def stream_id(value: bytes | str) -> StreamId:
 
 @dataclass(eq=False)
 class _Read:
-    key: str
+    key: bytes
     after: StreamId
     count: int
     deadline: float
@@ -61,7 +65,7 @@ class AsyncStreamReads:
         )
         self._reads: list[_Read] = []
         self._waiting = asyncio.Event()  # a read was added
-        self._in_flight: dict[str, StreamId] | None = None  # the XREAD now blocked: key -> id
+        self._in_flight: dict[bytes, StreamId] | None = None  # the XREAD now blocked: key -> id
         self._client_id: int | None = None  # of the connection the XREAD blocks
         self._unblocked = False  # this XREAD was asked to return already
         self._closing = False
@@ -71,13 +75,13 @@ class AsyncStreamReads:
         """The entries of `key` after `last_id` (at most `count`), or [] after `block_ms`."""
         if self._loop is not asyncio.get_running_loop() or self._task is None or self._task.done():
             self._start()
-        deadline = time.monotonic() + block_ms / 1000
+        deadline = math.ceil((time.monotonic() + block_ms / 1000) / GRID_S) * GRID_S
         future = asyncio.get_running_loop().create_future()
-        read = _Read(key, stream_id(last_id), count, deadline, future)
+        read = _Read(key.encode(), stream_id(last_id), count, deadline, future)
         self._reads.append(read)
         self._waiting.set()
         flight = self._in_flight
-        covered = flight is not None and key in flight and read.after >= flight[key]
+        covered = flight is not None and read.key in flight and read.after >= flight[read.key]
         if flight is not None and not covered and not self._unblocked:
             self._unblocked = True  # before the XREAD is sent: it is not sent (`_run`)
             if self._client_id is not None:
@@ -103,11 +107,11 @@ class AsyncStreamReads:
                     await asyncio.wait_for(self._waiting.wait(), IDLE_S)
                 continue
             reads = list(self._reads)
-            streams: dict[str, StreamId] = {}
+            streams: dict[bytes, StreamId] = {}
             for r in reads:
                 streams[r.key] = min(streams.get(r.key, r.after), r.after)
             block = max(1, int((min(r.deadline for r in reads) - time.monotonic()) * 1000))
-            ids = {key: f"{ms}-{seq}" for key, (ms, seq) in streams.items()}
+            ids = {key: b"%d-%d" % after for key, after in streams.items()}  # bytes: no encoding
             self._in_flight, self._unblocked = streams, False
             try:
                 if self._client_id is None:
@@ -124,10 +128,13 @@ class AsyncStreamReads:
             finally:
                 self._in_flight = None
             self._hand_out(streams, got or [])
+            # the readers just answered read again before the next XREAD is made, so that it
+            # covers them (else each would unblock it: an XREAD more per answer)
+            await asyncio.sleep(0)
 
-    def _hand_out(self, streams: dict[str, StreamId], got: list[Any]) -> None:
+    def _hand_out(self, streams: dict[bytes, StreamId], got: list[Any]) -> None:
         """Each read covered by the XREAD its entries; a read past its deadline []."""
-        entries = {_key(key): found for key, found in got}
+        entries = dict(got)
         now = time.monotonic()
         for r in self._reads:
             if r.future.done():
@@ -138,7 +145,3 @@ class AsyncStreamReads:
                 r.future.set_result(mine)
             elif r.deadline <= now:
                 r.future.set_result([])
-
-
-def _key(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
