@@ -255,7 +255,7 @@ def _write(path: Path, rows: list[dict], batch: dict | None) -> None:
         "| concurrency | gateway req/s | direct jobs/s | gateway p50 ms | gateway p95 ms "
         "| direct p50 ms | added p50 ms | gateway CPU ms/request |",
         "|---|---|---|---|---|---|---|---|",
-    ]
+    ][: 2 if rows else 0]
     for r in rows:
         lines.append(
             f"| {r['concurrency']} | {r['gateway_rps']:.0f} | {r['direct_rps']:.0f} | "
@@ -264,7 +264,7 @@ def _write(path: Path, rows: list[dict], batch: dict | None) -> None:
         )
     if batch:
         lines += [
-            "",
+            *([""] if rows else []),
             "| batch lines | upload s | run s | download s | status | completed / "
             "failed | custom_ids one to one |",
             "|---|---|---|---|---|---|---|",
