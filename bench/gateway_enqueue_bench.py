@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import redis
-from gateway_bench import _port, _wait_ready  # beside this script
+from gateway_bench import _children, _port, _wait_ready  # beside this script
 from http_load import load_in_process
 from service_harness import ServiceEnv, proc_cpu_s, start_worker, stop_worker
 
@@ -79,12 +79,6 @@ def _load(port: int, key: str, model: str, n: int, concurrency: int, pids: list[
     return {**row, "cpu_ms": cpu / n * 1000}
 
 
-def _gateway_pids(gateway: subprocess.Popen) -> list[int]:
-    """The gateway's process and, with `--workers`, the processes it forked."""
-    children = Path(f"/proc/{gateway.pid}/task/{gateway.pid}/children").read_text().split()
-    return [gateway.pid, *map(int, children)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=5000)
@@ -92,7 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="push-h11,push", help=f"of {', '.join(MODES)}")
     parser.add_argument("--processes", default="1", help="gateway processes (--workers), e.g. 1,2")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     args = parser.parse_args()
     processes = [int(n) for n in args.processes.split(",")]
     modes = args.modes.split(",")
@@ -111,7 +105,7 @@ def main() -> None:
                     gateway = _serve(env, mode, port, procs, args.out / "enqueue_serve.log")
                     try:
                         _wait_ready(f"http://127.0.0.1:{port}/v1", key)
-                        pids = _gateway_pids(gateway)
+                        pids = [gateway.pid, *_children(gateway.pid)]
                         os.kill(worker.pid, signal.SIGSTOP)
                         model, c = env.settings.model, args.concurrency
                         _load(port, key, model, 200, c, pids)  # warm up
