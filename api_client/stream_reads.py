@@ -81,8 +81,7 @@ class AsyncStreamReads:
         self._reads.append(read)
         self._waiting.set()
         flight = self._in_flight
-        covered = flight is not None and read.key in flight and read.after >= flight[read.key]
-        if flight is not None and not covered and not self._unblocked:
+        if flight is not None and not _covers(flight, read) and not self._unblocked:
             self._unblocked = True  # before the XREAD is sent: it is not sent (`_run`)
             if self._client_id is not None:
                 with contextlib.suppress(Exception):  # none: the XREAD returns in time
@@ -139,9 +138,14 @@ class AsyncStreamReads:
         for r in self._reads:
             if r.future.done():
                 continue
-            covered = r.key in streams and r.after >= streams[r.key]
             mine = [e for e in entries.get(r.key, ()) if stream_id(e[0]) > r.after]
-            if covered and mine:
+            if mine and _covers(streams, r):
                 r.future.set_result(mine)
             elif r.deadline <= now:
                 r.future.set_result([])
+
+
+def _covers(streams: dict[bytes, StreamId], read: _Read) -> bool:
+    """Whether an XREAD of `streams` (key -> the id it reads after) answers `read`: it reads
+    the key from the read's id or earlier."""
+    return read.key in streams and read.after >= streams[read.key]
