@@ -186,3 +186,28 @@ def test_a_slow_receiver_delays_no_result(service_settings, paged_engine) -> Non
     assert len(fast.hits) == 3 and row.state == "delivered"
     (tried,) = attempts(records(settings), first)
     assert tried.latency_ms >= 8000 and tried.http_status == 200
+
+
+def test_only_commits_that_may_owe_a_webhook_wake_the_sender(service_settings, paged_engine):
+    """Jobs without a callback URL cost the sender no look at the outbox (its poll is 30 s
+    here); a job with one wakes it at once, and its webhook comes well before the poll."""
+    settings = webhook_settings(service_settings, webhook_poll_s=30.0)
+    client = InferqClient(settings)
+    with (
+        Receiver() as receiver,
+        running_worker(settings, {paged_engine.model_name: paged_engine}) as service,
+    ):
+        wakes: list[float] = []
+        wake = service.webhooks.wake
+        service.webhooks.wake = lambda: (wakes.append(time.time()), wake())[-1]
+        silent = [client.submit("Say hi:", params=PARAMS) for _ in range(4)]
+        client.wait_many(silent, timeout=120)
+        time.sleep(0.5)  # the sink acknowledges after the results are published
+        assert wakes == []
+        owed = client.submit("Name a color:", params=PARAMS, callback_url=receiver.url("/o"))
+        client.wait(owed, timeout=120)
+        deadline = time.time() + 10
+        while not receiver.hits and time.time() < deadline:
+            time.sleep(0.05)
+    assert len(wakes) == 1
+    assert [h.path for h in receiver.hits] == ["/o"]

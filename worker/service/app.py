@@ -223,12 +223,16 @@ class WorkerService:
         self._publish(ids, {i: states[i].view for i in ids})
         return states
 
-    def _acknowledge(self, job_ids: list[uuid.UUID], views: dict[uuid.UUID, JobView]) -> None:
+    def _acknowledge(
+        self, job_ids: list[uuid.UUID], views: dict[uuid.UUID, JobView], owed: bool
+    ) -> None:
         """Outcomes committed (the sink): their states published (the sink waits for the
-        write: see `publisher.py`), their messages done."""
+        write: see `publisher.py`), their messages done; the webhook sender woken when they
+        may owe webhooks (else it finds other deliveries on its own poll)."""
         self._publish(job_ids, views, wait=True)
         self.intake.acknowledge(job_ids)
-        self.webhooks.wake()  # the outcomes just committed may owe webhooks
+        if owed:
+            self.webhooks.wake()
 
     def _abort(self, job_id: uuid.UUID) -> None:
         self.engine_loop.abort(job_id)

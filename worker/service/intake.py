@@ -227,7 +227,12 @@ class Intake:
         live = None
         if error is None:
             live = LiveJob.from_job(
-                job, prompt_ids, model=row.model, enqueued_at=row.enqueued_at, stream=self.stream
+                job,
+                prompt_ids,
+                model=row.model,
+                enqueued_at=row.enqueued_at,
+                stream=self.stream,
+                callback=job.callback_url is not None,
             )
         return Arrival(message, row, live, error)
 

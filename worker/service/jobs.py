@@ -20,6 +20,7 @@ class LiveJob(EngineRequest):
     seq_id: uuid.UUID
     model: str
     enqueued_at: datetime | None = None  # the producer's clock, bounded; None: not sent
+    callback: bool = False  # its message has a callback URL: its end may owe a webhook
 
 
 class Ledger:

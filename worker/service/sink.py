@@ -65,16 +65,17 @@ def ended_job(done: Finished, worker: str, device: str, batch_id: uuid.UUID | No
 
 
 class ResultSink:
-    """`put` outcomes from any thread; `acknowledge(job_ids, views)` is called after each
-    commit, with the jobs as the commit left them (those it has: views of the others are
-    read again where needed)."""
+    """`put` outcomes from any thread; `acknowledge(job_ids, views, owed)` is called after
+    each commit, with the jobs as the commit left them (those it has: views of the others
+    are read again where needed), `owed` False when no job of the commit can owe a webhook
+    (each finished with a result and without a callback URL)."""
 
     def __init__(
         self,
         repo: Repository,
         ledger: Ledger,
         worker: str,
-        acknowledge: Callable[[list[uuid.UUID], dict[uuid.UUID, JobView]], None],
+        acknowledge: Callable[[list[uuid.UUID], dict[uuid.UUID, JobView], bool], None],
         abort: Callable[[uuid.UUID], None],
         metrics: Metrics,
         devices: dict[str, str] | None = None,
@@ -208,7 +209,11 @@ class ResultSink:
         done_ids = [f.job_id for f in finished] + list(failures) + expired
         for job_id in done_ids:
             self.ledger.pop(job_id)
-        self._acknowledge(done_ids, views)  # first: waiters wake while this thread counts
+        owed = any(
+            not isinstance(o, UsageReport) and not (isinstance(o, Finished) and not o.job.callback)
+            for o in pending
+        )
+        self._acknowledge(done_ids, views, owed)  # first: waiters wake while this counts
         self._count(pending, finished, failures)
         for f in finished:
             log.info(
@@ -304,4 +309,4 @@ class ResultSink:
             self.ledger.pop(job_id)
             log.info("job.cancelled_while_running", job_id=str(job_id))
         if cancelled:
-            self._acknowledge(cancelled, {})
+            self._acknowledge(cancelled, {}, True)

@@ -7,10 +7,12 @@ Redis and every reader the difference).
 
 Per delta: XADD `{o: characters before it, d: text}` (and `end`: the finish reason on the
 last one), trimmed to `max_new_tokens + 16` entries (a job adds at most one per token, so a
-job's own entries are never trimmed: a late reader gets the whole text), and EXPIRE
-`stream_expires_s` after its last delta. A job's first delta (`o` = 0: a new run, here or after
-a takeover) replaces what its stream held. Streams are best effort: a delta lost while Redis
-is away is not retried, and its readers take the rest of the text from the result.
+job's own entries are never trimmed: a late reader gets the whole text). A job's first delta
+(`o` = 0: a new run, here or after a takeover) replaces what its stream held. A stream expires
+`stream_expires_s` after its last delta: EXPIRE goes with a job's first and last delta and,
+between them, with the first delta after a tenth of that time (not with every delta: an
+EXPIRE per entry was half the commands). Streams are best effort: a delta lost while
+Redis is away is not retried, and its readers take the rest of the text from the result.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 
 import redis
 
@@ -31,6 +34,8 @@ from worker.service.priority import as_helper_thread
 log = get_logger("inferq.streamer")
 IDLE_WAIT_S = 0.5
 MAX_BACKLOG = 4096  # step lists waiting: beyond it (Redis stalled) the oldest are dropped
+MAX_TRACKED = 4096  # jobs whose expiry time is kept (beyond: those due a refresh are dropped)
+REFRESH_SHARE = 0.1  # a running job's expiry is set again after this share of it has passed
 
 
 class Streamer:
@@ -38,6 +43,7 @@ class Streamer:
         self.client, self.metrics = client, metrics
         self.maxlen = settings.max_new_tokens + 16
         self.expires_s = int(settings.stream_expires_s)
+        self._expiry_set: dict[SeqId, float] = {}  # running jobs: when EXPIRE was last sent
         self._inbox: queue.Queue[list[TextDelta]] = queue.Queue(MAX_BACKLOG)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="inferq-streamer", daemon=True)
@@ -79,6 +85,8 @@ class Streamer:
 
     def write(self, deltas: list[TextDelta]) -> None:
         """One round trip for every delta."""
+        now = time.monotonic()
+        refresh_after = now - self.expires_s * REFRESH_SHARE
         pipe = self.client.pipeline(transaction=False)
         for d in deltas:
             key = stream_key(d.seq_id)
@@ -90,8 +98,15 @@ class Streamer:
                 else {"o": d.start, "d": d.text, "end": d.end}
             )
             pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
-            pipe.expire(key, self.expires_s)
+            if d.end is not None:
+                self._expiry_set.pop(d.seq_id, None)
+                pipe.expire(key, self.expires_s)
+            elif d.start == 0 or self._expiry_set.get(d.seq_id, refresh_after) <= refresh_after:
+                self._expiry_set[d.seq_id] = now
+                pipe.expire(key, self.expires_s)
         pipe.execute()
+        if len(self._expiry_set) > MAX_TRACKED:  # jobs that ended without a last delta here
+            self._expiry_set = {j: t for j, t in self._expiry_set.items() if t > refresh_after}
 
 
 def coalesce(deltas: list[TextDelta]) -> list[TextDelta]:
