@@ -246,6 +246,12 @@ class Settings(BaseSettings):
         description="readiness: an engine that computes nothing this long while it has work "
         "makes /readyz fail",
     )
+    commit_interval_s: float = Field(
+        0.25,
+        ge=0,
+        description="worker: results are committed at most once per this long (outcomes that "
+        "come meanwhile share the transaction); the first after a quiet spell at once",
+    )
     unserved_hold_s: float = Field(
         2.0,
         gt=0,

@@ -138,6 +138,7 @@ class WorkerService:
             self._abort,
             self.metrics,
             devices,
+            commit_interval_s=settings.commit_interval_s,
         )
         stream = self.streamer.put if self.streamer is not None else None
         self.engine_loop = EngineLoop(

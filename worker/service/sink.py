@@ -1,6 +1,9 @@
 """The result sink: the only writer of results, metrics and batch rows.
 
-It gathers outcomes into one transaction at a time, retries with backoff while the database
+It gathers outcomes into one transaction at a time, at most one per `commit_interval_s`
+(under load the outcomes of several engine steps share one: a transaction is about a dozen
+round trips, whatever it carries; after a quiet spell the first outcome is written at once),
+retries with backoff while the database
 is away (running sequences are not touched: a database outage only delays results), asks the
 intake to acknowledge messages once their outcome is committed, and checks live jobs for
 cancellation.
@@ -79,9 +82,13 @@ class ResultSink:
         abort: Callable[[uuid.UUID], None],
         metrics: Metrics,
         devices: dict[str, str] | None = None,
+        *,
+        commit_interval_s: float = 0.0,
     ):
         self.repo, self.ledger, self.worker, self.metrics = repo, ledger, worker, metrics
         self.devices = devices or {}  # device class per model, for compute rates
+        self.commit_interval_s = commit_interval_s
+        self._last_write = -commit_interval_s  # monotonic: when the last write began
         self._acknowledge, self._abort = acknowledge, abort
         self._inbox: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._batches: OrderedDict[tuple[str, int], BatchRecord] = OrderedDict()
@@ -110,11 +117,14 @@ class ResultSink:
         while True:
             due = max(0.0, self._next_cancel_check - time.monotonic())
             wait = 0.0 if pending else min(due, IDLE_WAKE_S)
-            for outcome in self._take(wait, MAX_PER_WRITE - len(pending)):
-                pending.append(outcome)
-                if isinstance(outcome, Finished):
-                    touched.add(self._count_in_batch(outcome))
+            self._gather(pending, touched, wait)
+            until = self._last_write + self.commit_interval_s
+            while pending and not self._stop.is_set() and len(pending) < MAX_PER_WRITE:
+                if (left := until - time.monotonic()) <= 0:
+                    break
+                self._gather(pending, touched, left)  # what comes meanwhile shares the write
             if pending:
+                self._last_write = time.monotonic()
                 if not self._write(pending, touched):
                     if self._backoff.wait(self._abandon):
                         return
@@ -124,6 +134,13 @@ class ResultSink:
                 return
             if time.monotonic() >= self._next_cancel_check:
                 self._check_cancelled()
+
+    def _gather(self, pending: list[Outcome], touched: set[tuple[str, int]], wait: float) -> None:
+        """Add what the inbox has (waiting up to `wait` for the first) to `pending`."""
+        for outcome in self._take(wait, MAX_PER_WRITE - len(pending)):
+            pending.append(outcome)
+            if isinstance(outcome, Finished):
+                touched.add(self._count_in_batch(outcome))
 
     def _take(self, wait: float, limit: int) -> list[Outcome]:
         try:
