@@ -267,6 +267,13 @@ class Settings(BaseSettings):
         86_400.0, gt=0, description="results expire from Redis after this (PostgreSQL keeps them)"
     )
     stream: bool = Field(True, description="worker: stream each job's text deltas to Redis")
+    stream_entries_per_s: float = Field(
+        250.0,
+        gt=0,
+        description="worker: the streamer writes about this many stream entries a second at "
+        "most: while few jobs stream, each step's text goes at once; with more, each job's "
+        "text is gathered over several engine steps",
+    )
     stream_expires_s: float = Field(
         3_600.0, gt=0, description="a job's stream expires this long after its last delta"
     )

@@ -3,6 +3,7 @@ delta and refreshed in between only once a tenth of it has passed."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -60,3 +61,37 @@ def test_a_job_the_streamer_has_not_seen_gets_its_expiry(client: redis.Redis) ->
     streamer.write([TextDelta(job, 7, "later")])
     assert 0 < client.ttl(stream_key(job)) <= EXPIRES_S
     client.delete(stream_key(job))
+
+
+def _entries(client: redis.Redis, job: str) -> list[bytes]:
+    return [fields[b"d"] for _, fields in client.xrange(stream_key(job))]
+
+
+@pytest.mark.parametrize(("per_s", "paced"), [(10.0, True), (1e6, False)])
+def test_writes_are_paced_and_the_steps_between_join_into_one_entry(
+    client: redis.Redis, per_s: float, paced: bool
+) -> None:
+    """After a write of 4 entries at 10 a second the streamer waits 0.4 s: the 4 steps that
+    come meanwhile (20 ms apart) become one entry per job; unpaced, steps are written as
+    they come (more entries)."""
+    settings = get_settings(stream_expires_s=EXPIRES_S, stream_entries_per_s=per_s)
+    streamer = Streamer(settings, client, Metrics())
+    jobs = [str(uuid.uuid4()) for _ in range(4)]
+    streamer.start()
+    try:
+        streamer.put([TextDelta(j, 0, "a") for j in jobs])
+        while not all(client.exists(stream_key(j)) for j in jobs):
+            time.sleep(0.005)
+        for n, piece in enumerate("bcde", start=1):
+            streamer.put([TextDelta(j, n, piece, "stop" if piece == "e" else None) for j in jobs])
+            time.sleep(0.02)
+        deadline = time.monotonic() + 5
+        while not all(_entries(client, j)[-1:] and b"e" in _entries(client, j)[-1] for j in jobs):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        streamer.stop()
+    for job in jobs:
+        assert b"".join(_entries(client, job)) == b"abcde"
+        assert len(_entries(client, job)) == 2 if paced else len(_entries(client, job)) > 2
+        client.delete(stream_key(job))
