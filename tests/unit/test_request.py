@@ -69,7 +69,9 @@ def test_from_job_sets_every_request_field_by_name() -> None:
     """A field added to `EngineRequest` (or `LiveJob`) and not mapped from the job keeps its
     default: caught here, not by a job silently running with it."""
     job = _read({"tenant": "acme", "prompt": "hi", "priority": 4, "params": SENT})
-    live = LiveJob.from_job(job, [7, 8], model="m", enqueued_at=utcnow(), stream=True)
+    live = LiveJob.from_job(
+        job, [7, 8], model="m", enqueued_at=utcnow(), stream=True, callback=True
+    )
     unmapped = [
         f.name
         for f in dataclasses.fields(LiveJob)

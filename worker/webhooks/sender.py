@@ -2,7 +2,8 @@
 `webhook_senders` sender threads, which POST it and record the attempt.
 
 The result sink never waits on it: the outbox row is written in the sink's own transaction
-(`storage.webhooks.enqueue`), and after a commit the worker only calls `wake()` (an event).
+(`storage.webhooks.enqueue`), and after a commit that may owe a webhook the worker only calls
+`wake()` (an event).
 The dispatcher also looks every `webhook_poll_s` (retries falling due, deliveries of jobs
 that ended elsewhere, a dead worker's leases). A delivery is claimed only when a sender
 thread is free for it, so its lease runs while it is being sent.
