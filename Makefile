@@ -42,7 +42,7 @@ services:
 
 # unit tests first (no model, no services, seconds), then the engine and service tests
 test: lint unit client-deps image-deps services model
-	$(VENV)/bin/pytest -q tests/engine tests/service
+	$(VENV)/bin/pytest -q --durations=15 tests/engine tests/service
 
 unit: install
 	$(VENV)/bin/pytest -q tests/unit
