@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from api_client import kombu_push, plans
 from api_client.notify import AsyncSubscriptions, Watch
 from api_client.producer import Producer, tenant_view
+from api_client.result_reads import AsyncResultReads
 from api_client.results import result_key
 from api_client.schema import JobMessage
 from api_client.stream_reads import AsyncStreamReads
@@ -40,6 +41,7 @@ class AsyncInferqClient(Producer):
             client.__dict__["redis"] = self.redis
             client.__dict__["subscriptions"] = self.subscriptions
             client.__dict__["stream_reads"] = self.stream_reads
+            client.__dict__["result_reads"] = self.result_reads
             client.__dict__["broker_redis"] = self.broker_redis
             client._declared, client._reply_to = self._declared, self._reply_to
         return client
@@ -54,6 +56,11 @@ class AsyncInferqClient(Producer):
     def subscriptions(self) -> AsyncSubscriptions:
         """The one subscription all this client's waits share (`api_client.notify`)."""
         return AsyncSubscriptions(self.result_url)
+
+    @cached_property
+    def result_reads(self) -> AsyncResultReads:
+        """The result reads of one turn of the loop as one MGET (`api_client.result_reads`)."""
+        return AsyncResultReads(self.redis)
 
     @cached_property
     def stream_reads(self) -> AsyncStreamReads:
@@ -163,7 +170,7 @@ class AsyncInferqClient(Producer):
                     case plans.Emit(value):
                         yield value
                     case plans.Read(keys):
-                        reply = await self.redis.mget(keys)
+                        reply = await self.result_reads.read(keys)
                     case plans.Subscribe(channels):
                         watch = await self.subscriptions.watch(channels, self.poll_s)
                     case plans.Listen(seconds):
