@@ -279,13 +279,12 @@ def main() -> None:
             return row
 
         before = add(engine_row(f"engine alone {tag}, before", dtype, jobs))
-        served: list[tuple[str, Row]] = []
+        served: list[tuple[str, str, Row]] = []  # (mode, who in the summary, row)
         for n, mode in enumerate(modes):
-            label = f"service (Redis + PostgreSQL) {tag}"
-            label += f", streaming {mode}" if len(modes) > 1 else ""
-            label += f" ({modes[: n + 1].count(mode)})" if modes.count(mode) > 1 else ""
+            who = tag + (f", streaming {mode}" if len(modes) > 1 else "")
+            who += f" ({modes[: n + 1].count(mode)})" if modes.count(mode) > 1 else ""
             row = service_row(
-                label,
+                f"service (Redis + PostgreSQL) {who}",
                 dtype,
                 jobs,
                 codec.messages,
@@ -294,12 +293,11 @@ def main() -> None:
                 args.example_prices,
                 stream=mode == "on",
             )
-            served.append((mode, add(row)))
+            served.append((mode, who, add(row)))
         after = add(engine_row(f"engine alone {tag}, after", dtype, jobs))
         engine_rate = (rate(before) + rate(after)) / 2  # the machine's drift, averaged out
-        for _, row in served:
+        for _, who, row in served:
             same = sum(before.texts[i] == row.texts[i] for i in before.texts)
-            who = tag if len(modes) == 1 else row.name.removeprefix("service (Redis + PostgreSQL) ")
             line = (
                 f"{who}: service / engine alone = {rate(row) / engine_rate:.1%} (engine: mean of"
                 f" before and after, {engine_rate:.1f} out tok/s); same text {same}/{len(jobs)}"
@@ -309,7 +307,9 @@ def main() -> None:
                 mismatched |= row.streamed_same != len(jobs)
             summary.append(line)
         if {"on", "off"} <= set(modes):
-            on, off = (statistics.mean(rate(r) for m, r in served if m == k) for k in ("on", "off"))
+            on, off = (
+                statistics.mean(rate(r) for m, _, r in served if m == k) for k in ("on", "off")
+            )
             line = f"{tag}: service throughput with streaming on / off = {on / off:.1%}"
             line += f" (means of {modes.count('on')} and {modes.count('off')} rows)"
             summary.append(line)

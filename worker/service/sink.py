@@ -3,10 +3,9 @@
 It gathers outcomes into one transaction at a time, at most one per `commit_interval_s`
 (under load the outcomes of several engine steps share one: a transaction is about a dozen
 round trips, whatever it carries; after a quiet spell the first outcome is written at once),
-retries with backoff while the database
-is away (running sequences are not touched: a database outage only delays results), asks the
-intake to acknowledge messages once their outcome is committed, and checks live jobs for
-cancellation.
+retries with backoff while the database is away (running sequences are not touched: a
+database outage only delays results), asks the intake to acknowledge messages once their
+outcome is committed, and checks live jobs for cancellation.
 """
 
 from __future__ import annotations
@@ -65,6 +64,14 @@ def ended_job(done: Finished, worker: str, device: str, batch_id: uuid.UUID | No
         spec_drafted_tokens=out.draft_tokens,
         spec_accepted_tokens=out.accepted_tokens,
     )
+
+
+def _may_owe_webhook(outcome: Outcome) -> bool:
+    """A finished job owes one only with a callback URL; a job that ended otherwise (failed,
+    expired, dropped) may owe one whatever its message said; a usage report never does."""
+    if isinstance(outcome, Finished):
+        return outcome.job.callback
+    return not isinstance(outcome, UsageReport)
 
 
 class ResultSink:
@@ -226,10 +233,7 @@ class ResultSink:
         done_ids = [f.job_id for f in finished] + list(failures) + expired
         for job_id in done_ids:
             self.ledger.pop(job_id)
-        owed = any(
-            not isinstance(o, UsageReport) and not (isinstance(o, Finished) and not o.job.callback)
-            for o in pending
-        )
+        owed = any(map(_may_owe_webhook, pending))
         self._acknowledge(done_ids, views, owed)  # first: waiters wake while this counts
         self._count(pending, finished, failures)
         for f in finished:

@@ -49,7 +49,7 @@ class Streamer:
         self.maxlen = settings.max_new_tokens + 16
         self.expires_s = int(settings.stream_expires_s)
         self.entries_per_s = settings.stream_entries_per_s
-        self._expiry_set: dict[SeqId, float] = {}  # running jobs: when EXPIRE was last sent
+        self._expiry_sent: dict[SeqId, float] = {}  # running jobs: when EXPIRE was last sent
         self._inbox: queue.Queue[list[TextDelta]] = queue.Queue(MAX_BACKLOG)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="inferq-streamer", daemon=True)
@@ -107,14 +107,20 @@ class Streamer:
             )
             pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
             if d.end is not None:
-                self._expiry_set.pop(d.seq_id, None)
+                self._expiry_sent.pop(d.seq_id, None)
                 pipe.expire(key, self.expires_s)
-            elif d.start == 0 or self._expiry_set.get(d.seq_id, refresh_after) <= refresh_after:
-                self._expiry_set[d.seq_id] = now
+            elif d.start == 0 or _due(self._expiry_sent.get(d.seq_id), refresh_after):
+                self._expiry_sent[d.seq_id] = now
                 pipe.expire(key, self.expires_s)
         pipe.execute()
-        if len(self._expiry_set) > MAX_TRACKED:  # jobs that ended without a last delta here
-            self._expiry_set = {j: t for j, t in self._expiry_set.items() if t > refresh_after}
+        if len(self._expiry_sent) > MAX_TRACKED:  # jobs that ended without a last delta here
+            self._expiry_sent = {j: t for j, t in self._expiry_sent.items() if t > refresh_after}
+
+
+def _due(sent_at: float | None, refresh_after: float) -> bool:
+    """Whether a job's EXPIRE is to be sent again: never sent by this streamer (a restart, a
+    takeover), or sent before `refresh_after` (monotonic seconds, negative soon after boot)."""
+    return sent_at is None or sent_at <= refresh_after
 
 
 def coalesce(deltas: list[TextDelta]) -> list[TextDelta]:
