@@ -7,6 +7,7 @@ with its status (no triggers: nothing here can fail a write that the job rows wo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from storage import webhooks
-from storage.db import chunks, dialect_insert
+from storage.db import IDS, chunks, dialect_insert, ids_in
 from storage.models import job_metrics_table, jobs_table, worker_usage_table
 from storage.prices import Billing
 from storage.records import TERMINAL_STATUSES, USAGE_FIGURES, EndedJob, UsageDelta
@@ -38,13 +39,20 @@ def settle(conn: sa.Connection, job_ids: Iterable[uuid.UUID]) -> None:
     record the webhook each such end owes (`storage.webhooks.enqueue`: the outbox row)."""
     ids = list(dict.fromkeys(job_ids))
     webhooks.enqueue(conn, ids)
+    stmt = _settle_statement(conn.dialect.name)
     for part in chunks(ids):
-        chosen = sa.select(J.c.id, *(J.c[c] for c in _FROM_JOB)).where(
-            J.c.id.in_(part), J.c.status.in_(TERMINAL_STATUSES)
-        )
-        stmt = dialect_insert(conn, M).from_select(["job_id", *_FROM_JOB], chosen)
-        changed = {c: stmt.excluded[c] for c in ("status", "worker", "attempts", "finished_at")}
-        conn.execute(stmt.on_conflict_do_update(index_elements=[M.c.job_id], set_=changed))
+        conn.execute(stmt, {IDS: part})
+
+
+@functools.cache
+def _settle_statement(dialect: str) -> sa.Insert:
+    """The facts rows of the ended jobs among :ids, from their job rows (built once)."""
+    chosen = sa.select(J.c.id, *(J.c[c] for c in _FROM_JOB)).where(
+        ids_in(J.c.id), J.c.status.in_(TERMINAL_STATUSES)
+    )
+    stmt = dialect_insert(dialect, M).from_select(["job_id", *_FROM_JOB], chosen)
+    changed = {c: stmt.excluded[c] for c in ("status", "worker", "attempts", "finished_at")}
+    return stmt.on_conflict_do_update(index_elements=[M.c.job_id], set_=changed)
 
 
 def record_usage(conn: sa.Connection, usage: Sequence[EndedJob]) -> None:
@@ -58,9 +66,14 @@ def record_usage(conn: sa.Connection, usage: Sequence[EndedJob]) -> None:
         row = {**u.facts(), **billing.bill(u)}
         groups.setdefault(tuple(row), []).append({f"p_{k}": v for k, v in row.items()})
     for names, rows in groups.items():
-        values = {name: sa.bindparam(f"p_{name}") for name in names if name != "job_id"}
-        stmt = sa.update(M).where(M.c.job_id == sa.bindparam("p_job_id")).values(values)
-        conn.execute(stmt, rows)
+        conn.execute(_usage_statement(names), rows)
+
+
+@functools.cache
+def _usage_statement(names: tuple[str, ...]) -> sa.Update:
+    """The facts `names` of a job's row, bound as `p_<name>` (built once per set of names)."""
+    values = {name: sa.bindparam(f"p_{name}") for name in names if name != "job_id"}
+    return sa.update(M).where(M.c.job_id == sa.bindparam("p_job_id")).values(values)
 
 
 def add_worker_usage(conn: sa.Connection, deltas: Sequence[UsageDelta]) -> None:
@@ -69,12 +82,17 @@ def add_worker_usage(conn: sa.Connection, deltas: Sequence[UsageDelta]) -> None:
     for d in deltas:
         key = (d.worker, d.model, d.hour)
         merged[key] = merged[key] + d if key in merged else d
-    if not merged:
-        return
-    stmt = dialect_insert(conn, W)
+    if merged:
+        rows = [dataclasses.asdict(d) for d in merged.values()]
+        conn.execute(_worker_usage_statement(conn.dialect.name), rows)
+
+
+@functools.cache
+def _worker_usage_statement(dialect: str) -> sa.Insert:
+    """A (worker, model, hour) row inserted, or its figures added to (built once)."""
+    stmt = dialect_insert(dialect, W)
     added = {n: W.c[n] + stmt.excluded[n] for n in USAGE_FIGURES}
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=[W.c.worker, W.c.model, W.c.hour],
         set_={**added, "device": stmt.excluded.device},
     )
-    conn.execute(stmt, [dataclasses.asdict(d) for d in merged.values()])

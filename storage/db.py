@@ -81,17 +81,27 @@ def _install_sqlite_hooks(engine: sa.Engine) -> None:
 CHUNK = 5000  # ids per IN list (SQLite caps bound parameters)
 
 
+IDS = "ids"  # the expanding IN list of the statements built once (`ids_in`)
+
+
+def ids_in(column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """`column IN :ids`, the list bound at execution: a statement built once (the sink's,
+    every commit) is not rebuilt for each list of ids."""
+    return column.in_(sa.bindparam(IDS, expanding=True))
+
+
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     """`items` in slices of at most `size`, for IN lists."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def dialect_insert(conn: sa.Connection | sa.Engine, table: sa.Table) -> Any:
-    """An INSERT with this dialect's ON CONFLICT clauses (PostgreSQL or SQLite)."""
+def dialect_insert(conn: sa.Connection | sa.Engine | str, table: sa.Table) -> Any:
+    """An INSERT with the ON CONFLICT clauses of `conn`'s dialect (or the dialect named:
+    PostgreSQL or SQLite)."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    name = conn.dialect.name
+    name = conn if isinstance(conn, str) else conn.dialect.name
     if name == "postgresql":
         return postgresql.insert(table)
     if name == "sqlite":

@@ -73,6 +73,19 @@ def _in_force(versions: list[Any], at: datetime) -> Any | None:
     return versions[i - 1] if i else None
 
 
+# Built once (the result sink bills every commit), the lists bound at execution.
+_PRICES = (
+    sa.select(P)
+    .where(P.c.model.in_(sa.bindparam("models", expanding=True)))
+    .order_by(P.c.effective_from)
+)
+_RATES = (
+    sa.select(C)
+    .where(C.c.target.in_(sa.bindparam("targets", expanding=True)))
+    .order_by(C.c.effective_from)
+)
+
+
 @dataclass
 class Billing:
     """The price and rate versions of some models and targets, loaded in one transaction."""
@@ -83,11 +96,9 @@ class Billing:
     @classmethod
     def load(cls, conn: sa.Connection, models: Iterable[str], targets: Iterable[str]) -> Billing:
         billing = cls()
-        query = sa.select(P).where(P.c.model.in_(list(models))).order_by(P.c.effective_from)
-        for row in conn.execute(query).mappings():
+        for row in conn.execute(_PRICES, {"models": list(models)}).mappings():
             billing.prices.setdefault(row["model"], []).append(_price(row))
-        query = sa.select(C).where(C.c.target.in_(list(targets))).order_by(C.c.effective_from)
-        for row in conn.execute(query).mappings():
+        for row in conn.execute(_RATES, {"targets": list(targets)}).mappings():
             billing.rates.setdefault(row["target"], []).append(_rate(row))
         return billing
 

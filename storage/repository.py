@@ -8,6 +8,7 @@ rows) inside one transaction per method; on SQLite a write transaction starts wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,6 +79,37 @@ def _status_in(statuses: Iterable[str]) -> sa.ColumnElement[bool]:
 def _of(tenant: str | None) -> sa.ColumnElement[bool]:
     """Rows of `tenant`, or every row."""
     return sa.true() if tenant is None else J.c.tenant == tenant
+
+
+@dataclasses.dataclass(frozen=True)
+class _OutcomeStatements:
+    """The result sink's writes of one commit, built once per dialect (`store_outcomes`)."""
+
+    batches: sa.Insert  # a batch row inserted, or every figure of the row with its id replaced
+    results: sa.Insert  # a result row, unless the job has one; RETURNING the job ids written
+    done: sa.Update  # a job with a new result marked done (unless cancelled or expired)
+
+
+@functools.cache
+def _outcome_statements(dialect: str) -> _OutcomeStatements:
+    batches = dialect_insert(dialect, B)
+    figures = {c.name: batches.excluded[c.name] for c in B.columns if c.name != "id"}
+    results = dialect_insert(dialect, R).on_conflict_do_nothing(index_elements=[R.c.job_id])
+    done = (
+        sa.update(J)
+        .where(J.c.id == sa.bindparam("p_id"), _status_in(ACTIVE_STATUSES | {"failed"}))
+        .values(
+            status="done",
+            finished_at=sa.bindparam("p_at"),
+            batch_id=sa.bindparam("p_batch"),
+            error=None,
+        )
+    )
+    return _OutcomeStatements(
+        batches.on_conflict_do_update(index_elements=[B.c.id], set_=figures),
+        results.returning(R.c.job_id),
+        done,
+    )
 
 
 def _capped(error: str) -> str | None:
@@ -251,31 +283,18 @@ class Repository:
         expired = list(expired)
         new: set[uuid.UUID] = set()
         with self.writer.begin() as conn:
+            statements = _outcome_statements(conn.dialect.name)
             if batch_rows:
-                conn.execute(self._upsert_batches(), batch_rows)
+                conn.execute(statements.batches, batch_rows)
             if results:
-                insert = self.insert(R).on_conflict_do_nothing(index_elements=[R.c.job_id])
                 rows = [e.result() for e in results]
-                new = set(conn.scalars(insert.returning(R.c.job_id), rows))
+                new = set(conn.scalars(statements.results, rows))
             fresh = [e for e in results if e.job_id in new]
             if fresh:
-                done = (
-                    sa.update(J)
-                    .where(J.c.id == sa.bindparam("p_id"), _status_in(ACTIVE_STATUSES | {"failed"}))
-                    .values(
-                        status="done",
-                        finished_at=sa.bindparam("p_at"),
-                        batch_id=sa.bindparam("p_batch"),
-                        error=None,
-                    )
-                )
-                conn.execute(
-                    done,
-                    [
-                        {"p_id": e.job_id, "p_at": e.finished_at, "p_batch": e.batch_id}
-                        for e in fresh
-                    ],
-                )
+                done = [
+                    {"p_id": e.job_id, "p_at": e.finished_at, "p_batch": e.batch_id} for e in fresh
+                ]
+                conn.execute(statements.done, done)
             self._fail(conn, failures or {}, final=True)
             self._fail(conn, dict.fromkeys(expired, EXPIRED_ERROR), final=True, expire=True)
             usage = fresh + charges
@@ -286,14 +305,6 @@ class Repository:
                 ids = [*(e.job_id for e in results), *(failures or {}), *expired]
                 views.update(read_views(conn, ids))
         return new
-
-    def _upsert_batches(self) -> sa.Insert:
-        """INSERT a batch row, or replace every figure of the row with that id."""
-        stmt = self.insert(B)
-        figures = [c.name for c in B.columns if c.name != "id"]
-        return stmt.on_conflict_do_update(
-            index_elements=[B.c.id], set_={name: stmt.excluded[name] for name in figures}
-        )
 
     def fail_jobs(self, errors: Mapping[uuid.UUID, str], *, final: bool = True) -> None:
         """Final: mark failed with the error. Not final: requeue, keeping the error.

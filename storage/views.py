@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import sqlalchemy as sa
 
-from storage.db import chunks
+from storage.db import IDS, chunks, ids_in
 from storage.models import job_metrics_table, jobs_table, results_table
 from storage.records import JobView, MetricsRow, ResultRow
 
@@ -27,6 +27,7 @@ _COLUMNS = [
     *(M.c[name] for name in _METRIC_FIELDS),
 ]
 _JOINED = J.outerjoin(R, R.c.job_id == J.c.id).outerjoin(M, M.c.job_id == J.c.id)
+_VIEWS = sa.select(*_COLUMNS).select_from(_JOINED).where(ids_in(J.c.id))  # built once
 
 
 def read_views(
@@ -36,10 +37,8 @@ def read_views(
     transaction: with its own uncommitted writes)."""
     out: dict[uuid.UUID, JobView] = {}
     for part in chunks(list(dict.fromkeys(ids))):
-        stmt = sa.select(*_COLUMNS).select_from(_JOINED).where(J.c.id.in_(part))
-        if where is not None:
-            stmt = stmt.where(where)
-        for row in conn.execute(stmt).mappings():
+        stmt = _VIEWS if where is None else _VIEWS.where(where)
+        for row in conn.execute(stmt, {IDS: part}).mappings():
             view = JobView(**{name: row[name] for name in JOB_FIELDS})
             if row["r_job_id"] is not None:
                 view.result = ResultRow(view.id, **{n: row[n] for n in _RESULT_FIELDS})

@@ -10,6 +10,7 @@ delivery on only while that claim is still the last one.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from storage.db import chunks, db_now, dialect_insert
+from storage.db import IDS, chunks, db_now, dialect_insert, ids_in
 from storage.models import (
     jobs_table,
     results_table,
@@ -92,13 +93,6 @@ def enqueue(conn: sa.Connection, job_ids: Iterable[uuid.UUID]) -> None:
     gets both). Idempotent."""
     ids = list(dict.fromkeys(job_ids))
     for part in chunks(ids):
-        sent = sa.exists().where(D.c.job_id == J.c.id, D.c.event == J.c.status)
-        chosen = _ENDED.where(
-            J.c.id.in_(part),
-            J.c.callback_url.is_not(None),
-            J.c.status.in_(TERMINAL_STATUSES),
-            ~sent,
-        )
         rows = [
             {
                 "id": uuid.uuid4(),
@@ -107,16 +101,28 @@ def enqueue(conn: sa.Connection, job_ids: Iterable[uuid.UUID]) -> None:
                 "event": r.status,
                 "body": body_of(r),
             }
-            for r in conn.execute(chosen)
+            for r in conn.execute(_OWED, {IDS: part})
         ]
         if rows:
             now = db_now(conn)
             for row in rows:
                 row.update(created_at=now, next_attempt_at=now)
-            insert = dialect_insert(conn, D).on_conflict_do_nothing(
-                index_elements=[D.c.job_id, D.c.event]
-            )
-            conn.execute(insert, rows)
+            conn.execute(_outbox_insert(conn.dialect.name), rows)
+
+
+# The ended jobs among :ids with a callback URL and no delivery row for the status they ended with
+_OWED = _ENDED.where(
+    ids_in(J.c.id),
+    J.c.callback_url.is_not(None),
+    J.c.status.in_(TERMINAL_STATUSES),
+    ~sa.exists().where(D.c.job_id == J.c.id, D.c.event == J.c.status),
+)
+
+
+@functools.cache
+def _outbox_insert(dialect: str) -> sa.Insert:
+    """A pending delivery row, unless the job has one for that status (built once)."""
+    return dialect_insert(dialect, D).on_conflict_do_nothing(index_elements=[D.c.job_id, D.c.event])
 
 
 @dataclass(frozen=True, slots=True)
