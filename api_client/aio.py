@@ -72,7 +72,6 @@ class AsyncInferqClient(Producer):
     ) -> None:
         super().__init__(settings, tenant, key)
         self._declared: set[str] = set()  # queues whose kombu bindings this client wrote
-        self._reply_to = str(uuid.uuid4())  # Celery's producer names itself so (unused)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.celery.close)
@@ -93,19 +92,22 @@ class AsyncInferqClient(Producer):
         """Enqueue a job `build` validated; its id. On a Redis broker: Celery's own message
         pushed in one pipelined round trip (`api_client.kombu_push`), else Celery's
         producer in a thread."""
-        broker = self.settings.resolved_broker_url
-        if not broker.startswith(("redis://", "rediss://")):
-            return await asyncio.to_thread(self.enqueue, msg)
+        await self._push([msg])
+        return msg.job_id
+
+    async def _push(self, messages: list[JobMessage]) -> None:
+        """Enqueue validated jobs: on a Redis broker in one round trip, in order."""
+        if not kombu_push.is_redis(self.settings.resolved_broker_url):
+            for msg in messages:
+                await asyncio.to_thread(self.enqueue, msg)
+            return
         queue = self.settings.queue
-        list_key, item = kombu_push.celery_message(queue, msg, self.key, self._reply_to)
         async with self.broker_redis.pipeline(transaction=False) as pipe:
-            if queue not in self._declared:  # once per queue, as Celery's producer declares
-                for name, member in kombu_push.bindings(queue):
-                    pipe.sadd(name, member)
-            pipe.lpush(list_key, item)
+            # the bindings once per queue, as Celery's producer declares
+            declare = queue not in self._declared
+            kombu_push.queue_jobs(pipe, queue, messages, self.key, self._reply_to, declare=declare)
             await pipe.execute()
         self._declared.add(queue)
-        return msg.job_id
 
     @cached_property
     def broker_redis(self) -> aioredis.Redis:
@@ -116,8 +118,11 @@ class AsyncInferqClient(Producer):
         return aioredis.Redis.from_url(url, max_connections=plans.MAX_CONNECTIONS)
 
     async def submit_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[uuid.UUID]:
-        """Validate every job first (nothing is enqueued if one is invalid), then enqueue all."""
-        return [await self.send(msg) for msg in self.build_many(jobs)]
+        """Validate every job first (nothing is enqueued if one is invalid), then enqueue all
+        (on a Redis broker in one round trip, so a worker takes them together)."""
+        messages = self.build_many(jobs)
+        await self._push(messages)
+        return [msg.job_id for msg in messages]
 
     async def get(self, job_id: uuid.UUID | str) -> JobView | None:
         job_id = uuid.UUID(str(job_id))

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from api_client import plans
+from api_client import kombu_push, plans
 from api_client.notify import Subscriptions, Watch
 from api_client.producer import InvalidJobError, Producer, tenant_view
 from api_client.results import result_key
@@ -38,6 +38,12 @@ class InferqClient(Producer):
         )
 
     @cached_property
+    def broker_redis(self) -> redis.Redis:
+        """The broker's Redis (the results' one when they are the same)."""
+        url = self.settings.resolved_broker_url
+        return self.redis if url == self.result_url else redis.Redis.from_url(url)
+
+    @cached_property
     def subscriptions(self) -> Subscriptions:
         """The one subscription all this client's waits share (`api_client.notify`)."""
         return Subscriptions(self.result_url)
@@ -46,6 +52,9 @@ class InferqClient(Producer):
         self.celery.close()
         if "subscriptions" in self.__dict__:
             self.subscriptions.close()
+        broker = self.__dict__.get("broker_redis")
+        if broker is not None and broker is not self.__dict__.get("redis"):
+            broker.close()
         if "redis" in self.__dict__:
             self.redis.close()
 
@@ -54,8 +63,16 @@ class InferqClient(Producer):
         return self.enqueue(self.build(prompt, **job))
 
     def submit_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[uuid.UUID]:
-        """Validate every job first (nothing is enqueued if one is invalid), then enqueue all."""
-        return [self.enqueue(msg) for msg in self.build_many(jobs)]
+        """Validate every job first (nothing is enqueued if one is invalid), then enqueue all:
+        on a Redis broker in one round trip (`api_client.kombu_push`), so a worker takes them
+        together; else through Celery's producer, one by one."""
+        messages = self.build_many(jobs)
+        if not kombu_push.is_redis(self.settings.resolved_broker_url):
+            return [self.enqueue(msg) for msg in messages]
+        with self.broker_redis.pipeline(transaction=False) as pipe:
+            kombu_push.queue_jobs(pipe, self.settings.queue, messages, self.key, self._reply_to)
+            pipe.execute()
+        return [msg.job_id for msg in messages]
 
     def get(self, job_id: uuid.UUID | str) -> JobView | None:
         """The job's latest state (running, or ended with its result), or None while it is

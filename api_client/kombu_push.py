@@ -1,7 +1,8 @@
 """A job sent as Celery's producer sends it, without it: the same protocol-2 message (its
 headers, properties and base64 JSON body) pushed onto kombu's Redis list for its priority,
-with the queue's kombu bindings, in one pipelined round trip (`AsyncInferqClient.send` on a
-Redis broker: no thread, no Celery producer per message).
+with the queue's kombu bindings, in one pipelined round trip (both clients' `submit_many` and
+`AsyncInferqClient.send` on a Redis broker: no thread, no Celery producer per message; a batch
+is one LPUSH per list, so a worker takes it whole, not the first few of it).
 
 What Celery and kombu write (kombu's Redis transport, the version pinned in pyproject.toml;
 tests/service/test_kombu_layout.py checks this module against both, item by item):
@@ -20,7 +21,9 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from typing import Any
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from celery.utils.nodenames import anon_nodename
 
@@ -30,6 +33,14 @@ from api_client.wire import PRIORITY_STEPS, TASK_NAME, celery_priority, kwargs_r
 
 SEP = "\x06\x16"  # kombu's separator between a queue name and its priority step
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+PUSH_ITEMS = 1000  # items in one LPUSH at most (a bigger batch is several, in order)
+
+
+class Pipeline(Protocol):
+    """What `queue_jobs` needs of a redis-py pipeline (sync or asyncio)."""
+
+    def sadd(self, name: str, *values: str) -> Any: ...
+    def lpush(self, name: str, *values: bytes) -> Any: ...
 
 
 def queue_key(queue: str, priority: int) -> str:
@@ -92,3 +103,32 @@ def celery_message(
         },
     }
     return queue_key(queue, priority), json.dumps(item).encode()
+
+
+def is_redis(url: str) -> bool:
+    """Whether a broker URL is a Redis one (jobs are pushed by `queue_jobs`, not by Celery)."""
+    return url.startswith(("redis://", "rediss://"))
+
+
+def queue_jobs(
+    pipe: Pipeline,
+    queue: str,
+    messages: Iterable[JobMessage],
+    key: str | None,
+    reply_to: str,
+    *,
+    declare: bool = True,
+) -> None:
+    """Queue on `pipe` the pushes of `messages` (signed with `key`) and, with `declare`, the
+    queue's bindings: one LPUSH per list (per `PUSH_ITEMS`), in order, so a kombu consumer
+    (which pops the other end) takes them first to last."""
+    lists: defaultdict[str, list[bytes]] = defaultdict(list)
+    for message in messages:
+        list_key, item = celery_message(queue, message, key, reply_to)
+        lists[list_key].append(item)
+    if declare:
+        for name, member in bindings(queue):
+            pipe.sadd(name, member)
+    for list_key, items in lists.items():
+        for start in range(0, len(items), PUSH_ITEMS):
+            pipe.lpush(list_key, *items[start : start + PUSH_ITEMS])

@@ -79,6 +79,7 @@ class Producer:
         self.key = key if tenant else (key or self.settings.tenant_key)
         self.celery: Celery = producer_app(self.settings)
         self.poll_s = self.settings.result_poll_s
+        self._reply_to = str(uuid.uuid4())  # the name a Celery producer gives itself (unused)
 
     @property
     def result_url(self) -> str:

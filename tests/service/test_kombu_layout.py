@@ -25,7 +25,8 @@ import pytest
 import redis
 from kombu import Connection, Consumer
 
-from api_client import AsyncInferqClient
+from api_client import AsyncInferqClient, InferqClient
+from api_client.kombu_push import bindings as kombu_bindings
 from api_client.schema import JobMessage
 from api_client.signing import signed
 from api_client.wire import (
@@ -275,3 +276,48 @@ def test_our_push_is_celerys_message_item_by_item(kombu_version: str, settings) 
         source.ack([taken.handle])
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("client_kind", ["sync", "asyncio"])
+def test_submit_many_pushes_one_lpush_per_list_in_order(
+    kombu_version: str, settings, client_kind: str
+) -> None:
+    """Both clients' `submit_many` on Redis push a batch as one LPUSH per priority list (a
+    worker takes the batch whole, not its first few), and a plain kombu consumer takes the
+    jobs urgent first, each list in the order submitted."""
+    r = redis.Redis.from_url(settings.broker_url)
+    jobs = [{"prompt": f"job {i}", "priority": 9 if i % 2 else 0} for i in range(5)]
+    lpushes = lambda: r.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0)  # noqa: E731
+    before = lpushes()
+    if client_kind == "sync":
+        client = InferqClient(settings, "acme", KEY)
+        try:
+            ids = client.submit_many(jobs)
+        finally:
+            client.close()
+    else:
+
+        async def submit() -> list[uuid.UUID]:
+            client = AsyncInferqClient(settings, "acme", KEY)
+            try:
+                return await client.submit_many(jobs)
+            finally:
+                await client.aclose()
+
+        ids = asyncio.run(submit())
+    assert lpushes() - before == 2  # the urgent list and the normal one
+    assert r.sismember(*kombu_bindings(settings.queue)[0])
+    got = []
+    with _kombu(settings) as conn:
+        with Consumer(
+            conn.default_channel,
+            queues=[job_queue(settings)],
+            accept=["json"],
+            on_message=got.append,
+        ):
+            while len(got) < len(jobs):
+                conn.drain_events(timeout=5)
+        for message in got:
+            message.ack()
+    assert [m.headers["id"] for m in got] == [str(ids[i]) for i in (1, 3, 0, 2, 4)]
+    assert [m.decode()[1]["prompt"] for m in got] == [f"job {i}" for i in (1, 3, 0, 2, 4)]
