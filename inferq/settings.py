@@ -247,7 +247,7 @@ class Settings(BaseSettings):
         "makes /readyz fail",
     )
     commit_interval_s: float = Field(
-        0.25,
+        0.5,
         ge=0,
         description="worker: results are committed at most once per this long (outcomes that "
         "come meanwhile share the transaction); the first after a quiet spell at once",
