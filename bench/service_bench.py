@@ -2,13 +2,15 @@
 
 Usage: .venv/bin/python bench/service_bench.py [--jobs 256] [--dtypes float32,bfloat16]
        [--max-new 128] [--seed 0] [--out bench/out] [--keep-db] [--example-prices]
-       [--streaming on|off|on,off|on,off,off,on]
+       [--streaming on|off|on,off|on,off,off,on] [--rounds 1]
 Per dtype, two rows with the same default settings (`Settings()`: max_num_seqs, KV size,
 prefix cache, ...) and the same seeded jobs (bench/engine_bench.py's build_workload):
 - engine alone: the engine the worker builds (`load_engine`), every job added at t=0 and run
-  to completion in this process; times from the engine's own outputs. Run before and after
-  the service rows: the service's share is of their mean, so the machine's drift over the
-  minutes between them (±15 % on a 2-core VM) is averaged out instead of read as a gap.
+  to completion in this process; times from the engine's own outputs. Run before the service
+  rows and after each round of them (`--rounds`, default 1): the service's share is of the
+  engine rows' mean, so the machine's drift over the minutes between them (±15 % on a 2-core
+  VM) is averaged out instead of read as a gap; `--rounds 2` (engine, service, engine,
+  service, engine) averages it better.
 - service: an `inferq worker` process on the local Redis and a fresh PostgreSQL database;
   every job submitted at t=0 through `InferqClient` (row + Celery message each); times from
   the rows the worker wrote (queued_at, job_metrics), wall = first enqueue to last finish.
@@ -243,6 +245,12 @@ def main() -> None:
     parser.add_argument(
         "--streaming", default="on", help="a service row per setting: on, off, on,off,off,on ..."
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="the service rows this often, an engine row after each",
+    )
     args = parser.parse_args()
     modes = args.streaming.split(",")
     assert set(modes) <= {"on", "off"}, f"--streaming: a list of on and off, not {args.streaming}"
@@ -278,40 +286,49 @@ def main() -> None:
             print(lines[-1], flush=True)
             return row
 
-        before = add(engine_row(f"engine alone {tag}, before", dtype, jobs))
+        engines = [add(engine_row(f"engine alone {tag} (1)", dtype, jobs))]
         served: list[tuple[str, str, Row]] = []  # (mode, who in the summary, row)
-        for n, mode in enumerate(modes):
-            who = tag + (f", streaming {mode}" if len(modes) > 1 else "")
-            who += f" ({modes[: n + 1].count(mode)})" if modes.count(mode) > 1 else ""
-            row = service_row(
-                f"service (Redis + PostgreSQL) {who}",
-                dtype,
-                jobs,
-                codec.messages,
-                args.out,
-                args.keep_db,
-                args.example_prices,
-                stream=mode == "on",
-            )
-            served.append((mode, who, add(row)))
-        after = add(engine_row(f"engine alone {tag}, after", dtype, jobs))
-        engine_rate = (rate(before) + rate(after)) / 2  # the machine's drift, averaged out
+        for r in range(args.rounds):
+            for n, mode in enumerate(modes):
+                who = tag + (f", streaming {mode}" if len(modes) > 1 else "")
+                k = r * modes.count(mode) + modes[: n + 1].count(mode)
+                who += f" ({k})" if args.rounds * modes.count(mode) > 1 else ""
+                row = service_row(
+                    f"service (Redis + PostgreSQL) {who}",
+                    dtype,
+                    jobs,
+                    codec.messages,
+                    args.out,
+                    args.keep_db,
+                    args.example_prices,
+                    stream=mode == "on",
+                )
+                served.append((mode, who, add(row)))
+            engines.append(add(engine_row(f"engine alone {tag} ({r + 2})", dtype, jobs)))
+        engine_rate = statistics.mean(map(rate, engines))  # the machine's drift, averaged out
+        first = engines[0]
         for _, who, row in served:
-            same = sum(before.texts[i] == row.texts[i] for i in before.texts)
+            same = sum(first.texts[i] == row.texts[i] for i in first.texts)
             line = (
                 f"{who}: service / engine alone = {rate(row) / engine_rate:.1%} (engine: mean of"
-                f" before and after, {engine_rate:.1f} out tok/s); same text {same}/{len(jobs)}"
+                f" its {len(engines)} rows, {engine_rate:.1f} out tok/s); same text"
+                f" {same}/{len(jobs)}"
             )
             if row.streamed_same is not None:
                 line += f"; streamed = stored {row.streamed_same}/{len(jobs)}"
                 mismatched |= row.streamed_same != len(jobs)
             summary.append(line)
+        if len(served) > 1:
+            share = statistics.mean(rate(r) for _, _, r in served) / engine_rate
+            line = f"{tag}: service / engine alone = {share:.1%} (means of {len(served)} and"
+            summary.append(line + f" {len(engines)} rows)")
         if {"on", "off"} <= set(modes):
             on, off = (
                 statistics.mean(rate(r) for m, _, r in served if m == k) for k in ("on", "off")
             )
             line = f"{tag}: service throughput with streaming on / off = {on / off:.1%}"
-            line += f" (means of {modes.count('on')} and {modes.count('off')} rows)"
+            counts = [sum(m == k for m, _, _ in served) for k in ("on", "off")]
+            line += f" (means of {counts[0]} and {counts[1]} rows)"
             summary.append(line)
     for row in rows:
         summary += ["", *cpu_split.table(row.cpu, f"where the cores went: {row.name}")]
