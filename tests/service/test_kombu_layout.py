@@ -71,6 +71,22 @@ def _kombu(settings) -> Iterator[Connection]:
         yield conn
 
 
+@contextmanager
+def _consumed(settings, n: int) -> Iterator[list[kombu.Message]]:
+    """The first `n` messages a plain kombu consumer takes, its connection open meanwhile."""
+    got: list[kombu.Message] = []
+    with _kombu(settings) as conn:
+        with Consumer(
+            conn.default_channel,
+            queues=[job_queue(settings)],
+            accept=["json"],
+            on_message=got.append,
+        ):
+            while len(got) < n:
+                conn.drain_events(timeout=5)
+        yield got
+
+
 def _send(settings, priority: int = 0) -> JobMessage:
     """One job published by Celery (our client's way: `send_job`, signed)."""
     job = JobMessage(
@@ -199,16 +215,7 @@ def test_a_plain_kombu_consumer_consumes_what_we_pushed_back(kombu_version: str,
         source.requeue([m.handle for m in taken])
     finally:
         source.close()
-    got = []
-    with _kombu(settings) as conn:
-        with Consumer(
-            conn.default_channel,
-            queues=[job_queue(settings)],
-            accept=["json"],
-            on_message=got.append,
-        ):
-            while len(got) < 2:
-                conn.drain_events(timeout=5)
+    with _consumed(settings, 2) as got:
         assert [m.headers["id"] for m in got] == [str(urgent.job_id), str(low.job_id)]
         for message, job in zip(got, (urgent, low), strict=True):
             assert message.headers["task"] == TASK_NAME and message.delivery_info["redelivered"]
@@ -307,16 +314,7 @@ def test_submit_many_pushes_one_lpush_per_list_in_order(
         ids = asyncio.run(submit())
     assert lpushes() - before == 2  # the urgent list and the normal one
     assert r.sismember(*kombu_bindings(settings.queue)[0])
-    got = []
-    with _kombu(settings) as conn:
-        with Consumer(
-            conn.default_channel,
-            queues=[job_queue(settings)],
-            accept=["json"],
-            on_message=got.append,
-        ):
-            while len(got) < len(jobs):
-                conn.drain_events(timeout=5)
+    with _consumed(settings, len(jobs)) as got:
         for message in got:
             message.ack()
     assert [m.headers["id"] for m in got] == [str(ids[i]) for i in (1, 3, 0, 2, 4)]
