@@ -38,8 +38,7 @@ from worker.service.unserved import GIVE_BACK_GAP_S, Unserved
 log = get_logger("inferq.intake")
 POLL_S = 0.05  # how long one wait for messages lasts (acks are sent between waits)
 FULL_WAIT_S = 1.0  # holding all it may: sleep this long at most between acknowledgements
-MAX_GROUP = 256  # messages taken at once
-FIRST_PART = 16  # of a take, claimed and run first (an idle engine starts on them sooner)
+MAX_GROUP = 256  # messages claimed in one transaction
 
 
 #: Called with a group's arrivals and claimed states; returns the states to dispatch by.
@@ -138,9 +137,7 @@ class Intake:
             group = source.receive(min(room, MAX_GROUP), POLL_S) if room > 0 else []
             self.ready.set()  # the broker answered
             if group:
-                for part in (group[:FIRST_PART], group[FIRST_PART:]):
-                    if part:
-                        self._handle(part, source, stop)
+                self._handle(group, source, stop)
             elif room <= 0:  # full or draining: sleep until an outcome frees room
                 self.wake.wait(FULL_WAIT_S)
                 self.wake.clear()
