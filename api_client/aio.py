@@ -21,7 +21,7 @@ from api_client.result_reads import AsyncResultReads
 from api_client.results import result_key
 from api_client.schema import JobMessage
 from api_client.stream_reads import AsyncStreamReads
-from inferq.settings import Settings
+from inferq.settings import Settings, is_redis_url
 from storage.records import JobView
 
 
@@ -97,7 +97,7 @@ class AsyncInferqClient(Producer):
 
     async def _push(self, messages: list[JobMessage]) -> None:
         """Enqueue validated jobs: on a Redis broker in one round trip, in order."""
-        if not kombu_push.is_redis(self.settings.resolved_broker_url):
+        if not is_redis_url(self.settings.resolved_broker_url):
             for msg in messages:
                 await asyncio.to_thread(self.enqueue, msg)
             return

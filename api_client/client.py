@@ -15,6 +15,7 @@ from api_client import kombu_push, plans
 from api_client.notify import Subscriptions, Watch
 from api_client.producer import InvalidJobError, Producer, tenant_view
 from api_client.results import result_key
+from inferq.settings import is_redis_url
 from storage.records import JobView
 
 __all__ = ["InferqClient", "InvalidJobError"]
@@ -67,7 +68,7 @@ class InferqClient(Producer):
         on a Redis broker in one round trip (`api_client.kombu_push`), so a worker takes them
         together; else through Celery's producer, one by one."""
         messages = self.build_many(jobs)
-        if not kombu_push.is_redis(self.settings.resolved_broker_url):
+        if not is_redis_url(self.settings.resolved_broker_url):
             return [self.enqueue(msg) for msg in messages]
         with self.broker_redis.pipeline(transaction=False) as pipe:
             kombu_push.queue_jobs(pipe, self.settings.queue, messages, self.key, self._reply_to)

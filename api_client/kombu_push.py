@@ -105,11 +105,6 @@ def celery_message(
     return queue_key(queue, priority), json.dumps(item).encode()
 
 
-def is_redis(url: str) -> bool:
-    """Whether a broker URL is a Redis one (jobs are pushed by `queue_jobs`, not by Celery)."""
-    return url.startswith(("redis://", "rediss://"))
-
-
 def queue_jobs(
     pipe: Pipeline,
     queue: str,

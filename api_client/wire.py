@@ -13,7 +13,7 @@ from kombu import Exchange, Queue
 
 from api_client.schema import JobMessage
 from api_client.signing import signed
-from inferq.settings import Settings
+from inferq.settings import Settings, is_redis_url
 
 TASK_NAME = "inferq.generate"
 PRIORITY_STEPS = list(range(10))
@@ -23,7 +23,7 @@ def broker_options(settings: Settings) -> dict[str, Any]:
     """Transport options: a visibility timeout longer than any wait + run, fast restore of a
     dead worker's messages, and priority queues (Redis)."""
     url = settings.resolved_broker_url
-    if url.startswith(("redis://", "rediss://")):
+    if is_redis_url(url):
         return {
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": 2,

@@ -36,6 +36,11 @@ def _default_home() -> Path:
     return Path(base) / "inferq"
 
 
+def is_redis_url(url: str) -> bool:
+    """Whether a broker or result URL names a Redis (`redis://`, `rediss://`)."""
+    return url.startswith(("redis://", "rediss://"))
+
+
 class Settings(BaseSettings):
     """Everything a worker, a client or the CLI needs to know, with embedded defaults."""
 
@@ -339,7 +344,7 @@ class Settings(BaseSettings):
     def resolved_result_url(self) -> str | None:
         """The Redis that holds results, streams and cancel requests (None: not Redis)."""
         url = self.result_backend_url or self.resolved_broker_url
-        return url if url.startswith(("redis://", "rediss://")) else None
+        return url if is_redis_url(url) else None
 
     def engine_config(self, **overrides: Any) -> EngineConfig:
         """The paged engine's config from these settings: every `EngineConfig` field that is

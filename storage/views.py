@@ -36,8 +36,8 @@ def read_views(
     """The jobs among `ids` that exist (and match `where`), by id, as `conn` sees them (in a
     transaction: with its own uncommitted writes)."""
     out: dict[uuid.UUID, JobView] = {}
+    stmt = _VIEWS if where is None else _VIEWS.where(where)
     for part in chunks(list(dict.fromkeys(ids))):
-        stmt = _VIEWS if where is None else _VIEWS.where(where)
         for row in conn.execute(stmt, {IDS: part}).mappings():
             view = JobView(**{name: row[name] for name in JOB_FIELDS})
             if row["r_job_id"] is not None:

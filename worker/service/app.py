@@ -17,7 +17,7 @@ from types import FrameType
 import redis
 
 from inferq.logs import get_logger
-from inferq.settings import Settings
+from inferq.settings import Settings, is_redis_url
 from storage.records import JobState, JobView
 from storage.repository import Repository
 from worker.engine.api import Engine
@@ -190,7 +190,7 @@ class WorkerService:
         client = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30)
         broker_url = self.settings.resolved_broker_url
         broker = None
-        if broker_url != url and broker_url.startswith(("redis://", "rediss://")):
+        if broker_url != url and is_redis_url(broker_url):
             broker = redis.Redis.from_url(broker_url, health_check_interval=30)
         publisher = ResultPublisher(self.settings, self.repo, client, self.metrics)
         listener = CancelListener(

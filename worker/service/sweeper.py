@@ -18,7 +18,7 @@ import redis
 from api_client.schema import MAX_TTL_S, JobMessage
 from api_client.wire import producer_app, send_job
 from inferq.logs import get_logger
-from inferq.settings import Settings
+from inferq.settings import Settings, is_redis_url
 from storage.records import as_utc
 from storage.repository import Repository
 from storage.sweeps import StrandedJob, Sweeps
@@ -46,9 +46,7 @@ class Sweeper:
         self._ended = ended  # told the jobs a sweep expired or failed
         self.last_ok = 0.0  # monotonic time of the last sweep that reached the database
         url = settings.resolved_broker_url
-        self._broker = (
-            redis.Redis.from_url(url) if url.startswith(("redis://", "rediss://")) else None
-        )
+        self._broker = redis.Redis.from_url(url) if is_redis_url(url) else None
         self.sweeps = Sweeps(repo)
         self.producer = producer_app(settings)
         self.signing_keys = settings.signing_keys()
