@@ -7,6 +7,8 @@ only this package's surface (below), never its modules.
 - The Redis fast path keeps kombu's Redis layout (`layout.py`: the lists, the `unacked` hash
   and index, our keys beside them; the kombu versions it is tested on, `SUPPORTED_KOMBU`) and
   changes it only through Lua scripts (`scripts.py`), each atomic.
+- `Doorbell` (`doorbell.py`) wakes the fast path's wait on an empty queue when anything is
+  pushed to its lists (Redis client tracking), so an idle worker takes a job at once.
 - `Unacked` (`unacked.py`) is the one place a taken message is acknowledged, kept visible,
   handed to another worker or pushed back.
 - Prefix affinity: `Router` and `prefix_key` (`affinity.py`: pure logic) pick a job's worker;
@@ -19,7 +21,7 @@ hand on the messages it took); the registry reaps a dead worker's held messages 
 and reads the queue layout from `layout.py`, so it takes no callbacks into the source.
 
 The imports run one way (tests/unit/test_import_contracts.py forbids cycles): `source`,
-`layout`, `scripts` and `affinity` import nothing of this package; `envelope` and
+`layout`, `scripts`, `affinity` and `doorbell` import nothing of this package; `envelope` and
 `kombu_source` build on `source`; `unacked` on `layout` and `scripts`; `registry` on those and
 `affinity`; `redis_source` on all of them; `factory` picks `redis_source` or `kombu_source`;
 this module only re-exports. No torch, engine or storage here. Enqueueing is not here either:

@@ -27,6 +27,7 @@ from inferq.logs import get_logger
 from inferq.settings import Settings
 from worker.broker import scripts
 from worker.broker.affinity import Router
+from worker.broker.doorbell import Doorbell
 from worker.broker.envelope import MAX_KEPT_BYTES, MAX_RAW_BYTES, unwrap
 from worker.broker.layout import BOOKKEEPING, affinity_queue, aging_key, held_key, queue_key
 from worker.broker.registry import Registry
@@ -78,6 +79,7 @@ class RedisSource:
         self._lists = [key for pair in lists for key in pair]  # by urgency: own queue first
         self._own = {key for key in self._lists if own and key.startswith(own)}
         self._keys = [*self._lists, *BOOKKEEPING, aging_key(self.queue), self._held]
+        self._bell = Doorbell(self.client.connection_pool, self._lists)
 
     def receive(self, limit: int, wait_s: float) -> list[Received]:
         deadline = time.monotonic() + wait_s
@@ -96,7 +98,7 @@ class RedisSource:
                 ]
             if time.monotonic() >= deadline:
                 return []
-            time.sleep(self._idle_s)  # an idle queue is polled ever less often (to 0.25 s)
+            self._bell.wait(self._idle_s)  # rung by a push; else polled ever less often
             self._idle_s = min(2 * self._idle_s, IDLE_SLEEP_S[1])
 
     def _take_raw(self, limit: int) -> list[Any]:
@@ -203,4 +205,5 @@ class RedisSource:
 
     def close(self) -> None:
         self._closed.set()
+        self._bell.close()
         self.client.close()
