@@ -120,3 +120,28 @@ def test_messages_a_dead_worker_had_taken_come_back_within_seconds(service_setti
         took = time.monotonic() - started
     assert view.status == "done" and view.worker == "aff-live" and view.attempts == 1
     assert took < 15  # the visibility timeout is 30 minutes
+
+
+def test_a_take_being_routed_is_not_the_takers_load(service_settings) -> None:
+    """Two idle workers woken by one burst both take from the shared queue; what a worker has
+    taken and not routed yet (most of it may be handed on) must not make it look busy to the
+    other, or a prefix it owns spills for a moment's bookkeeping."""
+    a = RedisSource(_settings(service_settings, "load-a"), "load-a", ["null"])
+    b = RedisSource(_settings(service_settings, "load-b"), "load-b", ["null"])
+    try:
+        send = producer(_settings(service_settings, "load-a")).send_task
+        for i in range(8):
+            send("inferq.generate", queue=a.queue, kwargs={"prompt": f"p{i}", "model": "null"})
+        taken = a.receive(8, 2.0)
+        assert len(taken) == 8
+        assert b.registry is not None
+        peers, _ = b.registry.peers()
+        assert peers["load-a"].load == 0  # taken, being routed
+        assert b.forward(taken[0], "load-b") is False  # not b's to hand
+        assert a.forward(taken[0], "load-b") and a.forward(taken[1], "load-b")
+        a.routed()  # kept the other six
+        peers, _ = b.registry.peers()
+        assert (peers["load-a"].load, peers["load-b"].load) == (6, 2)
+    finally:
+        a.close()
+        b.close()

@@ -64,6 +64,9 @@ class KombuSource:
     def forward(self, message: Received, worker: str) -> bool:
         return False
 
+    def routed(self) -> None:
+        pass
+
     def retire(self) -> None:
         pass
 

@@ -51,6 +51,12 @@ def held_key(queue: str, worker: str) -> str:
     return f"inferq:held:{queue}:{worker}"
 
 
+def unrouted_key(queue: str, worker: str) -> str:
+    """The set of tags of `worker`'s last take while it routes them (its peers do not count
+    those as its load: most may be handed on); emptied when the take is routed."""
+    return f"inferq:unrouted:{queue}:{worker}"
+
+
 def aging_key(queue: str) -> str:
     """The hash of `queue`'s lists that wait (list key -> since when, Redis time)."""
     return f"inferq:aging:{queue}"

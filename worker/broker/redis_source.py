@@ -13,7 +13,6 @@ whole: the worker gets its head, size and SHA-1 and keeps it as a dead letter.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import threading
 import time
@@ -29,7 +28,14 @@ from worker.broker import scripts
 from worker.broker.affinity import Router
 from worker.broker.doorbell import Doorbell
 from worker.broker.envelope import MAX_KEPT_BYTES, MAX_RAW_BYTES, unwrap
-from worker.broker.layout import BOOKKEEPING, affinity_queue, aging_key, held_key, queue_key
+from worker.broker.layout import (
+    BOOKKEEPING,
+    affinity_queue,
+    aging_key,
+    held_key,
+    queue_key,
+    unrouted_key,
+)
 from worker.broker.registry import Registry
 from worker.broker.source import Received
 from worker.broker.unacked import Unacked
@@ -58,10 +64,10 @@ class RedisSource:
         self.aging_s = settings.broker_aging_s
         self._take = self.client.register_script(scripts.TAKE)
         self._held = held_key(self.queue, worker)
+        self._unrouted = unrouted_key(self.queue, worker)
         self.unacked = Unacked(self.client, self.queue, self._held)
         self._refresh_s = min(REFRESH_S, self.visibility_s / 3)
         self._next_restore = self._next_tick = self._next_refresh = self._looked = 0.0
-        self._in_hand = 0  # messages of the last take not routed yet
         self._closed = threading.Event()
         self._idle_s = IDLE_SLEEP_S[0]
         self.registry: Registry | None = None
@@ -78,7 +84,7 @@ class RedisSource:
         ]
         self._lists = [key for pair in lists for key in pair]  # by urgency: own queue first
         self._own = {key for key in self._lists if own and key.startswith(own)}
-        self._keys = [*self._lists, *BOOKKEEPING, aging_key(self.queue), self._held]
+        self._keys = [*self._lists, *BOOKKEEPING, aging_key(self.queue), self._held, self._unrouted]
         self._bell = Doorbell(self.client.connection_pool, self._lists)
 
     def receive(self, limit: int, wait_s: float) -> list[Received]:
@@ -89,7 +95,6 @@ class RedisSource:
             raw = self._take_raw(limit) if limit > 0 else []
             if raw:
                 self._idle_s = IDLE_SLEEP_S[0]
-                self._in_hand = len(raw) // 4
                 return [
                     self._oversized(item, tag, self._lists[int(i) - 1], big)
                     if big
@@ -158,9 +163,6 @@ class RedisSource:
         """Refresh the router's view of the live peers and their loads; the dead ones."""
         assert self.registry is not None
         live, dead = self.registry.peers()
-        me = live.get(self.registry.me)
-        if me is not None:  # what this worker took and has not routed yet is not its load
-            live[me.name] = dataclasses.replace(me, load=max(0, me.load - self._in_hand))
         self.router.refresh(live)
         self._looked = time.monotonic()
         return dead
@@ -177,8 +179,12 @@ class RedisSource:
         routing_key = key()
         if routing_key is None:
             return None
-        self._in_hand = max(0, self._in_hand - 1)
         return self.router.owner(routing_key, model)
+
+    def routed(self) -> None:
+        """The last take is routed: what this worker kept of it is its load now."""
+        if self.registry is not None:
+            self.client.delete(self._unrouted)
 
     def forward(self, message: Received, worker: str) -> bool:
         """Hand a message taken from the shared queue to `worker`'s queue (at the same

@@ -2,7 +2,8 @@
 
 Each worker writes `{seen, models}` under its name in one hash per queue every second (`seen`
 is Redis `TIME`: one clock for every worker, whatever its host's clock says);
-its load is read fresh from Redis (the tags it holds, the messages waiting for it).
+its load is read fresh from Redis (the tags it holds, less a take it is still routing, and the
+messages waiting for it).
 A worker silent for `dead_after_s` is dead: any live worker moves the messages waiting in its
 affinity queue back to the shared queue and pushes back the messages it had taken but not
 acknowledged (the `held` set its takes recorded, through the `Unacked` store), so none waits
@@ -20,7 +21,14 @@ import redis
 from api_client.wire import PRIORITY_STEPS
 from worker.broker import scripts
 from worker.broker.affinity import Peer
-from worker.broker.layout import affinity_queue, aging_key, held_key, queue_key, redis_now
+from worker.broker.layout import (
+    affinity_queue,
+    aging_key,
+    held_key,
+    queue_key,
+    redis_now,
+    unrouted_key,
+)
 from worker.broker.unacked import Unacked
 
 GRACE_S = 10.0  # a dead entry is kept (and drained) this long: late forwards still move on
@@ -43,6 +51,7 @@ class Registry:
         self.models, self.dead_after_s = sorted(models), dead_after_s
         self.key = f"inferq:workers:{self.queue}"
         self._drain = self.client.register_script(scripts.DRAIN)
+        self._loads = self.client.register_script(scripts.LOADS)
 
     def lists(self, worker: str) -> list[str]:
         """A worker's affinity lists (one per priority step)."""
@@ -63,21 +72,18 @@ class Registry:
         return out
 
     def peers(self) -> tuple[dict[str, Peer], list[tuple[str, float]]]:
-        """Live peers with their load, read fresh (the messages they have taken and not
-        acknowledged, plus those waiting in their affinity queue), and the dead entries with
-        when they were last seen."""
+        """Live peers with their load, read fresh (the messages they have taken, kept and not
+        acknowledged, plus those waiting in their affinity queue: a take still being routed is
+        not load yet), and the dead entries with when they were last seen."""
         now, live = redis_now(self.client), {}
         entries = self._entries()
         alive = [n for n, e in entries.items() if now - float(e["seen"]) <= self.dead_after_s]
-        pipe = self.client.pipeline(transaction=False)
+        keys = []
         for name in alive:
-            pipe.scard(held_key(self.queue, name))
-            for key in self.lists(name):
-                pipe.llen(key)
-        counts = iter(pipe.execute())
-        for name in alive:
-            load = sum(next(counts) for _ in range(1 + len(PRIORITY_STEPS)))
-            live[name] = Peer(name, load, frozenset(entries[name].get("models") or ()))
+            keys += [held_key(self.queue, name), unrouted_key(self.queue, name), *self.lists(name)]
+        loads = self._loads(keys=keys, args=[len(PRIORITY_STEPS)]) if alive else []
+        for name, load in zip(alive, loads, strict=True):
+            live[name] = Peer(name, int(load), frozenset(entries[name].get("models") or ()))
         dead = [(n, float(e["seen"])) for n, e in entries.items() if n not in live]
         return live, dead
 
@@ -90,7 +96,7 @@ class Registry:
             held = held_key(self.queue, name)
             for tag in self.client.smembers(held):  # unless taken again by a live worker
                 moved_here += self.unacked.push_back(tag, held)
-            self.client.delete(held)
+            self.client.delete(held, unrouted_key(self.queue, name))
             if moved_here == 0 and now - seen > self.dead_after_s + GRACE_S:
                 self.client.hdel(self.key, name)
             moved += moved_here

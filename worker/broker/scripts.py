@@ -14,22 +14,24 @@ worker). tests/service/test_kombu_layout.py checks these against kombu.
 from __future__ import annotations
 
 # KEYS: the queue's lists, most urgent first; then the unacked hash, its index, the owners
-# hash, the oversized origins hash, the oversized items hash, the aging hash and this worker's
-# held set. ARGV: how many to take, the largest item read whole, the head kept of a larger
-# one, the aging seconds. Returns quadruples: the item (or its head), its tag
+# hash, the oversized origins hash, the oversized items hash, the aging hash, this worker's
+# held set and its unrouted set (emptied, then given the tags taken). ARGV: how many to take,
+# the largest item read whole, the head kept of a larger one, the aging seconds. Returns
+# quadruples: the item (or its head), its tag
 # ("" when the item is no envelope), its list's index, and "<size> <sha1>" for an item too
 # large (else "").
 #
 # Priority aging: a list that has waited `aging` seconds with no message taken from it goes
 # first, for up to a quarter of the take (at least one message); its wait then starts again.
 TAKE = """
-local n = #KEYS - 7
-local hkey, zkey, owners, origins, items, aging, held = unpack(KEYS, n + 1)
+local n = #KEYS - 8
+local hkey, zkey, owners, origins, items, aging, held, unrouted = unpack(KEYS, n + 1)
 local limit, max_item = tonumber(ARGV[1]), tonumber(ARGV[2])
 local head, age = tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local out, taken, served = {}, 0, {}
+redis.call('DEL', unrouted)
 
 local function envelope(item)
   local ok, msg = pcall(cjson.decode, item)
@@ -65,6 +67,7 @@ local function take(i)
     redis.call('HSET', hkey, tag, entry)
     redis.call('ZADD', zkey, now, tag)
     redis.call('SADD', held, tag)
+    redis.call('SADD', unrouted, tag)
     redis.call('HSET', owners, tag, held)
   end
   out[#out + 1] = item
@@ -157,6 +160,22 @@ for k = 2, #ARGV do
   end
 end
 return n
+"""
+
+# KEYS: per worker, its held set, its unrouted set and its affinity lists (ARGV[1] of them).
+# Returns each worker's load: the messages it has taken and kept (held, less those of a take
+# it is still routing) plus those waiting in its affinity lists.
+LOADS = """
+local lists, out = tonumber(ARGV[1]), {}
+for w = 1, #KEYS, lists + 2 do
+  local load = redis.call('SCARD', KEYS[w])
+  for _, tag in ipairs(redis.call('SMEMBERS', KEYS[w + 1])) do
+    load = load - redis.call('SISMEMBER', KEYS[w], tag)
+  end
+  for k = w + 2, w + 1 + lists do load = load + redis.call('LLEN', KEYS[k]) end
+  out[#out + 1] = load
+end
+return out
 """
 
 # KEYS: source lists, then as many target lists. Moves every item, keeping their order.

@@ -53,6 +53,10 @@ class Source(Protocol):
         """Hand a taken message to `worker`'s own queue; True when done."""
         ...
 
+    def routed(self) -> None:
+        """The last take is routed (affinity: what was kept of it now counts as load)."""
+        ...
+
     def retire(self) -> None:
         """A clean stop: stop being routed to; give back what waits for this worker."""
         ...

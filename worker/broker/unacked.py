@@ -42,7 +42,7 @@ class Unacked:
         """Hand a taken message to the back of list `target` (another worker's queue); False
         if it was not ours to hand (then it is left alone)."""
         keys = [*BOOKKEEPING, self.held, target]
-        return bool(self._move(keys=keys, args=[tag, raw, "back", "", ""]))
+        return bool(self._move(keys=keys, args=[tag, raw, "back", "", self.held]))
 
     def restore_expired(self, visibility_s: float, limit: int = 256) -> int:
         """Push back messages unacknowledged (and not refreshed by a live owner) for longer

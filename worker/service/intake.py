@@ -190,6 +190,7 @@ class Intake:
                 dead.append((message, got))
             elif got is not None:
                 arrivals.append(got)
+        source.routed()
         states = self._store(arrivals, list(dead), stop)
         if states is None:
             return  # stopping while the database is away: the messages will come back
