@@ -126,10 +126,11 @@ class ResultSink:
             wait = 0.0 if pending else min(due, IDLE_WAKE_S)
             self._gather(pending, touched, wait)
             until = self._last_write + self.commit_interval_s
-            while pending and not self._stop.is_set() and len(pending) < MAX_PER_WRITE:
-                if (left := until - time.monotonic()) <= 0:
-                    break
-                self._gather(pending, touched, left)  # what comes meanwhile shares the write
+            if pending and (left := until - time.monotonic()) > 0:
+                # what comes meanwhile shares the write: slept through, not woken for each
+                # outcome (every wake takes the GIL from the engine's thread)
+                self._stop.wait(left)
+                self._gather(pending, touched, 0.0)
             if pending:
                 self._last_write = time.monotonic()
                 if not self._write(pending, touched):
