@@ -1,7 +1,9 @@
 """Where the cores went between two snapshots of /proc (Linux): CPU seconds of each thread of
 the worker (its helper threads name themselves `inferq-...`; the engine loop is the main
 thread; unnamed threads are torch's compute threads), of PostgreSQL, Redis, the benchmark's
-own process (producer and stream readers) and the rest of the machine, and what stayed idle.
+own process (producer and stream readers) and the rest of the machine, what stayed idle, and
+what the hypervisor gave other VMs ("stolen", /proc/stat's steal: a neighbour's load, which
+also shows as the engine's threads waiting for each other).
 
 Usage (from a benchmark): `before = snapshot(worker_pid)`, ..., `split(before,
 snapshot(worker_pid), wall_s)` gives rows of (who, CPU seconds, share of the machine's cores
@@ -17,6 +19,7 @@ from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
 PROC = Path("/proc")
+STOLEN = "stolen by the hypervisor"
 
 
 @dataclass
@@ -24,6 +27,7 @@ class Snapshot:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     busy_s: float = 0.0  # every core, from /proc/stat
     idle_s: float = 0.0
+    steal_s: float = 0.0
 
 
 def _cpu_s(stat: Path) -> float:
@@ -68,7 +72,8 @@ def snapshot(worker_pid: int, label: str = "worker") -> Snapshot:
     cpu = [int(v) / TICK for v in (PROC / "stat").read_text().split("\n", 1)[0].split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is inside user)
     snap.idle_s = cpu[3] + cpu[4]
-    snap.busy_s = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + cpu[7]
+    snap.busy_s = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6]
+    snap.steal_s = cpu[7]
     return snap
 
 
@@ -81,7 +86,8 @@ def split(before: Snapshot, after: Snapshot, wall_s: float) -> list[tuple[str, f
     named = sum(v for k, v in used.items() if k != "rest of the machine")
     used["rest of the machine"] = max(busy - named, 0.0)
     used["idle"] = after.idle_s - before.idle_s
-    order = sorted(used, key=lambda k: (":" not in k, k == "idle", -used[k]))
+    used[STOLEN] = after.steal_s - before.steal_s
+    order = sorted(used, key=lambda k: (":" not in k, k in ("idle", STOLEN), -used[k]))
     return [(k, used[k], used[k] / (wall_s * cores)) for k in order if used[k] >= 0.005]
 
 
