@@ -185,6 +185,7 @@ def service_row(
     keep: bool = False,
     prices: bool = False,
     stream: bool = True,
+    checkout: Path | None = None,
 ) -> Row:
     with ServiceEnv("svc", keep=keep) as env:
         if prices:  # the demo's example prices, so `inferq report` shows costs
@@ -192,7 +193,7 @@ def service_row(
         log = out / f"service_worker_{dtype}{'' if stream else '_stream_off'}.log"
         extra = {"INFERQ_MODEL": FP_MODEL, "INFERQ_DTYPE": dtype, "INFERQ_ENGINE": "paged"}
         extra["INFERQ_STREAM"] = "1" if stream else "0"
-        proc = start_worker(env, extra, log, loglevel="INFO")
+        proc = start_worker(env, extra, log, loglevel="INFO", checkout=checkout)
         try:
             _wait_ready(log, proc)
             before, started = cpu_split.snapshot(proc.pid), time.monotonic()

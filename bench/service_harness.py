@@ -95,9 +95,14 @@ class ServiceEnv:
 
 
 def start_worker(
-    env: ServiceEnv, extra: dict[str, str], log: Path, loglevel: str = "WARNING"
+    env: ServiceEnv,
+    extra: dict[str, str],
+    log: Path,
+    loglevel: str = "WARNING",
+    checkout: Path | None = None,
 ) -> subprocess.Popen:
-    """An `inferq worker` process on the env's broker and database."""
+    """An `inferq worker` process on the env's broker and database; its code from `checkout`
+    (another checkout of inferq, for an A/B) when given, else from this one."""
     environ = {
         **os.environ,
         "INFERQ_BROKER_URL": env.settings.broker_url or "",
@@ -105,9 +110,12 @@ def start_worker(
         "INFERQ_QUEUE": env.settings.queue,
         **extra,
     }
+    if checkout is not None:
+        environ["PYTHONPATH"] = str(checkout)
     proc = subprocess.Popen(
         [sys.executable, "-m", "inferq.cli", "worker", "--loglevel", loglevel],
         env=environ,
+        cwd=checkout,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )

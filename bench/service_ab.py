@@ -1,0 +1,70 @@
+"""Service rows only, back to back: the same work (bench/service_bench.py's service row) run by
+workers from one or more checkouts, in the order given, to compare worker versions (or to see
+how much identical rows differ on this machine).
+
+Usage: .venv/bin/python bench/service_ab.py [--dtype bfloat16] [--order a,b,b,a]
+       [--checkout a=/path/to/inferq --checkout b=.] [--out bench/out]
+Each name in `--order` is a `--checkout` name (default: one checkout, "this", the one this
+script is in). Per row: out tok/s, the CPU seconds of the worker's engine threads (torch's
+threads and the engine loop: the same work whatever the version, so more means they waited
+for each other) and of the rest (bench/cpu_split.py); then each variant's mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from pathlib import Path
+
+from engine_bench import build_workload  # bench/, beside this script
+from service_bench import RecordingCodec, rate, service_row
+from transformers import AutoTokenizer
+
+from inferq.settings import FP_MODEL, get_settings
+from worker.engine.codec import TextCodec
+from worker.prep.models import resolve_model
+
+ENGINE = ("torch compute threads", "engine loop (main thread)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--order", default="this,this,this,this")
+    parser.add_argument("--checkout", action="append", default=[], help="name=path")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args()
+    checkouts: dict[str, Path | None] = {"this": None}
+    for item in args.checkout:
+        name, _, path = item.partition("=")
+        checkouts[name] = Path(path).resolve()
+    order = args.order.split(",")
+    unknown = set(order) - set(checkouts)
+    assert not unknown, f"--order names without a --checkout: {sorted(unknown)}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = resolve_model(get_settings(), FP_MODEL)
+    codec = RecordingCodec(TextCodec.from_model_dir(path))
+    jobs, _ = build_workload(AutoTokenizer.from_pretrained(path), codec, 256, 0, 128)
+    gc.freeze()  # as service_bench: the stream readers' collections do not walk the startup heap
+    rates: dict[str, list[float]] = {name: [] for name in dict.fromkeys(order)}
+    print(f"| row | out tok/s | engine threads CPU s | the rest, CPU s ({args.dtype}) |")
+    print("|---|---|---|---|")
+    for n, name in enumerate(order, 1):
+        row = service_row(
+            f"{name} ({n})", args.dtype, jobs, codec.messages, args.out, checkout=checkouts[name]
+        )
+        engine = sum(s for who, s, _ in row.cpu if who.endswith(ENGINE))
+        rest = ", ".join(
+            f"{who.split(': ')[-1]} {s:.2f}" for who, s, _ in row.cpu if not who.endswith(ENGINE)
+        )
+        rates[name].append(rate(row))
+        at = time.strftime("%H:%M:%S")
+        print(f"| {row.name}, {at} | {rate(row):.1f} | {engine:.1f} | {rest} |", flush=True)
+    for name, got in rates.items():
+        print(f"{name}: mean {statistics.mean(got):.1f} out tok/s over {len(got)} rows")
+
+
+if __name__ == "__main__":
+    main()
