@@ -12,6 +12,8 @@ from service_helpers import running_worker
 
 from api_client import InferqClient
 from storage.repository import Repository
+from worker.engine.null import NullEngine
+from worker.service.sink import MAX_PER_WRITE
 
 pytestmark = [pytest.mark.model, pytest.mark.services]
 INTERVAL_S = 1.0
@@ -53,3 +55,27 @@ def test_writes_are_an_interval_apart_and_the_first_after_quiet_goes_at_once(
     assert len([n for _, n in writes if n]) < len(ids)  # some shared a write
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(g >= INTERVAL_S - 0.01 for g in gaps), gaps
+
+
+def test_a_full_writes_worth_waiting_is_written_without_waiting_for_the_window(
+    service_settings,
+) -> None:
+    """The window only gathers what trickles in: with more than MAX_PER_WRITE outcomes
+    waiting, writes follow each other at once (a sink that slept every window through took at
+    most MAX_PER_WRITE outcomes a window: 256 jobs/s at the default 0.5 s)."""
+    settings = service_settings.model_copy(update={"commit_interval_s": 5.0, "model": "null"})
+    repo = RecordingRepository(settings.database_url)
+    client = InferqClient(settings)
+    jobs = 3 * MAX_PER_WRITE + 10
+    with running_worker(settings, {"null": NullEngine()}, repo=repo):
+        time.sleep(1.0)
+        ids = client.submit_many(
+            {"prompt": f"job {n}", "params": {"max_tokens": 2}} for n in range(jobs)
+        )
+        views = client.wait_many(ids, timeout=60)
+        writes = list(repo.writes)
+    assert all(v.status == "done" for v in views)
+    full = [i for i, (_, n) in enumerate(writes[:-1]) if n >= MAX_PER_WRITE]
+    assert full, [n for _, n in writes]
+    gaps = [writes[i + 1][0] - writes[i][0] for i in full]
+    assert all(g < 2.5 for g in gaps), gaps  # well inside the 5 s window

@@ -100,6 +100,7 @@ class ResultSink:
         self._inbox: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._batches: OrderedDict[tuple[str, int], BatchRecord] = OrderedDict()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a commit window ends early: stopping, or a full write
         self._abandon = threading.Event()  # set when stop() gives up on a failing database
         self._backoff = Backoff()
         self._next_cancel_check = 0.0
@@ -111,11 +112,14 @@ class ResultSink:
     def stop(self, timeout: float = 30.0) -> None:
         """Write what is pending (retrying until `timeout`), then stop."""
         self._stop.set()
+        self._wake.set()
         self.thread.join(timeout)
         self._abandon.set()
 
     def put(self, outcome: Outcome) -> None:
         self._inbox.put(outcome)
+        if self._inbox.qsize() >= MAX_PER_WRITE:
+            self._wake.set()
 
     def _run(self) -> None:
         as_helper_thread()
@@ -126,10 +130,14 @@ class ResultSink:
             wait = 0.0 if pending else min(due, IDLE_WAKE_S)
             self._gather(pending, touched, wait)
             until = self._last_write + self.commit_interval_s
-            if pending and (left := until - time.monotonic()) > 0:
+            full = len(pending) >= MAX_PER_WRITE
+            if pending and not full and (left := until - time.monotonic()) > 0:
                 # what comes meanwhile shares the write: slept through, not woken for each
-                # outcome (every wake takes the GIL from the engine's thread)
-                self._stop.wait(left)
+                # outcome (every wake takes the GIL from the engine's thread), unless a full
+                # write's worth is waiting
+                self._wake.wait(left)
+                if not self._stop.is_set():
+                    self._wake.clear()
                 self._gather(pending, touched, 0.0)
             if pending:
                 self._last_write = time.monotonic()
