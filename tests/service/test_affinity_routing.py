@@ -16,7 +16,7 @@ from service_helpers import producer, running_worker, wait_for, workers_of
 from api_client import InferqClient
 from worker.broker import Peer, RedisSource, Router, prefix_key
 from worker.broker.affinity import SLACK
-from worker.broker.layout import affinity_queue
+from worker.broker.layout import affinity_queue, unrouted_key
 from worker.engine.null import NullEngine
 
 pytestmark = pytest.mark.services
@@ -145,3 +145,18 @@ def test_a_take_being_routed_is_not_the_takers_load(service_settings) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_without_affinity_a_take_keeps_no_routing_books(service_settings) -> None:
+    """With affinity off nothing reads what is being routed: a take records none of it."""
+    settings = _settings(service_settings, "solo").model_copy(update={"affinity": False})
+    source = RedisSource(settings, "solo", ["null"])
+    try:
+        send = producer(settings).send_task
+        for i in range(3):
+            send("inferq.generate", queue=source.queue, kwargs={"prompt": f"p{i}", "model": "null"})
+        assert len(source.receive(3, 2.0)) == 3
+        assert source.registry is None
+        assert not source.client.exists(unrouted_key(source.queue, "solo"))
+    finally:
+        source.close()

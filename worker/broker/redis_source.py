@@ -107,7 +107,7 @@ class RedisSource:
             self._idle_s = min(2 * self._idle_s, IDLE_SLEEP_S[1])
 
     def _take_raw(self, limit: int) -> list[Any]:
-        args = [limit, MAX_RAW_BYTES, MAX_KEPT_BYTES, self.aging_s]
+        args = [limit, MAX_RAW_BYTES, MAX_KEPT_BYTES, self.aging_s, int(self.registry is not None)]
         return self._take(keys=self._keys, args=args)
 
     def _oversized(self, head: bytes, tag: bytes, origin: str, size_sha1: bytes) -> Received:

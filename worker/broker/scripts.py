@@ -15,8 +15,9 @@ from __future__ import annotations
 
 # KEYS: the queue's lists, most urgent first; then the unacked hash, its index, the owners
 # hash, the oversized origins hash, the oversized items hash, the aging hash, this worker's
-# held set and its unrouted set (emptied, then given the tags taken). ARGV: how many to take,
-# the largest item read whole, the head kept of a larger one, the aging seconds. Returns
+# held set and its unrouted set (emptied, then given the tags taken, where ARGV[5] is 1: only
+# peers' routing reads it). ARGV: how many to take, the largest item read whole, the head kept
+# of a larger one, the aging seconds, whether the take is routed. Returns
 # quadruples: the item (or its head), its tag
 # ("" when the item is no envelope), its list's index, and "<size> <sha1>" for an item too
 # large (else "").
@@ -28,10 +29,11 @@ local n = #KEYS - 8
 local hkey, zkey, owners, origins, items, aging, held, unrouted = unpack(KEYS, n + 1)
 local limit, max_item = tonumber(ARGV[1]), tonumber(ARGV[2])
 local head, age = tonumber(ARGV[3]), tonumber(ARGV[4])
+local routed = ARGV[5] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local out, taken, served = {}, 0, {}
-redis.call('DEL', unrouted)
+if routed then redis.call('DEL', unrouted) end
 
 local function envelope(item)
   local ok, msg = pcall(cjson.decode, item)
@@ -67,7 +69,7 @@ local function take(i)
     redis.call('HSET', hkey, tag, entry)
     redis.call('ZADD', zkey, now, tag)
     redis.call('SADD', held, tag)
-    redis.call('SADD', unrouted, tag)
+    if routed then redis.call('SADD', unrouted, tag) end
     redis.call('HSET', owners, tag, held)
   end
   out[#out + 1] = item
