@@ -27,6 +27,7 @@ POLL_S = 5.0
 @pytest.fixture
 def settings(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(redis_source, "IDLE_SLEEP_S", (POLL_S, POLL_S))
+    monkeypatch.setattr(redis_source, "BELL_POLL_S", POLL_S)
     return get_settings(
         home=tmp_path / "home",
         broker_url=redis_url,
@@ -64,6 +65,27 @@ def test_a_plain_send_task_wakes_an_idle_source(settings) -> None:
         count, after = _taken(source, sent)
         assert count == 1
         assert after < 2.0, f"taken {after:.2f} s after the push: the poll, not the bell"
+    finally:
+        source.close()
+
+
+def test_an_idle_source_with_a_bell_polls_rarely(settings, monkeypatch) -> None:
+    """Where the bell works, polling an empty queue only covers a ring lost: called as the
+    intake calls it (every 50 ms), an idle source takes from the queue ever less often, up to
+    once a second (it took twice per call before: at the call and after its wait)."""
+    monkeypatch.setattr(redis_source, "IDLE_SLEEP_S", (0.005, 0.25))
+    monkeypatch.setattr(redis_source, "BELL_POLL_S", 1.0)
+    source = RedisSource(settings, "w1")
+    takes: list[float] = []
+    take = source._take
+    source._take = lambda **kw: takes.append(time.monotonic()) or take(**kw)  # type: ignore[method-assign]
+    try:
+        assert source._bell.works
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            assert source.receive(8, 0.05) == []
+        assert len(takes) <= 12, len(takes)  # 0.005 s doubling to 1 s: 10 in 3 s
+        assert takes[-1] - takes[-2] >= 0.9
     finally:
         source.close()
 

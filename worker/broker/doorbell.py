@@ -48,17 +48,20 @@ class Doorbell:
             self.close()
             self.works = False
 
-    def wait(self, timeout: float) -> None:
-        """Return when something may have been pushed to the lists, or after `timeout`."""
+    def wait(self, timeout: float) -> bool:
+        """Return when something may have been pushed to the lists (True), or after `timeout`
+        (False)."""
         if not self.works:
             time.sleep(timeout)
-            return
+            return False
         if not self._armed and self._arm():
-            return  # pushed already: take it now
-        if self._listen.can_read(timeout=timeout):
-            while self._listen.can_read(timeout=0):  # each ring once: it reads every message
-                self._listen.read_response()
-            self._armed = False
+            return True  # pushed already: take it now
+        if not self._listen.can_read(timeout=timeout):
+            return False
+        while self._listen.can_read(timeout=0):  # each ring once: it reads every message
+            self._listen.read_response()
+        self._armed = False
+        return True
 
     def _arm(self) -> bool:
         """Read the lists' lengths with tracking on (Redis then tells when one changes);

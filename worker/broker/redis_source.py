@@ -46,7 +46,10 @@ VIEW_S = 0.2  # routing reads the peers' loads again when its view is older than
 RESTORE_EVERY_S = 2.0
 REFRESH_S = 5.0  # held messages are marked as just taken this often (at most a third of the
 # visibility timeout)
-IDLE_SLEEP_S = (0.005, 0.25)  # between polls of an empty queue: doubling from, up to
+# Between polls of an empty queue: doubling from, up to (the second: where the doorbell works,
+# a poll only covers a ring lost, so it comes rarely; without it, polls are how pushes are seen)
+IDLE_SLEEP_S = (0.005, 0.25)
+BELL_POLL_S = 1.0
 
 
 class RedisSource:
@@ -70,6 +73,7 @@ class RedisSource:
         self._next_restore = self._next_tick = self._next_refresh = self._looked = 0.0
         self._closed = threading.Event()
         self._idle_s = IDLE_SLEEP_S[0]
+        self._next_poll = 0.0  # monotonic: an empty queue is taken from again then (or rung)
         self.registry: Registry | None = None
         self.router = Router(settings.affinity_load_factor)
         own = ""
@@ -88,23 +92,33 @@ class RedisSource:
         self._bell = Doorbell(self.client.connection_pool, self._lists)
 
     def receive(self, limit: int, wait_s: float) -> list[Received]:
+        """Up to `limit` messages, waiting up to `wait_s` for the first. An empty queue is
+        taken from again when the doorbell rings, else polled ever less often (across calls:
+        a call that ends quiet leaves the next poll where it was)."""
         deadline = time.monotonic() + wait_s
         while True:
-            if time.monotonic() >= self._next_restore:
+            now = time.monotonic()
+            if now >= self._next_restore:
                 self.restore_expired()
-            raw = self._take_raw(limit) if limit > 0 else []
-            if raw:
-                self._idle_s = IDLE_SLEEP_S[0]
-                return [
-                    self._oversized(item, tag, self._lists[int(i) - 1], big)
-                    if big
-                    else self._received(item, tag, self._lists[int(i) - 1])
-                    for item, tag, i, big in zip(*(raw[k::4] for k in range(4)), strict=True)
-                ]
-            if time.monotonic() >= deadline:
+            if limit > 0 and now >= self._next_poll:
+                raw = self._take_raw(limit)
+                if raw:
+                    self._idle_s = IDLE_SLEEP_S[0]  # more may wait: the next call takes at once
+                    return [
+                        self._oversized(item, tag, self._lists[int(i) - 1], big)
+                        if big
+                        else self._received(item, tag, self._lists[int(i) - 1])
+                        for item, tag, i, big in zip(*(raw[k::4] for k in range(4)), strict=True)
+                    ]
+                self._next_poll = now + self._idle_s
+                cap = BELL_POLL_S if self._bell.works else IDLE_SLEEP_S[1]
+                self._idle_s = min(2 * self._idle_s, cap)
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return []
-            self._bell.wait(self._idle_s)  # rung by a push; else polled ever less often
-            self._idle_s = min(2 * self._idle_s, IDLE_SLEEP_S[1])
+            until = self._next_poll if limit > 0 else deadline
+            if self._bell.wait(min(left, max(0.0, until - time.monotonic()))) and limit > 0:
+                self._next_poll = 0.0  # rung by a push: take now
 
     def _take_raw(self, limit: int) -> list[Any]:
         args = [limit, MAX_RAW_BYTES, MAX_KEPT_BYTES, self.aging_s, int(self.registry is not None)]
