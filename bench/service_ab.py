@@ -13,18 +13,11 @@ for each other) and of the rest (bench/cpu_split.py); then each variant's mean.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 from pathlib import Path
 
-from engine_bench import build_workload  # bench/, beside this script
-from service_bench import RecordingCodec, rate, service_row
-from transformers import AutoTokenizer
-
-from inferq.settings import FP_MODEL, get_settings
-from worker.engine.codec import TextCodec
-from worker.prep.models import resolve_model
+from service_bench import rate, service_row, workload  # bench/, beside this script
 
 ENGINE = ("torch compute threads", "engine loop (main thread)")
 
@@ -44,10 +37,7 @@ def main() -> None:
     unknown = set(order) - set(checkouts)
     assert not unknown, f"--order names without a --checkout: {sorted(unknown)}"
     args.out.mkdir(parents=True, exist_ok=True)
-    path = resolve_model(get_settings(), FP_MODEL)
-    codec = RecordingCodec(TextCodec.from_model_dir(path))
-    jobs, _ = build_workload(AutoTokenizer.from_pretrained(path), codec, 256, 0, 128)
-    gc.freeze()  # as service_bench: the stream readers' collections do not walk the startup heap
+    jobs, _, codec = workload(256, 0, 128)
     rates: dict[str, list[float]] = {name: [] for name in dict.fromkeys(order)}
     print(f"| row | out tok/s | engine threads CPU s | the rest, CPU s ({args.dtype}) |")
     print("|---|---|---|---|")

@@ -26,7 +26,7 @@ that each job's joined deltas equal its stored text (the summary's "streamed = s
 mismatch fails the run after the table is written); with both, the summary gives the
 throughput with streaming on as a share of off (each the mean of its rows: `on,off,off,on`
 cancels a steady drift of the machine over the rows, which one `on,off` pair reads as a gap).
-This process freezes its startup heap (`gc.freeze`) before the rows: see `main`.
+This process freezes its startup heap (`gc.freeze`) before the rows: see `workload`.
 """
 
 from __future__ import annotations
@@ -234,6 +234,23 @@ def service_row(
         )
 
 
+def workload(n_jobs: int, seed: int, max_new: int) -> tuple[list, int, RecordingCodec]:
+    """The engine benchmark's seeded jobs, their shareable system-prompt tokens and the codec
+    that remembers each prompt's chat messages; then this process's heap is frozen.
+
+    This process is the producer and the stream readers (a producer app holds no engine): its
+    startup heap (torch, transformers, the workload) is frozen, so that the readers' garbage
+    collections do not walk it: unfrozen, the second streaming row's readers took 0.3-0.4 CPU s
+    more than the first's, the same work on a heap grown by the rows before."""
+    path = resolve_model(get_settings(), FP_MODEL)
+    codec = RecordingCodec(TextCodec.from_model_dir(path))
+    tok = AutoTokenizer.from_pretrained(path)
+    jobs, sys_lens = build_workload(tok, codec, n_jobs, seed, max_new)
+    shareable = shareable_tokens(jobs, sys_lens)
+    gc.freeze()
+    return jobs, shareable, codec
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=256)
@@ -256,17 +273,7 @@ def main() -> None:
     modes = args.streaming.split(",")
     assert set(modes) <= {"on", "off"}, f"--streaming: a list of on and off, not {args.streaming}"
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = get_settings()
-    path = resolve_model(settings, FP_MODEL)
-    tok = AutoTokenizer.from_pretrained(path)
-    codec = RecordingCodec(TextCodec.from_model_dir(path))
-    jobs, sys_lens = build_workload(tok, codec, args.jobs, args.seed, args.max_new)
-    shareable = shareable_tokens(jobs, sys_lens)
-    # This process is the producer and the stream readers (a producer app holds no engine): its
-    # startup heap (torch, transformers, the workload) is frozen, so that the readers' garbage
-    # collections do not walk it: unfrozen, the second streaming row's readers took 0.3-0.4 CPU s
-    # more than the first's, the same work on a heap grown by the rows before.
-    gc.freeze()
+    jobs, shareable, codec = workload(args.jobs, args.seed, args.max_new)
     header = [
         "row",
         "out tok/s",

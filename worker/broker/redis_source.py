@@ -46,10 +46,8 @@ VIEW_S = 0.2  # routing reads the peers' loads again when its view is older than
 RESTORE_EVERY_S = 2.0
 REFRESH_S = 5.0  # held messages are marked as just taken this often (at most a third of the
 # visibility timeout)
-# Between polls of an empty queue: doubling from, up to (the second: where the doorbell works,
-# a poll only covers a ring lost, so it comes rarely; without it, polls are how pushes are seen)
-IDLE_SLEEP_S = (0.005, 0.25)
-BELL_POLL_S = 1.0
+IDLE_SLEEP_S = (0.005, 0.25)  # between polls of an empty queue: doubling from, up to
+BELL_POLL_S = 1.0  # the cap where the doorbell works instead: a poll only covers a lost ring
 
 
 class RedisSource:
@@ -117,7 +115,7 @@ class RedisSource:
             if left <= 0:
                 return []
             until = self._next_poll if limit > 0 else deadline
-            if self._bell.wait(min(left, max(0.0, until - time.monotonic()))) and limit > 0:
+            if self._bell.wait(min(left, max(0.0, until - time.monotonic()))):
                 self._next_poll = 0.0  # rung by a push: take now
 
     def _take_raw(self, limit: int) -> list[Any]:
