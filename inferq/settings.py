@@ -251,14 +251,6 @@ class Settings(BaseSettings):
         description="readiness: an engine that computes nothing this long while it has work "
         "makes /readyz fail",
     )
-    engine_niceness: int = Field(
-        -5,
-        ge=-20,
-        le=19,
-        description="worker: the engine's threads run at this niceness where the process may "
-        "raise its priority (root or CAP_SYS_NICE; elsewhere they stay at 0), above the host's "
-        "other processes; the service's helper threads run 10 below them",
-    )
     commit_interval_s: float = Field(
         0.5,
         ge=0,

@@ -28,7 +28,6 @@ from worker.service.housekeeping import Housekeeping
 from worker.service.intake import Intake, Served
 from worker.service.jobs import Ledger
 from worker.service.metrics import HealthServer, Metrics
-from worker.service.priority import as_engine_threads
 from worker.service.publisher import ResultPublisher, claimed_ids
 from worker.service.sink import ResultSink
 from worker.service.streamer import Streamer
@@ -344,9 +343,6 @@ class WorkerService:
         # The engine's Python between torch calls is the hot path: let it keep the GIL for
         # longer slices (the other threads wait on I/O and need it only briefly).
         sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
-        # and its threads the cores (before the helpers start: they run below it)
-        raised = as_engine_threads(self.settings.engine_niceness)
-        log.info("worker.engine_priority", niceness=self.settings.engine_niceness, set=raised)
         self._start_threads(engine_loop=False)
         deadline = None
 
