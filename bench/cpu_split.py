@@ -3,15 +3,19 @@ the worker (its helper threads name themselves `inferq-...`; the engine loop is 
 thread; unnamed threads are torch's compute threads), of PostgreSQL, Redis, the benchmark's
 own process (producer and stream readers) and the rest of the machine, what stayed idle, and
 what the hypervisor gave other VMs ("stolen", /proc/stat's steal: a neighbour's load, which
-also shows as the engine's threads waiting for each other).
+also shows as the engine's threads waiting for each other); and how often the engine's
+threads (the main thread and torch's) were preempted: taken off a core while they could run
+(/proc's nonvoluntary context switches), each time a stall of the matmul its partner waits on.
 
 Usage (from a benchmark): `before = snapshot(worker_pid)`, ..., `split(before,
 snapshot(worker_pid), wall_s)` gives rows of (who, CPU seconds, share of the machine's cores
-over `wall_s`).
+over `wall_s`); `preempted_per_s(before, after, wall_s)` the engine threads' preemptions a
+second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,6 +32,14 @@ class Snapshot:
     busy_s: float = 0.0  # every core, from /proc/stat
     idle_s: float = 0.0
     steal_s: float = 0.0
+    preempted: int = 0  # the worker's engine threads' nonvoluntary context switches
+
+
+def _preempted(task: Path) -> int:
+    for line in (task / "status").read_text().splitlines():
+        if line.startswith("nonvoluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _cpu_s(stat: Path) -> float:
@@ -61,6 +73,9 @@ def snapshot(worker_pid: int, label: str = "worker") -> Snapshot:
         else:
             who = f"{label}: torch compute threads"
         snap.seconds[who] += cpu
+        if not comm.startswith("inferq"):
+            with contextlib.suppress(OSError):
+                snap.preempted += _preempted(task)
     for proc in PROC.iterdir():
         if not proc.name.isdigit() or int(proc.name) == worker_pid:
             continue
@@ -89,6 +104,12 @@ def split(before: Snapshot, after: Snapshot, wall_s: float) -> list[tuple[str, f
     used[STOLEN] = after.steal_s - before.steal_s
     order = sorted(used, key=lambda k: (":" not in k, k in ("idle", STOLEN), -used[k]))
     return [(k, used[k], used[k] / (wall_s * cores)) for k in order if used[k] >= 0.005]
+
+
+def preempted_per_s(before: Snapshot, after: Snapshot, wall_s: float) -> float:
+    """How often a second the worker's engine threads were taken off a core while runnable
+    (threads that ended between the snapshots are not counted)."""
+    return (after.preempted - before.preempted) / wall_s
 
 
 def table(rows: list[tuple[str, float, float]], title: str) -> list[str]:

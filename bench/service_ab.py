@@ -7,7 +7,9 @@ Usage: .venv/bin/python bench/service_ab.py [--dtype bfloat16] [--order a,b,b,a]
 Each name in `--order` is a `--checkout` name (default: one checkout, "this", the one this
 script is in). Per row: out tok/s, the CPU seconds of the worker's engine threads (torch's
 threads and the engine loop: the same work whatever the version, so more means they waited
-for each other) and of the rest (bench/cpu_split.py); then each variant's mean.
+for each other), how often a second they were preempted (taken off a core while runnable: by
+a helper, PostgreSQL, Redis, the benchmark or the rest of the machine) and the CPU seconds of
+the rest (bench/cpu_split.py); then each variant's mean.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     jobs, _, codec = workload(256, 0, 128)
     rates: dict[str, list[float]] = {name: [] for name in dict.fromkeys(order)}
-    print(f"| row | out tok/s | engine threads CPU s | the rest, CPU s ({args.dtype}) |")
-    print("|---|---|---|---|")
+    head = "| row | out tok/s | engine threads CPU s | engine threads preempted /s |"
+    print(f"{head} the rest, CPU s ({args.dtype}) |")
+    print("|---|---|---|---|---|")
     for n, name in enumerate(order, 1):
         row = service_row(
             f"{name} ({n})", args.dtype, jobs, codec.messages, args.out, checkout=checkouts[name]
@@ -51,7 +54,8 @@ def main() -> None:
         )
         rates[name].append(rate(row))
         at = time.strftime("%H:%M:%S")
-        print(f"| {row.name}, {at} | {rate(row):.1f} | {engine:.1f} | {rest} |", flush=True)
+        cells = f"{rate(row):.1f} | {engine:.1f} | {row.preempted_per_s:.0f} | {rest}"
+        print(f"| {row.name}, {at} | {cells} |", flush=True)
     for name, got in rates.items():
         print(f"{name}: mean {statistics.mean(got):.1f} out tok/s over {len(got)} rows")
 

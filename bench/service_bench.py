@@ -70,6 +70,7 @@ class Row:
     texts: dict[int, str]
     streamed_same: int | None = None  # jobs whose joined stream equals their stored text
     cpu: list[tuple[str, float, float]] = field(default_factory=list)  # bench/cpu_split.py
+    preempted_per_s: float = 0.0  # the engine threads' (cpu_split.preempted_per_s)
 
     def cells(self, shareable: int) -> list[str]:
         q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]  # noqa: E731
@@ -116,7 +117,7 @@ def engine_row(name: str, dtype: str, jobs) -> Row:
     before, t0 = cpu_split.snapshot(os.getpid(), "engine alone"), time.time()
     outs = run_to_completion(engine, reqs)
     wall = max(o.finished_at for o in outs) - t0
-    cpu = cpu_split.split(before, cpu_split.snapshot(os.getpid(), "engine alone"), time.time() - t0)
+    after, took = cpu_split.snapshot(os.getpid(), "engine alone"), time.time() - t0
     row = Row(
         name,
         wall,
@@ -126,7 +127,8 @@ def engine_row(name: str, dtype: str, jobs) -> Row:
         sum(o.finished_at - o.admitted_at for o in outs),
         sum(o.cached_tokens for o in outs),
         {i: o.text for i, o in enumerate(outs)},
-        cpu=cpu,
+        cpu=cpu_split.split(before, after, took),
+        preempted_per_s=cpu_split.preempted_per_s(before, after, took),
     )
     del engine
     gc.collect()
@@ -211,7 +213,7 @@ def service_row(
             )
             views = client.wait_many(ids, timeout=3600)  # on Redis: no database reads
             streamed = readers.texts() if readers is not None else None
-            cpu = cpu_split.split(before, cpu_split.snapshot(proc.pid), time.monotonic() - started)
+            after, took = cpu_split.snapshot(proc.pid), time.monotonic() - started
         finally:
             stop_worker(proc)
         assert all(v.status == "done" for v in views), {v.status for v in views}
@@ -230,7 +232,8 @@ def service_row(
             sum(v.result.cached_tokens for v in views),
             {i: v.result.text for i, v in enumerate(views)},
             same,
-            cpu,
+            cpu_split.split(before, after, took),
+            cpu_split.preempted_per_s(before, after, took),
         )
 
 
@@ -339,7 +342,9 @@ def main() -> None:
             line += f" (means of {counts[0]} and {counts[1]} rows)"
             summary.append(line)
     for row in rows:
-        summary += ["", *cpu_split.table(row.cpu, f"where the cores went: {row.name}")]
+        title = f"where the cores went: {row.name}"
+        summary += ["", *cpu_split.table(row.cpu, title)]
+        summary.append(f"(the engine's threads preempted {row.preempted_per_s:.0f} times a second)")
     text = "\n".join([*lines, "", *summary]) + "\n"
     print(text)
     (args.out / "service_bench.md").write_text(text)
