@@ -17,7 +17,8 @@ prefix cache, ...) and the same seeded jobs (bench/engine_bench.py's build_workl
 Latency and TTFT count from t=0 (enqueue); mean running = sum over jobs of (finished -
 admitted) / wall; prefix hit = cached prompt tokens / shareable system-prompt tokens.
 Per row, where the cores went (bench/cpu_split.py: each worker thread, torch's threads,
-PostgreSQL, Redis, this process, the rest of the machine, idle).
+PostgreSQL, Redis, this process, the rest of the machine, idle) and how often a second the
+engine's threads were preempted.
 The null-engine figures (jobs/s, worker CPU per job) come from bench/service_null.py.
 Streaming (`--streaming`, default on: the worker's default): one service row per setting
 listed (INFERQ_STREAM), in that order; with it on, this process reads every job's stream
