@@ -32,7 +32,9 @@ class Snapshot:
     busy_s: float = 0.0  # every core, from /proc/stat
     idle_s: float = 0.0
     steal_s: float = 0.0
-    preempted: int = 0  # the worker's engine threads' nonvoluntary context switches
+    # the worker's engine threads' nonvoluntary context switches (its main thread and every
+    # thread not named `inferq-...`, as `split` counts them)
+    preempted: int = 0
 
 
 def _preempted(task: Path) -> int:
@@ -66,14 +68,15 @@ def snapshot(worker_pid: int, label: str = "worker") -> Snapshot:
             comm, cpu = (task / "comm").read_text().strip(), _cpu_s(task / "stat")
         except OSError:
             continue  # the thread ended meanwhile
-        if int(task.name) == worker_pid:
-            who = f"{label}: engine loop (main thread)"
-        elif comm.startswith("inferq"):
+        helper = comm.startswith("inferq") and int(task.name) != worker_pid
+        if helper:
             who = f"{label}: {comm}"
+        elif int(task.name) == worker_pid:
+            who = f"{label}: engine loop (main thread)"
         else:
             who = f"{label}: torch compute threads"
         snap.seconds[who] += cpu
-        if not comm.startswith("inferq"):
+        if not helper:  # the engine's threads
             with contextlib.suppress(OSError):
                 snap.preempted += _preempted(task)
     for proc in PROC.iterdir():

@@ -343,8 +343,7 @@ def main() -> None:
             line += f" (means of {counts[0]} and {counts[1]} rows)"
             summary.append(line)
     for row in rows:
-        title = f"where the cores went: {row.name}"
-        summary += ["", *cpu_split.table(row.cpu, title)]
+        summary += ["", *cpu_split.table(row.cpu, f"where the cores went: {row.name}")]
         summary.append(f"(the engine's threads preempted {row.preempted_per_s:.0f} times a second)")
     text = "\n".join([*lines, "", *summary]) + "\n"
     print(text)

@@ -70,9 +70,10 @@ def test_a_plain_send_task_wakes_an_idle_source(settings) -> None:
 
 
 def test_an_idle_source_with_a_bell_polls_rarely(settings, monkeypatch) -> None:
-    """Where the bell works, polling an empty queue only covers a ring lost: called as the
-    intake calls it (every 50 ms), an idle source takes from the queue ever less often, up to
-    once a second (it took twice per call before: at the call and after its wait)."""
+    """Where the bell works, polling an empty queue only covers a ring lost: called every
+    50 ms (more often than the intake, which waits 0.25 s a call), an idle source takes from
+    the queue ever less often, up to once a second (it took twice per call before: at the call
+    and after its wait)."""
     monkeypatch.setattr(redis_source, "IDLE_SLEEP_S", (0.005, 0.25))
     monkeypatch.setattr(redis_source, "BELL_POLL_S", 1.0)
     source = RedisSource(settings, "w1")
