@@ -96,29 +96,6 @@ def test_fused_gemm_multiplies_by_the_int4_kernels_weight(
         assert _close_to_product(got, x, exact if rows < gptq_gemm.GEMV_ROWS else rounded)
 
 
-def test_fused_gemm_gives_the_same_bits_whichever_thread_runs_a_task() -> None:
-    """Threads claim tasks as they go (csrc/gptq_gemm.c), so which thread computes which
-    columns differs run to run: the product may not. One thread, the default threads, and
-    repeats of each, at tile row counts (on and off AMX's 32 rows)."""
-    k, n = 576, 1536
-    packed, sz, _ = _packed(k, n)
-    gemm = gptq_gemm.Int4Gemm([(packed, sz)], GROUP)
-    threads = torch.get_num_threads()
-    gen = torch.Generator().manual_seed(5)
-    for rows in (13, 64, 77):
-        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
-        blank = lambda rows=rows: torch.full((rows, n), float("nan"))  # noqa: E731 (gaps show)
-        want = gemm(x, blank())
-        try:
-            torch.set_num_threads(1)
-            alone = gemm(x, blank())
-        finally:
-            torch.set_num_threads(threads)
-        assert not want.isnan().any() and torch.equal(alone, want)
-        for _ in range(5):
-            assert torch.equal(gemm(x, blank()), want)
-
-
 def test_fused_gemm_runs_linears_side_by_side_with_their_act_order() -> None:
     """Three linears of one input in one call, x's columns gathered in their packed order
     (from a strided x: a column slice)."""

@@ -301,25 +301,6 @@ static uint16_t *gather_buffer(size_t elements) {
     return buf;
 }
 
-#define CLAIM 2 /* tasks a thread claims at once */
-
-/* The next task of this thread: from its claimed range [*lo, *hi), else from a new claim on
-   `counter` (tasks [0, total)); -1 when all are handed out. */
-static inline int64_t next_task(int64_t *counter, int64_t total, int64_t *lo, int64_t *hi) {
-    if (*lo >= *hi) {
-        int64_t start;
-#pragma omp atomic capture
-        {
-            start = *counter;
-            *counter += CLAIM;
-        }
-        if (start >= total) return -1;
-        *lo = start;
-        *hi = start + CLAIM < total ? start + CLAIM : total;
-    }
-    return (*lo)++;
-}
-
 /* Several GPTQ linears of one input side by side: out[m][c] (ldo elements a row) = sum_k
    x[m][k] W[c][k], layer l's columns after those of layers < l; its W from packed[l]
    [N_l/bn][K][bn/2] and the bf16 (scale, offset) pairs of sz[l] [K/group][N_l] read as uint32.
@@ -344,7 +325,6 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
     const int64_t lds = gather ? K : ldx;
     const int amx = AMX_ROWS && M >= AMX_ROWS && K % AMX_K == 0 && amx_ready();
     int failed = 0;
-    int64_t claimed = 0; /* tasks handed out (the tile path's shared counter) */
 #pragma omp parallel num_threads(threads)
     {
         if (gather) gather_rows(x, ldx, gather, xg, M, K); /* ends in a barrier */
@@ -365,25 +345,19 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
 #pragma omp atomic write
                 failed = 1;
             }
-            /* tasks claimed a few at a time from a shared counter, not split evenly up
-               front: when a thread is preempted (a helper, PostgreSQL, Redis), the other takes
-               the tasks it left instead of waiting for them at the region's end. Each task
-               writes its own columns whole, so which thread runs it changes no bit of out.
-               The next task is claimed before this one runs, so its tile fills meanwhile. */
-            int64_t lo = 0, hi = 0; /* this thread's claimed, unstarted tasks */
+            /* contiguous tasks per thread (as schedule(static)): the next tile is known */
+            const int64_t per = (total + nt - 1) / nt, t0 = me * per;
+            const int64_t t1 = tiles ? (t0 + per < total ? t0 + per : total) : t0;
             fill_job job[2];
-            int cur = 0;
-            int64_t task = tiles ? next_task(&claimed, total, &lo, &hi) : -1;
-            if (task >= 0) {
-                job[cur] = job_at(task, tiles, first, packed, sz, n, K, group, bn);
-                fill_range(&job[cur], 0, K);
-            }
-            while (task >= 0) {
-                const int64_t following = next_task(&claimed, total, &lo, &hi);
+            for (int64_t task = t0, cur = 0; task < t1; task++, cur ^= 1) {
+                if (task == t0) {
+                    job[cur] = job_at(task, tiles, first, packed, sz, n, K, group, bn);
+                    fill_range(&job[cur], 0, K);
+                }
                 const fill_job *next = NULL;
-                if (following >= 0) {
-                    job[cur ^ 1] = job_at(following, tiles + (cur ^ 1) * tile_bytes, first,
-                                          packed, sz, n, K, group, bn);
+                if (task + 1 < t1) {
+                    job[cur ^ 1] = job_at(task + 1, tiles + (cur ^ 1) * tile_bytes, first, packed,
+                                          sz, n, K, group, bn);
                     next = &job[cur ^ 1];
                 }
                 const void *tile = job[cur].tile;
@@ -396,8 +370,6 @@ int inferq_gemm_int4(const uint16_t *x, int64_t ldx, const int32_t *gather, int6
                 if (m < M)
                     micro_tail(xs + m * lds, lds, tile, K, o + (size_t)(m * ldo) * esize, ldo,
                                (int)(M - m), f32out);
-                task = following;
-                cur ^= 1;
             }
         }
     }
