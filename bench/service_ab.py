@@ -3,9 +3,11 @@ workers from one or more checkouts, in the order given, to compare worker versio
 how much identical rows differ on this machine).
 
 Usage: .venv/bin/python bench/service_ab.py [--dtype bfloat16] [--order a,b,b,a]
-       [--checkout a=/path/to/inferq --checkout b=.] [--out bench/out]
+       [--checkout a=/path/to/inferq --checkout b=.] [--env b=INFERQ_X=1] [--out bench/out]
 Each name in `--order` is a `--checkout` name (default: one checkout, "this", the one this
-script is in). Per row: out tok/s, the CPU seconds of the worker's engine threads (torch's
+script is in); `--env name=KEY=VALUE` sets a variable for that name's workers only (a
+checkout may be named twice, `--checkout a=. --checkout b=.`, to compare settings).
+Per row: out tok/s, the CPU seconds of the worker's engine threads (torch's
 threads and the engine loop: the same work whatever the version, so more means they waited
 for each other), how often a second they were preempted (taken off a core while runnable: by
 a helper, PostgreSQL, Redis, the benchmark or the rest of the machine) and the CPU seconds of
@@ -29,12 +31,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--order", default="this,this,this,this")
     parser.add_argument("--checkout", action="append", default=[], help="name=path")
+    parser.add_argument("--env", action="append", default=[], help="name=KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
     checkouts: dict[str, Path | None] = {"this": None}
     for item in args.checkout:
         name, _, path = item.partition("=")
         checkouts[name] = Path(path).resolve()
+    envs: dict[str, dict[str, str]] = {}
+    for item in args.env:
+        name, _, assignment = item.partition("=")
+        key, _, value = assignment.partition("=")
+        envs.setdefault(name, {})[key] = value
     order = args.order.split(",")
     unknown = set(order) - set(checkouts)
     assert not unknown, f"--order names without a --checkout: {sorted(unknown)}"
@@ -46,7 +54,13 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for n, name in enumerate(order, 1):
         row = service_row(
-            f"{name} ({n})", args.dtype, jobs, codec.messages, args.out, checkout=checkouts[name]
+            f"{name} ({n})",
+            args.dtype,
+            jobs,
+            codec.messages,
+            args.out,
+            checkout=checkouts[name],
+            worker_env=envs.get(name),
         )
         engine = sum(s for who, s, _ in row.cpu if who.endswith(ENGINE))
         rest = ", ".join(

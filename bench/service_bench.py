@@ -189,6 +189,7 @@ def service_row(
     prices: bool = False,
     stream: bool = True,
     checkout: Path | None = None,
+    worker_env: dict[str, str] | None = None,
 ) -> Row:
     with ServiceEnv("svc", keep=keep) as env:
         if prices:  # the demo's example prices, so `inferq report` shows costs
@@ -196,6 +197,7 @@ def service_row(
         log = out / f"service_worker_{dtype}{'' if stream else '_stream_off'}.log"
         extra = {"INFERQ_MODEL": FP_MODEL, "INFERQ_DTYPE": dtype, "INFERQ_ENGINE": "paged"}
         extra["INFERQ_STREAM"] = "1" if stream else "0"
+        extra.update(worker_env or {})
         proc = start_worker(env, extra, log, loglevel="INFO", checkout=checkout)
         try:
             _wait_ready(log, proc)
