@@ -49,11 +49,15 @@ def main() -> None:
     from service_bench import engine_row, rate, workload  # bench/ (not for --spin: torch)
 
     jobs, _, _ = workload(256, 0, 128)
+    cores = os.cpu_count() or 1
+    rows = [""]  # no load first, then each load and an unloaded row after it
+    for load in args.loads.split(","):
+        rows += [load, ""]
     free: list[float] = []
     loaded: list[tuple[str, float, float, int]] = []  # load, rate, its share, row index
     print("| row | load (burst ms / period ms / niceness) | out tok/s | load CPU s |")
     print("|---|---|---|---|")
-    for n, load in enumerate(["", *[x for x in args.loads.split(",") for x in (x, "")]], 1):
+    for n, load in enumerate(rows, 1):
         proc = None
         if load:
             proc = subprocess.Popen([sys.executable, __file__, "--spin", *load.split("/")])
@@ -64,13 +68,15 @@ def main() -> None:
         if proc is not None:
             proc.kill()
             proc.wait()
-            share = used / (2 * (time.monotonic() - t0))
+            share = used / (cores * (time.monotonic() - t0))
             loaded.append((load, rate(row), share, len(free)))  # between free[i-1] and free[i]
         else:
             free.append(rate(row))
         at = time.strftime("%H:%M:%S")
         print(f"| {n}, {at} | {load or 'none'} | {rate(row):.1f} | {used:.2f} |", flush=True)
-    print("\n| load | loss | load's share of the 2 cores | engine core-s lost per load CPU s |")
+    print(
+        f"\n| load | loss | load's share of the {cores} cores | engine core-s lost per load CPU s |"
+    )
     print("|---|---|---|---|")
     for load, got, share, i in loaded:
         loss = 1 - got / statistics.mean(free[i - 1 : i + 1])  # against the rows beside it
