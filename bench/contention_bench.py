@@ -32,13 +32,6 @@ def spin(burst_ms: float, period_ms: float, nice: int) -> None:
         time.sleep(period_ms / 1000)
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     if sys.argv[1:2] == ["--spin"]:
         return spin(float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))
@@ -46,7 +39,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--loads", default="0.5/10/10,0.5/10/10,0.5/10/10")
     args = parser.parse_args()
-    from service_bench import engine_row, rate, workload  # bench/ (not for --spin: torch)
+    # bench/, beside this script; not imported for --spin (torch would load in the load)
+    from service_bench import engine_row, rate, workload
+    from service_harness import proc_cpu_s
 
     jobs, _, _ = workload(256, 0, 128)
     cores = os.cpu_count() or 1
@@ -62,9 +57,9 @@ def main() -> None:
         if load:
             proc = subprocess.Popen([sys.executable, __file__, "--spin", *load.split("/")])
             time.sleep(1.0)  # started, spinning
-        t0, used0 = time.monotonic(), cpu_s(proc.pid) if proc else 0.0
+        t0, used0 = time.monotonic(), proc_cpu_s(proc.pid) if proc else 0.0
         row = engine_row(f"engine alone ({n})", args.dtype, jobs)
-        used = cpu_s(proc.pid) - used0 if proc else 0.0
+        used = proc_cpu_s(proc.pid) - used0 if proc else 0.0
         if proc is not None:
             proc.kill()
             proc.wait()
