@@ -232,9 +232,10 @@ class Settings(BaseSettings):
     webhook_backoff_cap_s: float = Field(1800.0, gt=0, description="the longest retry delay")
     webhook_senders: int = Field(4, ge=1, le=64, description="deliveries a worker runs at once")
     webhook_poll_s: float = Field(
-        1.0,
+        5.0,
         gt=0,
-        description="how often a worker looks for due deliveries (its own commits wake it at once)",
+        description="a worker looks for due deliveries at least this often (its own commits wake "
+        "it at once; it sleeps only until the next retry is due)",
     )
     dead_letters_per_minute: int = Field(
         10, ge=0, description="dead letters kept whole per reason and minute; more are folded"
@@ -252,7 +253,7 @@ class Settings(BaseSettings):
         "makes /readyz fail",
     )
     commit_interval_s: float = Field(
-        0.5,
+        1.0,
         ge=0,
         description="worker: results are committed at most once per this long (outcomes that "
         "come meanwhile share the transaction); the first after a quiet spell at once",
@@ -273,7 +274,7 @@ class Settings(BaseSettings):
     )
     stream: bool = Field(True, description="worker: stream each job's text deltas to Redis")
     stream_entries_per_s: float = Field(
-        250.0,
+        125.0,
         gt=0,
         description="worker: the streamer writes about this many stream entries a second at "
         "most: while few jobs stream, each step's text goes at once; with more, each job's "

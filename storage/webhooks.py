@@ -27,7 +27,7 @@ from storage.models import (
     webhook_attempts_table,
     webhook_deliveries_table,
 )
-from storage.records import TERMINAL_STATUSES
+from storage.records import TERMINAL_STATUSES, as_utc
 
 if TYPE_CHECKING:  # the repository settles jobs through `enqueue`: imported by it
     from storage.repository import Repository
@@ -151,8 +151,11 @@ class Outcome:
     error: str | None = None
 
 
+_PENDING = D.c.state == PENDING
+
+
 def _due(now: datetime) -> tuple[sa.ColumnElement[bool], ...]:
-    return D.c.state == PENDING, D.c.next_attempt_at <= now
+    return _PENDING, D.c.next_attempt_at <= now
 
 
 class Deliveries:
@@ -161,14 +164,19 @@ class Deliveries:
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
 
-    def claim(self, worker: str, limit: int, lease_s: float) -> list[Claimed]:
-        """Up to `limit` due deliveries, oldest due first, leased to `worker` for `lease_s`
-        (due again then, if no outcome comes) and counted as one more attempt. Looks first
-        without a write lock (most polls find nothing)."""
+    def due_in_s(self) -> float | None:
+        """Seconds (on the database's clock) until the next pending delivery is due: 0 when
+        one is due now, None when none is pending. A read, no lock: most looks find nothing."""
         with self.repo.engine.connect() as conn:
             now = db_now(conn)
-            if conn.scalar(sa.select(D.c.id).where(*_due(now)).limit(1)) is None:
-                return []
+            first = conn.scalar(sa.select(sa.func.min(D.c.next_attempt_at)).where(_PENDING))
+        if first is None:
+            return None
+        return max(0.0, (as_utc(first) - now).total_seconds())
+
+    def claim(self, worker: str, limit: int, lease_s: float) -> list[Claimed]:
+        """Up to `limit` due deliveries, oldest due first, leased to `worker` for `lease_s`
+        (due again then, if no outcome comes) and counted as one more attempt."""
         with self.repo.writer.begin() as conn:
             now = db_now(conn)
             due = (

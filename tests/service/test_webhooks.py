@@ -136,9 +136,14 @@ def test_a_receiver_that_keeps_failing_is_given_up_after_the_bounded_time(
     service_settings, paged_engine
 ) -> None:
     """Every attempt answered 500: retried with growing delays for webhook_retry_for_s, then
-    given up with the reason; the webhook-id is the same on every attempt."""
+    given up with the reason; the webhook-id is the same on every attempt. Each retry goes
+    when it falls due, not at the next poll (30 s here: longer than the whole test)."""
     settings = webhook_settings(
-        service_settings, webhook_retry_for_s=3.0, webhook_backoff_s=0.25, webhook_backoff_cap_s=1.0
+        service_settings,
+        webhook_retry_for_s=3.0,
+        webhook_backoff_s=0.25,
+        webhook_backoff_cap_s=1.0,
+        webhook_poll_s=30.0,
     )
     client = InferqClient(settings)
     with Receiver(default=500) as receiver:
@@ -157,7 +162,7 @@ def test_a_receiver_that_keeps_failing_is_given_up_after_the_bounded_time(
     gaps = [(b.started_at - a.started_at).total_seconds() for a, b in itertools.pairwise(tried)]
     assert all(g >= 0.125 for g in gaps)  # at least half the first delay between attempts
     last = (tried[-1].started_at - row.created_at).total_seconds()
-    assert last <= 3.0 + 1.5  # no attempt past the bound (plus a poll's delay)
+    assert last <= 3.0 + 1.5  # no attempt past the bound (plus a moment)
     assert (row.ended_at - row.created_at).total_seconds() < 3.0 + 5
 
 

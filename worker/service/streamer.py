@@ -7,8 +7,8 @@ Redis and every reader the difference).
 
 After a write of n entries the streamer waits n / `stream_entries_per_s` before the next one,
 so streaming costs Redis and the readers about that many entries a second whatever the load:
-while few jobs stream, every engine step's text goes at once (1 job: 4 ms); with 64 jobs a
-write comes every quarter second, each job's text of the steps since joined into one entry.
+while few jobs stream, every engine step's text goes at once (1 job: 8 ms); with 64 jobs a
+write comes about every half second, each job's text of the steps since joined into one entry.
 
 Per delta: XADD `{o: characters before it, d: text}` (and `end`: the finish reason on the
 last one), trimmed to `max_new_tokens + 16` entries (a job adds at most one per token, so a

@@ -4,8 +4,9 @@
 The result sink never waits on it: the outbox row is written in the sink's own transaction
 (`storage.webhooks.enqueue`), and after a commit that may owe a webhook the worker only calls
 `wake()` (an event).
-The dispatcher also looks every `webhook_poll_s` (retries falling due, deliveries of jobs
-that ended elsewhere, a dead worker's leases). A delivery is claimed only when a sender
+Between wakes the dispatcher sleeps until the next pending delivery is due (a retry, a dead
+worker's lease: the database's clock says when), at most `webhook_poll_s` (deliveries of jobs
+that ended on a worker that died before sending them). A delivery is claimed only when a sender
 thread is free for it, so its lease runs while it is being sent.
 """
 
@@ -30,6 +31,7 @@ from worker.webhooks.delivery import attempt, lease_for
 
 log = get_logger("inferq.webhooks")
 STOP_JOIN_S = 1.0  # in all; a sender in a slow POST is left: its lease ends, another sends
+RACED_WAIT_S = 0.5  # a due delivery another worker was claiming: look again this soon
 
 
 class WebhookSender:
@@ -88,9 +90,12 @@ class WebhookSender:
             self._wake.clear()
             with self._lock:
                 free = self._free
+            wait_s = self.settings.webhook_poll_s  # all senders busy: one that ends wakes this
             if free > 0:
                 try:
-                    claimed = self.deliveries.claim(self.worker, free, self.lease_s)
+                    due_in = self.deliveries.due_in_s()
+                    due = due_in == 0
+                    claimed = self.deliveries.claim(self.worker, free, self.lease_s) if due else []
                 except Exception as exc:  # the database is away: try again later
                     log.warning("webhooks.claim_failed", error=type(exc).__name__)
                     if self.metrics is not None:
@@ -102,9 +107,10 @@ class WebhookSender:
                 self._slots(len(claimed))
                 for c in claimed:
                     self._work.put(c)
-                if claimed and len(claimed) == free:
-                    continue  # more may be due: look again once a sender is free
-            self._wake.wait(self.settings.webhook_poll_s)
+                if claimed:
+                    continue  # look again: more may be due, or when the next is
+                wait_s = _wait_s(due_in, wait_s)
+            self._wake.wait(wait_s)
 
     def _send_loop(self) -> None:
         as_helper_thread()
@@ -164,3 +170,12 @@ class WebhookSender:
                     self.metrics.retries.labels("webhooks").inc()
                 if backoff.wait(self._stop):
                     return None
+
+
+def _wait_s(due_in: float | None, poll_s: float) -> float:
+    """How long the dispatcher sleeps after a look that claimed nothing: until the next
+    delivery is due (at most a poll), or a moment when one was due but another worker's claim
+    held it (its lease moves it on once that claim commits)."""
+    if due_in is None:
+        return poll_s
+    return min(poll_s, due_in if due_in > 0 else RACED_WAIT_S)
