@@ -44,8 +44,9 @@ def _preempted(task: Path) -> int:
     return 0
 
 
-def _cpu_s(stat: Path) -> float:
-    """utime + stime of a /proc/.../stat file (fields 14 and 15, after the `(comm)`)."""
+def stat_cpu_s(stat: Path) -> float:
+    """utime + stime of a /proc/.../stat file (fields 14 and 15, after the `(comm)`): a
+    process's (`/proc/<pid>/stat`) or one thread's (`/proc/<pid>/task/<tid>/stat`)."""
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
 
@@ -65,7 +66,7 @@ def snapshot(worker_pid: int, label: str = "worker") -> Snapshot:
     snap = Snapshot()
     for task in (PROC / str(worker_pid) / "task").iterdir():
         try:
-            comm, cpu = (task / "comm").read_text().strip(), _cpu_s(task / "stat")
+            comm, cpu = (task / "comm").read_text().strip(), stat_cpu_s(task / "stat")
         except OSError:
             continue  # the thread ended meanwhile
         helper = comm.startswith("inferq") and int(task.name) != worker_pid
@@ -83,7 +84,7 @@ def snapshot(worker_pid: int, label: str = "worker") -> Snapshot:
         if not proc.name.isdigit() or int(proc.name) == worker_pid:
             continue
         try:
-            comm, cpu = (proc / "comm").read_text().strip(), _cpu_s(proc / "stat")
+            comm, cpu = (proc / "comm").read_text().strip(), stat_cpu_s(proc / "stat")
         except OSError:
             continue
         snap.seconds[_group(int(proc.name), comm)] += cpu

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import redis
 import sqlalchemy as sa
+from cpu_split import stat_cpu_s  # bench/, beside this module
 from sqlalchemy.pool import NullPool
 
 from api_client import InferqClient
@@ -26,8 +27,7 @@ REDIS = os.environ.get("INFERQ_BENCH_REDIS", "redis://127.0.0.1:6379/15")
 
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
 def proc_rss_mb(pid: int) -> float:
