@@ -14,8 +14,10 @@ prefix cache, ...) and the same seeded jobs (bench/engine_bench.py's build_workl
 - service: an `inferq worker` process on the local Redis and a fresh PostgreSQL database;
   every job submitted at t=0 through `InferqClient` (row + Celery message each); times from
   the rows the worker wrote (queued_at, job_metrics), wall = first enqueue to last finish.
-Latency and TTFT count from t=0 (enqueue); mean running = sum over jobs of (finished -
-admitted) / wall; prefix hit = cached prompt tokens / shareable system-prompt tokens.
+Latency and TTFT count from t=0 (enqueue); first admitted = the first job's admission after
+t=0 (in the service: its intake's first take read, tokenized and claimed; the engine alone is
+handed token ids); mean running = sum over jobs of (finished - admitted) / wall; prefix hit =
+cached prompt tokens / shareable system-prompt tokens.
 Per row, where the cores went (bench/cpu_split.py: each worker thread, torch's threads,
 PostgreSQL, Redis, this process, the rest of the machine, idle) and how often a second the
 engine's threads were preempted.
@@ -67,6 +69,7 @@ class Row:
     latency: list[float]
     ttft: list[float]
     running_s: float  # sum of admitted -> finished over jobs
+    first_admitted_s: float  # after t=0
     cached: int
     texts: dict[int, str]
     streamed_same: int | None = None  # jobs whose joined stream equals their stored text
@@ -80,6 +83,7 @@ class Row:
             f"{self.out_tokens / self.wall_s:.1f}",
             f"{q(self.latency, 50):.1f} / {q(self.latency, 95):.1f}",
             f"{q(self.ttft, 50):.1f} / {q(self.ttft, 95):.1f}",
+            f"{self.first_admitted_s:.2f}",
             f"{self.running_s / self.wall_s:.1f}",
             f"{self.cached / shareable:.1%}",
             f"{self.wall_s:.1f}",
@@ -126,6 +130,7 @@ def engine_row(name: str, dtype: str, jobs) -> Row:
         [o.finished_at - t0 for o in outs],
         [o.first_token_at - t0 for o in outs],
         sum(o.finished_at - o.admitted_at for o in outs),
+        min(o.admitted_at for o in outs) - t0,
         sum(o.cached_tokens for o in outs),
         {i: o.text for i, o in enumerate(outs)},
         cpu=cpu_split.split(before, after, took),
@@ -232,6 +237,7 @@ def service_row(
             [g + v.metrics.total_s for g, v in zip(lag, views, strict=True)],
             [g + v.metrics.ttft_s for g, v in zip(lag, views, strict=True)],
             sum(v.metrics.total_s - v.metrics.queue_wait_s for v in views),
+            min(g + v.metrics.queue_wait_s for g, v in zip(lag, views, strict=True)),
             sum(v.result.cached_tokens for v in views),
             {i: v.result.text for i, v in enumerate(views)},
             same,
@@ -285,6 +291,7 @@ def main() -> None:
         "out tok/s",
         "p50 / p95 latency s",
         "p50 / p95 TTFT s",
+        "first admitted s",
         "mean running seqs",
         "prefix hit",
         "wall s",
