@@ -1,5 +1,5 @@
-"""Helper threads are niced, under their Python names in the OS; the thread that calls
-`as_helper_thread` changes alone (per thread, not the engine's)."""
+"""Helper threads are niced and batch-scheduled, under their Python names in the OS; the
+thread that calls `as_helper_thread` changes alone (per thread, not the engine's)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ from worker.service.priority import HELPER_NICENESS, as_helper_thread
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling: Linux")
 
 
-def _in_thread(name: str) -> tuple[int, str]:
-    """(niceness, OS name) of a thread named `name` after `as_helper_thread()`."""
-    seen: list[tuple[int, str]] = []
+def _in_thread(name: str) -> tuple[int, int, str]:
+    """(niceness, scheduling policy, OS name) of a thread named `name` after
+    `as_helper_thread()`."""
+    seen: list[tuple[int, int, str]] = []
 
     def body() -> None:
         as_helper_thread()
         tid = threading.get_native_id()
         comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-        seen.append((os.getpriority(os.PRIO_PROCESS, tid), comm))
+        seen.append((os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid), comm))
 
     thread = threading.Thread(target=body, name=name)
     thread.start()
@@ -31,9 +32,10 @@ def _in_thread(name: str) -> tuple[int, str]:
     return seen[0]
 
 
-def test_a_helper_is_niced_under_its_name() -> None:
-    nice, comm = _in_thread("inferq-sweeper-with-a-long-name")
+def test_a_helper_is_niced_and_batch_scheduled_under_its_name() -> None:
+    nice, policy, comm = _in_thread("inferq-sweeper-with-a-long-name")
     assert nice >= HELPER_NICENESS  # (run under a higher niceness, it may keep that one)
+    assert policy == os.SCHED_BATCH  # it waits for a free core or the tick, never preempts
     assert comm == "inferq-sweeper-"  # the OS keeps 15 bytes
 
 
