@@ -4,9 +4,9 @@ On a machine whose cores the engine's matmul threads keep busy, a helper thread 
 (to poll the queue, write results) can preempt one of them, and a parallel region waits for
 its slowest thread. The helpers need little CPU (about 2 % of a core each under load); at a
 lower priority, and never preempting on wakeup, they run when a core is free, or briefly at
-the scheduler's tick. Each also gives the operating system
-its Python name (`inferq-sink`, ...), so `top -H`, `ps -L` and /proc show which thread takes
-the cores (bench/cpu_split.py reads them so).
+the scheduler's tick. Each also gives the operating system its Python name (`inferq-sink`,
+...), so `top -H`, `ps -L` and /proc show which thread takes the cores (bench/cpu_split.py
+reads them so).
 """
 
 from __future__ import annotations
