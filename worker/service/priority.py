@@ -26,8 +26,8 @@ def as_helper_thread() -> None:
     """Put the calling thread under batch scheduling at a lower priority and name it after its
     Python name (Linux: per thread; else no-op). Under `SCHED_BATCH` a thread that wakes
     never preempts a running one: it takes a free core at once, or waits for the scheduler's
-    tick, which still gives it its fair share by niceness (`SCHED_IDLE` did not: the intake
-    took no message for 16 s while the engine ran)."""
+    tick, which still gives it its fair share by niceness (`SCHED_IDLE` does not: it starved
+    the intake while the engine ran, docs/benchmarks.md)."""
     tid = threading.get_native_id()
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
